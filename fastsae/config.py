@@ -1,0 +1,83 @@
+"""`SAEConfig`: one small, flat, self-validating dataclass for an SAE's shape and loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    activation: str = "relu"
+    # Active latents per row (topk) or per row on average over the batch (batchtopk).
+    k: int | None = None
+    # Weight of the L1 term for relu/jumprelu. None picks 5.0, the coefficient of
+    # Anthropic's April 2024 update for inputs scaled to E||x|| = sqrt(d_in) with
+    # mse summed over d_in; TopK SAEs take their sparsity from k and use 0.
+    l1_coefficient: float | None = None
+    # Encoder weight is the decoder's transpose (the seed paper's tied SAEs).
+    tied: bool = False
+    # L1 weighted by each decoder row's norm (Anthropic, April 2024).
+    decoder_norm_l1: bool = True
+    # Keep decoder rows unit-norm (renormalised by the trainer after each step).
+    normalize_decoder: bool = True
+    # Subtract b_dec from the input before encoding.
+    apply_b_dec_to_input: bool = True
+    # Initial JumpReLU threshold, the same for every latent.
+    jumprelu_threshold: float = 1e-3
+    # Weights and activations; accumulation is always fp32.
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"SAEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int):
+                raise ValueError(f"SAEConfig.k must be an int for activation={self.activation!r}, got {self.k!r}")
+            if not 1 <= self.k <= self.d_sae:
+                raise ValueError(f"SAEConfig.k must satisfy 1 <= k <= d_sae={self.d_sae}, got {self.k}")
+            if self.l1_coefficient is None:
+                self.l1_coefficient = 0.0
+            if self.l1_coefficient != 0.0:
+                raise ValueError(
+                    f"SAEConfig.l1_coefficient must be 0 for activation={self.activation!r} "
+                    f"(sparsity comes from k), got {self.l1_coefficient}"
+                )
+        else:
+            if self.k is not None:
+                raise ValueError(f"SAEConfig.k is only used by topk/batchtopk, got k={self.k} "
+                                 f"with activation={self.activation!r}")
+            if self.l1_coefficient is None:
+                self.l1_coefficient = 5.0
+        if not (self.l1_coefficient >= 0.0 and self.l1_coefficient < float("inf")):
+            raise ValueError(f"SAEConfig.l1_coefficient must be finite and >= 0, got {self.l1_coefficient}")
+        if self.activation == "jumprelu" and not self.jumprelu_threshold > 0:
+            raise ValueError(f"SAEConfig.jumprelu_threshold must be > 0, got {self.jumprelu_threshold}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"SAEConfig got unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,84 @@
+"""The ops layer: the same SAE math in three backends, and the dispatch between them.
+
+- ``reference``: dense float64 autograd, the ground truth for tests;
+- ``torch``: sparse-aware PyTorch (default off CUDA);
+- ``triton``: fused Triton kernels (default on CUDA).
+
+Every backend module offers the same four functions on 2-D inputs
+(x is already centred by b_dec; W_enc and W_dec are (d_sae, d_in)):
+
+    encode_topk(x, W_enc, b_enc, k)              -> values, indices          (N, k)
+    encode_threshold(x, W_enc, b_enc, threshold) -> values, indices          (N, w)
+    encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau     (N, w)
+    decode(values, indices, W_dec, b_dec)        -> x_hat                    (N, d_in)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton")
+_ENV = "FASTSAE_BACKEND"
+_chosen: str | None = None
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Pick the backend for every SAE in this process; None goes back to the default."""
+    global _chosen
+    if name is not None:
+        _check_name(name, "backend")
+        _module(name)  # fail now, not at the first forward, if it cannot be imported
+    _chosen = name
+
+
+def get_backend(device: torch.device | None = None) -> str:
+    """The backend in force: set_backend(), else $FASTSAE_BACKEND, else triton on CUDA and torch elsewhere."""
+    if _chosen is not None:
+        return _chosen
+    env = os.environ.get(_ENV)
+    if env:
+        return _check_name(env, f"${_ENV}")
+    if device is not None and device.type == "cuda" and triton_available():
+        return "triton"
+    return "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily switch backend: `with use_backend("reference"): ...`."""
+    global _chosen
+    previous = _chosen
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _chosen = previous
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _module(name: str) -> ModuleType:
+    if name == "triton" and not triton_available():
+        raise ImportError("backend 'triton' needs the triton package (Linux): pip install triton")
+    return importlib.import_module(f"{__name__}.{name}_backend" if name != "reference" else f"{__name__}.reference")
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    return _module(get_backend(device))

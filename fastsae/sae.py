@@ -1,0 +1,228 @@
+"""`SAE`: the public, drop-in `nn.Module`.
+
+    z     = act(W_enc (x - b_dec) + b_enc)      act: relu | topk | batchtopk | jumprelu
+    x_hat = W_dec z + b_dec
+
+Both weights are stored (d_sae, d_in), one row per latent: the sparse kernels
+gather and update whole latent rows, and a tied SAE simply uses W_dec as its
+encoder. Import/export in `fastsae.interop` converts to other libraries' layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import io
+from .config import SAEConfig
+from .latents import SparseLatents
+from .ops import backend_for
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# BatchTopK's inference threshold is an exponential moving average of the
+# per-batch thresholds seen in training (Bussmann et al. 2024 use their mean).
+BATCHTOPK_THRESHOLD_EMA = 0.99
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor  # (*lead, d_in)
+    latents: SparseLatents  # (*lead, w)
+    mse: Tensor  # scalar: mean over rows of Σ_d (x - x_hat)²
+    l1: Tensor | None  # scalar: mean over rows of Σ_i z_i·w_i, w_i = ||W_dec[i]|| or 1 (relu/jumprelu)
+    auxk: Tensor | None  # scalar: AuxK loss (TopK SAEs trained with dead-latent revival)
+    loss: Tensor  # mse + l1_coefficient·l1
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None, seed: int | None = None):
+        super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"cfg must be a fastsae.SAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        # Check inputs for NaN/Inf on every call (one pass over x); turn off for speed once a pipeline is trusted.
+        self.check_finite = True
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = cfg.torch_dtype
+        if device.type == "meta":  # shapes only: load() fills the values in
+            W = torch.empty(cfg.d_sae, cfg.d_in, device=device)
+        else:
+            # Decoder rows are random unit vectors, the encoder starts as the
+            # decoder's transpose (Conerly et al. 2024; Gao et al. 2024).
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+            W = torch.randn(cfg.d_sae, cfg.d_in, device=device, generator=gen)
+            W /= W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W.to(dtype))  # (d_sae, d_in)
+        if not cfg.tied:
+            self.W_enc = nn.Parameter(W.to(dtype).clone())  # (d_sae, d_in)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        if cfg.activation == "jumprelu":
+            # Per-latent threshold, kept fixed here: its straight-through training
+            # (Rajamanoharan et al. 2024) needs the pre-activations just below it.
+            self.threshold = nn.Parameter(
+                torch.full((cfg.d_sae,), cfg.jumprelu_threshold, device=device, dtype=torch.float32),
+                requires_grad=False,
+            )
+        elif cfg.activation == "batchtopk":
+            self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
+
+    def __getattr__(self, name: str):
+        if name == "W_enc" and self.cfg.tied:
+            return self.W_dec
+        return super().__getattr__(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> SparseLatents:
+        """(*lead, d_in) → SparseLatents with values/indices of shape (*lead, w)."""
+        x2, lead = self._flatten_input(x)
+        values, indices = self._encode_flat(x2)
+        return SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
+
+    def decode(self, latents: SparseLatents | Tensor) -> Tensor:
+        """SparseLatents (*lead, w), or dense activations (*lead, d_sae) → x_hat (*lead, d_in)."""
+        if isinstance(latents, Tensor):
+            if latents.dim() < 1 or latents.shape[-1] != self.cfg.d_sae:
+                raise ValueError(f"decode: dense latents must have shape (..., d_sae={self.cfg.d_sae}), "
+                                 f"got {tuple(latents.shape)}")
+            latents = SparseLatents.from_dense(latents)
+        elif not isinstance(latents, SparseLatents):
+            raise TypeError(f"decode: latents must be SparseLatents or a Tensor, got {type(latents).__name__}")
+        if latents.d_sae != self.cfg.d_sae:
+            raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
+        lead, w = latents.values.shape[:-1], latents.width
+        values = latents.values.reshape(-1, w).to(self.dtype)
+        indices = latents.indices.reshape(-1, w)
+        return self._decode_flat(values, indices).reshape(*lead, self.cfg.d_in)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        x2, lead = self._flatten_input(x)
+        values, indices = self._encode_flat(x2)
+        x_hat = self._decode_flat(values, indices)  # (N, d_in)
+        mse = (x_hat.float() - x2.float()).pow(2).sum(-1).mean()
+        l1 = None
+        loss = mse
+        if self.cfg.activation in ("relu", "jumprelu"):
+            z = values.float()  # (N, w)
+            if self.cfg.decoder_norm_l1:
+                z = z * self.W_dec.float().norm(dim=1)[indices]
+            l1 = z.sum(-1).mean()
+            loss = mse + self.cfg.l1_coefficient * l1
+        latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
+        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, mse, l1, None, loss)
+
+    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, d_in) → values, indices (N, w)."""
+        ops = backend_for(x.device)
+        cfg = self.cfg
+        if cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        if cfg.activation == "topk":
+            return ops.encode_topk(x, self.W_enc, self.b_enc, cfg.k)
+        if cfg.activation == "relu":
+            return ops.encode_threshold(x, self.W_enc, self.b_enc, None)
+        if cfg.activation == "jumprelu":
+            return ops.encode_threshold(x, self.W_enc, self.b_enc, self.threshold)
+        # batchtopk: the batch's top N·k while training; at inference the learnt
+        # threshold makes every row independent of the others.
+        if not self.training:
+            theta = self.threshold.expand(cfg.d_sae).contiguous()
+            return ops.encode_threshold(x, self.W_enc, self.b_enc, theta)
+        values, indices, tau = ops.encode_batchtopk(x, self.W_enc, self.b_enc, cfg.k)
+        with torch.no_grad():
+            if self.threshold == 0:
+                self.threshold.copy_(tau)
+            else:
+                self.threshold.lerp_(tau.to(self.threshold), 1 - BATCHTOPK_THRESHOLD_EMA)
+        return values, indices
+
+    def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
+        return backend_for(values.device).decode(values, indices, self.W_dec, self.b_dec)
+
+    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        d_in = self.cfg.d_in
+        if x.dim() < 1 or x.shape[-1] != d_in:
+            raise ValueError(f"x must have shape (..., d_in={d_in}), got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"x must hold at least one row, got shape {tuple(x.shape)}")
+        if x.dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the SAE's weights are {self.dtype}: "
+                            f"cast one to the other (x.to(sae.dtype) or sae.to({x.dtype}))")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {self.device}: move one to the other")
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf values")
+        return x.reshape(-1, d_in), x.shape[:-1]
+
+    # ---- the decoder-norm constraint ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        W = self.W_dec
+        W.div_(W.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).to(W.dtype))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Drop the component of each decoder row's gradient along that (unit) row, so Adam moves it on the sphere."""
+        W, g = self.W_dec, self.W_dec.grad
+        if g is None:
+            return
+        parallel = (g.float() * W.float()).sum(1, keepdim=True)  # (d_sae, 1)
+        g.sub_((parallel * W.float()).to(g.dtype))
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write `cfg.json` (with format_version) and `sae.safetensors` into directory path, each atomically."""
+        path = Path(path)
+        io.write_tensors(path / WEIGHTS_FILE, self.state_dict(), metadata={"format_version": str(FORMAT_VERSION)})
+        io.write_json(path / CONFIG_FILE, {"format_version": FORMAT_VERSION, "library": "fastsae",
+                                           **self.cfg.to_dict()})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SAE:
+        path = Path(path)
+        meta = io.read_json(path / CONFIG_FILE)
+        version = meta.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path / CONFIG_FILE}: format_version must be {FORMAT_VERSION}, got {version!r}")
+        meta.pop("library", None)
+        cfg = SAEConfig.from_dict(meta)
+        sae = cls(cfg, device="meta")
+        sae.load_tensors(io.read_tensors(path / WEIGHTS_FILE, device=str(device)), source=path / WEIGHTS_FILE)
+        return sae
+
+    def load_tensors(self, tensors: dict[str, Tensor], source: object = "tensors") -> None:
+        """Replace this SAE's tensors, refusing any missing, extra, misshapen or wrongly typed one."""
+        expected = self.state_dict()
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{source}: expected tensors {sorted(expected)}; missing {missing}, unexpected {extra}")
+        for name, want in expected.items():
+            got = tensors[name]
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(f"{source}: tensor {name!r} must be {tuple(want.shape)} {want.dtype}, "
+                                 f"got {tuple(got.shape)} {got.dtype}")
+        self.load_state_dict(tensors, assign=True)
