@@ -115,13 +115,14 @@ class SAE(nn.Module):
         x2, lead = self._flatten_input(x)
         values, indices = self._encode_flat(x2)
         x_hat = self._decode_flat(values, indices)  # (N, d_in)
-        mse = (x_hat.float() - x2.float()).pow(2).sum(-1).mean()
+        acc = torch.promote_types(x2.dtype, torch.float32)  # fp32 accumulation (fp64 for the reference)
+        mse = (x_hat.to(acc) - x2.to(acc)).pow(2).sum(-1).mean()
         l1 = None
         loss = mse
         if self.cfg.activation in ("relu", "jumprelu"):
-            z = values.float()  # (N, w)
+            z = values.to(acc)  # (N, w)
             if self.cfg.decoder_norm_l1:
-                z = z * self.W_dec.float().norm(dim=1)[indices]
+                z = z * self.W_dec.to(acc).norm(dim=1)[indices]
             l1 = z.sum(-1).mean()
             loss = mse + self.cfg.l1_coefficient * l1
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)

@@ -1,0 +1,30 @@
+# Set-up and the two everyday commands. Everything installs into .venv.
+# torch is pinned first to the CPU build that this machine's pip finds
+# locally, so that no install pulls the CUDA builds onto a CPU machine.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint gpu-check clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed       ## the main job: ground-truth recovery on a toy dictionary
+	$(PY) -m fastsae demo
+
+test: $(VENV)/.installed       ## the whole CPU suite (kernels through Triton's interpreter)
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+gpu-check: $(VENV)/.installed  ## on a CUDA machine: compiled kernel tests + quick benchmark
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs

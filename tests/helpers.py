@@ -1,0 +1,62 @@
+"""Comparison helpers shared by the backend and kernel tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fastsae import SAE, use_backend
+
+# (atol, rtol) per dtype: what PyTorch itself reaches against float64 on these sizes.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (3e-2, 2e-2),
+    torch.float16: (4e-3, 4e-3),
+}
+
+
+def run(sae: SAE, x: torch.Tensor, backend: str):
+    """Forward + backward of the whole loss; returns output and the gradients of x and every parameter."""
+    sae.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    with use_backend(backend):
+        out = sae(x)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in sae.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad.detach().clone()
+    return out, grads
+
+
+def float64_copy(sae: SAE) -> SAE:
+    ref = copy.deepcopy(sae).double()
+    return ref
+
+
+def assert_close(actual, expected, dtype, scale=1.0, msg=""):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, msg=msg or None)
+
+
+def dense_pre_activations(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """float64 relu(W_enc (x - b_dec) + b_enc) of shape (N, d_sae)."""
+    x = x.reshape(-1, sae.cfg.d_in).double()
+    if sae.cfg.apply_b_dec_to_input:
+        x = x - sae.b_dec.double()
+    return x @ sae.W_enc.double().T + sae.b_enc.double()
+
+
+def assert_valid_topk(sae: SAE, x, values, indices, k, dtype, scale=1.0):
+    """values/indices are a correct top-k of relu(pre) up to dtype rounding (ties may pick either latent)."""
+    atol, rtol = TOL[dtype]
+    pre = dense_pre_activations(sae, x).relu()  # (N, d_sae)
+    values, indices = values.reshape(-1, k).double(), indices.reshape(-1, k)
+    assert indices.unique(dim=None).numel() > 0
+    for row in range(pre.shape[0]):
+        assert indices[row].unique().numel() == k, f"row {row}: repeated latent in {indices[row]}"
+    picked = pre.gather(1, indices)
+    torch.testing.assert_close(values, picked, atol=atol * scale, rtol=rtol)
+    rest = pre.scatter(1, indices, float("-inf"))
+    slack = atol * scale + rtol * picked.abs().max()
+    assert (picked.min(1).values >= rest.max(1).values - slack).all(), "a better latent was left out"
