@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autograd import SparseEncode, SparsePrims
+
 
 def segment_rows_sum(indices: Tensor, coef: Tensor, y: Tensor, num_segments: int) -> Tensor:
     """out[i] = Σ_{(n, j): indices[n, j] = i} coef[n, j] · y[n], in fp32.
@@ -54,38 +56,35 @@ def _select_active(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-class _SparseEncode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Callable) -> tuple[Tensor, Tensor]:
-        pre = F.linear(x, W_enc, b_enc)  # (N, d_sae), the one dense tensor of this backend
-        values, indices = select(pre)
-        del pre
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(x, W_enc, values, indices)
-        return values, indices
+def _segment_sum(indices: Tensor, coef: Tensor, y: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    grad_b = torch.zeros(d_sae, dtype=torch.float32, device=coef.device)
+    grad_b.index_add_(0, indices.reshape(-1), coef.reshape(-1).float())
+    return segment_rows_sum(indices, coef, y, d_sae), grad_b
 
-    @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices):
-        x, W_enc, values, indices = ctx.saved_tensors
-        g = grad_values * (values > 0)  # the activation's gradient is 0 where the latent is off
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g.to(W_enc.dtype), mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = segment_rows_sum(indices, g, x, W_enc.shape[0]).to(W_enc.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc.shape[0], dtype=torch.float32, device=g.device)
-            grad_b = grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1).float()).to(W_enc.dtype)
-        return grad_x, grad_W, grad_b, None
+
+PRIMS = SparsePrims(
+    gather_rows=lambda coef, indices, W: F.embedding_bag(indices, W, per_sample_weights=coef, mode="sum"),
+    segment_sum=_segment_sum,
+)
+
+
+def _dense_select(select: Callable) -> Callable:
+    """select(pre) -> a backend select(x, W, b) that goes through the dense pre-activations."""
+
+    def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+        pre = F.linear(x, W_enc, b_enc)  # (N, d_sae), the one dense tensor of this backend
+        return select(pre)
+
+    return run
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    return _SparseEncode.apply(x, W_enc, b_enc, lambda pre: _select_topk(pre, k))
+    return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_topk(pre, k)), PRIMS)
 
 
 def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None) -> tuple[Tensor, Tensor]:
     theta = torch.zeros((), dtype=x.dtype, device=x.device) if threshold is None else threshold.detach()
-    return _SparseEncode.apply(x, W_enc, b_enc, lambda pre: _select_active(pre, pre > theta))
+    return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_active(pre, pre > theta)), PRIMS)
 
 
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,7 +97,7 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
         # active iff >= tau and > 0: the same rule as the reference, robust to ties
         return _select_active(pre, (pre >= tau) & (pre > 0))
 
-    values, indices = _SparseEncode.apply(x, W_enc, b_enc, select)
+    values, indices = SparseEncode.apply(x, W_enc, b_enc, _dense_select(select), PRIMS)
     return values, indices, taus[0]
 
 

@@ -1,0 +1,177 @@
+"""The Triton backend: fused kernels from `fastsae.kernels`, default on CUDA.
+
+- TopK: the fused encoder keeps per-row top-k candidates in registers; the
+  (N, d_sae) pre-activations never exist. k above the kernel's register budget
+  (kernels.encoder_topk.MAX_K) falls back to the dense torch path.
+- ReLU / JumpReLU: the fused encoder writes active latents into a compact
+  buffer of `capacity` slots per (row, slice). If a row has more, the exact
+  answer comes from a second pass with the capacity the first pass measured.
+  The capacity adapts to the last batch (1.25 x its largest count).
+- BatchTopK: per-row top-c candidates from the TopK kernel, then the batch's
+  top N·k among them. Exact: if any row had all c candidates selected, c is
+  doubled and the batch redone.
+- Decode and every backward: gathers over active rows and a latent-sorted
+  segment reduction; deterministic.
+
+`STATS` counts which path each call took, for the trainer to log.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernels import encoder_threshold as _thr
+from ..kernels import encoder_topk as _topk
+from ..kernels import segment_reduce as _seg
+from ..kernels import sparse_decode as _dec
+from ..kernels._common import interpreting
+from . import torch_backend
+from ._autograd import SparseEncode, SparsePrims
+
+STATS: Counter = Counter()
+# Capacity per (row, slice) of the threshold encoder's compact buffer, per d_sae.
+_capacity_hint: dict[int, int] = {}
+INITIAL_CAPACITY = 128
+
+
+def _check_device(*tensors: Tensor) -> None:
+    for t in tensors:
+        if not t.is_cuda and not interpreting():
+            raise RuntimeError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests); "
+                               f"got a tensor on {t.device}. Use set_backend('torch') on CPU.")
+
+
+def _segment_sum(indices: Tensor, coef: Tensor, y: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    return _seg.segment_reduce(indices, coef, y, d_sae, out_dtype=torch.float32, with_sum=True)
+
+
+PRIMS = SparsePrims(
+    gather_rows=lambda coef, indices, W: _dec.sparse_decode(coef, indices, W),
+    segment_sum=_segment_sum,
+)
+
+
+# ---- TopK -------------------------------------------------------------------------------------------
+
+
+def _select_topk(k: int):
+    def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+        STATS["topk_fused"] += 1
+        return _topk.encoder_topk(x, W_enc, b_enc, k)
+
+    return select
+
+
+def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    _check_device(x, W_enc, b_enc)
+    if k > _topk.MAX_K:
+        STATS["topk_dense_fallback"] += 1
+        return torch_backend.encode_topk(x, W_enc, b_enc, k)
+    return SparseEncode.apply(x, W_enc, b_enc, _select_topk(k), PRIMS)
+
+
+# ---- ReLU / JumpReLU --------------------------------------------------------------------------------
+
+
+def _compact(values: Tensor, indices: Tensor, counts: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(N, S, C) slot lists -> (N, w) compact form, w = the largest row total."""
+    N, splits, cap = values.shape
+    width = max(1, int(counts.sum(1).max()))
+    if splits == 1:
+        return values[:, 0, :width].to(dtype), indices[:, 0, :width].long()
+    values, slot = torch.topk(values.view(N, splits * cap), width, dim=1)  # active (> 0) slots first
+    return values.to(dtype), indices.view(N, -1).gather(1, slot).long()
+
+
+def _select_threshold(threshold: Tensor | None):
+    def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+        d_sae = W_enc.shape[0]
+        capacity = min(_capacity_hint.get(d_sae, INITIAL_CAPACITY), d_sae)
+        values, indices, counts = _thr.encoder_threshold(x, W_enc, b_enc, threshold, capacity)
+        needed = int(counts.max())
+        if needed > capacity:  # some row overflowed: redo it exactly, with the measured capacity
+            STATS["threshold_second_pass"] += 1
+            values, indices, counts = _thr.encoder_threshold(x, W_enc, b_enc, threshold, needed)
+        else:
+            STATS["threshold_one_pass"] += 1
+        _capacity_hint[d_sae] = max(16, triton.cdiv(needed * 5 // 4, 16) * 16)
+        return _compact(values, indices, counts, x.dtype)
+
+    return select
+
+
+def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None) -> tuple[Tensor, Tensor]:
+    _check_device(x, W_enc, b_enc)
+    theta = None if threshold is None else threshold.detach()
+    return SparseEncode.apply(x, W_enc, b_enc, _select_threshold(theta), PRIMS)
+
+
+# ---- BatchTopK --------------------------------------------------------------------------------------
+
+
+def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_device(x, W_enc, b_enc)
+    N, d_sae = x.shape[0], W_enc.shape[0]
+    taus: list[Tensor] = []
+
+    def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+        cap = min(d_sae, _topk.next_pow2(2 * k))
+        while True:
+            cand_val, cand_idx = _topk.encoder_topk_candidates(x, W_enc, b_enc, cap)
+            row_val, slot = torch.topk(cand_val, cap, dim=1)  # each row's top cap, sorted
+            tau = torch.topk(row_val.reshape(-1), N * k).values[-1]
+            last = row_val[:, -1]
+            if cap == d_sae or not bool(((last >= tau) & (last > 0)).any()):
+                break  # no row could have more selected latents than it offered
+            STATS["batchtopk_wider_candidates"] += 1
+            cap = min(d_sae, 2 * cap)
+            if cap > _topk.MAX_K:
+                raise _TooWide
+        STATS["batchtopk_fused"] += 1
+        taus.append(tau.float())
+        active = (row_val >= tau) & (row_val > 0)
+        width = max(1, int(active.sum(1).max()))
+        values = torch.where(active, row_val, 0.0)[:, :width]  # sorted: the active ones come first
+        return values.to(x.dtype), cand_idx.gather(1, slot[:, :width]).long()
+
+    try:
+        values, indices = SparseEncode.apply(x, W_enc, b_enc, select, PRIMS)
+    except _TooWide:
+        STATS["batchtopk_dense_fallback"] += 1
+        return torch_backend.encode_batchtopk(x, W_enc, b_enc, k)
+    return values, indices, taus[0]
+
+
+class _TooWide(Exception):
+    """The candidates BatchTopK needs exceed the TopK kernel's register budget."""
+
+
+# ---- decode -----------------------------------------------------------------------------------------
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, W_dec)
+        return _dec.sparse_decode(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _dec.sparse_value_grad(grad_out, indices, W_dec).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _seg.segment_reduce(indices, values, grad_out, W_dec.shape[0], out_dtype=W_dec.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_out.float().sum(0).to(W_dec.dtype)
+        return grad_values, None, grad_W, grad_b
+
+
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    _check_device(values, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec, b_dec)
