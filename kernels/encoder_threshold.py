@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_matrix, interpreting, num_programs_target
+from ._common import check_encoder_inputs, dot_precision, encoder_blocks, interpreting, num_programs_target
+from ._gemm import encoder_tile
 
 
 @triton.jit
@@ -28,13 +29,12 @@ def _encoder_threshold_kernel(
     stride_xm, stride_xd, stride_wl, stride_wd, stride_om, stride_os, stride_cm,
     # meta-parameters
     HAS_THRESHOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, TF32: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows
-    offs_k = tl.arange(0, BLOCK_K)
     count = tl.zeros((BLOCK_M,), dtype=tl.int32)  # active latents of each row so far in this slice
     out_row = out_val_ptr + offs_m * stride_om + pid_s * stride_os
     idx_row = out_idx_ptr + offs_m * stride_om + pid_s * stride_os
@@ -42,18 +42,8 @@ def _encoder_threshold_kernel(
     for t in range(pid_s * tiles_per_split, (pid_s + 1) * tiles_per_split):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: offs_n · stride_wl can pass 2^31
         mask_n = offs_n < n_latents
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            mask_k = (k0 + offs_k) < d_in
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xd,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_n[None, :] * stride_wl + (k0 + offs_k)[:, None] * stride_wd,
-                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N)
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, allow_tf32=TF32)
-        pre = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        pre = encoder_tile(x_ptr, w_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, d_in,
+                           stride_xm, stride_xd, stride_wl, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
         if HAS_THRESHOLD:
             theta = tl.load(theta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             active = pre > theta[None, :]
@@ -72,7 +62,7 @@ def _encoder_threshold_kernel(
 
 def encoder_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None,
                       capacity: int, splits: int | None = None, block_m: int | None = None,
-                      block_n: int | None = None, block_k: int | None = None):
+                      block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None):
     """One pass of the fused threshold encoder.
 
     x (N, d_in), W_enc (d_sae, d_in), b_enc (d_sae,), threshold (d_sae,) or None for ReLU.
@@ -81,18 +71,14 @@ def encoder_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     counts.max() <= capacity C.
     """
     N, d_in = x.shape
-    check_matrix("W_enc", W_enc, cols=d_in)
+    check_encoder_inputs(x, W_enc, b_enc)
     d_sae = W_enc.shape[0]
-    if b_enc.shape != (d_sae,):
-        raise ValueError(f"b_enc must have shape ({d_sae},), got {tuple(b_enc.shape)}")
     if threshold is not None and threshold.shape != (d_sae,):
         raise ValueError(f"threshold must have shape ({d_sae},), got {tuple(threshold.shape)}")
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     interp = interpreting()
-    block_m = block_m or (16 if interp else 64)
-    block_n = block_n or (32 if interp else 128)
-    block_k = block_k or (16 if interp else 64)
+    block_m, block_n, block_k, num_warps = encoder_blocks(block_m, block_n, block_k, num_warps)
     n_tiles = triton.cdiv(d_sae, block_n)
     row_blocks = triton.cdiv(N, block_m)
     if splits is None:
@@ -109,6 +95,6 @@ def encoder_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), values.stride(0), values.stride(1),
         counts.stride(0),
         HAS_THRESHOLD=threshold is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=interp, TF32=torch.backends.cuda.matmul.allow_tf32,
+        UPCAST=interp, PRECISION=dot_precision(), num_warps=num_warps,
     )
     return values, indices, counts

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_matrix, interpreting, next_pow2, num_programs_target
+from ._common import check_encoder_inputs, dot_precision, encoder_blocks, interpreting, next_pow2, num_programs_target
+from ._gemm import encoder_tile
 
 # Largest K_PAD kept in registers: (BLOCK_M, 2·K_PAD) int64 keys per merge.
 # Larger k goes through the dense path of the ops layer.
@@ -47,31 +48,20 @@ def _encoder_topk_kernel(
     stride_xm, stride_xd, stride_wl, stride_wd, stride_cm, stride_cs,
     # meta-parameters
     K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, TF32: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows
-    offs_k = tl.arange(0, BLOCK_K)
     best = tl.full((BLOCK_M, K_PAD), -1, tl.int64)  # the running top-K_PAD keys of each row
 
     for t in range(pid_s * tiles_per_split, (pid_s + 1) * tiles_per_split):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: offs_n · stride_wl can pass 2^31
         mask_n = offs_n < n_latents
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            mask_k = (k0 + offs_k) < d_in
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xd,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_n[None, :] * stride_wl + (k0 + offs_k)[:, None] * stride_wd,
-                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N)
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, allow_tf32=TF32)
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        pre = tl.maximum(acc + bias[None, :], 0.0)
+        pre = encoder_tile(x_ptr, w_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, d_in,
+                           stride_xm, stride_xd, stride_wl, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        pre = tl.maximum(pre, 0.0)
         keys = tl.where(mask_m[:, None], _pack(pre, offs_n, n_latents), -1)
         # Skip the sort when no row of the block has a key above its current k-th best:
         # once the running top-k has seen many tiles, most tiles change nothing.
@@ -91,7 +81,8 @@ def _encoder_topk_kernel(
 
 def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
                             splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
-                            block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            block_k: int | None = None,
+                            num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k candidates of relu(x @ W_enc^T + b_enc).
 
     x (N, d_in), W_enc (d_sae, d_in), b_enc (d_sae,) -> values (N, S·K_PAD) fp32 and indices
@@ -99,19 +90,15 @@ def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
     Unfilled slots hold value -1.
     """
     N, d_in = x.shape
-    check_matrix("W_enc", W_enc, cols=d_in)
+    check_encoder_inputs(x, W_enc, b_enc)
     d_sae = W_enc.shape[0]
-    if b_enc.shape != (d_sae,):
-        raise ValueError(f"b_enc must have shape ({d_sae},), got {tuple(b_enc.shape)}")
     if not 1 <= k <= min(d_sae, MAX_K):
         raise ValueError(f"k must be in [1, min(d_sae={d_sae}, {MAX_K})], got {k}")
     if d_sae > INDEX_MAX:
         raise ValueError(f"d_sae must be < 2^31 for 32-bit indices, got {d_sae}")
     k_pad = next_pow2(k)
     interp = interpreting()
-    block_m = block_m or (16 if interp else 64)
-    block_n = max(block_n or (32 if interp else 128), k_pad)
-    block_k = block_k or (16 if interp else 64)
+    block_m, block_n, block_k, num_warps = encoder_blocks(block_m, block_n, block_k, num_warps, min_block_n=k_pad)
     n_tiles = triton.cdiv(d_sae, block_n)
     row_blocks = triton.cdiv(N, block_m)
     if splits is None:
@@ -125,7 +112,7 @@ def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
         N, d_sae, d_in, tiles_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), cand_val.stride(0), cand_val.stride(1),
         K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=interp, TF32=torch.backends.cuda.matmul.allow_tf32,
+        UPCAST=interp, PRECISION=dot_precision(), num_warps=num_warps,
     )
     return cand_val.view(N, -1), cand_idx.view(N, -1)
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_sae
-from helpers import TOL, assert_close, assert_valid_topk, float64_copy, run
 
 from fastsae import use_backend
+
+from conftest import make_sae
+from helpers import TOL, assert_close, assert_valid_topk, float64_copy, run
 
 ACTS = [("relu", None), ("jumprelu", None), ("topk", 1), ("topk", 5), ("batchtopk", 3)]
 SHAPES = [(1, 7, 23), (5, 13, 37), (33, 24, 100), (2, 16, 16)]  # (rows, d_in, d_sae), never block multiples

@@ -6,10 +6,11 @@ import pickle
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_sae
 
 from fastsae import SAE, io
 from fastsae.interop import export_saelens, export_sparsify, import_saelens, import_sparsify
+
+from conftest import make_sae
 
 ALL = [("relu", None, {}), ("topk", 3, {}), ("jumprelu", None, {}), ("batchtopk", 2, {}),
        ("relu", None, {"tied": True}), ("relu", None, {"dtype": "bfloat16"})]

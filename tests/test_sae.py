@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_sae
 
 from fastsae import SAE, SAEConfig, SparseLatents, get_backend, set_backend, use_backend
+
+from conftest import make_sae
 
 
 def test_init_follows_the_field():
