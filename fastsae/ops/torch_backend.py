@@ -50,9 +50,16 @@ def _select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _select_active(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """Compact form of pre where active: width = the largest row count, padding 0."""
-    width = max(1, int(active.sum(-1).max()))
-    values, indices = torch.topk(pre.masked_fill_(~active, 0), width, dim=-1)
+    """Compact form of pre where active: width = the largest row count, padding 0, latent order."""
+    n = pre.shape[0]
+    rows, cols = active.nonzero(as_tuple=True)  # row-major: each row's latents in order
+    counts = torch.bincount(rows, minlength=n)
+    width = max(1, int(counts.max())) if rows.numel() else 1
+    slot = torch.arange(rows.numel(), device=pre.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    values = pre.new_zeros(n, width)
+    indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
+    values[rows, slot] = pre[rows, cols]
+    indices[rows, slot] = cols
     return values, indices
 
 
