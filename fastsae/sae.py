@@ -111,7 +111,10 @@ class SAE(nn.Module):
         indices = latents.indices.reshape(-1, w)
         return self._decode_flat(values, indices).reshape(*lead, self.cfg.d_in)
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
+        """Reconstruction and loss terms. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also
+        compute AuxK (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct
+        the detached residual x - x_hat. The trainer weights it into the loss."""
         x2, lead = self._flatten_input(x)
         values, indices = self._encode_flat(x2)
         x_hat = self._decode_flat(values, indices)  # (N, d_in)
@@ -125,8 +128,28 @@ class SAE(nn.Module):
                 z = z * self.W_dec.to(acc).norm(dim=1)[indices]
             l1 = z.sum(-1).mean()
             loss = mse + self.cfg.l1_coefficient * l1
+        auxk = None
+        if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
+            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, acc)
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, mse, l1, None, loss)
+        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, mse, l1, auxk, loss)
+
+    def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
+        if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(f"dead_mask must be a bool tensor of shape ({self.cfg.d_sae},), "
+                             f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+        dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
+        if dead.numel() == 0:
+            return x_hat.new_zeros((), dtype=acc)
+        k_aux = min(k_aux or max(1, self.cfg.d_in // 2), dead.numel())
+        ops = backend_for(x.device)
+        x_c = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        # The same fused TopK, over the dead latents' rows only: no dense (N, d_sae) top-k.
+        values, slots = ops.encode_topk(x_c, self.W_enc[dead], self.b_enc[dead], k_aux)
+        no_bias = torch.zeros_like(self.b_dec)  # the residual has no b_dec to add back
+        e_hat = ops.decode(values, dead[slots], self.W_dec, no_bias)
+        residual = (x - x_hat).detach()
+        return (e_hat.to(acc) - residual.to(acc)).pow(2).sum(-1).mean()
 
     def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(N, d_in) → values, indices (N, w)."""

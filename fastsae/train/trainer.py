@@ -1,24 +1,37 @@
-"""A first trainer: Adam, LR warm-up and decay, L1 warm-up, the unit-norm decoder constraint.
+"""The trainer: Adam, LR warm-up and decay, L1 warm-up, the unit-norm decoder, dead latents, checkpoints.
 
 Trains on any iterable of activation batches (tensors of shape (..., d_in)).
 The recipe follows Anthropic's April 2024 update (Adam, β = (0.9, 0.999), L1
 coefficient warmed up over the first 5% of steps, LR decayed linearly to zero
 over the last 20%), with the decoder kept on the unit sphere as in Bricken et
-al. 2023 when `normalize_decoder` is set.
+al. 2023 when `normalize_decoder` is set. Dead latents are revived by
+resampling (Bricken et al. 2023) and/or AuxK (Gao et al. 2024).
+
+With a run directory the trainer logs metrics as JSON lines
+(`metrics.jsonl`), checkpoints every `checkpoint_every` steps, and
+`resume=True` continues from the newest checkpoint so that the final weights
+equal those of an uninterrupted run (bit-for-bit on CPU), provided the batches
+are the same sequence (the trainer skips the ones already consumed).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import io
 from ..sae import SAE
+from . import checkpoint as ckpt
+from .resample import resample_dead_latents
 
 
 @dataclass
@@ -32,7 +45,18 @@ class TrainConfig:
     total_steps: int | None = None
     # A latent is dead when it has not fired on any of the last dead_window_tokens rows.
     dead_window_tokens: int = 1_000_000
+    # Resampling: every resample_every steps, dead latents are re-initialised from a
+    # pool of the last resample_pool rows (Anthropic resampled 4 times, every 25k steps).
+    resample_every: int | None = None
+    resample_pool: int = 16_384
+    # AuxK (Gao et al. 2024; TopK/BatchTopK only): loss += auxk_coefficient · AuxK over the
+    # top auxk_k dead latents. Gao et al. use 1/32 and k_aux = 512; None picks d_in // 2.
+    auxk_coefficient: float = 0.0
+    auxk_k: int | None = None
     log_every: int = 50
+    checkpoint_every: int | None = None  # steps; needs a run directory
+    keep_checkpoints: int = 2
+    seed: int = 0  # the trainer's own generator (resampling draws)
     progress: bool = True
 
     def __post_init__(self):
@@ -43,16 +67,23 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1.0:
             raise ValueError("TrainConfig.lr_warmup_fraction + lr_decay_fraction must be <= 1")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"TrainConfig.total_steps must be >= 1, got {self.total_steps}")
-        if self.dead_window_tokens < 1 or self.log_every < 1:
-            raise ValueError("TrainConfig.dead_window_tokens and log_every must be >= 1")
+        for name in ("total_steps", "resample_every", "checkpoint_every", "auxk_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value}")
+        for name in ("dead_window_tokens", "log_every", "resample_pool", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.auxk_coefficient < 0:
+            raise ValueError(f"TrainConfig.auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
+        self.adam_betas = tuple(self.adam_betas)
 
 
 @dataclass
 class TrainResult:
     sae: SAE
     history: list[dict] = field(default_factory=list)
+    run_dir: Path | None = None
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -62,16 +93,24 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 class Trainer:
-    def __init__(self, sae: SAE, cfg: TrainConfig | None = None):
+    def __init__(self, sae: SAE, cfg: TrainConfig | None = None, run_dir: str | Path | None = None):
         self.sae = sae
         self.cfg = cfg or TrainConfig()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.cfg.checkpoint_every and self.run_dir is None:
+            raise ValueError("TrainConfig.checkpoint_every needs a run_dir")
+        if self.cfg.auxk_coefficient and sae.cfg.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"AuxK applies to topk/batchtopk SAEs, not activation={sae.cfg.activation!r}")
         params = [p for p in sae.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, betas=self.cfg.adam_betas)
+        self.generator = torch.Generator(device=sae.device).manual_seed(self.cfg.seed)
         self.step_count = 0
         self.total_steps: int | None = self.cfg.total_steps
         self.tokens_seen = 0
         # Rows since each latent last fired: a latent is dead past dead_window_tokens.
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=sae.device)
+        # The last resample_pool input rows, for resampling.
+        self.pool = torch.zeros(0, sae.cfg.d_in, dtype=sae.dtype, device=sae.device)
 
     # ---- schedules ---------------------------------------------------------------------------------
 
@@ -91,6 +130,15 @@ class Trainer:
         warmup = math.ceil(self.cfg.l1_warmup_fraction * self.total_steps) if self.total_steps else 0
         return full * min(1.0, (step + 1) / warmup) if warmup else full
 
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_window_tokens
+
+    def dead_fraction(self) -> float:
+        """Fraction of latents that have not fired in the last dead_window_tokens rows (0 until a window has passed)."""
+        if self.tokens_seen < self.cfg.dead_window_tokens:
+            return 0.0
+        return self.dead_mask().float().mean().item()
+
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self, x: Tensor) -> dict:
@@ -98,9 +146,14 @@ class Trainer:
         sae.train()
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_scale(self.step_count)
-        out = sae(x)
+        use_auxk = cfg.auxk_coefficient > 0 and self.tokens_seen >= cfg.dead_window_tokens
+        out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=cfg.auxk_k)
         l1_coef = self.l1_coefficient(self.step_count)
-        loss = out.mse if out.l1 is None else out.mse + l1_coef * out.l1
+        loss = out.mse
+        if out.l1 is not None:
+            loss = loss + l1_coef * out.l1
+        if out.auxk is not None:
+            loss = loss + cfg.auxk_coefficient * out.auxk
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sae.cfg.normalize_decoder:
@@ -110,54 +163,119 @@ class Trainer:
             sae.normalize_decoder_()
 
         with torch.no_grad():
-            rows = out.latents.values.numel() // out.latents.width
-            fired = out.latents.fire_counts() > 0
-            self.tokens_since_fired += rows
-            self.tokens_since_fired[fired] = 0
-            self.tokens_seen += rows
+            rows = x.detach().reshape(-1, sae.cfg.d_in)
+            self.tokens_since_fired += rows.shape[0]
+            self.tokens_since_fired[out.latents.fire_counts() > 0] = 0
+            self.tokens_seen += rows.shape[0]
             self.step_count += 1
-            return {
+            if cfg.resample_every:
+                self.pool = torch.cat([self.pool, rows])[-cfg.resample_pool:]
+            metrics = {
                 "step": self.step_count,
                 "tokens": self.tokens_seen,
                 "loss": loss.item(),
                 "mse": out.mse.item(),
                 "l1": None if out.l1 is None else out.l1.item(),
+                "auxk": None if out.auxk is None else out.auxk.item(),
                 "l1_coefficient": l1_coef,
                 "l0": out.latents.l0.float().mean().item(),
                 "fvu": fvu(x, out.x_hat).item(),
                 "dead_fraction": self.dead_fraction(),
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
+            if cfg.resample_every and self.step_count % cfg.resample_every == 0:
+                dead = self.dead_mask()
+                metrics["resampled"] = resample_dead_latents(sae, dead, self.pool, self.optimizer, self.generator)
+                self.tokens_since_fired[dead] = 0  # a fresh window to prove themselves
+            return metrics
 
-    def dead_fraction(self) -> float:
-        """Fraction of latents that have not fired in the last dead_window_tokens rows (0 until a window has passed)."""
-        if self.tokens_seen < self.cfg.dead_window_tokens:
-            return 0.0
-        return (self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean().item()
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        def write(tmp: Path) -> None:
+            self.sae.save(tmp / "sae")
+            tensors, meta = ckpt.optimizer_to_files(self.optimizer)
+            io.write_tensors(tmp / "optimizer.safetensors", tensors)
+            io.write_json(tmp / "optimizer.json", meta)
+            state = {"tokens_since_fired": self.tokens_since_fired, "pool": self.pool,
+                     "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            io.write_tensors(tmp / "trainer.safetensors", state)
+            io.write_json(tmp / "trainer.json", {"step": self.step_count, "tokens": self.tokens_seen,
+                                                 "total_steps": self.total_steps, "config": asdict(self.cfg)})
+
+        return ckpt.write_checkpoint(self.run_dir, self.step_count, write, keep=self.cfg.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path) -> None:
+        sae = SAE.load(path / "sae", device=self.sae.device)
+        if sae.cfg != self.sae.cfg:
+            raise ValueError(f"{path}: checkpoint SAE config {sae.cfg} differs from this run's {self.sae.cfg}")
+        with torch.no_grad():
+            for name, t in sae.state_dict().items():
+                self.sae.state_dict()[name].copy_(t)
+        self.optimizer.load_state_dict(ckpt.optimizer_from_files(
+            io.read_tensors(path / "optimizer.safetensors", device=str(self.sae.device)),
+            io.read_json(path / "optimizer.json")))
+        state = io.read_tensors(path / "trainer.safetensors")
+        meta = io.read_json(path / "trainer.json")
+        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device)
+        self.pool = state["pool"].to(self.sae.device)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of run_dir, if any; drop metrics logged after it."""
+        path = ckpt.latest_checkpoint(self.run_dir) if self.run_dir else None
+        if path is None:
+            return False
+        self.load_checkpoint(path)
+        log = self.run_dir / "metrics.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step_count]
+            io.atomic_write(log, lambda p: Path(p).write_text("".join(f"{line}\n" for line in kept)))
+        return True
 
     # ---- the loop ----------------------------------------------------------------------------------
 
-    def fit(self, batches: Iterable[Tensor]) -> TrainResult:
+    def fit(self, batches: Iterable[Tensor], resume: bool = False) -> TrainResult:
+        if resume and not self.resume():
+            print(f"no checkpoint in {self.run_dir}: starting from step 0")
         if self.total_steps is None and hasattr(batches, "__len__"):
             self.total_steps = len(batches)
         history: list[dict] = []
+        log = open(self.run_dir / "metrics.jsonl", "a") if self.run_dir else None  # noqa: SIM115
         start, start_tokens = time.perf_counter(), self.tokens_seen
-        bar = tqdm(total=self.total_steps, disable=not self.cfg.progress, desc="train", unit="step")
-        for x in batches:
-            if self.total_steps is not None and self.step_count >= self.total_steps:
-                break
-            metrics = self.step(x)
-            bar.update(1)
-            last = self.total_steps is not None and self.step_count == self.total_steps
-            if self.step_count % self.cfg.log_every == 0 or last:
-                metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / (time.perf_counter() - start)
-                history.append(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
-                                fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead_fraction']:.2f}")
-        bar.close()
-        return TrainResult(self.sae, history)
+        bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not self.cfg.progress,
+                   desc="train", unit="step")
+        try:
+            for x in itertools.islice(batches, self.step_count, None):  # skip what a resumed run consumed
+                if self.total_steps is not None and self.step_count >= self.total_steps:
+                    break
+                metrics = self.step(x)
+                bar.update(1)
+                last = self.total_steps is not None and self.step_count == self.total_steps
+                if self.step_count % self.cfg.log_every == 0 or last or "resampled" in metrics:
+                    metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / (time.perf_counter() - start)
+                    history.append(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
+                                    fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead_fraction']:.2f}")
+                    if log:
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
+                if self.cfg.checkpoint_every and (self.step_count % self.cfg.checkpoint_every == 0 or last):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return TrainResult(self.sae, history, self.run_dir)
 
 
-def train(sae: SAE, batches: Iterable[Tensor], cfg: TrainConfig | None = None) -> TrainResult:
+def train(sae: SAE, batches: Iterable[Tensor], cfg: TrainConfig | None = None,
+          run_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
     """Train sae on batches; returns the trained SAE and its metrics history."""
-    return Trainer(sae, cfg).fit(batches)
+    return Trainer(sae, cfg, run_dir).fit(batches, resume=resume)
