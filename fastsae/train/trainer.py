@@ -247,6 +247,8 @@ class Trainer:
         if self.total_steps is None and hasattr(batches, "__len__"):
             self.total_steps = len(batches)
         history: list[dict] = []
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / "metrics.jsonl", "a") if self.run_dir else None  # noqa: SIM115
         start, start_tokens = time.perf_counter(), self.tokens_seen
         bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not self.cfg.progress,
