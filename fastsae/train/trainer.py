@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import io
 from ..sae import SAE
 from . import checkpoint as ckpt
+from .optim import SAEAdam
 from .resample import resample_dead_latents
 
 
@@ -38,6 +39,11 @@ from .resample import resample_dead_latents
 class TrainConfig:
     lr: float = 4e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    # "fused": SAEAdam (Adam + decoder constraint in one pass; a Triton kernel on CUDA);
+    # "torch": torch.optim.Adam with the constraint as separate steps.
+    optimizer: str = "fused"
+    # Adam moments in bfloat16 halve the optimizer's memory (fused optimizer only).
+    optimizer_state_dtype: str = "float32"
     # Fractions of the total steps (total_steps, or len(batches) when it has one).
     lr_warmup_fraction: float = 0.01
     lr_decay_fraction: float = 0.2
@@ -74,6 +80,13 @@ class TrainConfig:
         for name in ("dead_window_tokens", "log_every", "resample_pool", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.optimizer not in ("fused", "torch"):
+            raise ValueError(f"TrainConfig.optimizer must be 'fused' or 'torch', got {self.optimizer!r}")
+        if self.optimizer_state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.optimizer_state_dtype must be float32 or bfloat16, "
+                             f"got {self.optimizer_state_dtype!r}")
+        if self.optimizer_state_dtype != "float32" and self.optimizer != "fused":
+            raise ValueError("TrainConfig.optimizer_state_dtype='bfloat16' needs optimizer='fused'")
         if self.auxk_coefficient < 0:
             raise ValueError(f"TrainConfig.auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
         self.adam_betas = tuple(self.adam_betas)
@@ -101,8 +114,13 @@ class Trainer:
             raise ValueError("TrainConfig.checkpoint_every needs a run_dir")
         if self.cfg.auxk_coefficient and sae.cfg.activation not in ("topk", "batchtopk"):
             raise ValueError(f"AuxK applies to topk/batchtopk SAEs, not activation={sae.cfg.activation!r}")
-        params = [p for p in sae.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, betas=self.cfg.adam_betas)
+        self.fused = self.cfg.optimizer == "fused"
+        if self.fused:
+            self.optimizer = SAEAdam(sae, lr=self.cfg.lr, betas=self.cfg.adam_betas,
+                                     state_dtype=getattr(torch, self.cfg.optimizer_state_dtype))
+        else:
+            params = [p for p in sae.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, betas=self.cfg.adam_betas)
         self.generator = torch.Generator(device=sae.device).manual_seed(self.cfg.seed)
         self.step_count = 0
         self.total_steps: int | None = self.cfg.total_steps
@@ -156,10 +174,11 @@ class Trainer:
             loss = loss + cfg.auxk_coefficient * out.auxk
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if sae.cfg.normalize_decoder:
+        constrain = sae.cfg.normalize_decoder and not self.fused  # SAEAdam does both inside its step
+        if constrain:
             sae.remove_parallel_decoder_grad_()
         self.optimizer.step()
-        if sae.cfg.normalize_decoder:
+        if constrain:
             sae.normalize_decoder_()
 
         with torch.no_grad():
