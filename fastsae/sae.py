@@ -48,6 +48,9 @@ class SAE(nn.Module):
         self.cfg = cfg
         # Check inputs for NaN/Inf on every call (one pass over x); turn off for speed once a pipeline is trusted.
         self.check_finite = True
+        # Mixed precision: None computes in the weights' dtype; bfloat16 keeps fp32 master weights
+        # but takes bf16 inputs and runs the GEMMs and gathers on bf16 copies (fp32 accumulation).
+        self.compute_dtype: torch.dtype | None = None
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = cfg.torch_dtype
         if device.type == "meta":  # shapes only: load() fills the values in
@@ -81,7 +84,12 @@ class SAE(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
+        """The dtype inputs must have: compute_dtype when set, else the weights'."""
+        return self.compute_dtype or self.W_dec.dtype
+
+    def _w(self, t: Tensor) -> Tensor:
+        """A weight in the compute dtype (a differentiable cast under mixed precision)."""
+        return t if self.compute_dtype is None or t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -143,11 +151,11 @@ class SAE(nn.Module):
             return x_hat.new_zeros((), dtype=acc)
         k_aux = min(k_aux or max(1, self.cfg.d_in // 2), dead.numel())
         ops = backend_for(x.device)
-        x_c = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        x_c = x - self._w(self.b_dec) if self.cfg.apply_b_dec_to_input else x
         # The same fused TopK, over the dead latents' rows only: no dense (N, d_sae) top-k.
-        values, slots = ops.encode_topk(x_c, self.W_enc[dead], self.b_enc[dead], k_aux)
-        no_bias = torch.zeros_like(self.b_dec)  # the residual has no b_dec to add back
-        e_hat = ops.decode(values, dead[slots], self.W_dec, no_bias)
+        values, slots = ops.encode_topk(x_c, self._w(self.W_enc[dead]), self._w(self.b_enc[dead]), k_aux)
+        no_bias = torch.zeros_like(self._w(self.b_dec))  # the residual has no b_dec to add back
+        e_hat = ops.decode(values, dead[slots], self._w(self.W_dec), no_bias)
         residual = (x - x_hat).detach()
         return (e_hat.to(acc) - residual.to(acc)).pow(2).sum(-1).mean()
 
@@ -155,20 +163,21 @@ class SAE(nn.Module):
         """(N, d_in) → values, indices (N, w)."""
         ops = backend_for(x.device)
         cfg = self.cfg
+        W_enc, b_enc = self._w(self.W_enc), self._w(self.b_enc)
         if cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
+            x = x - self._w(self.b_dec)
         if cfg.activation == "topk":
-            return ops.encode_topk(x, self.W_enc, self.b_enc, cfg.k)
+            return ops.encode_topk(x, W_enc, b_enc, cfg.k)
         if cfg.activation == "relu":
-            return ops.encode_threshold(x, self.W_enc, self.b_enc, None)
+            return ops.encode_threshold(x, W_enc, b_enc, None)
         if cfg.activation == "jumprelu":
-            return ops.encode_threshold(x, self.W_enc, self.b_enc, self.threshold)
+            return ops.encode_threshold(x, W_enc, b_enc, self.threshold)
         # batchtopk: the batch's top N·k while training; at inference the learnt
         # threshold makes every row independent of the others.
         if not self.training:
             theta = self.threshold.expand(cfg.d_sae).contiguous()
-            return ops.encode_threshold(x, self.W_enc, self.b_enc, theta)
-        values, indices, tau = ops.encode_batchtopk(x, self.W_enc, self.b_enc, cfg.k)
+            return ops.encode_threshold(x, W_enc, b_enc, theta)
+        values, indices, tau = ops.encode_batchtopk(x, W_enc, b_enc, cfg.k)
         with torch.no_grad():
             if self.threshold == 0:
                 self.threshold.copy_(tau)
@@ -177,7 +186,7 @@ class SAE(nn.Module):
         return values, indices
 
     def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
-        return backend_for(values.device).decode(values, indices, self.W_dec, self.b_dec)
+        return backend_for(values.device).decode(values, indices, self._w(self.W_dec), self._w(self.b_dec))
 
     def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         if not isinstance(x, Tensor):
@@ -190,7 +199,7 @@ class SAE(nn.Module):
         if x.dtype not in ACCEPTED_DTYPES:
             raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
         if x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the SAE's weights are {self.dtype}: "
+            raise TypeError(f"x has dtype {x.dtype} but the SAE computes in {self.dtype}: "
                             f"cast one to the other (x.to(sae.dtype) or sae.to({x.dtype}))")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.device}: move one to the other")

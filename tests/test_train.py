@@ -74,3 +74,25 @@ def test_recovers_ground_truth_features(activation, k, l1):
     assert mmcs(toy.features, sae.W_dec.detach()) >= 0.9
     # and a random dictionary does not: the test can fail
     assert mmcs(toy.features, torch.randn(96, 16, generator=torch.Generator().manual_seed(123))) < 0.8
+
+
+@pytest.mark.parametrize("activation,k", [("topk", 4), ("relu", None)])
+def test_bf16_mixed_precision_keeps_fp32_masters(activation, k):
+    toy = ToyDictionary.random(d_in=16, n_features=48, active_per_sample=3.0, seed=0)
+    runs = {}
+    for mp in (None, "bfloat16"):
+        torch.manual_seed(0)
+        sae = SAE(SAEConfig(16, 64, activation=activation, k=k, l1_coefficient=None if k else 0.2), seed=0)
+        result = train(sae, toy.batches(128, 60), TrainConfig(lr=3e-3, progress=False, log_every=20,
+                                                               mixed_precision=mp, resample_every=30))
+        runs[mp] = (sae, result.history)
+    sae, history = runs["bfloat16"]
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert sae.dtype == torch.bfloat16  # it computes in bf16 and takes bf16 inputs
+    assert sae(torch.randn(3, 16, dtype=torch.bfloat16)).x_hat.dtype == torch.bfloat16
+    # same trajectory as fp32 up to bf16 rounding
+    fp32_loss, bf16_loss = runs[None][1][-1]["loss"], history[-1]["loss"]
+    assert abs(bf16_loss - fp32_loss) < 0.1 * fp32_loss
+    assert history[-1]["loss"] < history[0]["loss"]
+    with pytest.raises(ValueError, match="master"):
+        Trainer(SAE(SAEConfig(4, 8, dtype="bfloat16")), TrainConfig(mixed_precision="bfloat16"))

@@ -26,11 +26,17 @@ ENCODER_SCALE = 0.2  # Towards Monosemanticity, "Neuron Resampling"
 
 @torch.no_grad()
 def reconstruction_losses(sae: SAE, pool: Tensor, chunk: int = 4096) -> Tensor:
-    """(P,) fp32 per-input squared reconstruction error ||x - x_hat||²."""
-    out = []
-    for start in range(0, pool.shape[0], chunk):
-        x = pool[start:start + chunk]
-        out.append((sae(x).x_hat.float() - x.float()).pow(2).sum(-1))
+    """(P,) fp32 per-input squared reconstruction error ||x - x_hat||², in inference mode (so a
+    BatchTopK SAE's recorded threshold is used, not updated)."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        out = []
+        for start in range(0, pool.shape[0], chunk):
+            x = pool[start:start + chunk].to(sae.dtype)
+            out.append((sae(x).x_hat.float() - x.float()).pow(2).sum(-1))
+    finally:
+        sae.train(was_training)
     return torch.cat(out)
 
 

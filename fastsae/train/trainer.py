@@ -44,6 +44,8 @@ class TrainConfig:
     optimizer: str = "fused"
     # Adam moments in bfloat16 halve the optimizer's memory (fused optimizer only).
     optimizer_state_dtype: str = "float32"
+    # "bfloat16": bf16 activations and GEMMs, fp32 master weights, gradients and accumulation.
+    mixed_precision: str | None = None
     # Fractions of the total steps (total_steps, or len(batches) when it has one).
     lr_warmup_fraction: float = 0.01
     lr_decay_fraction: float = 0.2
@@ -87,6 +89,8 @@ class TrainConfig:
                              f"got {self.optimizer_state_dtype!r}")
         if self.optimizer_state_dtype != "float32" and self.optimizer != "fused":
             raise ValueError("TrainConfig.optimizer_state_dtype='bfloat16' needs optimizer='fused'")
+        if self.mixed_precision not in (None, "bfloat16"):
+            raise ValueError(f"TrainConfig.mixed_precision must be None or 'bfloat16', got {self.mixed_precision!r}")
         if self.auxk_coefficient < 0:
             raise ValueError(f"TrainConfig.auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
         self.adam_betas = tuple(self.adam_betas)
@@ -114,6 +118,10 @@ class Trainer:
             raise ValueError("TrainConfig.checkpoint_every needs a run_dir")
         if self.cfg.auxk_coefficient and sae.cfg.activation not in ("topk", "batchtopk"):
             raise ValueError(f"AuxK applies to topk/batchtopk SAEs, not activation={sae.cfg.activation!r}")
+        if self.cfg.mixed_precision:
+            if sae.W_dec.dtype != torch.float32:
+                raise ValueError(f"mixed precision keeps fp32 master weights; this SAE is {sae.W_dec.dtype}")
+            sae.compute_dtype = getattr(torch, self.cfg.mixed_precision)
         self.fused = self.cfg.optimizer == "fused"
         if self.fused:
             self.optimizer = SAEAdam(sae, lr=self.cfg.lr, betas=self.cfg.adam_betas,
@@ -128,7 +136,7 @@ class Trainer:
         # Rows since each latent last fired: a latent is dead past dead_window_tokens.
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=sae.device)
         # The last resample_pool input rows, for resampling.
-        self.pool = torch.zeros(0, sae.cfg.d_in, dtype=sae.dtype, device=sae.device)
+        self.pool = torch.zeros(0, sae.cfg.d_in, dtype=sae.W_dec.dtype, device=sae.device)
 
     # ---- schedules ---------------------------------------------------------------------------------
 
@@ -162,6 +170,7 @@ class Trainer:
     def step(self, x: Tensor) -> dict:
         sae, cfg = self.sae, self.cfg
         sae.train()
+        x = x.to(sae.dtype)  # the compute dtype under mixed precision
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_scale(self.step_count)
         use_auxk = cfg.auxk_coefficient > 0 and self.tokens_seen >= cfg.dead_window_tokens
@@ -188,7 +197,7 @@ class Trainer:
             self.tokens_seen += rows.shape[0]
             self.step_count += 1
             if cfg.resample_every:
-                self.pool = torch.cat([self.pool, rows])[-cfg.resample_pool:]
+                self.pool = torch.cat([self.pool, rows.to(self.pool.dtype)])[-cfg.resample_pool:]
             metrics = {
                 "step": self.step_count,
                 "tokens": self.tokens_seen,
