@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 from .. import io
 from ..sae import SAE
 from . import checkpoint as ckpt
+from .kl import SpliceKL
 from .optim import SAEAdam
 from .resample import resample_dead_latents
+from .sinks import MetricSinks
 
 
 @dataclass
@@ -61,7 +63,12 @@ class TrainConfig:
     # top auxk_k dead latents. Gao et al. use 1/32 and k_aux = 512; None picks d_in // 2.
     auxk_coefficient: float = 0.0
     auxk_k: int | None = None
+    # KL + reconstruction: loss += kl_coefficient · KL(clean || spliced) (needs Trainer(kl=SpliceKL(...))
+    # and batches of token ids).
+    kl_coefficient: float = 0.0
     log_every: int = 50
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs tensorboard)
+    wandb_project: str | None = None  # also log to wandb (needs wandb)
     checkpoint_every: int | None = None  # steps; needs a run directory
     keep_checkpoints: int = 2
     seed: int = 0  # the trainer's own generator (resampling draws)
@@ -91,8 +98,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.optimizer_state_dtype='bfloat16' needs optimizer='fused'")
         if self.mixed_precision not in (None, "bfloat16"):
             raise ValueError(f"TrainConfig.mixed_precision must be None or 'bfloat16', got {self.mixed_precision!r}")
-        if self.auxk_coefficient < 0:
-            raise ValueError(f"TrainConfig.auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
+        for name in ("auxk_coefficient", "kl_coefficient"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         self.adam_betas = tuple(self.adam_betas)
 
 
@@ -110,9 +118,13 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 class Trainer:
-    def __init__(self, sae: SAE, cfg: TrainConfig | None = None, run_dir: str | Path | None = None):
+    def __init__(self, sae: SAE, cfg: TrainConfig | None = None, run_dir: str | Path | None = None,
+                 kl: SpliceKL | None = None):
         self.sae = sae
         self.cfg = cfg or TrainConfig()
+        self.kl = kl
+        if (self.cfg.kl_coefficient > 0) != (kl is not None):
+            raise ValueError("TrainConfig.kl_coefficient > 0 and Trainer(kl=SpliceKL(...)) go together")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.cfg.checkpoint_every and self.run_dir is None:
             raise ValueError("TrainConfig.checkpoint_every needs a run_dir")
@@ -167,9 +179,14 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------
 
-    def step(self, x: Tensor) -> dict:
+    def step(self, batch: Tensor) -> dict:
+        """One optimizer step on a batch of activations (..., d_in), or of token ids (B, T) with a SpliceKL."""
         sae, cfg = self.sae, self.cfg
         sae.train()
+        if self.kl is not None:
+            x, clean_logprobs = self.kl.clean(batch)
+        else:
+            x = batch
         x = x.to(sae.dtype)  # the compute dtype under mixed precision
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_scale(self.step_count)
@@ -181,6 +198,10 @@ class Trainer:
             loss = loss + l1_coef * out.l1
         if out.auxk is not None:
             loss = loss + cfg.auxk_coefficient * out.auxk
+        kl = None
+        if self.kl is not None:
+            kl = self.kl.kl(batch, out.x_hat, clean_logprobs)
+            loss = loss + cfg.kl_coefficient * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         constrain = sae.cfg.normalize_decoder and not self.fused  # SAEAdam does both inside its step
@@ -205,6 +226,7 @@ class Trainer:
                 "mse": out.mse.item(),
                 "l1": None if out.l1 is None else out.l1.item(),
                 "auxk": None if out.auxk is None else out.auxk.item(),
+                "kl": None if kl is None else kl.item(),
                 "l1_coefficient": l1_coef,
                 "l0": out.latents.l0.float().mean().item(),
                 "fvu": fvu(x, out.x_hat).item(),
@@ -277,7 +299,7 @@ class Trainer:
         history: list[dict] = []
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.run_dir / "metrics.jsonl", "a") if self.run_dir else None  # noqa: SIM115
+        sinks = MetricSinks(self.run_dir, self.cfg.tensorboard, self.cfg.wandb_project, asdict(self.cfg))
         start, start_tokens = time.perf_counter(), self.tokens_seen
         bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not self.cfg.progress,
                    desc="train", unit="step")
@@ -293,15 +315,12 @@ class Trainer:
                     history.append(metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
                                     fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead_fraction']:.2f}")
-                    if log:
-                        log.write(json.dumps(metrics) + "\n")
-                        log.flush()
+                    sinks.write(metrics)
                 if self.cfg.checkpoint_every and (self.step_count % self.cfg.checkpoint_every == 0 or last):
                     self.save_checkpoint()
         finally:
             bar.close()
-            if log:
-                log.close()
+            sinks.close()
         return TrainResult(self.sae, history, self.run_dir)
 
 
