@@ -3,9 +3,9 @@
 The encoder forward builds the (N, d_sae) pre-activations (the Triton backend
 removes them); nothing of that size is built in decode or in any backward:
 
-- decode is `F.embedding_bag` over the active decoder rows, whose autograd
+- decode is `F.embedding_bag` over the active decoder rows; its backward
   gives the value gradients as dot products and the decoder gradient only for
-  rows that fired;
+  rows that fired, as the same latent-sorted segment sum as the encoder's;
 - the encoder backward masks the value gradient by "fired", gathers `grad_x`
   with another `embedding_bag`, and forms the encoder weight gradient as a
   CSR matrix (latents × rows, sorted by latent) times x: a segment reduction
@@ -108,6 +108,38 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
     return values, indices, taus[0]
 
 
+# Rows per chunk of the value gradient's gather: bounds its workspace to ~4M elements.
+_GATHER_ELEMENTS = 1 << 22
+
+
+class _DecodeRows(torch.autograd.Function):
+    """Σ_j v[n, j] · W[idx[n, j]] with a backward whose reductions do not depend on the rest of the batch:
+    the weight gradient is the latent-sorted segment sum (no embedding_bag backward, whose order does)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, W)
+        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")  # (N, d_in)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, indices, W = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:  # <grad[n], W[idx[n, j]]>, gathered a chunk of rows at a time
+            n, w = indices.shape
+            rows = max(1, _GATHER_ELEMENTS // max(1, w * W.shape[1]))
+            grad_values = torch.cat([
+                torch.bmm(W[indices[i:i + rows]], grad[i:i + rows, :, None].to(W.dtype)).squeeze(-1)
+                for i in range(0, n, rows)]).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = segment_rows_sum(indices, values, grad, W.shape[0]).to(W.dtype)
+        return grad_values, None, grad_W
+
+
+def decode_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """(N, w) values and latent indices, W (d_sae, d_in) -> (N, d_in), no bias."""
+    return _DecodeRows.apply(values, indices, W)
+
+
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")  # (N, d_in)
-    return x_hat + b_dec
+    return decode_rows(values, indices, W_dec) + b_dec

@@ -111,6 +111,25 @@ class TrainResult:
     run_dir: Path | None = None
 
 
+def lr_scale(step: int, total_steps: int | None, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first lr_warmup_fraction, linear decay to 0 over the last lr_decay_fraction."""
+    if total_steps is None:
+        return 1.0
+    warmup = math.ceil(cfg.lr_warmup_fraction * total_steps)
+    decay = math.floor(cfg.lr_decay_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay and step >= total_steps - decay:
+        return max(0.0, (total_steps - step) / decay)
+    return 1.0
+
+
+def l1_warmup(step: int, total_steps: int | None, cfg: TrainConfig) -> float:
+    """The fraction of the full L1 coefficient in force at step (linear over l1_warmup_fraction)."""
+    warmup = math.ceil(cfg.l1_warmup_fraction * total_steps) if total_steps else 0
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """Fraction of variance unexplained: Σ||x - x_hat||² / Σ||x - mean(x)||² over the rows of the batch."""
     x, x_hat = x.reshape(-1, x.shape[-1]).float(), x_hat.reshape(-1, x.shape[-1]).float()
@@ -153,20 +172,10 @@ class Trainer:
     # ---- schedules ---------------------------------------------------------------------------------
 
     def lr_scale(self, step: int) -> float:
-        if self.total_steps is None:
-            return 1.0
-        warmup = math.ceil(self.cfg.lr_warmup_fraction * self.total_steps)
-        decay = math.floor(self.cfg.lr_decay_fraction * self.total_steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        if decay and step >= self.total_steps - decay:
-            return max(0.0, (self.total_steps - step) / decay)
-        return 1.0
+        return lr_scale(step, self.total_steps, self.cfg)
 
     def l1_coefficient(self, step: int) -> float:
-        full = self.sae.cfg.l1_coefficient
-        warmup = math.ceil(self.cfg.l1_warmup_fraction * self.total_steps) if self.total_steps else 0
-        return full * min(1.0, (step + 1) / warmup) if warmup else full
+        return self.sae.cfg.l1_coefficient * l1_warmup(step, self.total_steps, self.cfg)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_window_tokens
