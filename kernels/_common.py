@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,19 +31,35 @@ def dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def encoder_blocks(block_m: int | None, block_n: int | None, block_k: int | None, num_warps: int | None,
-                   min_block_n: int = 16) -> tuple[int, int, int, int]:
-    """Tile sizes of the fused encoders: small in the interpreter, tensor-core sized on a GPU.
-    tl.dot needs every dimension >= 16. The GPU defaults are a starting point for
-    bench/ to tune, not a measured optimum."""
-    if interpreting():
-        defaults = (16, 32, 16, 4)
-    else:
-        defaults = (32, 128, 64, 8)
+@dataclass(frozen=True)
+class EncoderGrid:
+    """Tiles and launch grid of a fused encoder: programs are (row block, slice of the latents)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    row_blocks: int
+    splits: int
+    tiles_per_split: int
+
+
+def encoder_grid(n_rows: int, d_sae: int, device: torch.device, block_m: int | None = None,
+                 block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                 splits: int | None = None, min_block_n: int = 16) -> EncoderGrid:
+    """Small tiles in the interpreter, tensor-core sized ones on a GPU (tl.dot needs every dimension >= 16;
+    the GPU defaults are a starting point for bench/ to tune, not a measured optimum). The latents are split
+    into slices until there are about num_programs_target programs."""
+    defaults = (16, 32, 16, 4) if interpreting() else (32, 128, 64, 8)
     block_m = block_m or defaults[0]
     block_n = max(block_n or defaults[1], min_block_n)
-    block_k = block_k or defaults[2]
-    return block_m, block_n, block_k, num_warps or defaults[3]
+    n_tiles = triton.cdiv(d_sae, block_n)
+    row_blocks = triton.cdiv(n_rows, block_m)
+    if splits is None:
+        splits = min(n_tiles, max(1, triton.cdiv(num_programs_target(device), row_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return EncoderGrid(block_m, block_n, block_k or defaults[2], num_warps or defaults[3], row_blocks,
+                       triton.cdiv(n_tiles, tiles_per_split), tiles_per_split)
 
 
 def check_encoder_inputs(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> None:

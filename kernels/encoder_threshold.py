@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_encoder_inputs, dot_precision, encoder_blocks, interpreting, num_programs_target
+from ._common import check_encoder_inputs, dot_precision, encoder_grid, interpreting
 from ._gemm import encoder_tile
 
 
@@ -77,24 +77,18 @@ def encoder_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
         raise ValueError(f"threshold must have shape ({d_sae},), got {tuple(threshold.shape)}")
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
-    interp = interpreting()
-    block_m, block_n, block_k, num_warps = encoder_blocks(block_m, block_n, block_k, num_warps)
-    n_tiles = triton.cdiv(d_sae, block_n)
-    row_blocks = triton.cdiv(N, block_m)
-    if splits is None:
-        splits = min(n_tiles, max(1, triton.cdiv(num_programs_target(x.device), row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    g = encoder_grid(N, d_sae, x.device, block_m, block_n, block_k, num_warps, splits)
+    splits = g.splits
     values = torch.zeros(N, splits, capacity, device=x.device, dtype=torch.float32)
     indices = torch.zeros(N, splits, capacity, device=x.device, dtype=torch.int32)
     counts = torch.empty(N, splits, device=x.device, dtype=torch.int32)
     theta = threshold.float().contiguous() if threshold is not None else b_enc  # b_enc: any valid pointer
-    _encoder_threshold_kernel[(row_blocks, splits)](
+    _encoder_threshold_kernel[(g.row_blocks, splits)](
         x, W_enc, b_enc, theta, values, indices, counts,
-        N, d_sae, d_in, tiles_per_split, capacity,
+        N, d_sae, d_in, g.tiles_per_split, capacity,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), values.stride(0), values.stride(1),
         counts.stride(0),
-        HAS_THRESHOLD=threshold is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=interp, PRECISION=dot_precision(), num_warps=num_warps,
+        HAS_THRESHOLD=threshold is not None, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+        UPCAST=interpreting(), PRECISION=dot_precision(), num_warps=g.num_warps,
     )
     return values, indices, counts

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_encoder_inputs, dot_precision, encoder_blocks, interpreting, next_pow2, num_programs_target
+from ._common import check_encoder_inputs, dot_precision, encoder_grid, interpreting, next_pow2
 from ._gemm import encoder_tile
 
 # Largest K_PAD kept in registers: (BLOCK_M, 2·K_PAD) int64 keys per merge.
@@ -97,22 +97,16 @@ def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
     if d_sae > INDEX_MAX:
         raise ValueError(f"d_sae must be < 2^31 for 32-bit indices, got {d_sae}")
     k_pad = next_pow2(k)
-    interp = interpreting()
-    block_m, block_n, block_k, num_warps = encoder_blocks(block_m, block_n, block_k, num_warps, min_block_n=k_pad)
-    n_tiles = triton.cdiv(d_sae, block_n)
-    row_blocks = triton.cdiv(N, block_m)
-    if splits is None:
-        splits = min(n_tiles, max(1, triton.cdiv(num_programs_target(x.device), row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
+    g = encoder_grid(N, d_sae, x.device, block_m, block_n, block_k, num_warps, splits, min_block_n=k_pad)
+    splits = g.splits
     cand_val = torch.empty(N, splits, k_pad, device=x.device, dtype=torch.float32)
     cand_idx = torch.empty(N, splits, k_pad, device=x.device, dtype=torch.int32)
-    _encoder_topk_kernel[(row_blocks, splits)](
+    _encoder_topk_kernel[(g.row_blocks, splits)](
         x, W_enc, b_enc, cand_val, cand_idx,
-        N, d_sae, d_in, tiles_per_split,
+        N, d_sae, d_in, g.tiles_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), cand_val.stride(0), cand_val.stride(1),
-        K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=interp, PRECISION=dot_precision(), num_warps=num_warps,
+        K_PAD=k_pad, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+        UPCAST=interpreting(), PRECISION=dot_precision(), num_warps=g.num_warps,
     )
     return cand_val.view(N, -1), cand_idx.view(N, -1)
 

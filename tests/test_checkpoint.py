@@ -20,6 +20,7 @@ CASES = [
     ("topk", 4, dict(auxk_coefficient=1 / 32, resample_every=7)),
     ("relu", None, dict(resample_every=9)),
     ("batchtopk", 3, {}),
+    ("topk", 4, dict(optimizer="fused", optimizer_state_dtype="bfloat16", resample_every=7)),
 ]
 
 

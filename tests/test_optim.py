@@ -73,13 +73,15 @@ def test_bad_arguments():
                   beta2=0.9, eps=1e-8)
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="sgd")
-    with pytest.raises(ValueError, match="fused"):
+    with pytest.raises(ValueError, match="fused optimizer"):
         TrainConfig(optimizer="torch", optimizer_state_dtype="bfloat16")
 
 
-def test_trainer_uses_the_fused_step_by_default():
+def test_trainer_picks_the_fused_step_on_cuda_and_when_asked():
     sae = make_sae(8, 24, "topk", 3)
-    trainer = Trainer(sae, TrainConfig(lr=1e-2, progress=False))
+    assert not isinstance(Trainer(sae, TrainConfig(progress=False)).optimizer, SAEAdam)  # auto, on CPU
+    assert isinstance(Trainer(sae, TrainConfig(optimizer_state_dtype="bfloat16")).optimizer, SAEAdam)
+    trainer = Trainer(sae, TrainConfig(lr=1e-2, progress=False, optimizer="fused"))
     assert isinstance(trainer.optimizer, SAEAdam)
     for _ in range(3):
         trainer.step(torch.randn(16, 8))

@@ -22,7 +22,7 @@ from .optim import SAEAdam
 from .trainer import TrainConfig, fvu, l1_warmup, lr_scale
 
 _UNSUPPORTED = {"resample_every": None, "auxk_coefficient": 0.0, "kl_coefficient": 0.0, "checkpoint_every": None,
-                "mixed_precision": None, "optimizer": "fused"}
+                "mixed_precision": None}
 
 
 @dataclass
@@ -32,7 +32,9 @@ class EnsembleResult:
 
 
 def train_ensemble(members: list[SAE], batches: Iterable[Tensor], cfg: TrainConfig | None = None) -> EnsembleResult:
-    """Train members (same shape; their l1_coefficient, k and initial weights may differ) together."""
+    """Train members (same shape; their l1_coefficient, k and initial weights may differ) together.
+    The ensemble always uses SAEAdam (its stacked decoder rows need the fused constraint); on CPU each
+    member equals a solo run with TrainConfig(optimizer="fused")."""
     cfg = cfg or TrainConfig()
     for name, allowed in _UNSUPPORTED.items():
         if getattr(cfg, name) != allowed:

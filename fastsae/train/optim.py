@@ -58,18 +58,24 @@ def _adam_kernel(p, grad, m, v, **kw) -> None:
 
 
 def _adam_torch(p, grad, m, v, *, step, lr, beta1, beta2, eps, rows) -> None:
-    """The same arithmetic as the kernel, in PyTorch ops."""
-    w, g = p.data.float(), grad.float()
+    """The same arithmetic as the kernel, as in-place PyTorch ops (torch.optim.Adam's own order)."""
+    w = p.data
+    g = grad.float() if grad.dtype != torch.float32 else grad
     if rows:
-        g = g - (g * w).sum(1, keepdim=True) * w
-    m32 = m.float()
-    m32 = m32 + (1.0 - beta1) * (g - m32)
-    v32 = beta2 * v.float() + (1.0 - beta2) * g * g
+        g = g - (g * w.float()).sum(1, keepdim=True) * w.float()
+    fp32_state = m.dtype == torch.float32
+    m32 = m if fp32_state else m.float()
+    v32 = v if fp32_state else v.float()
+    m32.lerp_(g, 1.0 - beta1)
+    v32.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
-    w = w - (lr / bc1) * (m32 / (v32.sqrt() / bc2**0.5 + eps))
-    m.copy_(m32)
-    v.copy_(v32)
-    p.data.copy_(w)
+    denom = (v32.sqrt() / bc2**0.5).add_(eps)
+    if w.dtype == torch.float32:
+        w.addcdiv_(m32, denom, value=-lr / bc1)
+    else:
+        w.copy_(w.float().addcdiv_(m32, denom, value=-lr / bc1))
+    if not fp32_state:
+        m.copy_(m32)
+        v.copy_(v32)
     if rows:
-        stored = p.data.float()
-        p.data.copy_(stored / stored.norm(dim=1, keepdim=True).clamp_min(1e-30))
+        w.div_(w.float().norm(dim=1, keepdim=True).clamp_min(1e-30).to(w.dtype))

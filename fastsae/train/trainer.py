@@ -42,8 +42,9 @@ class TrainConfig:
     lr: float = 4e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
     # "fused": SAEAdam (Adam + decoder constraint in one pass; a Triton kernel on CUDA);
-    # "torch": torch.optim.Adam with the constraint as separate steps.
-    optimizer: str = "fused"
+    # "torch": torch.optim.Adam with the constraint as separate steps (faster on CPU, where
+    # fusing saves no memory traffic: 30 ms vs 40 ms at d_sae 16k, d_in 256); "auto": fused on CUDA.
+    optimizer: str = "auto"
     # Adam moments in bfloat16 halve the optimizer's memory (fused optimizer only).
     optimizer_state_dtype: str = "float32"
     # "bfloat16": bf16 activations and GEMMs, fp32 master weights, gradients and accumulation.
@@ -89,13 +90,13 @@ class TrainConfig:
         for name in ("dead_window_tokens", "log_every", "resample_pool", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.optimizer not in ("fused", "torch"):
-            raise ValueError(f"TrainConfig.optimizer must be 'fused' or 'torch', got {self.optimizer!r}")
+        if self.optimizer not in ("auto", "fused", "torch"):
+            raise ValueError(f"TrainConfig.optimizer must be 'auto', 'fused' or 'torch', got {self.optimizer!r}")
         if self.optimizer_state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"TrainConfig.optimizer_state_dtype must be float32 or bfloat16, "
                              f"got {self.optimizer_state_dtype!r}")
-        if self.optimizer_state_dtype != "float32" and self.optimizer != "fused":
-            raise ValueError("TrainConfig.optimizer_state_dtype='bfloat16' needs optimizer='fused'")
+        if self.optimizer_state_dtype != "float32" and self.optimizer == "torch":
+            raise ValueError("TrainConfig.optimizer_state_dtype='bfloat16' needs the fused optimizer")
         if self.mixed_precision not in (None, "bfloat16"):
             raise ValueError(f"TrainConfig.mixed_precision must be None or 'bfloat16', got {self.mixed_precision!r}")
         for name in ("auxk_coefficient", "kl_coefficient"):
@@ -153,7 +154,8 @@ class Trainer:
             if sae.W_dec.dtype != torch.float32:
                 raise ValueError(f"mixed precision keeps fp32 master weights; this SAE is {sae.W_dec.dtype}")
             sae.compute_dtype = getattr(torch, self.cfg.mixed_precision)
-        self.fused = self.cfg.optimizer == "fused"
+        fused = self.cfg.optimizer == "fused" or (self.cfg.optimizer == "auto" and sae.device.type == "cuda")
+        self.fused = fused or self.cfg.optimizer_state_dtype != "float32"
         if self.fused:
             self.optimizer = SAEAdam(sae, lr=self.cfg.lr, betas=self.cfg.adam_betas,
                                      state_dtype=getattr(torch, self.cfg.optimizer_state_dtype))
