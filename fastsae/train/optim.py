@@ -29,6 +29,14 @@ class SAEAdam(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.use_kernel = use_kernel
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype; keep bf16 moments bf16.
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
