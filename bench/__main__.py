@@ -19,6 +19,7 @@ import torch
 from bench.suite import IMPLEMENTATIONS, OPS, Case, copy_bandwidth, largest_trainable_d_sae, run_case
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COLORS = {impl: f"C{i}" for i, impl in enumerate(("floor", *IMPLEMENTATIONS))}  # one colour per implementation
 
 
 def presets(name: str) -> list[Case]:
@@ -100,15 +101,19 @@ def plot(rows: list[dict], env: dict, stem: Path) -> list[Path]:
         sweeps = {g: rs for g, rs in groups.items() if len({r["d_sae"] for r in rs}) > 1 and metric in rs[0]}
         if not sweeps:
             continue
-        fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.8), squeeze=False)
-        for ax, ((op, act, n, d_in, k, dens), rs) in zip(axes[0], sweeps.items(), strict=True):
+        cols = min(4, len(sweeps))
+        rows_ = -(-len(sweeps) // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.4 * rows_), squeeze=False)
+        for ax in axes.flat[len(sweeps):]:
+            ax.axis("off")
+        for ax, ((op, act, n, d_in, k, dens), rs) in zip(axes.flat, sweeps.items(), strict=False):
             for impl in dict.fromkeys(r["impl"] for r in rs):
                 pts = sorted((r["d_sae"], r[metric]) for r in rs if r["impl"] == impl and metric in r)
-                ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=impl, color=COLORS.get(impl))
+            ax.legend(fontsize=6)
             ax.set(xscale="log", yscale="log", xlabel="d_sae", ylabel=unit,
                    title=f"{op} {act} N={n} d_in={d_in} " + (f"k={k}" if k else f"density={dens:g}"))
             ax.title.set_fontsize(8)
-        axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{env['device']} · {env['dtype']}", fontsize=9)
         fig.tight_layout()
         path = stem.with_name(f"{stem.name}-{'time' if metric == 'ms' else 'memory'}.png")
@@ -131,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats on CPU")
     parser.add_argument("--scale", type=float, metavar="GIB",
                         help="instead: the largest d_sae (d_in 2048, N 4096, k 64) that trains within GIB")
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="instead: redraw the plots of a saved run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.plot:
+        saved = json.loads(args.plot.read_text())
+        for path in plot(saved["rows"], saved["env"], args.plot.with_suffix("")):
+            print(f"plot: {path}")
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     env = environment(device, dtype)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsae import SAE, SAEConfig, SparseLatents, use_backend
-from fastsae.train import SAEAdam
+from fastsae.train import TrainConfig, Trainer
 from fastsae.train.resample import resample_dead_latents
 
 OPS = ("encode", "encoder", "decode", "optimizer", "resample", "step")
@@ -211,11 +211,11 @@ def _build_fastsae(case: Case, backend: str, x: torch.Tensor):
             with use_backend(backend):
                 sae.decode(lat).float().sum().backward()
         return decode
+    opt, constrain = _trainer_optimizer(sae)
     if op == "optimizer":
-        opt = SAEAdam(sae, lr=1e-4, use_kernel=backend == "triton")
         for p in sae.parameters():
             p.grad = torch.randn_like(p)
-        return opt.step
+        return lambda: _optimizer_step(sae, opt, constrain)
     if op == "resample":
         dead = torch.rand(case.d_sae, device=x.device) < 0.1
         pool = torch.randn(4 * case.n, case.d_in, device=x.device, dtype=x.dtype)
@@ -224,14 +224,26 @@ def _build_fastsae(case: Case, backend: str, x: torch.Tensor):
             with use_backend(backend):
                 resample_dead_latents(sae, dead, pool, use_kernel=backend == "triton")
         return resample
-    opt = SAEAdam(sae, lr=1e-4, use_kernel=backend == "triton")
-
     def step():
         opt.zero_grad(set_to_none=True)
         with use_backend(backend):
             sae(x).loss.backward()
-        opt.step()
+        _optimizer_step(sae, opt, constrain)
     return step
+
+
+def _trainer_optimizer(sae: SAE) -> tuple[torch.optim.Optimizer, bool]:
+    """The optimizer fastsae's trainer picks on this device, and whether the constraint is a separate pass."""
+    trainer = Trainer(sae, TrainConfig(lr=1e-4, progress=False))
+    return trainer.optimizer, sae.cfg.normalize_decoder and not trainer.fused
+
+
+def _optimizer_step(sae: SAE, opt: torch.optim.Optimizer, constrain: bool) -> None:
+    if constrain:
+        sae.remove_parallel_decoder_grad_()
+    opt.step()
+    if constrain:
+        sae.normalize_decoder_()
 
 
 def _build_naive(case: Case, x: torch.Tensor, compiled: bool):
