@@ -1,9 +1,10 @@
 """fastsae: sparse autoencoders on language-model activations, with fused Triton kernels."""
 
 from .config import SAEConfig
+from .ensemble import SAEEnsemble
 from .latents import SparseLatents
 from .ops import get_backend, set_backend, use_backend
 from .sae import SAE, SAEOutput
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "SparseLatents", "get_backend", "set_backend", "use_backend"]
+__all__ = ["SAE", "SAEConfig", "SAEEnsemble", "SAEOutput", "SparseLatents", "get_backend", "set_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -53,7 +53,7 @@ def export_saelens(sae: SAE, path: str | Path) -> Path:
     tensors = {"W_enc": sae.W_enc.detach().T, "W_dec": sae.W_dec.detach(),
                "b_enc": sae.b_enc.detach(), "b_dec": sae.b_dec.detach()}
     if arch == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach().expand(cfg.d_sae).to(sae.dtype)
+        tensors["threshold"] = sae.threshold.detach().expand(cfg.d_sae).to(sae.W_dec.dtype)
     meta = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
             "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none",
             "reshape_activations": "none", "metadata": {"exported_by": "fastsae"}}

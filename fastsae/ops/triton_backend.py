@@ -113,6 +113,11 @@ def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor 
 # ---- BatchTopK --------------------------------------------------------------------------------------
 
 
+class _TooWide(Exception):
+    """The candidates BatchTopK needs exceed the TopK kernel's register budget."""
+
+
+
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     _check_device(x, W_enc, b_enc)
     N, d_sae = x.shape[0], W_enc.shape[0]
@@ -144,10 +149,6 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
         STATS["batchtopk_dense_fallback"] += 1
         return torch_backend.encode_batchtopk(x, W_enc, b_enc, k)
     return values, indices, taus[0]
-
-
-class _TooWide(Exception):
-    """The candidates BatchTopK needs exceed the TopK kernel's register budget."""
 
 
 # ---- decode -----------------------------------------------------------------------------------------
