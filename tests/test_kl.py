@@ -17,9 +17,10 @@ def tiny_pythia():
     return transformers.GPTNeoXForCausalLM(cfg).eval()
 
 
-def test_identity_splice_gives_zero_kl_and_a_perturbed_one_does_not():
+@pytest.mark.parametrize("site", ["gpt_neox.layers.0", "resid_post.0", "resid_pre.1", "mlp_out.0"])
+def test_identity_splice_gives_zero_kl_and_a_perturbed_one_does_not(site):
     model = tiny_pythia()
-    kl = SpliceKL(model, "gpt_neox.layers.0")
+    kl = SpliceKL(model, site)
     ids = torch.randint(0, 64, (3, 10))
     acts, clean = kl.clean(ids)
     assert acts.shape == (3, 10, 32)
@@ -57,5 +58,7 @@ def test_training_on_kl_lowers_the_spliced_kl():
 def test_bad_site_and_mismatched_settings():
     with pytest.raises(ValueError, match="module path"):
         SpliceKL(tiny_pythia(), "gpt_neox.layers.9")
+    with pytest.raises(ValueError, match=r"resid_post\.1"):
+        SpliceKL(tiny_pythia(), "resid_post.7")
     with pytest.raises(ValueError, match="kl_coefficient"):
         Trainer(SAE(SAEConfig(32, 64)), TrainConfig(kl_coefficient=1.0))

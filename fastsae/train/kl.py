@@ -6,9 +6,10 @@ authors found it lowers the spliced perplexity (see also Braun et al. 2024,
 end-to-end SAEs). `SpliceKL` runs the model once to get the clean logits and the
 activations at the site, and again with the site's output replaced by x_hat.
 
-The site is a module path (e.g. "gpt_neox.layers.2" for Pythia's third block
-output). Its output may be a tensor or a tuple whose first element is the
-hidden state, as Hugging Face blocks return.
+The site is a named site ("resid_post.2", "mlp_out.0", "resid_pre.1", ...; see
+fastsae.harvest.sites) or a module path, whose output is spliced. Outputs may be
+tensors or tuples whose first element is the hidden state, as Hugging Face
+blocks return.
 """
 
 from __future__ import annotations
@@ -19,27 +20,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..harvest.sites import resolve
+
 
 class SpliceKL:
     def __init__(self, model: nn.Module, site: str):
-        try:
-            self.module = model.get_submodule(site)
-        except AttributeError as err:
-            raise ValueError(f"site {site!r} is not a module path of {type(model).__name__}") from err
+        self.site = resolve(model, site)
+        self.module = model.get_submodule(self.site.module)
         self.model = model.eval()
         model.requires_grad_(False)  # the model is frozen; gradients flow only into the SAE
 
     @contextmanager
-    def _hook(self, fn):
-        handle = self.module.register_forward_hook(fn)
+    def _hook(self, replace):
+        """Hook the site with replace(hidden) -> new hidden or None (keep)."""
+        if self.site.capture == "input":
+            def pre(_module, args, kwargs):
+                if args:
+                    new = replace(args[0])
+                    return None if new is None else ((new, *args[1:]), kwargs)
+                key = next(iter(kwargs))
+                new = replace(kwargs[key])
+                return None if new is None else (args, {**kwargs, key: new})
+            handle = self.module.register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            def post(_module, _args, output):
+                new = replace(output[0] if isinstance(output, tuple) else output)
+                if new is None:
+                    return None
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+            handle = self.module.register_forward_hook(post)
         try:
             yield
         finally:
             handle.remove()
-
-    @staticmethod
-    def _hidden(output) -> Tensor:
-        return output[0] if isinstance(output, tuple) else output
 
     def _logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
@@ -49,8 +62,8 @@ class SpliceKL:
         """(activations at the site (B, T, d), clean next-token log-probabilities (B, T, vocab))."""
         seen = {}
 
-        def grab(_module, _inputs, output):
-            seen["acts"] = self._hidden(output).detach()
+        def grab(hidden):
+            seen["acts"] = hidden.detach()
 
         with self._hook(grab):
             logits = self._logits(input_ids, attention_mask)
@@ -60,10 +73,8 @@ class SpliceKL:
            attention_mask: Tensor | None = None) -> Tensor:
         """Mean over (unmasked) positions of KL(clean || spliced); differentiable in x_hat."""
 
-        def splice(_module, _inputs, output):
-            hidden = self._hidden(output)
-            new = x_hat.reshape(hidden.shape).to(hidden.dtype)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+        def splice(hidden):
+            return x_hat.reshape(hidden.shape).to(hidden.dtype)
 
         with self._hook(splice):
             spliced = F.log_softmax(self._logits(input_ids, attention_mask), dim=-1)
