@@ -1,0 +1,85 @@
+"""A loader that serves shuffled batches from every shard of a store, in bounded memory.
+
+Each epoch visits the shards in a random order, `shards_in_memory` at a time:
+their rows are concatenated and permuted together (so a batch mixes many
+sequences, never one sequence's consecutive tokens), and leftover rows carry
+into the next group, so every vector is served exactly once per epoch. A
+background thread reads and verifies the next group while the current one is
+served. The order depends only on the seed and the epoch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .store import ActivationStore
+
+
+class ShuffledLoader:
+    def __init__(self, store: ActivationStore, site: str, batch_size: int, *, seed: int = 0, shards_in_memory: int = 4,
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_index: bool = False):
+        if site not in store.sites:
+            raise ValueError(f"site {site!r} is not in the store; it has {sorted(store.sites)}")
+        if batch_size < 1 or shards_in_memory < 1:
+            raise ValueError(f"batch_size and shards_in_memory must be >= 1, got {batch_size}, {shards_in_memory}")
+        self.store, self.site, self.batch_size = store, site, batch_size
+        self.seed, self.shards_in_memory = seed, shards_in_memory
+        self.dtype, self.device, self.with_index = dtype or store.dtype, torch.device(device), with_index
+        self.epoch = 0
+        offsets = [0]
+        for shard in store.shards:
+            offsets.append(offsets[-1] + shard.rows)
+        self._offsets = offsets
+
+    def __len__(self) -> int:
+        return -(-self.store.tokens // self.batch_size)
+
+    def _groups(self, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.store.shards), generator=gen).tolist()
+        for g in range(0, len(order), self.shards_in_memory):
+            group = order[g:g + self.shards_in_memory]
+            acts = torch.cat([self.store.load_shard(i, keys=(self.site,))[self.site] for i in group])
+            index = torch.cat([torch.arange(self._offsets[i], self._offsets[i + 1]) for i in group])
+            perm = torch.randperm(acts.shape[0], generator=gen)
+            yield acts[perm], index[perm]
+
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        ready: queue.Queue = queue.Queue(maxsize=1)  # one group read ahead: bounded memory
+        done = object()
+
+        def produce():
+            try:
+                for item in self._groups(gen):
+                    ready.put(item)
+                ready.put(done)
+            except BaseException as err:  # surface a corrupt shard in the consumer
+                ready.put(err)
+
+        threading.Thread(target=produce, daemon=True).start()
+        carry_acts = carry_index = None
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is done:
+                break
+            acts, index = item
+            if carry_acts is not None:
+                acts, index = torch.cat([carry_acts, acts]), torch.cat([carry_index, index])
+            full = acts.shape[0] // self.batch_size * self.batch_size
+            for start in range(0, full, self.batch_size):
+                yield self._out(acts[start:start + self.batch_size], index[start:start + self.batch_size])
+            carry_acts, carry_index = acts[full:], index[full:]
+        if carry_acts is not None and carry_acts.shape[0]:
+            yield self._out(carry_acts, carry_index)
+
+    def _out(self, acts: Tensor, index: Tensor):
+        batch = acts.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return (batch, index) if self.with_index else batch

@@ -1,0 +1,159 @@
+"""The activation store: sharded safetensors files plus a JSON manifest, written so a harvest resumes.
+
+    store/manifest.json        format_version, model, sites {name: d}, dtype, context_size, excluded token ids,
+                               tokens, sequences_done, shards [{file, rows, sha256}]
+    store/shard-00000.safetensors
+        <site>     (rows, d)   activations, one tensor per site
+        token_ids  (rows,)     the token at each vector's position (top-activating text needs them)
+        sequence   (rows,)     index of the input sequence it came from
+        position   (rows,)     its position in that sequence
+
+Shards hold whole sequences and are written atomically; the manifest, replaced
+atomically after each shard, is the commit point. A resumed harvest starts at
+sequence `sequences_done`: no token is duplicated or missed. Every shard is
+checked against its row count and SHA-256 when read; a bad one raises
+CorruptShardError, never silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+from torch import Tensor
+
+from .. import io
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META_KEYS = ("token_ids", "sequence", "position")
+
+
+class CorruptShardError(RuntimeError):
+    """A shard is missing, truncated, or does not match its manifest entry."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Shard:
+    file: str
+    rows: int
+    sha256: str
+
+
+class ActivationStore:
+    """A harvested store, read-only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = io.read_json(self.path / MANIFEST)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.path / MANIFEST}: format_version must be {FORMAT_VERSION}, "
+                             f"got {meta.get('format_version')!r}")
+        self.meta = meta
+        self.sites: dict[str, int] = meta["sites"]
+        self.shards = [Shard(**s) for s in meta["shards"]]
+        self.tokens = sum(s.rows for s in self.shards)
+        if self.tokens != meta["tokens"]:
+            raise CorruptShardError(f"{self.path / MANIFEST}: shards hold {self.tokens} rows, manifest says "
+                                    f"{meta['tokens']}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.meta["dtype"])
+
+    def load_shard(self, index: int, keys: tuple[str, ...] | None = None, verify: bool = True) -> dict[str, Tensor]:
+        """The tensors of one shard (all, or keys), after checking it against the manifest."""
+        shard = self.shards[index]
+        path = self.path / shard.file
+        if not path.is_file():
+            raise CorruptShardError(f"{path}: shard listed in the manifest is missing")
+        if verify and _sha256(path) != shard.sha256:
+            raise CorruptShardError(f"{path}: SHA-256 does not match the manifest (truncated or modified)")
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in (keys or f.keys())}
+        except Exception as err:  # a file that is not valid safetensors
+            raise CorruptShardError(f"{path}: unreadable ({err})") from err
+        for key, t in tensors.items():
+            if t.shape[0] != shard.rows:
+                raise CorruptShardError(f"{path}: {key!r} has {t.shape[0]} rows, the manifest says {shard.rows}")
+        return tensors
+
+    def verify(self) -> None:
+        """Check every shard; raises CorruptShardError naming the first bad one."""
+        for i in range(len(self.shards)):
+            self.load_shard(i, keys=("token_ids",))
+
+
+class StoreWriter:
+    """Appends whole sequences' activations to a store, one atomic shard at a time."""
+
+    def __init__(self, path: str | Path, *, model: str, sites: dict[str, int], dtype: torch.dtype, context_size: int,
+                 excluded_token_ids: list[int], shard_rows: int = 65_536, resume: bool = False):
+        self.path = Path(path)
+        self.shard_rows = shard_rows
+        manifest = self.path / MANIFEST
+        fresh = {"format_version": FORMAT_VERSION, "model": model, "sites": sites,
+                 "dtype": str(dtype).removeprefix("torch."), "context_size": context_size,
+                 "excluded_token_ids": sorted(excluded_token_ids), "tokens": 0, "sequences_done": 0, "shards": []}
+        if manifest.exists():
+            if not resume:
+                raise FileExistsError(f"{self.path} already holds a store: pass resume=True, or another directory")
+            self.meta = io.read_json(manifest)
+            for key in ("model", "sites", "dtype", "context_size", "excluded_token_ids"):
+                if self.meta[key] != fresh[key]:
+                    raise ValueError(f"{manifest}: cannot resume, {key} was {self.meta[key]!r}, now {fresh[key]!r}")
+            listed = {s["file"] for s in self.meta["shards"]}
+            for stray in self.path.glob("shard-*.safetensors"):  # written but never committed to the manifest
+                if stray.name not in listed:
+                    stray.unlink()
+        else:
+            self.meta = fresh
+            io.write_json(manifest, self.meta)
+        self.dtype = dtype
+        self._buffer: list[dict[str, Tensor]] = []
+        self._buffered_rows = 0
+
+    @property
+    def sequences_done(self) -> int:
+        """Sequences committed to the manifest: a resumed harvest starts here."""
+        return self.meta["sequences_done"]
+
+    def add(self, acts: dict[str, Tensor], token_ids: Tensor, keep: Tensor, first_sequence: int) -> None:
+        """acts[site] (B, T, d), token_ids and keep (B, T) for sequences first_sequence … first_sequence + B - 1."""
+        B, T = token_ids.shape
+        sequence = (torch.arange(B) + first_sequence)[:, None].expand(B, T)
+        position = torch.arange(T)[None, :].expand(B, T)
+        keep = keep.cpu()
+        rows = {site: a.cpu()[keep].to(self.dtype) for site, a in acts.items()}
+        rows.update(token_ids=token_ids.cpu()[keep], sequence=sequence[keep], position=position[keep].int())
+        self._buffer.append(rows)
+        self._buffered_rows += int(keep.sum())
+        self._pending_sequences = first_sequence + B
+        if self._buffered_rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered sequences as one shard and commit it to the manifest."""
+        if not self._buffer:
+            return
+        tensors = {k: torch.cat([b[k] for b in self._buffer]) for k in self._buffer[0]}
+        name = f"shard-{len(self.meta['shards']):05d}.safetensors"
+        io.write_tensors(self.path / name, tensors)
+        rows = tensors["token_ids"].shape[0]
+        self.meta["shards"].append({"file": name, "rows": rows, "sha256": _sha256(self.path / name)})
+        self.meta["tokens"] += rows
+        self.meta["sequences_done"] = self._pending_sequences
+        io.write_json(self.path / MANIFEST, self.meta)  # the commit point
+        self._buffer, self._buffered_rows = [], 0

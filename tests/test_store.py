@@ -1,0 +1,133 @@
+"""The activation store: harvest, resume, corruption, and the shuffling loader."""
+
+import json
+
+import pytest
+import torch
+
+from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, capture, harvest
+from fastsae.harvest import harvester as harvest_module
+
+T = pytest.importorskip("transformers")
+SITES = ["resid_post.0", "mlp_hidden.1"]
+
+
+def tiny_pythia():
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return T.GPTNeoXForCausalLM(cfg).eval()
+
+
+def sequences(n=12, t=8):
+    ids = torch.randint(3, 64, (n, t), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1  # BOS at every start, a pad and an EOS here and there
+    ids[3, 5], ids[7, 2] = 0, 2
+    return ids
+
+
+def _run(out, **kw):
+    return harvest(tiny_pythia(), SITES, sequences(), out, batch_size=3, dtype=torch.float32, shard_rows=20,
+                   progress=False, **kw)
+
+
+def test_store_holds_every_kept_token_with_its_activations(tmp_path):
+    store = _run(tmp_path)
+    ids = sequences()
+    assert store.meta["excluded_token_ids"] == [0, 1, 2] and store.meta["context_size"] == 8
+    assert store.tokens == int((ids > 2).sum()) and len(store.shards) > 2
+    assert store.sites == {"resid_post.0": 32, "mlp_hidden.1": 48}
+    direct = capture(tiny_pythia(), SITES, input_ids=ids)
+    for i in range(len(store.shards)):
+        shard = store.load_shard(i)
+        for site in SITES:
+            expected = direct[site][shard["sequence"], shard["position"].long()]
+            torch.testing.assert_close(shard[site], expected)
+        assert torch.equal(shard["token_ids"], ids[shard["sequence"], shard["position"].long()])
+        assert (shard["token_ids"] > 2).all()  # BOS/EOS/pad positions are not stored
+
+
+def test_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch):
+    _run(tmp_path / "full")
+    real, calls = harvest_module.capture, []
+
+    def dies(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # the probe, then 3 batches; the 3rd batch never lands
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(harvest_module, "capture", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut")
+    monkeypatch.setattr(harvest_module, "capture", real)
+    partial = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert 0 < partial["sequences_done"] < 12
+    (tmp_path / "cut" / "shard-00099.safetensors").write_bytes(b"an uncommitted leftover")
+    with pytest.raises(FileExistsError):
+        _run(tmp_path / "cut")
+    resumed = _run(tmp_path / "cut", resume=True)
+    full = ActivationStore(tmp_path / "full")
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in full.shards]
+    assert resumed.meta == full.meta
+    assert not (tmp_path / "cut" / "shard-00099.safetensors").exists()
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    _run(tmp_path)
+    with pytest.raises(ValueError, match="context_size|sites"):
+        harvest(tiny_pythia(), SITES[:1], sequences(), tmp_path, resume=True, progress=False)
+
+
+def test_corrupt_shards_are_reported(tmp_path):
+    store = _run(tmp_path)
+    path = tmp_path / store.shards[1].file
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=store.shards[1].file):
+        store.verify()
+    with pytest.raises(CorruptShardError, match="SHA-256"):
+        list(ShuffledLoader(store, "resid_post.0", 7, shards_in_memory=1))
+    path.unlink()
+    with pytest.raises(CorruptShardError, match="missing"):
+        store.load_shard(1)
+    meta = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**meta, "tokens": meta["tokens"] + 1}))
+    with pytest.raises(CorruptShardError, match="manifest says"):
+        ActivationStore(tmp_path)
+
+
+@pytest.mark.parametrize("batch_size,in_memory", [(7, 1), (16, 2), (1000, 3)])
+def test_loader_serves_every_vector_once_per_epoch(tmp_path, batch_size, in_memory):
+    store = _run(tmp_path)
+    loader = ShuffledLoader(store, "mlp_hidden.1", batch_size, seed=3, shards_in_memory=in_memory, with_index=True)
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(b.shape == (batch_size, 48) for b, _ in batches[:-1])
+        index = torch.cat([i for _, i in batches])
+        assert torch.equal(index.sort().values, torch.arange(store.tokens))  # each vector exactly once
+        epochs.append(index)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
+    again = ShuffledLoader(store, "mlp_hidden.1", batch_size, seed=3, shards_in_memory=in_memory, with_index=True)
+    assert torch.equal(torch.cat([i for _, i in again]), epochs[0])  # and deterministic given the seed
+    rows = torch.cat([store.load_shard(i)["mlp_hidden.1"] for i in range(len(store.shards))])
+    first_batch, first_index = batches[0]
+    torch.testing.assert_close(first_batch, rows[first_index])
+
+
+def test_loader_mixes_sequences_and_feeds_the_trainer(tmp_path):
+    from fastsae import SAE, SAEConfig
+    from fastsae.train import TrainConfig, train
+
+    store = _run(tmp_path)
+    batch, index = next(iter(ShuffledLoader(store, "resid_post.0", 16, with_index=True)))
+    seq = torch.cat([store.load_shard(i)["sequence"] for i in range(len(store.shards))])[index]
+    assert seq.unique().numel() > 3
+    sae = SAE(SAEConfig(32, 64, activation="topk", k=4), seed=0)
+    result = train(sae, ShuffledLoader(store, "resid_post.0", 16), TrainConfig(progress=False, log_every=1))
+    assert len(result.history) == len(ShuffledLoader(store, "resid_post.0", 16))
+    with pytest.raises(ValueError, match="not in the store"):
+        ShuffledLoader(store, "resid_post.5", 16)
