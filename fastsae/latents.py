@@ -65,8 +65,9 @@ class SparseLatents:
 
     @classmethod
     def from_dense(cls, z: Tensor, width: int | None = None) -> SparseLatents:
-        """Compact form of a dense (*lead, d_sae) activation tensor; width defaults to the max L0."""
+        """Compact form of a dense (*lead, d_sae) activation tensor (differentiable in z); width defaults
+        to the max L0, at least 1 so that an all-zero batch still decodes (to b_dec)."""
         if width is None:
-            width = int((z > 0).sum(-1).max()) if z.numel() else 0
+            width = max(1, int((z > 0).sum(-1).max()) if z.numel() else 0)
         values, indices = torch.topk(z, width, dim=-1)
         return cls(values.clamp_min(0), indices, z.shape[-1])

@@ -76,6 +76,11 @@ def test_encode_decode_and_sparse_latents(activation, k):
     assert counts.shape == (31,) and int(counts.sum()) == int(lat.l0.sum())
 
 
+def test_an_all_zero_dense_batch_decodes_to_b_dec():
+    sae = make_sae(6, 10, "relu")
+    torch.testing.assert_close(sae.decode(torch.zeros(3, 10)), sae.b_dec.detach().expand(3, 6))
+
+
 def test_compact_form_pads_inertly():
     lat = SparseLatents.from_dense(torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]]))
     assert lat.width == 2

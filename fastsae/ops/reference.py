@@ -17,10 +17,8 @@ def _pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
 
 
 def _compact(z: Tensor, dtype: torch.dtype, width: int | None = None) -> tuple[Tensor, Tensor]:
-    if width is None:
-        width = max(1, int((z > 0).sum(-1).max()))
-    indices = torch.topk(z.detach(), width, dim=-1).indices
-    return z.gather(-1, indices).to(dtype), indices
+    lat = SparseLatents.from_dense(z, width)
+    return lat.values.to(dtype), lat.indices
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
