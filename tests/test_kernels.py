@@ -235,6 +235,23 @@ def test_relu_bf16_sae_matches_reference():
         assert_close(g[name].cpu(), g_ref[name], torch.bfloat16, scale=8, msg=f"grad of {name}")
 
 
+def test_wide_topk_and_batchtopk_fall_back_to_the_dense_path():
+    """k past the kernel's register budget (MAX_K) still gives the exact result, through the torch path."""
+    from fastsae import use_backend
+
+    for activation, k in (("topk", MAX_K + 1), ("batchtopk", MAX_K // 2 + 1)):
+        sae = make_sae(8, 2 * MAX_K + 100, activation, k).to(DEVICE)
+        x = torch.randn(4, 8).to(DEVICE)
+        key = {"topk": "topk_dense_fallback", "batchtopk": "batchtopk_dense_fallback"}[activation]
+        before = triton_backend.STATS[key]
+        with use_backend("triton"):
+            got = sae(x).x_hat
+        with use_backend("torch"):
+            want = sae(x).x_hat
+        assert triton_backend.STATS[key] == before + 1
+        torch.testing.assert_close(got, want)
+
+
 def test_backward_is_deterministic():
     sae = make_sae(16, 90, "topk", k=4).to(DEVICE)
     x = torch.randn(40, 16).to(DEVICE)

@@ -117,7 +117,6 @@ class _TooWide(Exception):
     """The candidates BatchTopK needs exceed the TopK kernel's register budget."""
 
 
-
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     _check_device(x, W_enc, b_enc)
     N, d_sae = x.shape[0], W_enc.shape[0]
@@ -126,6 +125,8 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
     def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
         cap = min(d_sae, _topk.next_pow2(2 * k))
         while True:
+            if cap > _topk.MAX_K:
+                raise _TooWide
             cand_val, cand_idx = _topk.encoder_topk_candidates(x, W_enc, b_enc, cap)
             row_val, slot = torch.topk(cand_val, cap, dim=1)  # each row's top cap, sorted
             tau = torch.topk(row_val.reshape(-1), N * k).values[-1]
@@ -134,8 +135,6 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
                 break  # no row could have more selected latents than it offered
             STATS["batchtopk_wider_candidates"] += 1
             cap = min(d_sae, 2 * cap)
-            if cap > _topk.MAX_K:
-                raise _TooWide
         STATS["batchtopk_fused"] += 1
         taus.append(tau.float())
         active = (row_val >= tau) & (row_val > 0)
