@@ -250,7 +250,7 @@ def _build_naive(case: Case, x: torch.Tensor, compiled: bool):
     sae = _sae(case, x.device, x.dtype)
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     op = case.op
-    if op in ("resample",):
+    if op == "resample":
         return None  # most SAE code has none to compare with
     if op == "optimizer":  # torch.optim.Adam and the constraint as separate passes
         if compiled:

@@ -91,10 +91,11 @@ class SAEEnsemble(nn.Module):
             raise ValueError(f"x must be (N, d_in={self.d_in}) {self.W_dec.dtype}, got {tuple(x.shape)} {x.dtype}")
         E, N, S = self.n, x.shape[0], self.d_sae
         x_c = x.unsqueeze(0) - self.b_dec[:, None] if self.cfg.apply_b_dec_to_input else x.expand(E, N, self.d_in)
+        taus: list[Tensor] = []  # BatchTopK: each member's batch threshold, filled by the selection
         values, indices = SparseEncode.apply(x_c.reshape(E * N, self.d_in), self.W_enc, self.b_enc,
-                                             self._select(E, N, S), torch_backend.PRIMS)
-        if self.cfg.activation == "batchtopk" and self.training:
-            self._record_thresholds()
+                                             self._select(E, N, S, taus), torch_backend.PRIMS)
+        if taus and self.training:
+            self._record_thresholds(taus[0])
         x_hat = torch_backend.decode_rows(values, indices, self.W_dec)  # (E·N, d_in)
         x_hat = x_hat.view(E, N, self.d_in) + self.b_dec[:, None]
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -111,15 +112,15 @@ class SAEEnsemble(nn.Module):
         return EnsembleOutput(x_hat, values.view(E, N, -1), local.clamp_min(0), mse, l1, loss)
 
     @torch.no_grad()
-    def _record_thresholds(self) -> None:
+    def _record_thresholds(self, taus: Tensor) -> None:
         """The inference threshold of each BatchTopK member, updated as SAE does it."""
-        for e, tau in enumerate(self._taus.float()):
+        for e, tau in enumerate(taus.float()):
             if self.threshold[e] == 0:
                 self.threshold[e] = tau
             else:
                 self.threshold[e] = self.threshold[e].lerp(tau, 1 - BATCHTOPK_THRESHOLD_EMA)
 
-    def _select(self, E: int, N: int, S: int):
+    def _select(self, E: int, N: int, S: int, taus: list[Tensor]):
         activation, k = self.cfg.activation, self.k
         offsets = (torch.arange(E, device=k.device) * S)[:, None, None]  # member e's block starts at e·S
 
@@ -135,9 +136,9 @@ class SAEEnsemble(nn.Module):
                     active = pre > 0
                 else:  # batchtopk: each member's own batch top N·k_e
                     pre = pre.relu_()
-                    taus = torch.stack([torch.topk(pre[e].reshape(-1), int(k[e]) * N).values[-1] for e in range(E)])
-                    self._taus = taus
-                    active = (pre >= taus[:, None, None]) & (pre > 0)
+                    tau = torch.stack([torch.topk(pre[e].reshape(-1), int(k[e]) * N).values[-1] for e in range(E)])
+                    taus.append(tau)
+                    active = (pre >= tau[:, None, None]) & (pre > 0)
                 values, local = torch_backend._select_active(pre.view(E * N, S), active.view(E * N, S))
                 values, local = values.view(E, N, -1), local.view(E, N, -1)
             return values.reshape(E * N, -1), (local + offsets).reshape(E * N, -1)

@@ -4,7 +4,7 @@
     model, tokenizer = fastsae.models.load("minilm-l6")      # all-MiniLM-L6-v2, a BERT encoder (d 384)
 
 Gemma ships as a Q4_K_M GGUF split across four packages: the first load
-assembles it and dequantises it with `transformers` (about 50 s on 2 CPU cores),
+assembles it and dequantises it with `transformers` (the slow part),
 then saves the result as safetensors under the cache directory
 ($FASTSAE_CACHE, default ~/.cache/fastsae), so later loads take seconds.
 """
