@@ -44,10 +44,12 @@ def _train(args: argparse.Namespace) -> int:
                          "l1_coefficient": args.l1, "dtype": args.dtype},
                  "train": {"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
                            "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed},
-                 "data": {"source": args.data, "batch_size": args.batch_size, "seed": args.seed}}
+                 "data": {"source": args.data, "batch_size": args.batch_size, "seed": args.seed,
+                          "site": args.site, "normalize": args.normalize}}
         for key, values in flags.items():
             run[key].update({k: v for k, v in values.items() if v is not None})
     data_cfg = {"source": "toy", "batch_size": 1024, "seed": 0, **run["data"]}
+    store = None
     train_cfg = TrainConfig(**{"total_steps": 2000, **run["train"], "progress": not args.no_progress})
     steps = train_cfg.total_steps
     if data_cfg["source"] == "toy":
@@ -56,11 +58,25 @@ def _train(args: argparse.Namespace) -> int:
         toy = ToyDictionary.random(seed=data_cfg["seed"])
         d_in = toy.features.shape[1]
         batches = toy.batches(data_cfg["batch_size"], steps, seed=data_cfg["seed"] + 1)
+    elif (Path(data_cfg["source"]) / "manifest.json").is_file():  # an activation store
+        from .harvest import ActivationStore, ShuffledLoader
+
+        store = ActivationStore(data_cfg["source"])
+        if data_cfg.get("site") is None:
+            if len(store.sites) != 1:
+                raise SystemExit(f"--site: the store holds {sorted(store.sites)}; name one")
+            data_cfg["site"] = next(iter(store.sites))
+        data_cfg.setdefault("normalize", True)
+        d_in = store.sites[data_cfg["site"]] if data_cfg["site"] in store.sites else 0
     else:
         array = load_array(data_cfg["source"])
         d_in = array.shape[1]
     sae_cfg = SAEConfig(**{"d_in": d_in, "d_sae": 8 * d_in, **run["sae"]})
-    if data_cfg["source"] != "toy":
+    if store is not None:
+        loader = ShuffledLoader(store, data_cfg["site"], data_cfg["batch_size"], seed=data_cfg["seed"],
+                                dtype=sae_cfg.torch_dtype, normalize=data_cfg["normalize"], drop_last=True)
+        batches = loader.batches(steps)
+    elif data_cfg["source"] != "toy":
         batches = ArrayBatches(array, data_cfg["batch_size"], steps, seed=data_cfg["seed"],
                                dtype=sae_cfg.torch_dtype)
     run = {"sae": sae_cfg.to_dict(), "train": {k: v for k, v in dataclasses.asdict(train_cfg).items()
@@ -69,10 +85,42 @@ def _train(args: argparse.Namespace) -> int:
     torch.manual_seed(train_cfg.seed)
     trainer = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out)
     result = trainer.fit(batches, resume=args.resume)
+    if store is not None:
+        result.sae.metadata.update(model=store.meta["model"], site=data_cfg["site"], store=str(store.path.resolve()))
+        if data_cfg["normalize"]:  # the saved SAE takes raw activations
+            result.sae.fold_input_scale_(store.norm_scale(data_cfg["site"]))
     result.sae.save(out / "sae")
     if result.history:
         print(json.dumps({k: v for k, v in result.history[-1].items() if v is not None}))
     print(f"run directory: {out.resolve()} (sae/, metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _harvest(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from . import models
+    from .harvest import harvest_corpus
+
+    device = _device(args.device)
+    model, tokenizer = models.load(args.model, dtype=getattr(torch, args.model_dtype), device=device)
+    start = time.perf_counter()
+    store = harvest_corpus(model, tokenizer, args.sites, args.corpus, args.out, tokens=args.tokens,
+                           context_size=args.context_size, text_field=args.text_field, seed=args.seed,
+                           batch_size=args.batch_size, dtype=getattr(torch, args.dtype), resume=args.resume,
+                           model_name=args.model, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    print(f"harvested {store.tokens:,} vectors per site ({', '.join(f'{s}: d={d}' for s, d in store.sites.items())}) "
+          f"in {seconds:.1f} s: {store.tokens / seconds:,.0f} tokens/s on {device}")
+    print(f"activation store: {store.path.resolve()}")
     return 0
 
 
@@ -83,8 +131,33 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.set_defaults(func=_demo)
 
+    hv = sub.add_parser("harvest", help="run a model over a corpus and store its activations at sites")
+    hv.add_argument("--model", default="gemma-3-270m",
+                    help="'gemma-3-270m', 'minilm-l6', a local model directory or a cached hub id")
+    hv.add_argument("--sites", nargs="+", default=["resid_post.6"], help="e.g. resid_post.6 mlp_hidden.3")
+    hv.add_argument("--corpus", default="english-classics",
+                    help="'english-classics' (built in), a .txt/.jsonl file, a directory of .txt, a saved dataset")
+    hv.add_argument("--text-field", default="text", help="the text field of JSONL records / dataset columns")
+    hv.add_argument("--tokens", type=int, default=262_144, help="token budget (before BOS/EOS/pad are dropped)")
+    hv.add_argument("--context-size", type=int, default=128)
+    hv.add_argument("--out", default="runs/store", help="store directory (default: runs/store)")
+    hv.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                    help="storage dtype of the activations")
+    hv.add_argument("--model-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    hv.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    hv.add_argument("--device", help="default: cuda when available, else cpu")
+    hv.add_argument("--seed", type=int, default=0, help="window shuffle seed")
+    hv.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
+    hv.add_argument("--no-progress", action="store_true")
+    hv.set_defaults(func=_harvest)
+
     tr = sub.add_parser("train", help="train an SAE on activations (an .npy/.safetensors array, or the toy)")
-    tr.add_argument("--data", help="'toy' (default) or a path to an (N, d_in) .npy or .safetensors array")
+    tr.add_argument("--data", help="'toy' (default), an activation store directory (fastsae harvest), "
+                                   "or an (N, d_in) .npy or .safetensors array")
+    tr.add_argument("--site", help="the store's site to train on (needed when it holds several)")
+    tr.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="scale store activations to mean norm sqrt(d) while training, folded into the saved SAE "
+                         "(default: on for stores)")
     tr.add_argument("--config", help='JSON file {"sae": {...}, "train": {...}, "data": {...}}; flags override it')
     tr.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")

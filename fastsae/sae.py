@@ -51,6 +51,8 @@ class SAE(nn.Module):
         # Mixed precision: None computes in the weights' dtype; bfloat16 keeps fp32 master weights
         # but takes bf16 inputs and runs the GEMMs and gathers on bf16 copies (fp32 accumulation).
         self.compute_dtype: torch.dtype | None = None
+        # Provenance saved with the weights (model, site, store, folded input scale): JSON-able values.
+        self.metadata: dict = {}
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = cfg.torch_dtype
         if device.type == "meta":  # shapes only: load() fills the values in
@@ -224,6 +226,21 @@ class SAE(nn.Module):
         parallel = (g.float() * W.float()).sum(1, keepdim=True)  # (d_sae, 1)
         g.sub_((parallel * W.float()).to(g.dtype))
 
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> SAE:
+        """An SAE trained on inputs multiplied by scale becomes one that takes raw inputs, exactly:
+        act(W_enc(s·x - b_dec) + b_enc) = act((s·W_enc)(x - b_dec/s) + b_enc) and x_hat/s = (W_dec/s) z + b_dec/s.
+        Latent values are unchanged; decoder rows end with norm 1/s (as in SAELens's folding)."""
+        if not (scale > 0 and scale < float("inf")):
+            raise ValueError(f"scale must be finite and > 0, got {scale}")
+        if self.cfg.tied:
+            raise ValueError("fold_input_scale_: a tied SAE cannot scale its encoder and decoder apart")
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+        self.metadata["input_scale_folded"] = self.metadata.get("input_scale_folded", 1.0) * scale
+        return self
+
     # ---- files --------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
@@ -231,7 +248,7 @@ class SAE(nn.Module):
         path = Path(path)
         io.write_tensors(path / WEIGHTS_FILE, self.state_dict(), metadata={"format_version": str(FORMAT_VERSION)})
         io.write_json(path / CONFIG_FILE, {"format_version": FORMAT_VERSION, "library": "fastsae",
-                                           **self.cfg.to_dict()})
+                                           **self.cfg.to_dict(), "metadata": self.metadata})
         return path
 
     @classmethod
@@ -242,8 +259,10 @@ class SAE(nn.Module):
         if version != FORMAT_VERSION:
             raise ValueError(f"{path / CONFIG_FILE}: format_version must be {FORMAT_VERSION}, got {version!r}")
         meta.pop("library", None)
+        metadata = meta.pop("metadata", {})
         cfg = SAEConfig.from_dict(meta)
         sae = cls(cfg, device="meta")
+        sae.metadata = metadata
         sae.load_tensors(io.read_tensors(path / WEIGHTS_FILE, device=str(device)), source=path / WEIGHTS_FILE)
         return sae
 

@@ -6,6 +6,9 @@ sequences, never one sequence's consecutive tokens), and leftover rows carry
 into the next group, so every vector is served exactly once per epoch. A
 background thread reads and verifies the next group while the current one is
 served. The order depends only on the seed and the epoch.
+
+normalize=True multiplies every vector by the store's norm_scale(site) (mean norm
+sqrt(d)); `batches(steps)` runs whole epochs back to back for a fixed step count.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from .store import ActivationStore
 
 class ShuffledLoader:
     def __init__(self, store: ActivationStore, site: str, batch_size: int, *, seed: int = 0, shards_in_memory: int = 4,
-                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_index: bool = False):
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_index: bool = False,
+                 normalize: bool = False, drop_last: bool = False):
         if site not in store.sites:
             raise ValueError(f"site {site!r} is not in the store; it has {sorted(store.sites)}")
         if batch_size < 1 or shards_in_memory < 1:
@@ -31,13 +35,26 @@ class ShuffledLoader:
         self.seed, self.shards_in_memory = seed, shards_in_memory
         self.dtype, self.device, self.with_index = dtype or store.dtype, torch.device(device), with_index
         self.epoch = 0
+        self.scale = store.norm_scale(site) if normalize else 1.0
+        self.drop_last = drop_last
         offsets = [0]
         for shard in store.shards:
             offsets.append(offsets[-1] + shard.rows)
         self._offsets = offsets
 
     def __len__(self) -> int:
-        return -(-self.store.tokens // self.batch_size)
+        full, rest = divmod(self.store.tokens, self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def batches(self, steps: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        """Exactly steps batches, epoch after epoch (each epoch reshuffled)."""
+        served = 0
+        while served < steps:
+            for batch in self:
+                yield batch
+                served += 1
+                if served == steps:
+                    return
 
     def _groups(self, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.store.shards), generator=gen).tolist()
@@ -77,9 +94,11 @@ class ShuffledLoader:
             for start in range(0, full, self.batch_size):
                 yield self._out(acts[start:start + self.batch_size], index[start:start + self.batch_size])
             carry_acts, carry_index = acts[full:], index[full:]
-        if carry_acts is not None and carry_acts.shape[0]:
+        if carry_acts is not None and carry_acts.shape[0] and not self.drop_last:
             yield self._out(carry_acts, carry_index)
 
     def _out(self, acts: Tensor, index: Tensor):
         batch = acts.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if self.scale != 1.0:
+            batch = batch * self.scale
         return (batch, index) if self.with_index else batch

@@ -1,7 +1,8 @@
 """The activation store: sharded safetensors files plus a JSON manifest, written so a harvest resumes.
 
     store/manifest.json        format_version, model, sites {name: d}, dtype, context_size, excluded token ids,
-                               tokens, sequences_done, shards [{file, rows, sha256}]
+                               source (corpus, tokenizer settings), tokens, sequences_done,
+                               norm_sums {site: sum of ||x||_2}, shards [{file, rows, sha256}]
     store/shard-00000.safetensors
         <site>     (rows, d)   activations, one tensor per site
         token_ids  (rows,)     the token at each vector's position (top-activating text needs them)
@@ -13,11 +14,19 @@ atomically after each shard, is the commit point. A resumed harvest starts at
 sequence `sequences_done`: no token is duplicated or missed. Every shard is
 checked against its row count and SHA-256 when read; a bad one raises
 CorruptShardError, never silently.
+
+Normalisation: the manifest keeps each site's running sum of vector norms, so
+`mean_norm(site)` and `norm_scale(site)` = sqrt(d) / E||x|| (the factor that gives
+inputs of mean norm sqrt(d), for which the default L1 coefficient is tuned; SAELens's
+"expected_average_only_in") come for free. The loader applies it on request and the
+trained SAE folds it into its weights (`SAE.fold_input_scale_`), so evaluation and
+splicing see raw activations, with no scale to forget.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +81,21 @@ class ActivationStore:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.meta["dtype"])
 
+    def _site(self, site: str) -> str:
+        if site not in self.sites:
+            raise ValueError(f"site {site!r} is not in the store {self.path}; it has {sorted(self.sites)}")
+        return site
+
+    def mean_norm(self, site: str) -> float:
+        """E||x||_2 over every vector of site in the store."""
+        if self.tokens == 0:
+            raise ValueError(f"store {self.path} is empty")
+        return self.meta["norm_sums"][self._site(site)] / self.tokens
+
+    def norm_scale(self, site: str) -> float:
+        """The factor that makes site's vectors have mean norm sqrt(d)."""
+        return math.sqrt(self.sites[self._site(site)]) / self.mean_norm(site)
+
     def load_shard(self, index: int, keys: tuple[str, ...] | None = None, verify: bool = True) -> dict[str, Tensor]:
         """The tensors of one shard (all, or keys), after checking it against the manifest."""
         shard = self.shards[index]
@@ -100,18 +124,20 @@ class StoreWriter:
     """Appends whole sequences' activations to a store, one atomic shard at a time."""
 
     def __init__(self, path: str | Path, *, model: str, sites: dict[str, int], dtype: torch.dtype, context_size: int,
-                 excluded_token_ids: list[int], shard_rows: int = 65_536, resume: bool = False):
+                 excluded_token_ids: list[int], shard_rows: int = 65_536, resume: bool = False,
+                 source: dict | None = None):
         self.path = Path(path)
         self.shard_rows = shard_rows
         manifest = self.path / MANIFEST
         fresh = {"format_version": FORMAT_VERSION, "model": model, "sites": sites,
                  "dtype": str(dtype).removeprefix("torch."), "context_size": context_size,
-                 "excluded_token_ids": sorted(excluded_token_ids), "tokens": 0, "sequences_done": 0, "shards": []}
+                 "excluded_token_ids": sorted(excluded_token_ids), "source": source or {}, "tokens": 0,
+                 "sequences_done": 0, "norm_sums": dict.fromkeys(sites, 0.0), "shards": []}
         if manifest.exists():
             if not resume:
                 raise FileExistsError(f"{self.path} already holds a store: pass resume=True, or another directory")
             self.meta = io.read_json(manifest)
-            for key in ("model", "sites", "dtype", "context_size", "excluded_token_ids"):
+            for key in ("model", "sites", "dtype", "context_size", "excluded_token_ids", "source"):
                 if self.meta[key] != fresh[key]:
                     raise ValueError(f"{manifest}: cannot resume, {key} was {self.meta[key]!r}, now {fresh[key]!r}")
             listed = {s["file"] for s in self.meta["shards"]}
@@ -154,6 +180,8 @@ class StoreWriter:
         rows = tensors["token_ids"].shape[0]
         self.meta["shards"].append({"file": name, "rows": rows, "sha256": _sha256(self.path / name)})
         self.meta["tokens"] += rows
+        for site in self.meta["sites"]:  # float64, shard by shard: a resumed harvest sums in the same order
+            self.meta["norm_sums"][site] += float(tensors[site].double().norm(dim=-1).sum())
         self.meta["sequences_done"] = self._pending_sequences
         io.write_json(self.path / MANIFEST, self.meta)  # the commit point
         self._buffer, self._buffered_rows = [], 0

@@ -1,0 +1,124 @@
+"""Text in, fixed context windows of token ids out.
+
+Sources (`read_documents`):
+    "english-classics"   the built-in corpus, shipped in the package: Shakespeare's 42 plays and poems and
+                         Milton's poetry and Areopagitica (Project Gutenberg texts, public domain; about
+                         6M characters, 1.6M Gemma 3 tokens). scripts/build_corpus.py rebuilds it.
+    a .txt file          one document
+    a directory          every *.txt inside it (sorted), one document each; or a Hugging Face `datasets`
+                         dataset saved with save_to_disk (it has a dataset_info.json / state.json)
+    a .jsonl file        one JSON object per line, text under `text_field` (.jsonl.gz / .jsonl.xz too)
+
+`token_windows` tokenises the documents into one stream (each document ended by the
+tokenizer's EOS, so windows never join two texts silently), cuts it into windows of
+context_size tokens, each opened by BOS when the tokenizer has one (as the model saw
+in training), and shuffles the windows by seed so that a token budget samples the
+whole corpus. BOS/EOS/pad positions are later excluded from the store by default.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+BUILTIN = {"english-classics": "english-classics.jsonl.xz"}
+
+
+def _open_text(path: Path):
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise ValueError(f"{path}:{line_no}: no field {text_field!r} (fields: {sorted(record)}); "
+                                 f"pass text_field=")
+            yield record[text_field]
+
+
+def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
+    """The documents of a corpus source, as strings (see the module docstring for what source may be)."""
+    if str(source) in BUILTIN:
+        with resources.as_file(resources.files("fastsae") / "data" / BUILTIN[str(source)]) as path:
+            yield from _jsonl(path, "text")
+        return
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {str(source)!r}: expected a built-in name {sorted(BUILTIN)}, a .txt or "
+                                f".jsonl file, a directory of .txt files or a saved `datasets` dataset")
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
+                or (path / "state.json").is_file():
+            yield from _hf_dataset(path, text_field)
+            return
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"corpus directory {path} holds no .txt files and is not a saved `datasets` dataset")
+        for file in files:
+            yield file.read_text(encoding="utf-8")
+        return
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz", ".json")):
+        yield from _jsonl(path, text_field)
+    else:
+        with _open_text(path) as f:
+            yield f.read()
+
+
+def _hf_dataset(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"corpus {path} is a Hugging Face dataset: pip install datasets") from err
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise ValueError(f"dataset {path}: no column {text_field!r} (columns: {ds.column_names}); pass text_field=")
+    for record in ds:
+        yield record[text_field]
+
+
+def token_windows(tokenizer, documents, context_size: int, max_tokens: int | None = None, *,
+                  prepend_bos: bool = True, seed: int | None = 0) -> Tensor:
+    """(S, context_size) int64 token ids from documents (an iterable of strings). max_tokens caps S *
+    context_size; seed=None keeps the corpus order. Raises if the corpus cannot fill one window."""
+    if context_size < 2:
+        raise ValueError(f"context_size must be >= 2, got {context_size}")
+    bos = tokenizer.bos_token_id if prepend_bos else None
+    eos = tokenizer.eos_token_id
+    body = context_size - (bos is not None)
+    stream: list[int] = []
+    for text in documents:
+        # verbose=False: a whole book is longer than the model's context, which is the point here
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    n = len(stream) // body
+    if n == 0:
+        raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one window of {body}")
+    windows = torch.tensor(stream[:n * body], dtype=torch.int64).view(n, body)
+    if seed is not None:
+        windows = windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    if max_tokens is not None:
+        if max_tokens < context_size:
+            raise ValueError(f"max_tokens={max_tokens} is less than one window of {context_size}")
+        windows = windows[:max_tokens // context_size]
+    if bos is not None:
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=torch.int64), windows], dim=1)
+    return windows

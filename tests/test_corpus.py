@@ -1,0 +1,77 @@
+"""Corpus sources and fixed token windows."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from fastsae.harvest import read_documents, token_windows
+
+
+class CharTokenizer:
+    """One token per character (ids 3…), BOS 1 / EOS 2: exact expectations without a vocabulary file."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=False, verbose=True):
+        return {"input_ids": [3 + (ord(c) % 200) for c in text]}
+
+
+def test_builtin_corpus_ships_with_the_package():
+    docs = list(read_documents("english-classics"))
+    assert len(docs) == 46
+    assert sum(len(d) for d in docs) > 5_900_000  # ~1.7M Gemma 3 tokens (tests/test_models.py counts them)
+    assert docs[0].startswith("ALL'S WELL THAT ENDS WELL") and "To be, or not to be" in "".join(docs)
+
+
+def test_text_directory_jsonl_and_compressed_jsonl(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("second")
+    (tmp_path / "docs" / "a.txt").write_text("first")
+    assert list(read_documents(tmp_path / "docs")) == ["first", "second"]
+    (tmp_path / "one.txt").write_text("just one")
+    assert list(read_documents(tmp_path / "one.txt")) == ["just one"]
+    lines = [json.dumps({"body": t}) for t in ("x", "y z")]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n\n")
+    assert list(read_documents(tmp_path / "c.jsonl", text_field="body")) == ["x", "y z"]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines))
+    assert list(read_documents(tmp_path / "c.jsonl.gz", text_field="body")) == ["x", "y z"]
+    with pytest.raises(ValueError, match="no field 'text'"):
+        list(read_documents(tmp_path / "c.jsonl"))
+    with pytest.raises(FileNotFoundError, match="built-in name"):
+        list(read_documents(tmp_path / "nope"))
+
+
+@pytest.mark.optional
+def test_saved_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["alpha", "beta"], "n": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    assert list(read_documents(tmp_path / "ds")) == ["alpha", "beta"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"t": ["g"]})}).save_to_disk(str(tmp_path / "dd"))
+    assert list(read_documents(tmp_path / "dd", text_field="t")) == ["g"]
+
+
+def test_windows_open_with_bos_end_documents_with_eos_and_keep_order_without_seed():
+    tok = CharTokenizer()
+    w = token_windows(tok, ["abcdefg", "hij"], context_size=4, seed=None)
+    stream = [3 + ord(c) for c in "abcdefg"] + [2] + [3 + ord(c) for c in "hij"] + [2]  # 12 tokens, 3 per window
+    assert w.dtype == torch.int64 and w.shape == (4, 4)
+    assert (w[:, 0] == 1).all()
+    assert w[:, 1:].reshape(-1).tolist() == stream
+
+
+def test_windows_shuffle_by_seed_and_respect_the_token_budget():
+    tok = CharTokenizer()
+    docs = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(50)) for i in range(20)]
+    all_w = token_windows(tok, docs, context_size=9, seed=None)
+    a = token_windows(tok, docs, context_size=9, seed=3)
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, all_w.tolist()))  # a permutation of the windows
+    assert not torch.equal(a, all_w) and torch.equal(a, token_windows(tok, docs, context_size=9, seed=3))
+    capped = token_windows(tok, docs, context_size=9, max_tokens=100, seed=3)
+    assert capped.shape == (11, 9) and torch.equal(capped, a[:11])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(tok, ["ab"], context_size=9)
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_windows(tok, docs, context_size=9, max_tokens=5)
