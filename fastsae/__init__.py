@@ -2,9 +2,11 @@
 
 from .config import SAEConfig
 from .ensemble import SAEEnsemble
+from .evaluation.splice import splice
 from .latents import SparseLatents
 from .ops import get_backend, set_backend, use_backend
 from .sae import SAE, SAEOutput
 
-__all__ = ["SAE", "SAEConfig", "SAEEnsemble", "SAEOutput", "SparseLatents", "get_backend", "set_backend", "use_backend"]
+__all__ = ["SAE", "SAEConfig", "SAEEnsemble", "SAEOutput", "SparseLatents", "get_backend", "set_backend", "splice",
+           "use_backend"]
 __version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""Baseline decompositions of the same activations, as in the seed paper (Cunningham et al. 2023):
+PCA, ICA (scikit-learn's FastICA), the neuron basis, and random directions.
+
+Each is a dictionary of unit directions D (n, d) with an analysis map A (n, d) (coefficients
+c = A (x - μ)) and a sparsity rule matched to the SAE: keep the k coefficients of largest
+magnitude, k = the SAE's L0 rounded, then x̂ = μ + Dᵀ c. A basis (PCA, ICA, neurons) has at
+most d directions, so asking for more gives d; random directions match the SAE's width
+(overcomplete: A is the pseudo-inverse, the minimum-norm coefficients).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KINDS = ("pca", "ica", "neurons", "random")
+
+
+class Decomposition:
+    """x -> top-k sparse coefficients over n directions -> x̂. Same encode/decode shape as an SAE."""
+
+    def __init__(self, name: str, directions: Tensor, analysis: Tensor, mean: Tensor, k: int):
+        if directions.shape != analysis.shape or directions.shape[1] != mean.shape[0]:
+            raise ValueError(f"directions {tuple(directions.shape)}, analysis {tuple(analysis.shape)} and mean "
+                             f"{tuple(mean.shape)} do not fit together")
+        if not 1 <= k <= directions.shape[0]:
+            raise ValueError(f"k must be in [1, {directions.shape[0]}], got {k}")
+        self.name, self.k = name, k
+        self.directions, self.analysis, self.mean = directions.float(), analysis.float(), mean.float()
+        self.dtype = torch.float32
+
+    @property
+    def d_codes(self) -> int:
+        return self.directions.shape[0]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense (…, n) coefficients with all but the k largest in magnitude set to 0."""
+        c = (x.float() - self.mean.to(x.device)) @ self.analysis.to(x.device).T
+        top = c.abs().topk(self.k, dim=-1).indices
+        return torch.zeros_like(c).scatter_(-1, top, c.gather(-1, top))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.mean.to(codes.device) + codes @ self.directions.to(codes.device)
+
+
+def _unit_rows(m: Tensor) -> tuple[Tensor, Tensor]:
+    norms = m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return m / norms, norms
+
+
+def fit(kind: str, x: Tensor, n: int, k: int, seed: int = 0) -> Decomposition:
+    """Fit a baseline of kind on activations x (N, d) with n directions (capped at d for a basis)."""
+    if kind not in KINDS:
+        raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
+    x = x.double()
+    N, d = x.shape
+    mu = x.mean(0)
+    xc = x - mu
+    if kind == "pca":
+        n = min(n, d, N)
+        _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+        D = vh[:n]
+        return Decomposition("pca", D, D, mu, min(k, n))
+    if kind == "neurons":
+        n = min(n, d)
+        # the n neurons of largest variance (all d when n >= d); coefficients are the centred neuron values
+        order = xc.var(0).argsort(descending=True)[:n].sort().values
+        D = torch.eye(d, dtype=x.dtype)[order]
+        return Decomposition("neurons", D, D, mu, min(k, n))
+    if kind == "random":
+        gen = torch.Generator().manual_seed(seed)
+        D, _ = _unit_rows(torch.randn(n, d, generator=gen, dtype=x.dtype))
+        return Decomposition("random", D, torch.linalg.pinv(D.T), mu, min(k, n))
+    try:
+        from sklearn.decomposition import FastICA
+    except ImportError as err:
+        raise ImportError("the ICA baseline needs scikit-learn: pip install scikit-learn") from err
+    n = min(n, d, N)
+    ica = FastICA(n_components=n, whiten="unit-variance", random_state=seed, max_iter=400, tol=1e-3)
+    ica.fit(xc.numpy())
+    mixing = torch.from_numpy(ica.mixing_).to(x.dtype).T  # (n, d): x ≈ μ + sᵀ mixing
+    D, norms = _unit_rows(mixing)  # unit directions; coefficients rescaled so that x̂ is unchanged
+    unmixing = torch.linalg.pinv(mixing.T)  # (n, d): s = unmixing (x - μ)
+    return Decomposition("ica", D, unmixing * norms, mu, min(k, n))

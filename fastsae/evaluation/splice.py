@@ -1,0 +1,97 @@
+"""Drop an SAE into a model: replace the activation at a site by the SAE's reconstruction, for any forward.
+
+    with splice(model, "resid_post.6", sae, record=True) as sp:
+        logits = model(input_ids).logits          # the model runs on x_hat at resid_post.6
+    sp.latents[0]                                 # SparseLatents (batch, seq, w) of that forward
+
+    splice(model, site, sae, error_term=True)      # x_hat + (x - x_hat): equals the clean model, but the
+                                                   # SAE's latents sit in the graph (for attribution/patching)
+    splice(model, site, replace="zero")            # zero ablation; replace=mean_vector for mean ablation,
+    splice(model, site, replace=fn)                # or any x -> x_hat (a baseline decomposition)
+
+`sp.keep = mask` (batch, seq) restricts the replacement to some positions (evaluation keeps
+BOS/pad positions clean, as it excludes them from the store). Recorded latents are detached
+unless error_term is set; `sp.activations` holds the clean inputs when record=True.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..harvest.sites import resolve
+from ..sae import SAE
+
+
+class Splice:
+    def __init__(self, sae, replace, error_term: bool, record: bool):
+        if sae is None and replace is None:
+            raise ValueError("splice needs an sae or replace= ('zero', a mean vector, or a callable)")
+        if sae is not None and replace is not None:
+            raise ValueError("splice takes an sae or replace=, not both")
+        if error_term and sae is None and not callable(replace):
+            raise ValueError("error_term=True needs a reconstruction (an sae or a callable replace=)")
+        self.sae, self.replace, self.error_term, self.record = sae, replace, error_term, record
+        self.keep: Tensor | None = None
+        self.latents: list = []
+        self.activations: list[Tensor] = []
+
+    def _reconstruct(self, x: Tensor) -> Tensor:
+        if self.sae is not None:
+            latents = self.sae.encode(x.to(getattr(self.sae, "dtype", x.dtype)))
+            if self.record:
+                self.latents.append(latents if self.error_term else latents.detach())
+            return self.sae.decode(latents).to(x.dtype)
+        if isinstance(self.replace, str):
+            if self.replace != "zero":
+                raise ValueError(f"replace must be 'zero', a mean vector or a callable, got {self.replace!r}")
+            return torch.zeros_like(x)
+        if isinstance(self.replace, Tensor):
+            if self.replace.shape != x.shape[-1:]:
+                raise ValueError(f"replace vector must have shape ({x.shape[-1]},), got {tuple(self.replace.shape)}")
+            return self.replace.to(device=x.device, dtype=x.dtype).expand_as(x)
+        return self.replace(x).to(x.dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.record:
+            self.activations.append(x.detach())
+        x_hat = self._reconstruct(x)
+        if self.error_term:
+            x_hat = x_hat + (x - x_hat).detach()
+        if self.keep is not None:
+            keep = self.keep.to(x.device)
+            if keep.shape != x.shape[:-1]:
+                raise ValueError(f"keep must have shape {tuple(x.shape[:-1])}, got {tuple(keep.shape)}")
+            x_hat = torch.where(keep[..., None], x_hat, x)
+        return x_hat
+
+
+@contextmanager
+def splice(model: nn.Module, site: str, sae: SAE | None = None, *, replace: str | Tensor | Callable | None = None,
+           error_term: bool = False, record: bool = False) -> Iterator[Splice]:
+    """Within the block, every forward of model sees the replacement at site (a named site or module path).
+    sae: an SAE, or anything with encode(x) / decode(codes) (a baseline decomposition)."""
+    where = resolve(model, site)
+    module = model.get_submodule(where.module)
+    handle_state = Splice(sae, replace, error_term, record)
+
+    if where.capture == "input":
+        def pre(_module, args, kwargs):
+            if args:
+                return (handle_state(args[0]), *args[1:]), kwargs
+            name = next(iter(kwargs))
+            return args, {**kwargs, name: handle_state(kwargs[name])}
+        hook = module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        def post(_module, _args, output):
+            if isinstance(output, tuple):
+                return (handle_state(output[0]), *output[1:])
+            return handle_state(output)
+        hook = module.register_forward_hook(post)
+    try:
+        yield handle_state
+    finally:
+        hook.remove()
