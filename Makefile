@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint gpu-check clean
+.PHONY: run demo test lint gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,7 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-demo: $(VENV)/.installed       ## the main job: ground-truth recovery on a toy dictionary
+$(VENV)/.installed-models: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,models,eval]"
+	touch $@
+
+run: $(VENV)/.installed-models  ## the main job: Gemma 3 270M -> activations -> SAE -> evaluation report
+	$(PY) -m fastsae run
+
+demo: $(VENV)/.installed       ## ground-truth recovery on a toy dictionary (synthetic, ~1.5 min)
 	$(PY) -m fastsae demo
 
 test: $(VENV)/.installed       ## the whole CPU suite (kernels through Triton's interpreter)

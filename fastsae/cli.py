@@ -43,7 +43,8 @@ def _train(args: argparse.Namespace) -> int:
         flags = {"sae": {"d_sae": args.d_sae, "activation": args.activation, "k": args.k,
                          "l1_coefficient": args.l1, "dtype": args.dtype},
                  "train": {"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
-                           "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed},
+                           "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
+                           "b_dec_init": args.b_dec_init},
                  "data": {"source": args.data, "batch_size": args.batch_size, "seed": args.seed,
                           "site": args.site, "normalize": args.normalize}}
         for key, values in flags.items():
@@ -104,30 +105,91 @@ def _device(name: str | None) -> str:
 
 def _harvest(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     import torch
 
     from . import models
-    from .harvest import harvest_corpus
+    from .harvest import ActivationStore, harvest_corpus
 
     device = _device(args.device)
     model, tokenizer = models.load(args.model, dtype=getattr(torch, args.model_dtype), device=device)
+    before = ActivationStore(args.out).tokens if args.resume and (Path(args.out) / "manifest.json").is_file() else 0
     start = time.perf_counter()
     store = harvest_corpus(model, tokenizer, args.sites, args.corpus, args.out, tokens=args.tokens,
                            context_size=args.context_size, text_field=args.text_field, seed=args.seed,
                            batch_size=args.batch_size, dtype=getattr(torch, args.dtype), resume=args.resume,
                            model_name=args.model, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    print(f"harvested {store.tokens:,} vectors per site ({', '.join(f'{s}: d={d}' for s, d in store.sites.items())}) "
-          f"in {seconds:.1f} s: {store.tokens / seconds:,.0f} tokens/s on {device}")
+    sites = ", ".join(f"{s}: d={d}" for s, d in store.sites.items())
+    if store.tokens == before:
+        print(f"the store was already complete: {store.tokens:,} vectors per site ({sites})")
+    else:
+        print(f"harvested {store.tokens - before:,} vectors per site ({sites}) in {seconds:.1f} s: "
+              f"{(store.tokens - before) / seconds:,.0f} tokens/s on {device} (BOS/EOS/pad positions not stored)")
     print(f"activation store: {store.path.resolve()}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation.run import run_eval
+
+    run_eval(args.sae, args.out, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens,
+             context_size=args.context_size, baselines=() if args.baselines == ["none"] else tuple(args.baselines),
+             fit_tokens=args.fit_tokens, batch_size=args.batch_size, device=_device(args.device),
+             progress=not args.no_progress)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The main job: harvest, train, evaluate; each step resumes where an interrupted run stopped."""
+    import time
+    from pathlib import Path
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    common = ["--no-progress"] if args.no_progress else []
+    device = ["--device", args.device] if args.device else []
+    harvest = ["harvest", "--model", args.model, "--sites", args.site, "--corpus", args.corpus, "--tokens",
+               str(args.tokens), "--out", str(out / "store"), *device, *common]
+    if (out / "store" / "manifest.json").is_file():
+        harvest.append("--resume")
+    print(f"[1/3] harvest {args.tokens:,} tokens of {args.corpus} from {args.model} at {args.site}")
+    main(harvest)
+    print(f"[2/3] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) for {args.steps} steps")
+    main(["train", "--data", str(out / "store"), "--activation", "topk", "--k", str(args.k), "--d-sae",
+          str(args.d_sae), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--auxk", "0.03125",
+          "--lr", str(args.lr), "--b-dec-init", "mean",
+          "--checkpoint-every", str(max(1, args.steps // 4)), "--out", str(out / "train"), "--resume", *common])
+    print(f"[3/3] evaluate on {args.eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
+    main(["eval", "--sae", str(out / "train" / "sae"), "--tokens", str(args.eval_tokens), "--out",
+          str(out / "eval"), *device, *common])
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out.resolve()}/: store/ (activations),"
+          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="ground-truth recovery on a toy dictionary (the built-in main job)")
+    rn = sub.add_parser("run", help="the main job: harvest Gemma 3 270M on the built-in corpus, train an SAE, "
+                                    "evaluate it (resumable)")
+    rn.add_argument("--model", default="gemma-3-270m")
+    rn.add_argument("--site", default="resid_post.6")
+    rn.add_argument("--corpus", default="english-classics")
+    rn.add_argument("--tokens", type=int, default=262_144, help="tokens to harvest (default 262144)")
+    rn.add_argument("--d-sae", type=int, default=4096)
+    rn.add_argument("--k", type=int, default=32)
+    rn.add_argument("--steps", type=int, default=1000)
+    rn.add_argument("--batch-size", type=int, default=1024)
+    rn.add_argument("--lr", type=float, default=1e-3)
+    rn.add_argument("--eval-tokens", type=int, default=4096)
+    rn.add_argument("--device", help="default: cuda when available, else cpu")
+    rn.add_argument("--out", default="runs/gemma")
+    rn.add_argument("--no-progress", action="store_true")
+    rn.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="ground-truth recovery on a toy dictionary (synthetic data, ~1.5 min)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.set_defaults(func=_demo)
 
@@ -173,8 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resample-every", type=int)
     tr.add_argument("--auxk", type=float, help="AuxK coefficient (topk/batchtopk; Gao et al. use 1/32)")
     tr.add_argument("--seed", type=int)
+    tr.add_argument("--b-dec-init", choices=("zeros", "mean"),
+                    help="'mean': start b_dec at the first batch's mean (residual streams have a large offset)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="metrics.json and plots for trained SAEs (a sweep) against baselines")
+    ev.add_argument("--sae", nargs="+", required=True, help="SAE directories, or sweep directories holding them")
+    ev.add_argument("--model", help="default: the model recorded with the SAE")
+    ev.add_argument("--site", help="default: the site recorded with the SAE")
+    ev.add_argument("--corpus", help="default: the corpus of the SAE's activation store, else english-classics")
+    ev.add_argument("--tokens", type=int, default=16_384, help="held-out eval tokens (default 16384)")
+    ev.add_argument("--context-size", type=int, help="default: the store's, else 128")
+    ev.add_argument("--baselines", nargs="+", default=["pca", "ica", "neurons", "random"],
+                    choices=("pca", "ica", "neurons", "random", "none"))
+    ev.add_argument("--fit-tokens", type=int, default=32_768, help="activations the baselines are fitted on")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ev.add_argument("--device", help="default: cuda when available, else cpu")
+    ev.add_argument("--out", default="runs/eval", help="report directory (default: runs/eval)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     return args.func(args)
 

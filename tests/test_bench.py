@@ -75,3 +75,18 @@ def test_benchmark_cpu_encode(benchmark):
     x = torch.randn(512, 128)
     lat = benchmark.pedantic(lambda: sae.encode(x), rounds=3, warmup_rounds=1)
     assert lat.values.shape == (512, 32)
+
+
+def test_data_path_throughput_report(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from bench import harvest as bench_harvest
+
+    assert bench_harvest.main(["--model", "tiny", "--tokens", "1024", "--batch-size", "64", "--trainer-steps", "2",
+                               "--loader-seconds", "0.2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "harvest:" in out and "loader alone" in out and "trainer:" in out
+    (report,) = tmp_path.glob("harvest-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows)

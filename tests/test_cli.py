@@ -48,3 +48,43 @@ def test_harvest_then_train_on_the_store(corpus_and_model, capsys):
     assert sae.metadata["input_scale_folded"] == pytest.approx(store.norm_scale("resid_post.0"))
     run = json.loads((d / "run" / "run.json").read_text())
     assert run["data"]["normalize"] is True
+
+
+def test_eval_end_to_end_on_a_tiny_model(corpus_and_model, capsys):
+    d = corpus_and_model
+    assert main(["harvest", "--model", str(d / "lm"), "--corpus", str(d / "book.txt"), "--sites", "resid_post.1",
+                 "--tokens", "1024", "--context-size", "32", "--dtype", "float32", "--out", str(d / "store"),
+                 "--no-progress"]) == 0
+    for k in (2, 8):
+        assert main(["train", "--data", str(d / "store"), "--activation", "topk", "--k", str(k), "--d-sae", "64",
+                     "--steps", "4", "--batch-size", "64", "--out", str(d / "sweep" / f"k{k}"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(d / "sweep"), "--tokens", "512", "--baselines", "pca", "random",
+                 "--fit-tokens", "256", "--out", str(d / "eval"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "self-check" in printed and "| k2 |" in printed and "| pca |" in printed
+    report = json.loads((d / "eval" / "metrics.json").read_text())
+    assert set(report["results"]) == {"model", "k2", "k8", "pca", "random"}
+    assert report["meta"]["site"] == "resid_post.1" and report["meta"]["eval_windows"] == 16
+    assert report["results"]["k2"]["l0"] == pytest.approx(2) and report["results"]["pca"]["k"] == 2
+    for name in ("k2", "k8"):
+        r = report["results"][name]
+        assert r["ce_loss_with_sae_and_error"] == pytest.approx(report["results"]["model"]["ce_loss_without_sae"],
+                                                                rel=1e-5)
+        assert sum(r["density_histogram"]["counts"]) + r["density_histogram"]["dead"] == 64
+    assert (d / "eval" / "pareto.png").stat().st_size > 0 and (d / "eval" / "density.png").stat().st_size > 0
+
+
+def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
+    d = corpus_and_model
+    args = ["run", "--model", str(d / "lm"), "--site", "resid_post.0", "--corpus", str(d / "book.txt"),
+            "--tokens", "1024", "--d-sae", "64", "--k", "4", "--steps", "8", "--batch-size", "64",
+            "--eval-tokens", "256", "--out", str(d / "job"), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[3/3]" in printed and str((d / "job").resolve()) in printed
+    first = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
+    assert set(first) >= {"model", "sae", "pca", "neurons", "random"}
+    assert main(args) == 0  # a finished job resumes each step and ends with the same report
+    again = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
+    assert again["sae"]["fvu"] == first["sae"]["fvu"]

@@ -96,3 +96,19 @@ def test_bf16_mixed_precision_keeps_fp32_masters(activation, k):
     assert history[-1]["loss"] < history[0]["loss"]
     with pytest.raises(ValueError, match="master"):
         Trainer(SAE(SAEConfig(4, 8, dtype="bfloat16")), TrainConfig(mixed_precision="bfloat16"))
+
+
+def test_b_dec_init_mean_starts_at_the_first_batch_mean():
+    from fastsae import SAE, SAEConfig
+    from fastsae.train import TrainConfig, Trainer
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) + 5.0
+    sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
+    trainer = Trainer(sae, TrainConfig(b_dec_init="mean", lr=1e-12, progress=False))
+    trainer.step(x)
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0), rtol=1e-5, atol=1e-5)
+    before = sae.b_dec.detach().clone()
+    trainer.step(x + 100.0)  # only the first batch sets it
+    torch.testing.assert_close(sae.b_dec.detach(), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="b_dec_init"):
+        TrainConfig(b_dec_init="median")

@@ -47,6 +47,7 @@ def write_report(out: str | Path, results: dict[str, dict], meta: dict | None = 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: metrics.json only (pip install 'fastsae[plot]' for the plots)")
         return files
@@ -83,6 +84,7 @@ def write_report(out: str | Path, results: dict[str, dict], meta: dict | None = 
         for j, n in enumerate(b for b in baselines if b in results):
             ax.scatter([results[n]["l0"]], [results[n][key]], marker="x", color=f"C{j + 1}", label=n, zorder=3)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

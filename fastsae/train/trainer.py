@@ -67,6 +67,9 @@ class TrainConfig:
     # KL + reconstruction: loss += kl_coefficient · KL(clean || spliced) (needs Trainer(kl=SpliceKL(...))
     # and batches of token ids).
     kl_coefficient: float = 0.0
+    # "mean": before the first step, b_dec = the first batch's mean (activations with a large
+    # common offset, like a residual stream, otherwise spend the early steps learning it).
+    b_dec_init: str = "zeros"
     log_every: int = 50
     tensorboard: bool = False  # also log to run_dir/tensorboard (needs tensorboard)
     wandb_project: str | None = None  # also log to wandb (needs wandb)
@@ -97,6 +100,8 @@ class TrainConfig:
                              f"got {self.optimizer_state_dtype!r}")
         if self.optimizer_state_dtype != "float32" and self.optimizer == "torch":
             raise ValueError("TrainConfig.optimizer_state_dtype='bfloat16' needs the fused optimizer")
+        if self.b_dec_init not in ("zeros", "mean"):
+            raise ValueError(f"TrainConfig.b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.mixed_precision not in (None, "bfloat16"):
             raise ValueError(f"TrainConfig.mixed_precision must be None or 'bfloat16', got {self.mixed_precision!r}")
         for name in ("auxk_coefficient", "kl_coefficient"):
@@ -197,6 +202,9 @@ class Trainer:
         the steps it logs. "step" (and "resampled", on a resampling step) are always returned."""
         sae, cfg = self.sae, self.cfg
         sae.train()
+        if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
+            with torch.no_grad():
+                sae.b_dec.copy_(batch.reshape(-1, batch.shape[-1]).double().mean(0).to(sae.b_dec.dtype))
         if self.kl is not None:
             x, clean_logprobs = self.kl.clean(batch)
         else:

@@ -1,0 +1,119 @@
+"""`fastsae eval` as a function: trained SAEs (a sweep) + a model + held-out corpus windows -> report.
+
+The model, site, corpus and window settings default to what the SAE's metadata and its
+activation store recorded, and the eval windows are taken from the far end of the same
+shuffled window order the harvest used, so they are held out from training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..harvest.corpus import read_documents, token_windows
+from ..harvest.sites import capture
+from ..harvest.store import ActivationStore
+from ..sae import CONFIG_FILE, SAE
+from .evaluate import evaluate_with_baselines
+from .report import write_report
+
+HEADLINE = ("l0", "fvu", "explained_variance", "cossim", "ce_loss_recovered", "kl_div_with_sae",
+            "perplexity_increase", "dead_fraction", "embedding_cossim_with_sae")
+
+
+def find_saes(paths: list[str | Path]) -> dict[str, Path]:
+    """SAE directories by name: each path is an SAE (has cfg.json) or a sweep directory holding SAEs."""
+    found: dict[str, Path] = {}
+    for p in map(Path, paths):
+        if (p / CONFIG_FILE).is_file():
+            dirs = [p]
+        else:
+            dirs = sorted(c.parent for c in p.glob(f"*/{CONFIG_FILE}")) + sorted(c.parent for c in
+                                                                               p.glob(f"*/sae/{CONFIG_FILE}"))
+            if not dirs:
+                raise FileNotFoundError(f"--sae {p}: neither an SAE directory ({CONFIG_FILE}) nor a sweep holding some")
+        for d in dirs:
+            name = d.name if d.name != "sae" else d.parent.name
+            while name in found:
+                name += "'"
+            found[name] = d
+    return found
+
+
+def _store(sae: SAE) -> ActivationStore | None:
+    path = sae.metadata.get("store")
+    return ActivationStore(path) if path and (Path(path) / "manifest.json").is_file() else None
+
+
+def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None = None, site: str | None = None,
+             corpus: str | None = None, tokens: int = 16_384, context_size: int | None = None,
+             baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), fit_tokens: int = 32_768,
+             batch_size: int = 4, device: str = "cpu", progress: bool = True) -> dict:
+    from .. import models
+
+    saes = {name: SAE.load(path, device=device) for name, path in find_saes(sae_paths).items()}
+    first = next(iter(saes.values()))
+    model = model or first.metadata.get("model")
+    site = site or first.metadata.get("site")
+    if not model or not site:
+        raise ValueError("the SAE does not record its model and site (metadata); pass --model and --site")
+    widths = {s.cfg.d_in for s in saes.values()}
+    if len(widths) != 1:
+        raise ValueError(f"the SAEs take different input widths {sorted(widths)}: evaluate them apart")
+    store = _store(first)
+    source = store.meta.get("source", {}) if store else {}
+    corpus = corpus or source.get("corpus", "english-classics")
+    context_size = context_size or source.get("context_size", 128)
+    lm, tokenizer = models.load(model, device=device)
+    all_windows = token_windows(tokenizer, read_documents(corpus, source.get("text_field", "text")), context_size,
+                                seed=source.get("window_seed", 0))
+    n_eval = max(1, tokens // context_size)
+    used = (source.get("tokens", 0) // context_size) if source.get("corpus") == corpus else 0
+    if used + n_eval > all_windows.shape[0]:
+        print(f"warning: the corpus has {all_windows.shape[0]} windows; {used} trained the SAE, so the last "
+              f"{n_eval} used for evaluation overlap them")
+    windows = all_windows[-n_eval:]
+    fit_x = None
+    if baselines:
+        if store is not None and site in store.sites:
+            rows, n = [], 0
+            for i in range(len(store.shards)):
+                rows.append(store.load_shard(i, keys=(site,))[site])
+                n += rows[-1].shape[0]
+                if n >= fit_tokens:
+                    break
+            fit_x = torch.cat(rows)[:fit_tokens].float()
+        else:
+            fit_windows = all_windows[:max(1, fit_tokens // context_size)]
+            fit_x = torch.cat([capture(lm, [site], input_ids=fit_windows[i:i + batch_size].to(device))[site]
+                               .reshape(-1, first.cfg.d_in).float().cpu()
+                               for i in range(0, fit_windows.shape[0], batch_size)])
+    results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines),
+                                      batch_size=batch_size, progress=progress)
+    meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
+            "context_size": context_size, "saes": {n: str(p) for n, p in find_saes(sae_paths).items()},
+            "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0]}
+    files = write_report(out, results, meta, baselines=tuple(baselines))
+    print(format_table(results))
+    print("report: " + ", ".join(str(Path(f).resolve()) for f in files))
+    return results
+
+
+def format_table(results: dict) -> str:
+    names = [n for n in results if n != "model"]
+    keys = [k for k in HEADLINE if any(k in results[n] for n in names)]
+    lines = ["| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for n in names:
+        cells = [f"{results[n][k]:.4g}" if isinstance(results[n].get(k), float) else str(results[n].get(k, ""))
+                 for k in keys]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    shared = results["model"]
+    if "ce_loss_without_sae" in shared:
+        lines.append(f"clean CE {shared['ce_loss_without_sae']:.4f}, zero-ablated "
+                     f"{shared['ce_loss_with_ablation']:.4f}, mean-ablated {shared['ce_loss_with_mean_ablation']:.4f}"
+                     f" over {shared['tokens']:,} tokens")
+        gap = max(abs(results[n]["ce_loss_with_sae_and_error"] - shared["ce_loss_without_sae"]) for n in names
+                  if "ce_loss_with_sae_and_error" in results[n])
+        lines.append(f"self-check: CE with x_hat + error term differs from clean by at most {gap:.2g}")
+    return "\n".join(lines)
