@@ -33,8 +33,8 @@ def test_harvest_then_train_on_the_store(corpus_and_model, capsys):
     assert "tokens/s" in printed and str((d / "store").resolve()) in printed
     store = ActivationStore(d / "store")
     assert store.sites == {"resid_post.0": 32, "mlp_hidden.1": 64}
-    assert store.tokens == 32 * 31  # 32 windows of 32, BOS dropped
-    assert store.meta["source"]["corpus"] == str(d / "book.txt") and store.meta["excluded_token_ids"] == [0, 1, 2]
+    assert store.tokens == 32 * 31  # 32 windows of 32, BOS dropped (the text has no unknown characters)
+    assert store.meta["source"]["corpus"] == str(d / "book.txt") and store.meta["excluded_token_ids"] == [0, 1, 2, 3]
     assert main(args + ["--resume"]) == 0  # a finished harvest resumes to itself
     with pytest.raises(FileExistsError):
         main(args)
@@ -62,12 +62,12 @@ def test_eval_end_to_end_on_a_tiny_model(corpus_and_model, capsys):
     assert main(["eval", "--sae", str(d / "sweep"), "--tokens", "512", "--baselines", "pca", "random",
                  "--fit-tokens", "256", "--out", str(d / "eval"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "self-check" in printed and "| k2 |" in printed and "| pca |" in printed
+    assert "self-check" in printed and "| topk k=2 64 |" in printed and "| pca |" in printed
     report = json.loads((d / "eval" / "metrics.json").read_text())
-    assert set(report["results"]) == {"model", "k2", "k8", "pca", "random"}
+    assert set(report["results"]) == {"model", "topk k=2 64", "topk k=8 64", "pca", "random"}
     assert report["meta"]["site"] == "resid_post.1" and report["meta"]["eval_windows"] == 16
-    assert report["results"]["k2"]["l0"] == pytest.approx(2) and report["results"]["pca"]["k"] == 2
-    for name in ("k2", "k8"):
+    assert report["results"]["topk k=2 64"]["l0"] == pytest.approx(2) and report["results"]["pca"]["k"] == 2
+    for name in ("topk k=2 64", "topk k=8 64"):
         r = report["results"][name]
         assert r["ce_loss_with_sae_and_error"] == pytest.approx(report["results"]["model"]["ce_loss_without_sae"],
                                                                 rel=1e-5)
@@ -84,7 +84,7 @@ def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
     printed = capsys.readouterr().out
     assert "[3/3]" in printed and str((d / "job").resolve()) in printed
     first = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
-    assert set(first) >= {"model", "sae", "pca", "neurons", "random"}
+    assert set(first) >= {"model", "topk k=4 64", "pca", "neurons", "random"}
     assert main(args) == 0  # a finished job resumes each step and ends with the same report
     again = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
-    assert again["sae"]["fvu"] == first["sae"]["fvu"]
+    assert again["topk k=4 64"]["fvu"] == first["topk k=4 64"]["fvu"]

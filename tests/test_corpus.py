@@ -75,3 +75,12 @@ def test_windows_shuffle_by_seed_and_respect_the_token_budget():
         token_windows(tok, ["ab"], context_size=9)
     with pytest.raises(ValueError, match="max_tokens"):
         token_windows(tok, docs, context_size=9, max_tokens=5)
+
+
+def test_bert_style_tokenizers_open_with_cls_and_separate_with_sep():
+    class BertLike(CharTokenizer):
+        bos_token_id = eos_token_id = None
+        cls_token_id, sep_token_id = 101, 102
+
+    w = token_windows(BertLike(), ["abc", "de"], context_size=4, seed=None)
+    assert w.tolist() == [[101, 3 + ord("a"), 3 + ord("b"), 3 + ord("c")], [101, 102, 3 + ord("d"), 3 + ord("e")]]

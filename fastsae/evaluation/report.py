@@ -55,7 +55,7 @@ def write_report(out: str | Path, results: dict[str, dict], meta: dict | None = 
     saes = [n for n in names if n not in baselines]
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in names:
+    for name in saes:  # the baselines' densities are in metrics.json; here they would crowd the SAEs out
         density = results[name]["density"]
         alive = density[density > 0]
         if alive.numel():

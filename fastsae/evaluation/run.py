@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..harvest.corpus import read_documents, token_windows
+from .. import io
+from ..harvest.corpus import read_documents, special_ids, token_windows
+from ..harvest.harvester import special_token_ids
 from ..harvest.sites import capture
 from ..harvest.store import ActivationStore
 from ..sae import CONFIG_FILE, SAE
@@ -34,11 +36,20 @@ def find_saes(paths: list[str | Path]) -> dict[str, Path]:
             if not dirs:
                 raise FileNotFoundError(f"--sae {p}: neither an SAE directory ({CONFIG_FILE}) nor a sweep holding some")
         for d in dirs:
-            name = d.name if d.name != "sae" else d.parent.name
+            name = _describe(d)
+            if name in found:  # two SAEs of the same configuration: tell them apart by directory
+                name = f"{name} ({d.parent.name}/{d.name})"
             while name in found:
                 name += "'"
             found[name] = d
     return found
+
+
+def _describe(path: Path) -> str:
+    """A sweep member's name from its configuration: "topk k=32 4096", "relu l1=5 16384"."""
+    cfg = io.read_json(path / CONFIG_FILE)
+    sparsity = f"k={cfg.get('k')}" if cfg.get("k") is not None else f"l1={cfg.get('l1_coefficient'):g}"
+    return f"{cfg.get('activation')} {sparsity} {cfg.get('d_sae')}"
 
 
 def _store(sae: SAE) -> ActivationStore | None:
@@ -74,6 +85,8 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
         print(f"warning: the corpus has {all_windows.shape[0]} windows; {used} trained the SAE, so the last "
               f"{n_eval} used for evaluation overlap them")
     windows = all_windows[-n_eval:]
+    excluded = store.meta["excluded_token_ids"] if store else sorted(set(special_token_ids(lm))
+                                                                        | set(special_ids(tokenizer)))
     fit_x = None
     if baselines:
         if store is not None and site in store.sites:
@@ -86,11 +99,12 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
             fit_x = torch.cat(rows)[:fit_tokens].float()
         else:
             fit_windows = all_windows[:max(1, fit_tokens // context_size)]
+            keep = ~torch.isin(fit_windows, torch.tensor(excluded, dtype=fit_windows.dtype))
             fit_x = torch.cat([capture(lm, [site], input_ids=fit_windows[i:i + batch_size].to(device))[site]
-                               .reshape(-1, first.cfg.d_in).float().cpu()
+                               [keep[i:i + batch_size].to(device)].float().cpu()
                                for i in range(0, fit_windows.shape[0], batch_size)])
     results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines),
-                                      batch_size=batch_size, progress=progress)
+                                      batch_size=batch_size, exclude_token_ids=excluded, progress=progress)
     meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
             "context_size": context_size, "saes": {n: str(p) for n, p in find_saes(sae_paths).items()},
             "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0]}

@@ -94,14 +94,28 @@ def _hf_dataset(path: Path, text_field: str) -> Iterator[str]:
         yield record[text_field]
 
 
+def _first_id(tokenizer, *names: str) -> int | None:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def special_ids(tokenizer) -> list[int]:
+    """Every special token id of a tokenizer (BOS, EOS, pad, CLS, SEP, …): excluded from stores by default."""
+    return sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
+
+
 def token_windows(tokenizer, documents, context_size: int, max_tokens: int | None = None, *,
                   prepend_bos: bool = True, seed: int | None = 0) -> Tensor:
     """(S, context_size) int64 token ids from documents (an iterable of strings). max_tokens caps S *
     context_size; seed=None keeps the corpus order. Raises if the corpus cannot fill one window."""
     if context_size < 2:
         raise ValueError(f"context_size must be >= 2, got {context_size}")
-    bos = tokenizer.bos_token_id if prepend_bos else None
-    eos = tokenizer.eos_token_id
+    # BERT-style tokenizers have no BOS/EOS: their [CLS] opens and [SEP] closes a text instead
+    bos = _first_id(tokenizer, "bos_token_id", "cls_token_id") if prepend_bos else None
+    eos = _first_id(tokenizer, "eos_token_id", "sep_token_id")
     body = context_size - (bos is not None)
     stream: list[int] = []
     for text in documents:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .corpus import read_documents, token_windows
+from .corpus import read_documents, special_ids, token_windows
 from .sites import capture
 from .store import ActivationStore, StoreWriter
 
@@ -64,5 +64,7 @@ def harvest_corpus(model: nn.Module, tokenizer, sites: list[str], corpus: str | 
     The corpus settings are recorded in the manifest; kwargs go to harvest()."""
     windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, tokens, seed=seed)
     source = {"corpus": str(corpus), "text_field": text_field, "tokens": tokens, "context_size": context_size,
-              "prepend_bos": tokenizer.bos_token_id is not None, "window_seed": seed}
+              "window_seed": seed}
+    if kwargs.get("exclude_token_ids") is None:  # the model's BOS/EOS/pad and every tokenizer special
+        kwargs["exclude_token_ids"] = sorted(set(special_token_ids(model)) | set(special_ids(tokenizer)))
     return harvest(model, sites, windows, out, source=source, **kwargs)
