@@ -46,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
                            "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
                            "b_dec_init": args.b_dec_init},
                  "data": {"source": args.data, "batch_size": args.batch_size, "seed": args.seed,
-                          "site": args.site, "normalize": args.normalize}}
+                          "site": args.site, "normalize": args.normalize, "model": args.model,
+                          "corpus": args.corpus, "tokens": args.tokens, "context_size": args.context_size}}
         for key, values in flags.items():
             run[key].update({k: v for k, v in values.items() if v is not None})
     data_cfg = {"source": "toy", "batch_size": 1024, "seed": 0, **run["data"]}
@@ -69,6 +70,8 @@ def _train(args: argparse.Namespace) -> int:
             data_cfg["site"] = next(iter(store.sites))
         data_cfg.setdefault("normalize", True)
         d_in = store.sites[data_cfg["site"]] if data_cfg["site"] in store.sites else 0
+    elif data_cfg["source"] == "stream":  # straight from the model, no store
+        batches, d_in = _stream(data_cfg)
     else:
         array = load_array(data_cfg["source"])
         d_in = array.shape[1]
@@ -77,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         loader = ShuffledLoader(store, data_cfg["site"], data_cfg["batch_size"], seed=data_cfg["seed"],
                                 dtype=sae_cfg.torch_dtype, normalize=data_cfg["normalize"], drop_last=True)
         batches = loader.batches(steps)
-    elif data_cfg["source"] != "toy":
+    elif data_cfg["source"] not in ("toy", "stream"):
         batches = ArrayBatches(array, data_cfg["batch_size"], steps, seed=data_cfg["seed"],
                                dtype=sae_cfg.torch_dtype)
     run = {"sae": sae_cfg.to_dict(), "train": {k: v for k, v in dataclasses.asdict(train_cfg).items()
@@ -90,11 +93,45 @@ def _train(args: argparse.Namespace) -> int:
         result.sae.metadata.update(model=store.meta["model"], site=data_cfg["site"], store=str(store.path.resolve()))
         if data_cfg["normalize"]:  # the saved SAE takes raw activations
             result.sae.fold_input_scale_(store.norm_scale(data_cfg["site"]))
+    if data_cfg["source"] == "stream":
+        result.sae.metadata.update(model=data_cfg["model"], site=data_cfg["site"])
+        if data_cfg["normalize"]:
+            result.sae.fold_input_scale_(data_cfg["norm_scale"])
     result.sae.save(out / "sae")
     if result.history:
         print(json.dumps({k: v for k, v in result.history[-1].items() if v is not None}))
     print(f"run directory: {out.resolve()} (sae/, metrics.jsonl, checkpoints/)")
     return 0
+
+
+def _stream(data_cfg: dict):
+    """Batches straight from the model's forward (a mixing buffer, no store). The normalising scale is
+    measured on the first windows once and kept in data_cfg, so a resumed run uses the same."""
+    import torch
+
+    from . import models
+    from .harvest import StreamingActivations, capture, read_documents, special_token_ids, token_windows
+    from .harvest.corpus import special_ids
+
+    for key in ("model", "site"):
+        if not data_cfg.get(key):
+            raise SystemExit(f"--data stream needs --{key}")
+    data_cfg.setdefault("corpus", "english-classics")
+    data_cfg.setdefault("context_size", 128)
+    data_cfg.setdefault("normalize", True)
+    model, tokenizer = models.load(data_cfg["model"], device=_device(data_cfg.get("device")))
+    windows = token_windows(tokenizer, read_documents(data_cfg["corpus"]), data_cfg["context_size"],
+                            data_cfg.get("tokens"), seed=data_cfg["seed"])
+    device = next(model.parameters()).device
+    probe = capture(model, [data_cfg["site"]], input_ids=windows[:8].to(device))[data_cfg["site"]]
+    keep = ~torch.isin(windows[:8], torch.tensor(special_ids(tokenizer), dtype=windows.dtype))
+    d_in = probe.shape[-1]
+    if data_cfg["normalize"] and "norm_scale" not in data_cfg:
+        data_cfg["norm_scale"] = d_in ** 0.5 / float(probe[keep.to(device)].double().norm(dim=-1).mean())
+    stream = StreamingActivations(model, data_cfg["site"], windows, data_cfg["batch_size"], seed=data_cfg["seed"],
+                                  scale=data_cfg.get("norm_scale", 1.0) if data_cfg["normalize"] else 1.0,
+                                  exclude_token_ids=sorted(set(special_ids(tokenizer)) | set(special_token_ids(model))))
+    return stream, d_in
 
 
 def _device(name: str | None) -> str:
@@ -215,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tr = sub.add_parser("train", help="train an SAE on activations (an .npy/.safetensors array, or the toy)")
     tr.add_argument("--data", help="'toy' (default), an activation store directory (fastsae harvest), "
-                                   "or an (N, d_in) .npy or .safetensors array")
-    tr.add_argument("--site", help="the store's site to train on (needed when it holds several)")
+                                   "'stream' (straight from --model, no store), or an (N, d_in) .npy or "
+                                   ".safetensors array")
+    tr.add_argument("--site", help="the store's site to train on (needed when it holds several), or the "
+                                   "model's with --data stream")
+    tr.add_argument("--model", help="--data stream: the model to run ('gemma-3-270m', a directory)")
+    tr.add_argument("--corpus", help="--data stream: the corpus (default english-classics)")
+    tr.add_argument("--tokens", type=int, help="--data stream: token budget of the corpus windows")
+    tr.add_argument("--context-size", type=int, help="--data stream: window length (default 128)")
     tr.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                     help="scale store activations to mean norm sqrt(d) while training, folded into the saved SAE "
                          "(default: on for stores)")

@@ -88,3 +88,17 @@ def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
     assert main(args) == 0  # a finished job resumes each step and ends with the same report
     again = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
     assert again["topk k=4 64"]["fvu"] == first["topk k=4 64"]["fvu"]
+
+
+def test_train_streaming_straight_from_the_model(corpus_and_model):
+    d = corpus_and_model
+    args = ["train", "--data", "stream", "--model", str(d / "lm"), "--site", "resid_post.0", "--corpus",
+            str(d / "book.txt"), "--tokens", "2048", "--context-size", "32", "--activation", "topk", "--k", "4",
+            "--d-sae", "64", "--steps", "5", "--batch-size", "64", "--out", str(d / "stream"), "--no-progress"]
+    assert main(args) == 0
+    sae = SAE.load(d / "stream" / "sae")
+    run = json.loads((d / "stream" / "run.json").read_text())
+    assert sae.metadata["site"] == "resid_post.0" and run["data"]["norm_scale"] > 0
+    assert sae.metadata["input_scale_folded"] == pytest.approx(run["data"]["norm_scale"])
+    with pytest.raises(SystemExit, match="--model"):
+        main(["train", "--data", "stream", "--site", "resid_post.0", "--out", str(d / "x"), "--no-progress"])

@@ -90,6 +90,9 @@ class ActivationStore:
         """E||x||_2 over every vector of site in the store."""
         if self.tokens == 0:
             raise ValueError(f"store {self.path} is empty")
+        if "norm_sums" not in self.meta:
+            raise ValueError(f"store {self.path} has no norm statistics (harvested before they were kept): "
+                             f"harvest it again, or train with normalize=False")
         return self.meta["norm_sums"][self._site(site)] / self.tokens
 
     def norm_scale(self, site: str) -> float:
