@@ -39,11 +39,15 @@ ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
 with torch.no_grad():
     clean = model(input_ids=ids).logits
     with splice(model, sae.metadata.get("site", SITE), sae, record=True) as sp:
-        spliced = model(input_ids=ids).logits  # the model runs on the SAE's reconstruction
+        # BOS carries outlier activations the SAE never trained on (the store excludes it): keep it clean
+        sp.keep = ids != tokenizer.bos_token_id
+        spliced = model(input_ids=ids).logits  # elsewhere the model runs on the SAE's reconstruction
 latents = sp.latents[0]  # SparseLatents (1, T, w)
 
 print(f"\n{'token':>14}  top latents (index: activation)")
 for t, token in enumerate(tokenizer.convert_ids_to_tokens(ids[0])):
+    if ids[0, t] == tokenizer.bos_token_id:
+        continue
     values, indices = latents.values[0, t], latents.indices[0, t]
     top = values.argsort(descending=True)[:4]
     print(f"{token!r:>14}  " + "  ".join(f"{int(indices[j])}: {float(values[j]):.2f}" for j in top if values[j] > 0))
