@@ -1,5 +1,5 @@
 """Harvest, train and evaluate an SAE on Gemma 3 270M with the Python API (what `fastsae run` does
-with the command-line tools), smaller: about 6 minutes on 2 CPU cores. Needs the models extra.
+with the command-line tools), smaller: about 7 minutes on 2 CPU cores. Needs the models extra.
 
     python examples/gemma_harvest_train_eval.py
 """
