@@ -63,7 +63,8 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
              batch_size: int = 4, device: str = "cpu", progress: bool = True) -> dict:
     from .. import models
 
-    saes = {name: SAE.load(path, device=device) for name, path in find_saes(sae_paths).items()}
+    paths = find_saes(sae_paths)
+    saes = {name: SAE.load(path, device=device) for name, path in paths.items()}
     first = next(iter(saes.values()))
     model = model or first.metadata.get("model")
     site = site or first.metadata.get("site")
@@ -106,7 +107,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines),
                                       batch_size=batch_size, exclude_token_ids=excluded, progress=progress)
     meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
-            "context_size": context_size, "saes": {n: str(p) for n, p in find_saes(sae_paths).items()},
+            "context_size": context_size, "saes": {n: str(p) for n, p in paths.items()},
             "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0]}
     files = write_report(out, results, meta, baselines=tuple(baselines))
     print(format_table(results))
