@@ -111,7 +111,6 @@ def _stream(data_cfg: dict):
 
     from . import models
     from .harvest import StreamingActivations, capture, read_documents, special_token_ids, token_windows
-    from .harvest.corpus import special_ids
 
     for key in ("model", "site"):
         if not data_cfg.get(key):
@@ -124,13 +123,14 @@ def _stream(data_cfg: dict):
                             data_cfg.get("tokens"), seed=data_cfg["seed"])
     device = next(model.parameters()).device
     probe = capture(model, [data_cfg["site"]], input_ids=windows[:8].to(device))[data_cfg["site"]]
-    keep = ~torch.isin(windows[:8], torch.tensor(special_ids(tokenizer), dtype=windows.dtype))
+    excluded = special_token_ids(model, tokenizer)
+    keep = ~torch.isin(windows[:8], torch.tensor(excluded, dtype=windows.dtype))
     d_in = probe.shape[-1]
     if data_cfg["normalize"] and "norm_scale" not in data_cfg:
         data_cfg["norm_scale"] = d_in ** 0.5 / float(probe[keep.to(device)].double().norm(dim=-1).mean())
     stream = StreamingActivations(model, data_cfg["site"], windows, data_cfg["batch_size"], seed=data_cfg["seed"],
                                   scale=data_cfg.get("norm_scale", 1.0) if data_cfg["normalize"] else 1.0,
-                                  exclude_token_ids=sorted(set(special_ids(tokenizer)) | set(special_token_ids(model))))
+                                  exclude_token_ids=excluded)
     return stream, d_in
 
 

@@ -32,14 +32,13 @@ from tqdm.auto import tqdm
 
 from ..harvest.harvester import special_token_ids
 from ..harvest.sites import capture
-from ..latents import SparseLatents
 from .metrics import ReconstructionMetrics
 from .splice import splice
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None \
-        and not getattr(model.config, "model_type", "") == "bert"
+    """Next-token models (…ForCausalLM) can generate; encoders and masked LMs (BERT) cannot."""
+    return bool(getattr(model, "can_generate", lambda: False)())
 
 
 def _forward(model: nn.Module, ids: Tensor, causal: bool) -> Tensor:
@@ -58,10 +57,6 @@ def _ce(logp: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 def _kl(clean: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
     """Per-position KL(p_clean || p) at the masked positions."""
     return (clean.exp() * (clean - logp)).sum(-1)[mask]
-
-
-def _codes(latents) -> Tensor | tuple[Tensor, Tensor]:
-    return (latents.values, latents.indices) if isinstance(latents, SparseLatents) else latents
 
 
 @torch.no_grad()
@@ -122,11 +117,9 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
                 add(f"embedding_cossim_with_{key}", F.cosine_similarity(clean, emb, dim=-1))
         for name, dec in decompositions.items():
             out, sp = variant(ids, keep, sae=dec, record=True)
-            x = sp.activations[0][keep]
             codes = sp.latents[0]
-            codes = codes[keep] if isinstance(codes, Tensor) else SparseLatents(
-                codes.values[keep], codes.indices[keep], codes.d_sae)
-            recon[name].add(x, dec.decode(codes), _codes(codes))
+            codes = codes[keep] if isinstance(codes, Tensor) else (codes.values[keep], codes.indices[keep])
+            recon[name].add(sp.activations[0][keep], sp.reconstructions[0][keep], codes)
             check = name not in no_error_check
             with_error = variant(ids, keep, sae=dec, error_term=True)[0] if check else None
             if causal:

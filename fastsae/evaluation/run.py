@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..harvest.corpus import read_documents, special_ids, token_windows
+from ..harvest.corpus import read_documents, token_windows
 from ..harvest.harvester import special_token_ids
 from ..harvest.sites import capture
 from ..harvest.store import ActivationStore
@@ -86,8 +86,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
         print(f"warning: the corpus has {all_windows.shape[0]} windows; {used} trained the SAE, so the last "
               f"{n_eval} used for evaluation overlap them")
     windows = all_windows[-n_eval:]
-    excluded = store.meta["excluded_token_ids"] if store else sorted(set(special_token_ids(lm))
-                                                                        | set(special_ids(tokenizer)))
+    excluded = store.meta["excluded_token_ids"] if store else special_token_ids(lm, tokenizer)
     fit_x = None
     if baselines:
         if store is not None and site in store.sites:

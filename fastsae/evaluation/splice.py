@@ -11,7 +11,8 @@
 
 `sp.keep = mask` (batch, seq) restricts the replacement to some positions (evaluation keeps
 BOS/pad positions clean, as it excludes them from the store). Recorded latents are detached
-unless error_term is set; `sp.activations` holds the clean inputs when record=True.
+unless error_term is set; with record=True, `sp.activations` holds the clean inputs and
+`sp.reconstructions` the x_hat of every position (before keep and the error term).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Splice:
         self.keep: Tensor | None = None
         self.latents: list = []
         self.activations: list[Tensor] = []
+        self.reconstructions: list[Tensor] = []
 
     def _reconstruct(self, x: Tensor) -> Tensor:
         if self.sae is not None:
@@ -59,6 +61,8 @@ class Splice:
         if self.record:
             self.activations.append(x.detach())
         x_hat = self._reconstruct(x)
+        if self.record:
+            self.reconstructions.append(x_hat.detach())
         if self.error_term:
             x_hat = x_hat + (x - x_hat).detach()
         if self.keep is not None:

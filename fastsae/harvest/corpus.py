@@ -3,7 +3,7 @@
 Sources (`read_documents`):
     "english-classics"   the built-in corpus, shipped in the package: Shakespeare's 42 plays and poems and
                          Milton's poetry and Areopagitica (Project Gutenberg texts, public domain; about
-                         6M characters, 1.6M Gemma 3 tokens). scripts/build_corpus.py rebuilds it.
+                         6M characters, 1.7M Gemma 3 tokens). scripts/build_corpus.py rebuilds it.
     a .txt file          one document
     a directory          every *.txt inside it (sorted), one document each; or a Hugging Face `datasets`
                          dataset saved with save_to_disk (it has a dataset_info.json / state.json)
@@ -100,11 +100,6 @@ def _first_id(tokenizer, *names: str) -> int | None:
         if value is not None:
             return value
     return None
-
-
-def special_ids(tokenizer) -> list[int]:
-    """Every special token id of a tokenizer (BOS, EOS, pad, CLS, SEP, …): excluded from stores by default."""
-    return sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
 
 
 def token_windows(tokenizer, documents, context_size: int, max_tokens: int | None = None, *,

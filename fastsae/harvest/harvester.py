@@ -8,16 +8,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .corpus import read_documents, special_ids, token_windows
+from .corpus import read_documents, token_windows
 from .sites import capture
 from .store import ActivationStore, StoreWriter
 
 
-def special_token_ids(model: nn.Module) -> list[int]:
-    """BOS, EOS and pad ids from the model config: their positions carry outlier activations."""
+def special_token_ids(model: nn.Module, tokenizer=None) -> list[int]:
+    """BOS, EOS and pad ids from the model config, and every special id of the tokenizer when given
+    (CLS, SEP, unk, …): their positions carry outlier activations and are excluded by default."""
     cfg = getattr(model, "config", None)
     ids = {getattr(cfg, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    flat = set()
+    flat = set(getattr(tokenizer, "all_special_ids", None) or [])
     for i in ids:
         flat.update(i if isinstance(i, (list, tuple)) else [i])
     return sorted(i for i in flat if i is not None)
@@ -65,6 +66,6 @@ def harvest_corpus(model: nn.Module, tokenizer, sites: list[str], corpus: str | 
     windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, tokens, seed=seed)
     source = {"corpus": str(corpus), "text_field": text_field, "tokens": tokens, "context_size": context_size,
               "window_seed": seed}
-    if kwargs.get("exclude_token_ids") is None:  # the model's BOS/EOS/pad and every tokenizer special
-        kwargs["exclude_token_ids"] = sorted(set(special_token_ids(model)) | set(special_ids(tokenizer)))
+    if kwargs.get("exclude_token_ids") is None:
+        kwargs["exclude_token_ids"] = special_token_ids(model, tokenizer)
     return harvest(model, sites, windows, out, source=source, **kwargs)
