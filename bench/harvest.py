@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastsae import SAE, SAEConfig, io
+from fastsae import SAE, SAEConfig, io, models
 from fastsae.harvest import ShuffledLoader, harvest_corpus
 from fastsae.train import TrainConfig, Trainer
 
@@ -27,20 +27,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def load_model(name: str, device: str):
     if name != "tiny":
-        from fastsae import models
-
         return models.load(name, device=device)
-    import transformers as T
-    from tokenizers import Tokenizer
-    from tokenizers import models as tk_models
-
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n-"
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
-    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tk_models.BPE(vocab, [], unk_token="<unk>")),
-                                          bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    cfg = T.GPTNeoXConfig(vocab_size=len(vocab), hidden_size=640, num_hidden_layers=8, num_attention_heads=8,
-                          intermediate_size=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return T.GPTNeoXForCausalLM(cfg).to(device).eval(), tokenizer
+    model, tokenizer = models.random_causal_lm(hidden_size=640, num_layers=8, intermediate_size=2048, num_heads=8)
+    return model.to(device), tokenizer
 
 
 def loader_rate(store, site: str, batch_size: int, device: str, min_seconds: float = 3.0) -> float:

@@ -62,21 +62,12 @@ def assert_valid_topk(sae: SAE, x, values, indices, k, dtype, scale=1.0):
     assert (picked.min(1).values >= rest.max(1).values - slack).all(), "a better latent was left out"
 
 
-def tiny_causal_lm(path, vocab_chars: str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n-"):
-    """A randomly initialised 2-layer GPT-NeoX with a character-level tokenizer, saved under path:
-    what `fastsae.models.load(path)` and the CLI load. Returns (model, tokenizer)."""
-    import transformers as T
-    from tokenizers import Tokenizer, models
+def tiny_causal_lm(path):
+    """`fastsae.models.random_causal_lm()` (2 layers, d 32) saved under path, where
+    `fastsae.models.load(path)` and the CLI find it. Returns (model, tokenizer)."""
+    from fastsae.models import random_causal_lm
 
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(vocab_chars)}}
-    tokenizer = T.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                          max_position_embeddings=256)
-    model = T.GPTNeoXForCausalLM(cfg).eval()
+    model, tokenizer = random_causal_lm()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
