@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fastsae import SAE, SAEConfig, io, models
+from fastsae import SAE, SAEConfig, io
+from fastsae.model import load, random_causal_lm
 from fastsae.harvest import ShuffledLoader, harvest_corpus
 from fastsae.train import TrainConfig, Trainer
 
@@ -27,8 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def load_model(name: str, device: str):
     if name != "tiny":
-        return models.load(name, device=device)
-    model, tokenizer = models.random_causal_lm(hidden_size=640, num_layers=8, intermediate_size=2048, num_heads=8)
+        return load(name, device=device)
+    model, tokenizer = random_causal_lm(hidden_size=640, num_layers=8, intermediate_size=2048, num_heads=8)
     return model.to(device), tokenizer
 
 

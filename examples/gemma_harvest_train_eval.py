@@ -10,7 +10,7 @@ from fastsae import SAE, SAEConfig
 from fastsae.evaluation import evaluate_with_baselines, write_report
 from fastsae.evaluation.run import format_table
 from fastsae.harvest import ActivationStore, ShuffledLoader, harvest_corpus, read_documents, token_windows
-from fastsae.models import load
+from fastsae.model import load
 from fastsae.train import TrainConfig, train
 
 OUT = Path("runs/example")

@@ -14,7 +14,7 @@ import torch
 
 from fastsae import SAE, SAEConfig, splice
 from fastsae.harvest import StreamingActivations, read_documents, token_windows
-from fastsae.models import load
+from fastsae.model import load
 from fastsae.train import TrainConfig, train
 
 SITE = "resid_post.6"

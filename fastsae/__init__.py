@@ -2,7 +2,7 @@
 
 from .config import SAEConfig
 from .ensemble import SAEEnsemble
-from .evaluation.splice import splice
+from .model.splice import splice
 from .latents import SparseLatents
 from .ops import get_backend, set_backend, use_backend
 from .sae import SAE, SAEOutput

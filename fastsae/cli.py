@@ -107,10 +107,8 @@ def _train(args: argparse.Namespace) -> int:
 def _stream(data_cfg: dict):
     """Batches straight from the model's forward (a mixing buffer, no store). The normalising scale is
     measured on the first windows once and kept in data_cfg, so a resumed run uses the same."""
-    import torch
-
-    from . import models
-    from .harvest import StreamingActivations, capture, read_documents, special_token_ids, token_windows
+    from .harvest import StreamingActivations, read_documents, token_windows
+    from .model import capture, keep_mask, load, special_token_ids
 
     for key in ("model", "site"):
         if not data_cfg.get(key):
@@ -118,13 +116,13 @@ def _stream(data_cfg: dict):
     data_cfg.setdefault("corpus", "english-classics")
     data_cfg.setdefault("context_size", 128)
     data_cfg.setdefault("normalize", True)
-    model, tokenizer = models.load(data_cfg["model"], device=_device(data_cfg.get("device")))
+    model, tokenizer = load(data_cfg["model"], device=_device(data_cfg.get("device")))
     windows = token_windows(tokenizer, read_documents(data_cfg["corpus"]), data_cfg["context_size"],
                             data_cfg.get("tokens"), seed=data_cfg["seed"])
     device = next(model.parameters()).device
     probe = capture(model, [data_cfg["site"]], input_ids=windows[:8].to(device))[data_cfg["site"]]
     excluded = special_token_ids(model, tokenizer)
-    keep = ~torch.isin(windows[:8], torch.tensor(excluded, dtype=windows.dtype))
+    keep = keep_mask(windows[:8], excluded)
     d_in = probe.shape[-1]
     if data_cfg["normalize"] and "norm_scale" not in data_cfg:
         data_cfg["norm_scale"] = d_in ** 0.5 / float(probe[keep.to(device)].double().norm(dim=-1).mean())
@@ -146,11 +144,11 @@ def _harvest(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import models
     from .harvest import ActivationStore, harvest_corpus
+    from .model import load
 
     device = _device(args.device)
-    model, tokenizer = models.load(args.model, dtype=getattr(torch, args.model_dtype), device=device)
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.model_dtype), device=device)
     before = ActivationStore(args.out).tokens if args.resume and (Path(args.out) / "manifest.json").is_file() else 0
     start = time.perf_counter()
     store = harvest_corpus(model, tokenizer, args.sites, args.corpus, args.out, tokens=args.tokens,

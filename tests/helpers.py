@@ -63,9 +63,9 @@ def assert_valid_topk(sae: SAE, x, values, indices, k, dtype, scale=1.0):
 
 
 def tiny_causal_lm(path):
-    """`fastsae.models.random_causal_lm()` (2 layers, d 32) saved under path, where
-    `fastsae.models.load(path)` and the CLI find it. Returns (model, tokenizer)."""
-    from fastsae.models import random_causal_lm
+    """`fastsae.model.random_causal_lm()` (2 layers, d 32) saved under path, where
+    `fastsae.model.load(path)` and the CLI find it. Returns (model, tokenizer)."""
+    from fastsae.model import random_causal_lm
 
     model, tokenizer = random_causal_lm()
     model.save_pretrained(path)

@@ -176,7 +176,7 @@ def test_ica_baseline():
 
 def test_evaluate_with_baselines_reports_each_side_by_side():
     model, ids = tiny_pythia(), windows(8, 12)
-    from fastsae.harvest import capture
+    from fastsae.model import capture
 
     fit_x = capture(model, ["resid_post.0"], input_ids=windows(20, 12))["resid_post.0"].reshape(-1, 32)
     sae = SAE(SAEConfig(32, 64, activation="topk", k=3), seed=0)

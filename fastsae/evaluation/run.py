@@ -13,8 +13,6 @@ import torch
 
 from .. import io
 from ..harvest.corpus import read_documents, token_windows
-from ..harvest.harvester import special_token_ids
-from ..harvest.sites import capture
 from ..harvest.store import ActivationStore
 from ..sae import CONFIG_FILE, SAE
 from .evaluate import evaluate_with_baselines
@@ -61,7 +59,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
              corpus: str | None = None, tokens: int = 16_384, context_size: int | None = None,
              baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), fit_tokens: int = 32_768,
              batch_size: int = 4, device: str = "cpu", progress: bool = True) -> dict:
-    from .. import models
+    from ..model import capture, keep_mask, load, special_token_ids
 
     paths = find_saes(sae_paths)
     saes = {name: SAE.load(path, device=device) for name, path in paths.items()}
@@ -77,7 +75,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     source = store.meta.get("source", {}) if store else {}
     corpus = corpus or source.get("corpus", "english-classics")
     context_size = context_size or source.get("context_size", 128)
-    lm, tokenizer = models.load(model, device=device)
+    lm, tokenizer = load(model, device=device)
     all_windows = token_windows(tokenizer, read_documents(corpus, source.get("text_field", "text")), context_size,
                                 seed=source.get("window_seed", 0))
     n_eval = max(1, tokens // context_size)
@@ -99,7 +97,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
             fit_x = torch.cat(rows)[:fit_tokens].float()
         else:
             fit_windows = all_windows[:max(1, fit_tokens // context_size)]
-            keep = ~torch.isin(fit_windows, torch.tensor(excluded, dtype=fit_windows.dtype))
+            keep = keep_mask(fit_windows, excluded)
             fit_x = torch.cat([capture(lm, [site], input_ids=fit_windows[i:i + batch_size].to(device))[site]
                                [keep[i:i + batch_size].to(device)].float().cpu()
                                for i in range(0, fit_windows.shape[0], batch_size)])

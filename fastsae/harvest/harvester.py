@@ -9,19 +9,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .corpus import read_documents, token_windows
-from .sites import capture
+from ..model import capture, keep_mask, special_token_ids
 from .store import ActivationStore, StoreWriter
-
-
-def special_token_ids(model: nn.Module, tokenizer=None) -> list[int]:
-    """BOS, EOS and pad ids from the model config, and every special id of the tokenizer when given
-    (CLS, SEP, unk, …): their positions carry outlier activations and are excluded by default."""
-    cfg = getattr(model, "config", None)
-    ids = {getattr(cfg, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    flat = set(getattr(tokenizer, "all_special_ids", None) or [])
-    for i in ids:
-        flat.update(i if isinstance(i, (list, tuple)) else [i])
-    return sorted(i for i in flat if i is not None)
 
 
 @torch.no_grad()
@@ -43,7 +32,6 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
                          sites={s: a.shape[-1] for s, a in probe.items()}, dtype=dtype,
                          context_size=sequences.shape[1], excluded_token_ids=excluded, shard_rows=shard_rows,
                          resume=resume, source=source)
-    excluded_t = torch.tensor(excluded, dtype=sequences.dtype)
     start = writer.sequences_done
     T = sequences.shape[1]
     bar = tqdm(total=sequences.shape[0] * T, initial=start * T, disable=not progress, desc="harvest", unit="tok",
@@ -51,7 +39,7 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
     for first in range(start, sequences.shape[0], batch_size):
         batch = sequences[first:first + batch_size]
         acts = capture(model, sites, input_ids=batch.to(device))
-        writer.add(acts, batch, ~torch.isin(batch, excluded_t), first)
+        writer.add(acts, batch, keep_mask(batch, excluded), first)
         bar.update(batch.numel())
     bar.close()
     writer.flush()

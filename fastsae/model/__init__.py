@@ -1,0 +1,11 @@
+"""The language-model side: loading models, named sites, the one site hook, capture, splice, and the
+special-token keep-mask. Everything that touches a `transformers` model goes through here."""
+
+from .hooks import capture, hook_site, hook_sites
+from .loading import cache_dir, load, random_causal_lm
+from .sites import KINDS, Site, available_sites, n_layers, resolve
+from .splice import Splice, splice
+from .tokens import keep_mask, special_token_ids
+
+__all__ = ["KINDS", "Site", "Splice", "available_sites", "cache_dir", "capture", "hook_site", "hook_sites",
+           "keep_mask", "load", "n_layers", "random_causal_lm", "resolve", "special_token_ids", "splice"]
