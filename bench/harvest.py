@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from fastsae import SAE, SAEConfig, io
-from fastsae.model import load, random_causal_lm
 from fastsae.harvest import ShuffledLoader, harvest_corpus
+from fastsae.model import load, random_causal_lm
 from fastsae.train import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -2,8 +2,8 @@
 
 from .config import SAEConfig
 from .ensemble import SAEEnsemble
-from .model.splice import splice
 from .latents import SparseLatents
+from .model.splice import splice
 from .ops import get_backend, set_backend, use_backend
 from .sae import SAE, SAEOutput
 

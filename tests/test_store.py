@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, harvest
-from fastsae.model import capture
 from fastsae.harvest import harvester as harvest_module
+from fastsae.model import capture
 
 T = pytest.importorskip("transformers")
 SITES = ["resid_post.0", "mlp_hidden.1"]

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .corpus import read_documents, token_windows
 from ..model import capture, keep_mask, special_token_ids
+from .corpus import read_documents, token_windows
 from .store import ActivationStore, StoreWriter
 
 
