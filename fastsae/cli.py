@@ -204,6 +204,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_commands(sub) -> None:
+    """Subcommands that live in fastsae/commands/, one module each (see its docstring)."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default="runs/eval", help="report directory (default: runs/eval)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
+    _register_commands(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
