@@ -372,3 +372,15 @@ def largest_trainable_d_sae(impl: str, budget_gib: float, d_in: int, n: int, k: 
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return best
+
+
+def planned_largest_d_sae(impl: str, budget_gib: float, d_in: int, n: int, k: int, device: torch.device,
+                          dtype: torch.dtype) -> int:
+    """The memory planner's largest d_sae for the `step` case of a fastsae implementation: weights and
+    compute in dtype, fp32 Adam moments, the optimizer the trainer picks on device (fastsae.train.plan)."""
+    from fastsae.train.plan import GIB, PlanConfig, largest_d_sae
+
+    name = str(dtype).removeprefix("torch.")
+    cfg = PlanConfig(d_in, 2**14, k, n, weights=name, compute=name, backend=impl.removeprefix("fastsae_"),
+                     optimizer="fused" if device.type == "cuda" else "torch")
+    return largest_d_sae(cfg, budget_gib * GIB)
