@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.scale:
         # fastsae's own rows also get the memory planner's answer (fastsae.train.plan, `fastsae plan`).
+        runnable = ("fastsae_torch", "fastsae_triton") if device.type == "cuda" else ("fastsae_torch",)
         planned = {impl: planned_largest_d_sae(impl, args.scale, 2048, 4096, 64, device, dtype)
-                   for impl in args.impl if impl == "fastsae_torch" or impl == "fastsae_triton" and device.type == "cuda"}
+                   for impl in args.impl if impl in runnable}
         found = {}
         if device.type == "cuda":
             found = {impl: largest_trainable_d_sae(impl, args.scale, 2048, 4096, 64, device, dtype)
