@@ -2,8 +2,13 @@
 
 import pytest
 import torch
+from spawn import run_ranks
 
-from fastsae.harvest import CorruptShardError, ShuffledLoader, harvest
+from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, harvest
+from fastsae.harvest import harvester as harvest_module
+from fastsae.harvest.parallel import harvest_parallel, part_dir, vectors_by_position
+
+from helpers import assert_close
 
 T = pytest.importorskip("transformers")
 SITE = "resid_post.0"
@@ -55,3 +60,57 @@ def test_rank_loader_checks_its_shards(tmp_path):
         list(ShuffledLoader(store, SITE, 8, rank=1, world_size=2))
     with pytest.raises(ValueError, match="rank"):
         ShuffledLoader(store, SITE, 8, rank=2, world_size=2)
+
+
+def _harvest_part(out, rank, world, **kw):
+    return harvest_parallel(tiny_model(), [SITE], windows(), out, rank=rank, world_size=world, batch_size=3,
+                            dtype=torch.float32, shard_rows=17, progress=False, **kw)
+
+
+def assert_same_vectors(store, reference):
+    got, want = vectors_by_position(store), vectors_by_position(reference)
+    assert sorted(got) == sorted(want)  # the same (window, position) pairs
+    # the same vectors, to fp32 rounding: the model ran on other batches of windows
+    assert_close(torch.stack([got[key] for key in sorted(want)]), torch.stack([want[key] for key in sorted(want)]),
+                 torch.float32)
+
+
+def _harvest_worker(rank, world, out):
+    store = _harvest_part(out, rank, world)
+    assert store.tokens > 0
+
+
+def test_two_process_harvest_holds_the_single_process_vectors(tmp_path):
+    run_ranks(_harvest_worker, 2, tmp_path / "two")
+    store = ActivationStore(tmp_path / "two")
+    assert {s.file for s in store.shards} == {f"shard-{i:05d}.safetensors" for i in range(len(store.shards))}
+    reference = small_store(tmp_path / "one")
+    assert store.tokens == reference.tokens and store.meta["sequences_done"] == reference.meta["sequences_done"]
+    assert store.meta["source"] == reference.meta["source"]
+    assert store.norm_scale(SITE) == pytest.approx(reference.norm_scale(SITE), rel=1e-6)
+    assert_same_vectors(store, reference)
+
+
+def test_parallel_harvest_resumes_per_rank(tmp_path, monkeypatch):
+    """Without a process group: each part by itself, the last to finish merges. Rank 0 is killed
+    mid-harvest and resumes; rank 1's finished part is kept."""
+    out = tmp_path / "store"
+    real, calls = harvest_module.capture, []
+
+    def dies(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # the probe, one batch, then the rank dies
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(harvest_module, "capture", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _harvest_part(out, 0, 2)
+    monkeypatch.setattr(harvest_module, "capture", real)
+    assert _harvest_part(out, 1, 2) is None  # rank 0's part is unfinished: nothing merged yet
+    rank1 = sorted(p.name for p in part_dir(out, 1, 2).iterdir())
+    with pytest.raises(ValueError, match="another number of processes"):
+        _harvest_part(out, 0, 3, resume=True)
+    store = _harvest_part(out, 0, 2, resume=True)
+    assert sorted(p.name for p in part_dir(out, 1, 2).iterdir()) == rank1
+    assert_same_vectors(store, small_store(tmp_path / "one"))
