@@ -85,7 +85,15 @@ def resample_dead_latents(sae: SAE, dead: Tensor, pool: Tensor, optimizer: torch
     directions = inputs / inputs.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     alive = ~dead
     alive_norm = sae.W_enc[alive].float().norm(dim=1).mean().item() if alive.any() else 1.0
-    scale = ENCODER_SCALE * alive_norm
+    rewrite_rows(sae, latents, directions, ENCODER_SCALE * alive_norm, optimizer, use_kernel)
+    return n
+
+
+@torch.no_grad()
+def rewrite_rows(sae, latents: Tensor, directions: Tensor, scale: float,
+                 optimizer: torch.optim.Optimizer | None = None, use_kernel: bool | None = None) -> None:
+    """Step 3-5 for rows `latents` (m,) of sae's weights: decoder rows = directions (m, d_in, unit),
+    encoder rows = scale · directions, encoder bias and Adam moments 0. sae may be a ShardedSAE (its rows)."""
     W_enc = None if sae.cfg.tied else sae.W_enc
     state = adam_state_rows(optimizer, sae)
     if sae.W_dec.is_cuda if use_kernel is None else use_kernel:
@@ -96,7 +104,6 @@ def resample_dead_latents(sae: SAE, dead: Tensor, pool: Tensor, optimizer: torch
     else:
         _resample_rows_torch(latents, directions, sae.W_dec.data, None if W_enc is None else W_enc.data,
                              sae.b_enc.data, scale, state)
-    return n
 
 
 def _resample_rows_torch(latents, directions, W_dec, W_enc, b_enc, scale, state) -> None:

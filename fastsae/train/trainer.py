@@ -117,6 +117,10 @@ class TrainResult:
     run_dir: Path | None = None
 
 
+# The logged metrics, in this order.
+_METRICS = ("step", "tokens", "loss", "mse", "l1", "auxk", "kl", "l1_coefficient", "l0", "fvu", "dead_fraction", "lr")
+
+
 def lr_scale(step: int, total_steps: int | None, cfg: TrainConfig) -> float:
     """Linear warm-up over the first lr_warmup_fraction, linear decay to 0 over the last lr_decay_fraction."""
     if total_steps is None:
@@ -168,6 +172,8 @@ class Trainer:
             params = [p for p in sae.parameters() if p.requires_grad]
             self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, betas=self.cfg.adam_betas)
         self.generator = torch.Generator(device=sae.device).manual_seed(self.cfg.seed)
+        # Rank 0 of a distributed run (train/distributed.py) writes metrics and shows progress.
+        self.is_main = True
         self.step_count = 0
         self.total_steps: int | None = self.cfg.total_steps
         self.tokens_seen = 0
@@ -204,7 +210,7 @@ class Trainer:
         sae.train()
         if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
             with torch.no_grad():
-                sae.b_dec.copy_(batch.reshape(-1, batch.shape[-1]).double().mean(0).to(sae.b_dec.dtype))
+                sae.b_dec.copy_(self._rows_mean(batch.reshape(-1, batch.shape[-1])).to(sae.b_dec.dtype))
         if self.kl is not None:
             x, clean_logprobs = self.kl.clean(batch)
         else:
@@ -226,6 +232,7 @@ class Trainer:
             loss = loss + cfg.kl_coefficient * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._after_backward()
         constrain = sae.cfg.normalize_decoder and not self.fused  # SAEAdam does both inside its step
         if constrain:
             sae.remove_parallel_decoder_grad_()
@@ -235,38 +242,71 @@ class Trainer:
 
         with torch.no_grad():
             rows = x.detach().reshape(-1, sae.cfg.d_in)
-            self.tokens_since_fired += rows.shape[0]
-            self.tokens_since_fired[out.latents.fire_counts() > 0] = 0
-            self.tokens_seen += rows.shape[0]
+            self.tokens_since_fired += self._global_rows(rows.shape[0])
+            self.tokens_since_fired[self._fired(out.latents)] = 0
+            self.tokens_seen += self._global_rows(rows.shape[0])
             self.step_count += 1
             if cfg.resample_every:
-                self.pool = torch.cat([self.pool, rows.to(self.pool.dtype)])[-cfg.resample_pool:]
+                self.pool = torch.cat([self.pool, self._pool_rows(rows).to(self.pool.dtype)])[-cfg.resample_pool:]
             logged = {"step": self.step_count}
             if metrics:
+                means = self._batch_means({"loss": loss, "mse": out.mse, "l1": out.l1, "auxk": out.auxk, "kl": kl,
+                                           "l0": out.latents.l0.float().mean()})
                 logged.update({
                     "tokens": self.tokens_seen,
-                    "loss": loss.item(),
-                    "mse": out.mse.item(),
-                    "l1": None if out.l1 is None else out.l1.item(),
-                    "auxk": None if out.auxk is None else out.auxk.item(),
-                    "kl": None if kl is None else kl.item(),
+                    **{name: None if t is None else t.item() for name, t in means.items()},
                     "l1_coefficient": l1_coef,
-                    "l0": out.latents.l0.float().mean().item(),
-                    "fvu": fvu(x, out.x_hat).item(),
+                    "fvu": self._fvu(x, out.x_hat).item(),
                     "dead_fraction": self.dead_fraction(),
                     "lr": self.optimizer.param_groups[0]["lr"],
                 })
+                logged = {key: logged[key] for key in _METRICS}
             if cfg.resample_every and self.step_count % cfg.resample_every == 0:
                 dead = self.dead_mask()
-                logged["resampled"] = resample_dead_latents(sae, dead, self.pool, self.optimizer, self.generator)
+                logged["resampled"] = self._resample(dead)
                 self.tokens_since_fired[dead] = 0  # a fresh window to prove themselves
             return logged
+
+    # ---- seams: train/distributed.py's DistributedTrainer overrides these for several ranks ----------
+
+    def _after_backward(self) -> None:
+        """Gradients are complete (data parallel: averaged over the ranks)."""
+
+    def _global_rows(self, rows: int) -> int:
+        """Rows of the step over every rank, from this rank's."""
+        return rows
+
+    def _fired(self, latents) -> Tensor:
+        """(latents this trainer counts,) bool: which fired on the step's batch (on any rank)."""
+        return latents.fire_counts() > 0
+
+    def _rows_mean(self, rows: Tensor) -> Tensor:
+        """(d_in,) float64 mean of the step's rows (on every rank)."""
+        return rows.double().mean(0)
+
+    def _pool_rows(self, rows: Tensor) -> Tensor:
+        """The step's rows as the resampling pool keeps them (every rank's, in batch order)."""
+        return rows
+
+    def _batch_means(self, values: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """Per-row means of this rank's batch → over the whole batch."""
+        return values
+
+    def _fvu(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        return fvu(x, x_hat)
+
+    def _resample(self, dead: Tensor) -> int:
+        return resample_dead_latents(self.sae, dead, self.pool, self.optimizer, self.generator)
+
+    def _checkpoint_sae(self) -> SAE:
+        """The SAE a checkpoint holds."""
+        return self.sae
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
         def write(tmp: Path) -> None:
-            self.sae.save(tmp / "sae")
+            self._checkpoint_sae().save(tmp / "sae")
             tensors, meta = ckpt.optimizer_to_files(self.optimizer)
             io.write_tensors(tmp / "optimizer.safetensors", tensors)
             io.write_json(tmp / "optimizer.json", meta)
@@ -323,9 +363,10 @@ class Trainer:
         history: list[dict] = []
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        sinks = MetricSinks(self.run_dir, self.cfg.tensorboard, self.cfg.wandb_project, asdict(self.cfg))
+        sinks = MetricSinks(self.run_dir, self.cfg.tensorboard, self.cfg.wandb_project, asdict(self.cfg)) \
+            if self.is_main else MetricSinks(None)
         start, start_tokens = time.perf_counter(), self.tokens_seen
-        bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not self.cfg.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not self.cfg.progress or not self.is_main,
                    desc="train", unit="step")
         try:
             for x in itertools.islice(batches, self.step_count, None):  # skip what a resumed run consumed
