@@ -28,10 +28,18 @@ def _train(args: argparse.Namespace) -> int:
 
     from . import io
     from .config import SAEConfig
+    from .ops.distributed import ProcessGrid, launched_by_torchrun
     from .sae import SAE
     from .train import TrainConfig, Trainer
     from .train.data import ArrayBatches, load_array
 
+    grid, device = ProcessGrid(), None
+    if launched_by_torchrun():  # torchrun --nproc-per-node N -m fastsae train ...
+        from .train.distributed import setup
+
+        grid, device = setup(args.shard_latents)
+    elif args.shard_latents is not None:
+        raise SystemExit("--shard-latents: launch with torchrun --nproc-per-node N -m fastsae train ...")
     out = Path(args.out)
     run_file = out / "run.json"
     if args.resume and run_file.is_file():
@@ -78,16 +86,27 @@ def _train(args: argparse.Namespace) -> int:
     sae_cfg = SAEConfig(**{"d_in": d_in, "d_sae": 8 * d_in, **run["sae"]})
     if store is not None:
         loader = ShuffledLoader(store, data_cfg["site"], data_cfg["batch_size"], seed=data_cfg["seed"],
-                                dtype=sae_cfg.torch_dtype, normalize=data_cfg["normalize"], drop_last=True)
+                                dtype=sae_cfg.torch_dtype, normalize=data_cfg["normalize"], drop_last=True,
+                                rank=grid.data_rank, world_size=grid.data_size, device=device or "cpu")
         batches = loader.batches(steps)
     elif data_cfg["source"] not in ("toy", "stream"):
         batches = ArrayBatches(array, data_cfg["batch_size"], steps, seed=data_cfg["seed"],
                                dtype=sae_cfg.torch_dtype)
     run = {"sae": sae_cfg.to_dict(), "train": {k: v for k, v in dataclasses.asdict(train_cfg).items()
                                                if k != "progress"}, "data": data_cfg}
-    io.write_json(run_file, run)
+    if grid.is_main:
+        io.write_json(run_file, run)
     torch.manual_seed(train_cfg.seed)
-    trainer = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out)
+    if grid.world_size > 1:
+        from .train.distributed import DistributedTrainer, ShardedSAE, check_batch, slice_batches
+
+        check_batch(data_cfg["batch_size"], grid)
+        if store is None:  # every rank builds the global batch and keeps its part
+            batches = slice_batches(batches, grid, device)
+        trainer = DistributedTrainer(ShardedSAE(sae_cfg, grid, device=device, seed=train_cfg.seed), train_cfg,
+                                     run_dir=out)
+    else:
+        trainer = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out)
     result = trainer.fit(batches, resume=args.resume)
     if store is not None:
         result.sae.metadata.update(model=store.meta["model"], site=data_cfg["site"], store=str(store.path.resolve()))
@@ -97,10 +116,16 @@ def _train(args: argparse.Namespace) -> int:
         result.sae.metadata.update(model=data_cfg["model"], site=data_cfg["site"])
         if data_cfg["normalize"]:
             result.sae.fold_input_scale_(data_cfg["norm_scale"])
-    result.sae.save(out / "sae")
-    if result.history:
+    if grid.world_size > 1:
+        from .train.distributed import save_final
+
+        save_final(result.sae, out / "sae")
+    else:
+        result.sae.save(out / "sae")
+    if result.history and grid.is_main:
         print(json.dumps({k: v for k, v in result.history[-1].items() if v is not None}))
-    print(f"run directory: {out.resolve()} (sae/, metrics.jsonl, checkpoints/)")
+    if grid.is_main:
+        print(f"run directory: {out.resolve()} (sae/, metrics.jsonl, checkpoints/)")
     return 0
 
 
@@ -146,16 +171,28 @@ def _harvest(args: argparse.Namespace) -> int:
 
     from .harvest import ActivationStore, harvest_corpus
     from .model import load
+    from .ops.distributed import init_from_env, launched_by_torchrun
 
-    device = _device(args.device)
+    rank, world = 0, 1
+    if launched_by_torchrun():  # torchrun --nproc-per-node N -m fastsae harvest ...: a range of windows each
+        import torch.distributed as dist
+
+        device = str(init_from_env())
+        device = args.device or device
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        device = _device(args.device)
     model, tokenizer = load(args.model, dtype=getattr(torch, args.model_dtype), device=device)
     before = ActivationStore(args.out).tokens if args.resume and (Path(args.out) / "manifest.json").is_file() else 0
     start = time.perf_counter()
     store = harvest_corpus(model, tokenizer, args.sites, args.corpus, args.out, tokens=args.tokens,
                            context_size=args.context_size, text_field=args.text_field, seed=args.seed,
                            batch_size=args.batch_size, dtype=getattr(torch, args.dtype), resume=args.resume,
-                           model_name=args.model, progress=not args.no_progress)
+                           model_name=args.model, progress=not args.no_progress and rank == 0, rank=rank,
+                           world_size=world)
     seconds = time.perf_counter() - start
+    if rank != 0:
+        return 0
     sites = ", ".join(f"{s}: d={d}" for s, d in store.sites.items())
     if store.tokens == before:
         print(f"the store was already complete: {store.tokens:,} vectors per site ({sites})")
@@ -290,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--b-dec-init", choices=("zeros", "mean"),
                     help="'mean': start b_dec at the first batch's mean (residual streams have a large offset)")
+    tr.add_argument("--shard-latents", type=int, nargs="?", const=0, metavar="N",
+                    help="under torchrun: split the latents over every rank (or over N ranks, with the others as "
+                         "data replicas); without it torchrun trains data parallel")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="metrics.json and plots for trained SAEs (a sweep) against baselines")

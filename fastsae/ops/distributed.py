@@ -34,6 +34,7 @@ collectives (bench/distributed.py reports it beside the computed volume).
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -76,7 +77,13 @@ def init_from_env(timeout_s: float | None = None) -> torch.device:
         timeout = timeout_s if timeout_s is not None else float(os.environ.get(_ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout),
                                 device_id=device if cuda else None)
+        atexit.register(_leave)
     return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---- the grid ---------------------------------------------------------------------------------------

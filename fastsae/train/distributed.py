@@ -70,28 +70,25 @@ from .trainer import TrainConfig, Trainer
 _OPTIM = "optim."
 
 
-def rank_slices(batches: Iterable[Tensor], grid: ProcessGrid) -> Iterator[Tensor]:
-    """This data rank's tensor_split part of every global batch of any batch source (each rank builds
-    the whole batch and keeps its part; `ShuffledLoader(rank=, world_size=)` reads only its part)."""
-    for batch in batches:
-        yield batch.tensor_split(grid.data_size)[grid.data_rank]
-
-
 class _Sliced:
-    """rank_slices with the source's len(), so the trainer still finds its step count."""
+    """A batch source's batches, each cut to this data rank's part (and moved to device), keeping len()."""
 
-    def __init__(self, batches, grid: ProcessGrid):
-        self.batches, self.grid = batches, grid
+    def __init__(self, batches, grid: ProcessGrid, device: torch.device | str | None):
+        self.batches, self.grid, self.device = batches, grid, device
 
-    def __iter__(self):
-        return rank_slices(self.batches, self.grid)
+    def __iter__(self) -> Iterator[Tensor]:
+        for batch in self.batches:
+            part = batch.tensor_split(self.grid.data_size)[self.grid.data_rank]
+            yield part if self.device is None else part.to(self.device)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.batches)
 
 
-def slice_batches(batches, grid: ProcessGrid):
-    return batches if grid.data_size == 1 else _Sliced(batches, grid)
+def slice_batches(batches: Iterable[Tensor], grid: ProcessGrid, device: torch.device | str | None = None):
+    """This data rank's tensor_split part of every global batch of any batch source: each rank builds the
+    whole batch and keeps its part (`ShuffledLoader(rank=, world_size=)` reads only its part instead)."""
+    return batches if grid.data_size == 1 and device is None else _Sliced(batches, grid, device)
 
 
 class DistributedTrainer(Trainer):
@@ -343,3 +340,40 @@ def resample_sharded(model: ShardedSAE, dead: Tensor, pool: Tensor, optimizer: t
         directions = inputs / inputs.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         rewrite_rows(model, latents[mine] - s.start, directions, ENCODER_SCALE * alive_norm, optimizer)
     return n
+
+
+# ---- the command line's pieces ----------------------------------------------------------------------
+
+
+def setup(shard_latents: int | None = None) -> tuple[ProcessGrid, torch.device]:
+    """Join the torchrun job (ops.distributed.init_from_env) and lay out its grid: shard_latents None
+    → every rank a data replica; 0 → every rank a latent shard; N → N shards × world/N replicas."""
+    device = D.init_from_env()
+    world = dist.get_world_size()
+    latent = 1 if shard_latents is None else (world if shard_latents == 0 else shard_latents)
+    if latent < 1 or world % latent:
+        raise ValueError(f"--shard-latents {latent} must divide the number of processes ({world})")
+    return ProcessGrid.create(latent), device
+
+
+def check_batch(batch_size: int, grid: ProcessGrid) -> None:
+    if batch_size % grid.data_size:
+        raise ValueError(f"the batch size ({batch_size}) must divide over the {grid.data_size} data replicas")
+
+
+def save_final(model: ShardedSAE, out: str | Path) -> Path:
+    """Collective: the trained SAE as a single-process directory out (rank 0 writes it). Several latent
+    shards are written first as out-sharded/ (train/sharded.py), which rank 0 consolidates from the files."""
+    out = Path(out)
+    if model.grid.latent_size == 1:
+        if model.grid.is_main:
+            model.to_sae().save(out)
+    else:
+        sharded = out.with_name(out.name + "-sharded")
+        write_sharded(sharded, model.cfg, model.grid, model.row_state(), model.replicated_state(), model.metadata)
+        if model.grid.is_main:
+            from .sharded import consolidate
+
+            consolidate(sharded, out)
+    _broadcast_path(out)  # everyone waits for the files
+    return out
