@@ -23,6 +23,7 @@ def register(subparsers) -> None:
                    help="triton: the fused kernels (GPU, default); torch: dense pre-activations (CPU)")
     p.add_argument("--optimizer", default="fused", choices=("fused", "torch"))
     p.add_argument("--tied", action="store_true")
+    p.add_argument("--activation", default="topk", choices=("topk", "batchtopk", "relu", "jumprelu"))
     p.add_argument("--resample-pool", type=int, default=0, help="rows kept for resampling (0: no resampling)")
     p.add_argument("--dead-fraction", type=float, default=0.0,
                    help="AuxK: the fraction of latents assumed dead (their rows are copied each step)")
@@ -34,8 +35,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     try:
         cfg = PlanConfig(args.d_in, args.d_sae, args.k, args.batch, args.gpus, args.latent_shards, args.weights,
-                         args.compute, "float32", args.backend, args.optimizer, args.tied, args.resample_pool,
-                         args.dead_fraction)
+                         args.compute, "float32", args.backend, args.optimizer, args.tied, args.activation,
+                         args.resample_pool, args.dead_fraction)
     except ValueError as err:
         raise SystemExit(f"fastsae plan: {err}") from None
     print(report(cfg, args.gpu_memory))

@@ -17,8 +17,9 @@ per rank), in bytes:
                   backend "torch": the dense pre-activations (b·n·c), which the fused kernels never write,
                   and its CSR offsets
     transients    the largest of: the forward's workspace, the backward's (an fp32 gradient row block
-                  before the cast to the master dtype under mixed precision), the optimizer's ("torch": two
-                  fp32 temporaries of the largest weight; the fused Triton step: none)
+                  before the cast to the master dtype under mixed precision; data parallel on gloo, the
+                  all-reduce's receive buffer of one gradient), the optimizer's ("torch": three fp32
+                  temporaries of the largest weight; the fused Triton step: none)
     reserve       CUDA context and allocator slack, a fixed 1 GiB plus 5% (backend "triton" only)
 
 The step's peak is everything persistent plus the largest transient: the previous step's gradients are
@@ -55,6 +56,7 @@ class PlanConfig:
     backend: str = "triton"  # "triton": fused kernels (GPU); "torch": dense pre-activations (CPU)
     optimizer: str = "fused"  # "fused" Triton Adam (no temporaries) or "torch"
     tied: bool = False
+    activation: str = "topk"  # topk | batchtopk (its threshold is gathered over every rank) | relu | jumprelu
     resample_pool: int = 0  # rows kept for resampling (16,384 when resampling is on)
     dead_fraction: float = 0.0  # AuxK: fraction of latents dead (their rows are copied each step)
 
@@ -74,6 +76,8 @@ class PlanConfig:
             raise ValueError(f"backend must be 'triton' or 'torch', got {self.backend!r}")
         if self.optimizer not in ("fused", "torch"):
             raise ValueError(f"optimizer must be 'fused' or 'torch', got {self.optimizer!r}")
+        if self.activation not in ("topk", "batchtopk", "relu", "jumprelu"):
+            raise ValueError(f"activation must be topk, batchtopk, relu or jumprelu, got {self.activation!r}")
         if not 0.0 <= self.dead_fraction <= 1.0:
             raise ValueError(f"dead_fraction must be in [0, 1], got {self.dead_fraction}")
 
@@ -143,12 +147,46 @@ def plan(cfg: PlanConfig) -> MemoryPlan:
         backward += 12 * (n + 1) + 4 * min(b * k * d, 2**22)
     if mixed:
         backward += n * d * 4  # one fp32 weight gradient before its cast to the compute dtype
-    opt = 2 * n * d * 4 if cfg.optimizer == "torch" else 0
+    if cfg.data > 1 and cfg.backend == "torch":
+        # gloo's all-reduce of a gradient holds a receive buffer of its size while the backward goes on
+        # (measured: bench/plan_check.py); NCCL reduces through fixed buffers of a few MiB (the reserve).
+        backward += n * d * w
+    opt = 3 * n * d * 4 if cfg.optimizer == "torch" else 0  # torch's Adam: 3 temporaries (measured)
     terms["workspace (largest transient)"] = max(forward, backward, opt)
     if cfg.backend == "triton":
         persistent = sum(terms.values())
         terms["CUDA context + allocator slack"] = CUDA_RESERVE_BYTES + int(CUDA_SLACK * persistent)
     return MemoryPlan(cfg, n, b, terms)
+
+
+def comm_per_step(cfg: PlanConfig) -> dict[str, int]:
+    """Bytes one rank sends per training step (metrics steps aside), for ring collectives as gloo and
+    NCCL run them: an all-reduce sends 2(p-1)/p of its payload, an all-gather (p-1) times its part.
+
+    data group (p = data replicas):   the gradients (master dtype); which latents fired (a byte each);
+                                      the batch's rows for the resampling pool, when resampling
+    latent group (p = latent shards): the top-k candidates (fp32 value + int32 index per slot), the
+                                      fp32 partial x_hat, b_dec's encoder gradient; relu/jumprelu and
+                                      BatchTopK instead gather their active latents (~k per row)
+    every rank (BatchTopK):           its top batch·k activations, for the threshold
+    """
+    n, b, d, k = math.ceil(cfg.d_sae / cfg.shards), cfg.batch // cfg.data, cfg.d_in, cfg.k
+    D, L, G = cfg.data, cfg.shards, cfg.gpus
+    w = BYTES[cfg.weights]
+    params = (1 if cfg.tied else 2) * n * d + n + d
+    out: dict[str, int] = {}
+    if D > 1:
+        out["gradients all-reduce (data)"] = round(2 * (D - 1) / D * params * w)
+        out["fired latents all-reduce (data)"] = round(2 * (D - 1) / D * n)
+        if cfg.resample_pool:
+            out["pool rows all-gather (data)"] = (D - 1) * b * d * w
+    if L > 1:
+        out["candidates all-gather (latent)"] = (L - 1) * b * k * 8
+        out["x_hat all-reduce (latent)"] = round(2 * (L - 1) / L * b * d * 4)
+        out["b_dec gradient all-reduce (latent)"] = round(2 * (L - 1) / L * d * w)
+    if cfg.activation == "batchtopk" and G > 1:
+        out["threshold all-gather (all)"] = (G - 1) * cfg.batch * k * 4
+    return out
 
 
 def largest_d_sae(cfg: PlanConfig, budget_bytes: float) -> int:
@@ -186,6 +224,11 @@ def report(cfg: PlanConfig, gpu_memory_gib: float) -> str:
     lines.append(f"  {'total':32}{first.total / GIB:>10.2f} GiB{plans['bfloat16'].total / GIB:>10.2f} GiB")
     lines.append(f"  {'fits in ' + format(gpu_memory_gib, 'g') + ' GiB':32}"
                  + "".join(f"{'yes' if p.total <= budget else 'NO':>14}" for p in plans.values()))
+    comm = comm_per_step(cfg)
+    if comm:
+        lines += ["", "sent per step and rank (ring collectives)"]
+        lines += [f"  {name:32}{v / 2**20:>10.2f} MiB" for name, v in comm.items()]
+        lines.append(f"  {'total':32}{sum(comm.values()) / 2**20:>10.2f} MiB")
     lines.append("")
     for moments, p in plans.items():
         top = largest_d_sae(p.cfg, budget)
