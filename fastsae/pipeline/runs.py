@@ -138,7 +138,7 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 
 
 def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", site: str = "resid_post.6",
-             corpus: str = "english-classics", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
+             corpus: str = "english:train", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
              steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, eval_tokens: int = 4096,
              device: str | None = None, progress: bool = True) -> dict:
     """Harvest, train a TopK SAE, evaluate it against baselines; each step resumes where an interrupted run
