@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                     help="scale store activations to mean norm sqrt(d) while training, folded into the saved SAE "
                          "(default: on for stores)")
-    tr.add_argument("--config", help='JSON file {"sae": {...}, "train": {...}, "data": {...}}; flags override it')
+    tr.add_argument("--config", help='JSON file {"sae": {...}, "train": {...}, "data": {...}} ("train" by flat '
+                                     'names, or nested by concern with "format_version": 2, as in a run.json); '
+                                     'flags override it')
     tr.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
     tr.add_argument("--d-sae", type=int)

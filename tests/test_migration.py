@@ -5,12 +5,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastsae import SAE
 from fastsae.cli import main
 from fastsae.harvest import ActivationStore, harvested_windows
-from fastsae.pipeline import read_run
+from fastsae.pipeline import read_run, settings_from
 from fastsae.train import TrainConfig
 
 V1 = Path(__file__).parent / "data" / "v1"
@@ -56,3 +57,19 @@ def test_an_old_store_records_its_windows_by_sequences_done(tmp_path):
     record = harvested_windows(store)
     assert record == {"corpus": "english-classics", "text_field": "text", "context_size": 32, "seed": 0,
                       "ranges": [[0, 64]]}
+
+
+def test_a_config_file_takes_flat_or_nested_train_settings(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"train": {"lr": 1e-3, "resample_every": 5}, "data": {"batch_size": 16}}))
+    settings = settings_from(flat, train={"lr": 2e-3}, data={"seed": 3})
+    assert settings.train.optimizer.lr == 2e-3 and settings.train.dead_latents.resample_every == 5
+    assert settings.train.schedule.total_steps == 2000  # fastsae train's default length
+    assert settings.data.batch_size == 16 and settings.data.seed == 3 and settings.data.source == "toy"
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"format_version": 2, "train": TrainConfig.flat(lr=1e-3, total_steps=7).to_dict()}))
+    assert settings_from(nested).train == TrainConfig.flat(lr=1e-3, total_steps=7)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": {"batch": 16}}))
+    with pytest.raises(ValueError, match=r"bad\.json.*DataConfig got unknown fields \['batch'\]"):
+        settings_from(bad)
