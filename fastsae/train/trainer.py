@@ -82,7 +82,7 @@ def record_batch_threshold_(threshold: Tensor, tau: Tensor) -> None:
 
 def build_optimizer(sae: SAE, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """The optimizer cfg asks for: SAEAdam (the fused step, with the decoder constraint inside it) or
-    torch.optim.Adam (the constraint then being the trainer's two extra passes; see `fuses_constraint`)."""
+    torch.optim.Adam (the constraint then being the trainer's two passes around its step, `Trainer.fused`)."""
     fused = cfg.kind == "fused" or (cfg.kind == "auto" and sae.device.type == "cuda") or cfg.state_dtype != "float32"
     if fused:
         return SAEAdam(sae, lr=cfg.lr, betas=cfg.betas, state_dtype=getattr(torch, cfg.state_dtype))
@@ -158,10 +158,12 @@ class Trainer:
         if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
             with torch.no_grad():
                 sae.b_dec.copy_(batch.reshape(-1, batch.shape[-1]).double().mean(0).to(sae.b_dec.dtype))
-        kl = None
+        kl = None  # the KL term as a function of x_hat, for SAE.forward's loss
         if self.kl is not None:
             x, clean_logprobs = self.kl.clean(batch)
-            kl = lambda x_hat: self.kl.kl(batch, x_hat, clean_logprobs)  # noqa: E731
+
+            def kl(x_hat: Tensor) -> Tensor:
+                return self.kl.kl(batch, x_hat, clean_logprobs)
         else:
             x = batch
         x = x.to(sae.dtype)  # the compute dtype under mixed precision
