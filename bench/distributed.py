@@ -69,7 +69,7 @@ def _run(rank: int, world: int, port: int, mode: str, threads: int, args, out: P
     if mode in ("ddp", "loop"):
         step = _bare_step(model, mode, grid, ddp_bytes)
     else:
-        trainer = DistributedTrainer(model, TrainConfig(lr=1e-4, progress=False, log_every=10**9))
+        trainer = DistributedTrainer(model, TrainConfig.flat(lr=1e-4, progress=False, log_every=10**9))
         step = lambda x: trainer.step(x, metrics=False)  # noqa: E731
     times = []
     for i in range(args.steps + 2):

@@ -68,7 +68,7 @@ def _measure(rank: int, world: int, port: int, point: tuple, out: Path) -> None:
     grid = ProcessGrid.create(latent_size=latent)
     rows = batch // grid.data_size
     xs = [torch.randn(rows, d_in) for _ in range(3)]
-    cfg = TrainConfig(lr=1e-4, progress=False, optimizer="torch")
+    cfg = TrainConfig.flat(lr=1e-4, progress=False, optimizer="torch")
 
     def trainer(n_latents: int) -> DistributedTrainer:
         return DistributedTrainer(ShardedSAE(SAEConfig(d_in, n_latents, activation="topk", k=k), grid, seed=0), cfg)

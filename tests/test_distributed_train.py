@@ -37,7 +37,7 @@ CASES = {  # name: (latent shards, SAE config, train config)
 def _setup(name):
     _, sae_kw, train_kw = CASES[name]
     cfg = SAEConfig(12, 64, **sae_kw)
-    train = TrainConfig(lr=3e-3, total_steps=STEPS, dead_window_tokens=128, resample_pool=128, log_every=4,
+    train = TrainConfig.flat(lr=3e-3, total_steps=STEPS, dead_window_tokens=128, resample_pool=128, log_every=4,
                         checkpoint_every=4, progress=False, seed=1, **train_kw)
     toy = ToyDictionary.random(d_in=12, n_features=16, active_per_sample=2.0, seed=0)  # many latents die
     return cfg, train, toy.batches(BATCH, STEPS)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -51,11 +50,13 @@ from torch import Tensor
 
 from .. import io
 from ..config import SAEConfig
+from ..losses import variance_unexplained
+from ..ops import backend_for
 from ..ops import distributed as D
 from ..ops.distributed import ProcessGrid
 from ..sae import SAE
 from . import checkpoint as ckpt
-from .resample import ENCODER_SCALE, draw_inputs, reconstruction_losses, rewrite_rows
+from .resample import ENCODER_SCALE, adam_state_rows, draw_inputs, reconstruction_losses
 from .sharded import (
     MANIFEST,
     REPLICATED,
@@ -146,20 +147,19 @@ class DistributedTrainer(Trainer):
         stacked = D.all_reduce_(stacked, self.grid.data_group, name="metrics_all_reduce") / self.grid.data_size
         return {**values, **dict(zip(present, stacked, strict=True))}
 
-    def _fvu(self, x: Tensor, x_hat: Tensor) -> Tensor:
-        """fvu over the whole batch, from sums: Σ||x - x_hat||² / (Σ||x||² - ||Σx||²/N), in float64."""
+    def _fvu(self, x: Tensor, x_hat: Tensor) -> float:
+        """fvu over the whole batch, from the float64 sums every rank adds up (losses.variance_unexplained)."""
         if self.grid.data_size == 1:
             return super()._fvu(x, x_hat)
         x, x_hat = x.reshape(-1, x.shape[-1]).double(), x_hat.reshape(-1, x.shape[-1]).double()
-        sums = torch.cat([(x - x_hat).pow(2).sum().view(1), x.pow(2).sum().view(1), x.sum(0)])
+        sums = torch.cat([(x - x_hat).square().sum().view(1), x.square().sum().view(1), x.sum(0)])
         sums = D.all_reduce_(sums, self.grid.data_group, name="metrics_all_reduce")
-        n = self._global_rows(x.shape[0])
-        return (sums[0] / (sums[1] - sums[2:].pow(2).sum() / n).clamp_min(torch.finfo(torch.float32).tiny)).float()
+        return variance_unexplained(float(sums[0]), float(sums[1]), sums[2:], self._global_rows(x.shape[0]))
 
     # ---- latent sharding -------------------------------------------------------------------------
 
     def dead_fraction(self) -> float:
-        if self.tokens_seen < self.cfg.dead_window_tokens:
+        if self.tokens_seen < self.cfg.dead_latents.window_tokens:
             return 0.0
         dead = self.dead_mask().sum().view(1)
         return float(D.all_reduce_(dead, self.model.shard.group, name="metrics_all_reduce")) / self.model.cfg.d_sae
@@ -179,7 +179,7 @@ class DistributedTrainer(Trainer):
             path = super().save_checkpoint() if self.is_main else None
         elif self.is_main:
             path = ckpt.write_checkpoint(self.run_dir, self.step_count, self._write_shards,
-                                         keep=self.cfg.keep_checkpoints)
+                                         keep=self.cfg.checkpoints.keep)
         else:
             self._write_shards(None)
             path = None
@@ -189,7 +189,7 @@ class DistributedTrainer(Trainer):
         tmp = _broadcast_path(tmp)
         rows, replicated = self._state_tensors()
         extra = {"step": self.step_count, "tokens": self.tokens_seen, "total_steps": self.total_steps,
-                 "config": asdict(self.cfg), "optimizer": self._optimizer_meta(),
+                 "config": self.cfg.to_dict(), "optimizer": self._optimizer_meta(),
                  "grid": {"data": self.grid.data_size, "latent": self.grid.latent_size}}
         write_sharded(tmp, self.model.cfg, self.grid, rows, replicated, self.model.metadata, extra)
 
@@ -338,7 +338,10 @@ def resample_sharded(model: ShardedSAE, dead: Tensor, pool: Tensor, optimizer: t
     if mine.any():
         inputs = pool[picks[mine]].float()
         directions = inputs / inputs.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        rewrite_rows(model, latents[mine] - s.start, directions, ENCODER_SCALE * alive_norm, optimizer)
+        W_enc = None if model.cfg.tied else model.W_enc.data
+        backend_for(model.device).resample_rows(latents[mine] - s.start, directions, model.W_dec.data, W_enc,
+                                                model.b_enc.data, ENCODER_SCALE * alive_norm,
+                                                adam_state_rows(optimizer, model))
     return n
 
 

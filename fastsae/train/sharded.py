@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from .. import io
 from ..config import SAEConfig
 from ..latents import SparseLatents
+from ..losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
 from ..ops import distributed as D
 from ..ops.distributed import LatentShard, ProcessGrid
-from ..sae import BATCHTOPK_THRESHOLD_EMA, SAE, SAEOutput
+from ..sae import SAE, SAEOutput
 
 FORMAT_VERSION = 1
 KIND = "fastsae-sharded"
@@ -129,26 +130,25 @@ class ShardedSAE(nn.Module):
                          self._w(self.W_dec), self._w(self.b_dec), self.shard)
         return x_hat.reshape(*lead, self.cfg.d_in)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                coefficients: LossCoefficients | None = None, kl=None) -> SAEOutput:
         """`SAE.forward`, sharded: dead_mask (n,) is this rank's rows'. Every output is the same on every
-        rank of the latent group (latents detached for relu/jumprelu/batchtopk)."""
+        rank of the latent group (latents detached for relu/jumprelu/batchtopk). kl is not supported."""
+        if kl is not None:
+            raise ValueError("ShardedSAE: training through a spliced model (kl) runs in one process only")
         x2, lead = self._flatten_input(x)
         x_c = self._centre(x2)
-        values, indices, latents = self._encode_flat(x_c)  # values/indices: at least this rank's entries
+        values, indices, latents, tau = self._encode_flat(x_c)  # values/indices: at least this rank's entries
         x_hat = D.decode(values, indices, self._w(self.W_dec), self._w(self.b_dec), self.shard)  # (N, d_in)
-        acc = torch.promote_types(x2.dtype, torch.float32)
-        mse = (x_hat.to(acc) - x2.to(acc)).pow(2).sum(-1).mean()
-        l1, loss = None, mse
+        l1 = auxk = None
         if self.cfg.activation in ("relu", "jumprelu"):  # values hold this rank's entries only
-            z = values.to(acc)
-            if self.cfg.decoder_norm_l1:
-                z = z * self.W_dec.to(acc).norm(dim=1)[indices - self.shard.start]
-            l1 = D.sum_shards(z.sum(-1).mean(), self.shard.group)
-            loss = mse + self.cfg.l1_coefficient * l1
-        auxk = None
+            W_dec = self.W_dec if self.cfg.decoder_norm_l1 else None
+            l1 = D.sum_shards(l1_penalty(values, indices - self.shard.start, W_dec), self.shard.group)
         if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
-            auxk = self._auxk(x2, x_c, x_hat, dead_mask, k_aux, acc)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents.reshape(*lead), mse, l1, auxk, loss)
+            auxk = self._auxk(x2, x_c, x_hat, dead_mask, k_aux)
+        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1, auxk=auxk)
+        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents.reshape(*lead), terms.mse, l1, auxk, terms.loss,
+                         None, tau)
 
     def _centre(self, x: Tensor) -> Tensor:
         """The encoder input, fed to every shard: its gradient (to b_dec, or x) sums over the latent group."""
@@ -157,30 +157,27 @@ class ShardedSAE(nn.Module):
             return D.replicate(x, group) - D.replicate(self._w(self.b_dec), group)
         return D.replicate(x, group)
 
-    def _encode_flat(self, x_c: Tensor) -> tuple[Tensor, Tensor, SparseLatents]:
+    def _encode_flat(self, x_c: Tensor) -> tuple[Tensor, Tensor, SparseLatents, Tensor | None]:
+        """values, indices (at least this rank's entries), the latents of every rank, BatchTopK's batch
+        threshold in training (the trainer records it, as for SAE)."""
         cfg, shard = self.cfg, self.shard
         W_enc, b_enc = self._w(self.W_enc), self._w(self.b_enc)
+        tau = None
         if cfg.activation == "topk":
             values, indices = D.encode_topk(x_c, W_enc, b_enc, cfg.k, shard)
-            return values, indices, SparseLatents(values, indices, cfg.d_sae)
+            return values, indices, SparseLatents(values, indices, cfg.d_sae), None
         if cfg.activation == "batchtopk" and self.training:
             rows = x_c.shape[0] * self.grid.data_size  # every data rank holds as many rows
             values, indices, tau = D.encode_batchtopk(x_c, W_enc, b_enc, cfg.k, shard, self.grid.batch_group, rows)
-            with torch.no_grad():
-                if self.threshold == 0:
-                    self.threshold.copy_(tau)
-                else:
-                    self.threshold.lerp_(tau.to(self.threshold), 1 - BATCHTOPK_THRESHOLD_EMA)
         else:
             theta = {"relu": None, "jumprelu": getattr(self, "threshold", None)}.get(cfg.activation)
             if cfg.activation == "batchtopk":  # inference: the learnt threshold, row by row
                 theta = self.threshold.expand(shard.size).contiguous()
             values, indices = D.encode_threshold(x_c, W_enc, b_enc, theta, shard)
         all_values, all_indices = D.gather_compact(values, indices, shard.group)
-        return values, indices, SparseLatents(all_values, all_indices, cfg.d_sae)
+        return values, indices, SparseLatents(all_values, all_indices, cfg.d_sae), tau
 
-    def _auxk(self, x: Tensor, x_c: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None,
-              acc: torch.dtype) -> Tensor:
+    def _auxk(self, x: Tensor, x_c: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
         """`SAE._auxk` over the dead latents of every shard: the same sharded top-k and decode."""
         if dead_mask.shape != (self.shard.size,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of this rank's ({self.shard.size},) latents, "
@@ -189,13 +186,12 @@ class ShardedSAE(nn.Module):
         total = int(D.all_reduce_(torch.tensor([dead.numel()], device=x.device), self.shard.group,
                                   name="dead_all_reduce"))
         if total == 0:
-            return x_hat.new_zeros((), dtype=acc)
+            return x_hat.new_zeros((), dtype=accumulation_dtype(x.dtype))
         k_aux = min(k_aux or max(1, self.cfg.d_in // 2), total)
         values, indices = D.encode_topk(x_c, self._w(self.W_enc[dead]), self._w(self.b_enc[dead]), k_aux,
                                         self.shard, latent_ids=dead + self.shard.start)
         e_hat = D.decode(values, indices, self._w(self.W_dec), None, self.shard)
-        residual = (x - x_hat).detach()
-        return (e_hat.to(acc) - residual.to(acc)).pow(2).sum(-1).mean()
+        return mse((x - x_hat).detach(), e_hat)
 
     # ---- to and from one process -------------------------------------------------------------------
 
