@@ -187,7 +187,7 @@ def main(argv=None) -> int:
 
     def progress(i, n, work, r):
         v, cc = work
-        took = "cached" if r.get("cached") else f"{r.get('seconds', 0)} s"
+        took = r["error"] if "error" in r else "cached" if r.get("cached") else f"{r['seconds']} s"
         print(f"[{i}/{n}] {v.kernel} {v.label} {v.dtype} sm_{cc}: {took}", file=sys.stderr, flush=True)
 
     rows = run(variants, jobs=args.jobs, progress=progress)
