@@ -215,26 +215,30 @@ def _build_fastsae(case: Case, backend: str, x: torch.Tensor):
     if op == "optimizer":
         for p in sae.parameters():
             p.grad = torch.randn_like(p)
-        return lambda: _optimizer_step(sae, opt, constrain)
+
+        def optimizer():
+            with use_backend(backend):  # the backend picks the fused step's implementation too
+                _optimizer_step(sae, opt, constrain)
+        return optimizer
     if op == "resample":
         dead = torch.rand(case.d_sae, device=x.device) < 0.1
         pool = torch.randn(4 * case.n, case.d_in, device=x.device, dtype=x.dtype)
 
         def resample():
             with use_backend(backend):
-                resample_dead_latents(sae, dead, pool, use_kernel=backend == "triton")
+                resample_dead_latents(sae, dead, pool)
         return resample
     def step():
         opt.zero_grad(set_to_none=True)
         with use_backend(backend):
             sae(x).loss.backward()
-        _optimizer_step(sae, opt, constrain)
+            _optimizer_step(sae, opt, constrain)
     return step
 
 
 def _trainer_optimizer(sae: SAE) -> tuple[torch.optim.Optimizer, bool]:
     """The optimizer fastsae's trainer picks on this device, and whether the constraint is a separate pass."""
-    trainer = Trainer(sae, TrainConfig(lr=1e-4, progress=False))
+    trainer = Trainer(sae, TrainConfig.flat(lr=1e-4, progress=False))
     return trainer.optimizer, sae.cfg.normalize_decoder and not trainer.fused
 
 

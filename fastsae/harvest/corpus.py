@@ -1,9 +1,16 @@
 """Text in, fixed context windows of token ids out.
 
 Sources (`read_documents`):
-    "english-classics"   the built-in corpus, shipped in the package: Shakespeare's 42 plays and poems and
-                         Milton's poetry and Areopagitica (Project Gutenberg texts, public domain; about
-                         6M characters, 1.7M Gemma 3 tokens). scripts/build_corpus.py rebuilds it.
+    "english-classics"   built in: Shakespeare's 42 plays and poems and Milton's poetry and Areopagitica
+                         (Project Gutenberg texts, public domain; 6M characters, 1.7M Gemma 3 tokens)
+    "modern-prose"       built in: modern technical English, the prose of the Python 3.11 documentation
+                         (PSF-2.0), the Node.js 18 API docs (MIT) and the Rust book (MIT/Apache-2.0);
+                         505 pages, 8.5M characters
+    "english"            both of the above (the main job's corpus)
+                         Each built-in name takes a split: "NAME:train" or "NAME:test"; every tenth
+                         document (by position in its file) is in test, the rest in train, so
+                         evaluation on NAME:test reads text that training on NAME:train never saw.
+                         scripts/build_corpus.py rebuilds the files from their packages.
     a .txt file          one document
     a directory          every *.txt inside it (sorted), one document each; or a Hugging Face `datasets`
                          dataset saved with save_to_disk (it has a dataset_info.json / state.json)
@@ -28,7 +35,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-BUILTIN = {"english-classics": "english-classics.jsonl.xz"}
+BUILTIN = {"english-classics": ("english-classics.jsonl.xz",), "modern-prose": ("modern-prose.jsonl.xz",),
+           "english": ("english-classics.jsonl.xz", "modern-prose.jsonl.xz")}
+SPLITS = ("train", "test")
+TEST_EVERY = 10  # document i of a built-in file is held out (test) iff i % TEST_EVERY == TEST_EVERY - 1
+
+
+def _builtin(name: str) -> tuple[tuple[str, ...], str | None] | None:
+    """("files", split) for a built-in corpus name with an optional ":train"/":test", else None."""
+    base, _, split = name.partition(":")
+    if base not in BUILTIN:
+        return None
+    if split and split not in SPLITS:
+        raise ValueError(f"corpus {name!r}: the split must be one of {SPLITS}, got {split!r}")
+    return BUILTIN[base], split or None
 
 
 def _open_text(path: Path):
@@ -53,9 +73,14 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
     """The documents of a corpus source, as strings (see the module docstring for what source may be)."""
-    if str(source) in BUILTIN:
-        with resources.as_file(resources.files("fastsae") / "data" / BUILTIN[str(source)]) as path:
-            yield from _jsonl(path, "text")
+    builtin = _builtin(str(source))
+    if builtin is not None:
+        files, split = builtin
+        for name in files:
+            with resources.as_file(resources.files("fastsae") / "data" / name) as path:
+                for i, text in enumerate(_jsonl(path, "text")):
+                    if split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1):
+                        yield text
         return
     path = Path(source)
     if not path.exists():
@@ -131,3 +156,41 @@ def token_windows(tokenizer, documents, context_size: int, max_tokens: int | Non
     if bos is not None:
         windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=torch.int64), windows], dim=1)
     return windows
+
+
+# ---- which windows: records of a seeded window order ------------------------------------------------
+# A run that consumed corpus windows records them as {"corpus", "text_field", "context_size", "seed",
+# "ranges": [[start, stop], ...]}: half-open ranges of indices into token_windows(..., seed=seed) of the
+# whole corpus. Harvest manifests and SAEs carry such records, so evaluation holds out what training
+# never saw without re-deriving it.
+
+
+def window_record(corpus: str | Path, text_field: str, context_size: int, seed: int | None,
+                  ranges: list[list[int]]) -> dict:
+    return {"corpus": str(corpus), "text_field": text_field, "context_size": context_size, "seed": seed,
+            "ranges": [[int(a), int(b)] for a, b in ranges]}
+
+
+def first_windows(ranges: list[list[int]], n: int) -> list[list[int]]:
+    """The first n windows of ranges, as ranges."""
+    out = []
+    for start, stop in ranges:
+        if n <= 0:
+            break
+        take = min(stop - start, n)
+        out.append([start, start + take])
+        n -= take
+    return out
+
+
+def held_out_windows(total: int, used: list[list[int]], n: int) -> tuple[Tensor, int]:
+    """Indices of the last n of total windows that no range in used covers, in order, and how many of
+    them had to be taken from the used ones because too few were left (0 when the split is clean)."""
+    free = torch.ones(total, dtype=torch.bool)
+    for start, stop in used:
+        free[start:stop] = False
+    candidates = free.nonzero().squeeze(1)
+    overlap = max(0, n - candidates.numel())
+    if overlap:  # too few held-out windows: the far end of the order, as before there were records
+        return torch.arange(total - n, total), overlap
+    return candidates[candidates.numel() - n:], 0

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..model import capture, keep_mask, special_token_ids
-from .corpus import read_documents, token_windows
-from .store import ActivationStore, StoreWriter
+from .corpus import first_windows, read_documents, token_windows, window_record
+from .store import ActivationStore, StoreWriter, is_store
 
 
 @torch.no_grad()
@@ -52,8 +52,25 @@ def harvest_corpus(model: nn.Module, tokenizer, sites: list[str], corpus: str | 
     """Tokenise corpus (see corpus.read_documents) into windows worth `tokens` tokens and harvest them.
     The corpus settings are recorded in the manifest; kwargs go to harvest()."""
     windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, tokens, seed=seed)
+    # windows: the indices (into the seeded order of the whole corpus) that this store holds, so that
+    # evaluation can hold out the others; a store harvested before the record resumes without it.
     source = {"corpus": str(corpus), "text_field": text_field, "tokens": tokens, "context_size": context_size,
-              "window_seed": seed}
+              "window_seed": seed, "windows": [[0, windows.shape[0]]]}
+    if kwargs.get("resume") and is_store(out) and "windows" not in ActivationStore(out).meta.get("source", {}):
+        del source["windows"]
     if kwargs.get("exclude_token_ids") is None:
         kwargs["exclude_token_ids"] = special_token_ids(model, tokenizer)
     return harvest(model, sites, windows, out, source=source, **kwargs)
+
+
+def harvested_windows(store: ActivationStore) -> dict | None:
+    """The window record (see corpus.window_record) of the sequences a corpus store holds, or None when
+    its sequences did not come from a corpus. Stores from before the record hold the first sequences_done
+    windows of their seeded order, which is what harvest_corpus always took."""
+    source = store.meta.get("source") or {}
+    if "corpus" not in source:
+        return None
+    done = store.meta["sequences_done"]
+    ranges = first_windows(source.get("windows", [[0, done]]), done)
+    return window_record(source["corpus"], source.get("text_field", "text"), source["context_size"],
+                         source.get("window_seed", 0), ranges)

@@ -1,0 +1,166 @@
+"""The researcher's runs as functions: harvest, train, evaluate, and the main job that chains them.
+
+`fastsae harvest|train|eval|run` and the examples call these; each resumes where an interrupted run
+stopped. A training run directory holds
+
+    run.json        format_version 2: {"sae": SAEConfig, "train": TrainConfig (nested by concern),
+                    "data": DataConfig, "windows": the corpus windows it trained on (when it knows them)}
+    metrics.jsonl, checkpoints/, sae/   (the trainer's; sae/ takes raw activations, its metadata the provenance)
+
+run.json of format 1 (no format_version; "train" one flat dict, as fastsae wrote it before the configs
+were split by concern) is read and migrated by `read_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..config import DTYPES, SAEConfig
+from ..sae import SAE
+from ..train.config import FORMAT_VERSION, TrainConfig
+from .data import DataConfig, finish_sae, open_data
+
+RUN_FILE = "run.json"
+# What `fastsae train` assumes where neither --config nor a flag says otherwise.
+DEFAULT_STEPS = 2000
+D_SAE_PER_D_IN = 8
+
+
+@dataclass
+class RunSettings:
+    sae: dict  # SAEConfig fields; d_in (and the default d_sae = 8·d_in) come from the data when absent
+    train: TrainConfig
+    data: DataConfig
+    windows: dict | None = None  # what the run consumed (a harvest.corpus window record), once known
+
+    def to_dict(self) -> dict:
+        d = {"format_version": FORMAT_VERSION, "sae": self.sae, "train": self.train.to_dict(),
+             "data": self.data.to_dict()}
+        if self.windows is not None:
+            d["windows"] = self.windows
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: object = "run settings") -> RunSettings:
+        """Format 2, or format 1 (no format_version, "train" flat), migrated."""
+        version = d.get("format_version", 1)
+        unknown = sorted(set(d) - {"format_version", "sae", "train", "data", "windows"})
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; expected sae, train, data")
+        try:
+            train = TrainConfig.from_dict(d.get("train", {}), version=version)
+            data = DataConfig.from_dict(d.get("data", {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
+        return cls(dict(d.get("sae", {})), train, data, d.get("windows"))
+
+
+def read_run(path: str | Path) -> RunSettings:
+    """A run.json (or a --config file of the same shape), of either format."""
+    return RunSettings.from_dict(io.read_json(path), source=path)
+
+
+def settings_from(config: str | Path | None = None, *, sae: dict | None = None, train: dict | None = None,
+                  data: dict | None = None) -> RunSettings:
+    """A config file's settings (or none) with overrides on top: sae and data by field, train by the flat
+    names of TrainConfig.flat. The run length defaults to DEFAULT_STEPS."""
+    base = read_run(config) if config else RunSettings({}, TrainConfig.flat(total_steps=DEFAULT_STEPS), DataConfig())
+    if config and base.train.schedule.total_steps is None:
+        base.train = base.train.replace(total_steps=DEFAULT_STEPS)
+    return RunSettings({**base.sae, **(sae or {})}, base.train.replace(**(train or {})),
+                       DataConfig.from_dict({**base.data.to_dict(), **(data or {})}))
+
+
+def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: bool = False,
+              progress: bool = True) -> SAE:
+    """Train an SAE into the run directory out and return it, saved in out/sae taking raw activations.
+    resume=True continues from out's newest checkpoint with out's own run.json (settings are then unused)."""
+    from ..train import Trainer
+
+    out = Path(out)
+    if resume and (out / RUN_FILE).is_file():
+        settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration
+    settings = settings or settings_from()
+    dtype = DTYPES.get(settings.sae.get("dtype", "float32"))
+    if dtype is None:
+        raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {settings.sae['dtype']!r}")
+    data = open_data(settings.data, dtype)  # the site is resolved (and checked) before anything is built
+    sae_cfg = SAEConfig.from_dict({"d_in": data.d_in, "d_sae": D_SAE_PER_D_IN * data.d_in, **settings.sae})
+    if sae_cfg.d_in != data.d_in:
+        raise ValueError(f"SAEConfig.d_in={sae_cfg.d_in} but the data {settings.data.source!r} has d_in={data.d_in}")
+    train_cfg = settings.train.replace(progress=progress)
+    settings = RunSettings(sae_cfg.to_dict(), settings.train, data.cfg, data.provenance.get("windows"))
+    io.write_json(out / RUN_FILE, settings.to_dict())
+    torch.manual_seed(train_cfg.seed)
+    trainer = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out)
+    result = trainer.fit(data.batches(train_cfg.schedule.total_steps), resume=resume)
+    sae = finish_sae(result.sae, data)
+    sae.save(out / "sae")
+    if result.history:
+        print(json.dumps({k: v for k, v in result.history[-1].items() if v is not None}))
+    print(f"run directory: {out.resolve()} (sae/, metrics.jsonl, checkpoints/)")
+    return sae
+
+
+def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = "english-classics",
+                tokens: int = 262_144, context_size: int = 128, text_field: str = "text", seed: int = 0,
+                batch_size: int = 8, dtype: str = "bfloat16", model_dtype: str = "float32", device: str | None = None,
+                resume: bool = False, progress: bool = True):
+    """Harvest tokens of corpus at sites of model into the store out (resume=True continues it); returns
+    the ActivationStore."""
+    from ..harvest import ActivationStore, harvest_corpus, is_store
+    from ..model import load, resolve
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm, tokenizer = load(model, dtype=getattr(torch, model_dtype), device=device)
+    for site in sites:
+        resolve(lm, site)  # an unknown site raises before any corpus is read
+    before = ActivationStore(out).tokens if resume and is_store(out) else 0
+    start = time.perf_counter()
+    store = harvest_corpus(lm, tokenizer, sites, corpus, out, tokens=tokens, context_size=context_size,
+                           text_field=text_field, seed=seed, batch_size=batch_size, dtype=getattr(torch, dtype),
+                           resume=resume, model_name=model, progress=progress)
+    seconds = time.perf_counter() - start
+    described = ", ".join(f"{s}: d={d}" for s, d in store.sites.items())
+    if store.tokens == before:
+        print(f"the store was already complete: {store.tokens:,} vectors per site ({described})")
+    else:
+        print(f"harvested {store.tokens - before:,} vectors per site ({described}) in {seconds:.1f} s: "
+              f"{(store.tokens - before) / seconds:,.0f} tokens/s on {device} (BOS/EOS/pad positions not stored)")
+    print(f"activation store: {store.path.resolve()}")
+    return store
+
+
+def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", site: str = "resid_post.6",
+             corpus: str = "english:train", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
+             steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, eval_tokens: int = 4096,
+             device: str | None = None, progress: bool = True) -> dict:
+    """Harvest, train a TopK SAE, evaluate it against baselines; each step resumes where an interrupted run
+    stopped. Returns the evaluation's results."""
+    from ..evaluation.run import run_eval
+    from ..harvest import is_store
+
+    out = Path(out)
+    start = time.perf_counter()
+    print(f"[1/3] harvest {tokens:,} tokens of {corpus} from {model} at {site}")
+    harvest_run(model, [site], out / "store", corpus=corpus, tokens=tokens, device=device,
+                resume=is_store(out / "store"), progress=progress)
+    print(f"[2/3] train a TopK SAE (d_sae {d_sae}, k {k}) for {steps} steps")
+    settings = settings_from(
+        sae={"activation": "topk", "k": k, "d_sae": d_sae},
+        train={"total_steps": steps, "lr": lr, "auxk_coefficient": 1 / 32, "b_dec_init": "mean",
+               "checkpoint_every": max(1, steps // 4)},
+        data={"source": str(out / "store"), "batch_size": batch_size})
+    train_run(out / "train", settings, resume=True, progress=progress)
+    print(f"[3/3] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
+    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens,
+                       device=device or ("cuda" if torch.cuda.is_available() else "cpu"), progress=progress)
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out.resolve()}/: store/ (activations),"
+          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png")
+    return results
