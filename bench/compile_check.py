@@ -79,6 +79,8 @@ def compile_variant(variant, cc: int) -> dict:
     fn = variant.fn()
     signature, constexprs, attrs = variant.signature(fn.arg_names)
     options = dict(num_warps=variant.num_warps, num_stages=variant.num_stages)
+    if variant.maxnreg is not None:
+        options["maxnreg"] = variant.maxnreg
     key = hashlib.sha256(json.dumps([fn.cache_key, signature, sorted(constexprs.items()), sorted(attrs),
                                      options, cc, triton.__version__], default=str).encode()).hexdigest()
     cached = cache_dir() / f"{key}.json"

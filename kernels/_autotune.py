@@ -35,13 +35,20 @@ class EncoderConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # a register cap for ptxas (None: its own choice)
+
+    def launch_options(self) -> dict:
+        """num_warps, num_stages (and maxnreg) for the kernel launch."""
+        out = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return out if self.maxnreg is None else {**out, "maxnreg": self.maxnreg}
 
     def sub_m(self, cap: int) -> int:
         """Rows per chunk when a top-k compaction sorts CAP keys a row."""
         return max(1, min(self.block_m, KEYS_PER_THREAD * 32 * self.num_warps // cap))
 
     def label(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+        cap = "" if self.maxnreg is None else f" r{self.maxnreg}"
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}{cap}"
 
 
 INTERPRETER = EncoderConfig(16, 32, 16, 4, 1)
@@ -49,11 +56,12 @@ INTERPRETER = EncoderConfig(16, 32, 16, 4, 1)
 # Hopper's warpgroup MMA needs BLOCK_M a multiple of 64 and 4 warps (a warpgroup) per 64 rows; a 64 x 128
 # fp32 accumulator on one warpgroup (64 values a thread) left too few registers for the epilogue and spilled,
 # so 128-wide tiles get two warpgroups. fp32 reads twice the bytes per element: half the BLOCK_K. Exact fp32
-# (FMA, no tensor cores) spilled at 64 x 64 (8-88 B) and at 64 x 32 x 32 (16 B); 64 x 32 x 16, one stage, fits.
+# (FMA, no tensor cores) spilled 8-88 B at every tile tried: ptxas held it to 128-168 registers (its own
+# occupancy target) where 255 were allowed; with the cap lifted (maxnreg 255) 64 x 32 x 16 fits.
 _CANDIDATES = {
     "16bit": (EncoderConfig(64, 128, 64, 8, 3), EncoderConfig(128, 64, 64, 8, 3), EncoderConfig(64, 64, 64, 4, 4)),
     "tf32": (EncoderConfig(64, 128, 32, 8, 3), EncoderConfig(128, 64, 32, 8, 3)),
-    "ieee": (EncoderConfig(64, 32, 16, 4, 1),),
+    "ieee": (EncoderConfig(64, 32, 16, 4, 1, maxnreg=255),),
 }
 
 

@@ -29,6 +29,7 @@ class Variant:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None
     plain: tuple = ()  # i32 arguments not known to be multiples of 16
     unit: tuple = ()  # arguments equal to 1 (unit strides): Triton folds them into constants
     wgmma_expected: bool = False  # on sm_90: must use warpgroup MMA
@@ -78,7 +79,8 @@ def topk_variants() -> list[Variant]:
                     types={"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "key_ptr": "*i64",
                            "count_ptr": "*i32", "tau_ptr": "*fp32"},
                     constexprs={**topk_constexprs(k_pad, c, precision), "UPCAST": False},
-                    num_warps=c.num_warps, num_stages=c.num_stages, plain=("tiles_per_split", "stride_cm"),
+                    num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
+                    plain=("tiles_per_split", "stride_cm"),
                     unit=("stride_xd", "stride_wd"), wgmma_expected=dtype != "fp32", tags=quick))
     return out
 
@@ -95,7 +97,8 @@ def threshold_variants() -> list[Variant]:
                 types={"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "theta_ptr": "*fp32",
                        "out_ptr": "*i64", "count_ptr": "*i32"},
                 constexprs={**threshold_constexprs(c, precision), "UPCAST": False},
-                num_warps=c.num_warps, num_stages=c.num_stages, plain=("tiles_per_split", "capacity", "stride_cm"),
+                num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
+                plain=("tiles_per_split", "capacity", "stride_cm"),
                 unit=("stride_xd", "stride_wd"), wgmma_expected=dtype != "fp32",
                 tags=("quick",) if (precision, i) == ("tf32", 0) else ()))
     return out

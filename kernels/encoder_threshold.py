@@ -86,7 +86,7 @@ def encoder_threshold(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
             x, W_enc, b_enc, theta, entries, counts,
             N, d_sae, d_in, g.tiles_per_split, capacity,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), entries.stride(0), counts.stride(0),
-            **threshold_constexprs(c, precision), num_warps=c.num_warps, num_stages=c.num_stages,
+            **threshold_constexprs(c, precision), **c.launch_options(),
         )
         values = (entries >> 32).to(torch.int32).view(torch.float32)
         return values, (entries & 0xFFFFFFFF).to(torch.int32), counts

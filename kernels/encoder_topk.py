@@ -147,7 +147,7 @@ def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
             x, W_enc, b_enc, keys, counts, taus,
             N, d_sae, d_in, g.tiles_per_split,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0), counts.stride(0),
-            **topk_constexprs(k_pad, c, precision), num_warps=c.num_warps, num_stages=c.num_stages,
+            **topk_constexprs(k_pad, c, precision), **c.launch_options(),
         )
         best = keys[:, :, :k_pad].reshape(N, -1)
         values = torch.where(best >= 0, (best >> 32).to(torch.int32).view(torch.float32), -1.0)
