@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: run demo test lint gpu-check clean
+.PHONY: run demo test lint compile-check gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(VENV)/.installed       ## the whole CPU suite (kernels through Triton's 
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+compile-check: $(VENV)/.installed  ## every kernel variant compiled for sm_80/sm_90 (no GPU): no spills, HGMMA
+	$(PY) -m bench.compile_check --table bench/results/compile-occupancy.md
 
 gpu-check:                     ## on a CUDA machine (its own Python): compiled kernel tests + quick benchmark
 	bash bench/gpu_check.sh
