@@ -1,0 +1,681 @@
+"""Feature statistics in one streaming pass, saved as a "feature cache" that the browser and autointerp read.
+
+    cache = collect_features(sae, StoreSource(store, site, windows), "runs/gemma/features")
+    cache = FeatureCache.load("runs/gemma/features")
+    cache.top(1234)                   # [Example]: the 20 contexts where latent 1234 is largest
+    cache.samples(1234)               # [Example]: weaker activations, meta["quantile"] 0 (weakest) .. Q-1
+    cache.random_examples(1234, 10, seed=0)   # random contexts, the latent's activation on them exact
+    cache.stats(1234)                 # count, density, mean and max activation, histogram
+
+What one pass keeps per latent (memory O(d_sae · n), whatever the token count; on the SAE's device):
+
+    top-n contexts     the n sequences where the latent's maximum is largest, one context per sequence:
+                       a window of `before` tokens before its maximum and `after` after it (shifted to stay
+                       inside the sequence), with the latent's activation at every token
+    samples            a uniform sample (bottom-n of a hash of (latent, sequence)) of the other sequences
+                       where it fires, labelled by quantile of their maxima among the sample (Bills et al.
+                       2023 and Paulo et al. 2024 score on such quantile-stratified contexts)
+    token sample       a uniform sample of the tokens where it fires (value and token id): the browser
+                       splits the histogram by token from it
+    statistics         firing count, density (count / tokens), mean activation when firing, maximum, and a
+                       histogram of B bins over [0, 2^e), 2^e the smallest power of two above the maximum
+                       (kept exact while streaming: when the maximum passes 2^e, pairs of bins merge)
+    random pool        `random_contexts` whole sequences (chosen by a hash of the sequence index) with their
+                       full sparse codes, so any latent's activation on a random context is exact
+
+Ties (top-n): the higher activation first; equal activations keep stream order (store rows: sequence,
+then position), so the earlier token wins — within a sequence for its maximum, and between sequences.
+
+A decomposition is anything with `encode(x) -> SparseLatents` or dense codes (..., width) and a width
+(`cfg.d_sae`, `d_sae` or `d_codes`): an SAE, or a baseline from fastsae.evaluation.baselines (PCA, ICA,
+neurons). A code's activation is its value where positive; wrap signed codes in `SplitSigns` to read both
+directions of a baseline as separate features.
+
+The pass is resumable: its state is checkpointed atomically between chunks (a store's shards, or groups
+of corpus windows), and a resumed pass ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import io
+from ..latents import SparseLatents
+from .examples import Example
+from .topn import BestN, hash32
+
+FORMAT_VERSION = 1
+META_FILE = "features.json"
+TENSORS_FILE = "features.safetensors"
+VOCAB_FILE = "vocab.json"
+PARTIAL = "partial"
+NO_EXPONENT = -1000  # histogram exponent of a latent that never fired (fp32 exponents are > -150)
+TIE_RULE = "higher activation first; equal activations: the earlier token in stream order (sequence, position)"
+
+
+@dataclass
+class FeatureConfig:
+    top: int = 20  # top-activating contexts per latent
+    samples: int = 20  # weaker contexts per latent, quantile-labelled
+    quantiles: int = 5
+    before: int = 19  # tokens of context before the maximum (a window of before + 1 + after tokens)
+    after: int = 4
+    token_sample: int = 128  # firing tokens sampled per latent, to split the histogram by token
+    random_contexts: int = 256  # sequences kept whole with their sparse codes
+    histogram_bins: int = 64
+    neighbours: int = 8  # nearest latents by decoder cosine
+    seed: int = 0
+    batch_rows: int = 8192  # rows encoded at once
+    checkpoint_seconds: float = 120.0  # save the pass's state at most this often (and at the end)
+
+    def __post_init__(self):
+        for name in ("top", "quantiles", "histogram_bins", "batch_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"FeatureConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("samples", "before", "after", "token_sample", "random_contexts", "neighbours", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"FeatureConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.histogram_bins & (self.histogram_bins - 1):
+            raise ValueError(f"FeatureConfig.histogram_bins must be a power of two (bins merge in pairs), "
+                             f"got {self.histogram_bins}")
+
+
+# ---- decompositions ---------------------------------------------------------------------------------
+
+
+def width_of(decomposition) -> int:
+    """How many latents (codes) a decomposition has."""
+    for get in (lambda d: d.cfg.d_sae, lambda d: d.d_sae, lambda d: d.d_codes):
+        try:
+            return int(get(decomposition))
+        except AttributeError:
+            continue
+    raise TypeError(f"{type(decomposition).__name__}: a decomposition needs a width (cfg.d_sae, d_sae or d_codes)")
+
+
+def directions_of(decomposition) -> Tensor | None:
+    """(width, d_in) decoder directions (W_dec rows, or a baseline's directions), or None."""
+    for name in ("W_dec", "directions"):
+        value = getattr(decomposition, name, None)
+        if isinstance(value, Tensor):
+            return value.detach()
+    return None
+
+
+class SplitSigns:
+    """A signed decomposition (PCA, ICA, neurons) read as 2·n features: i is the positive side of code i,
+    n + i the negative side."""
+
+    def __init__(self, decomposition):
+        self.inner = decomposition
+        self.d_codes = 2 * width_of(decomposition)
+        self.dtype = getattr(decomposition, "dtype", torch.float32)
+        inner = directions_of(decomposition)
+        self.directions = None if inner is None else torch.cat([inner, -inner])
+
+    def encode(self, x: Tensor) -> Tensor:
+        c = self.inner.encode(x)
+        c = c.to_dense() if isinstance(c, SparseLatents) else c
+        return torch.cat([c.clamp_min(0), (-c).clamp_min(0)], dim=-1)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        n = self.d_codes // 2
+        return self.inner.decode(codes[..., :n] - codes[..., n:])
+
+
+@torch.no_grad()
+def active_entries(decomposition, x: Tensor, batch_rows: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
+    """The positive codes of x (N, d_in) as (row, latent, value), each (M,), in stream order (row-major)."""
+    dtype = getattr(decomposition, "dtype", x.dtype)
+    device = getattr(decomposition, "device", x.device)
+    rows, lats, vals = [], [], []
+    for first in range(0, x.shape[0], batch_rows):
+        codes = decomposition.encode(x[first:first + batch_rows].to(device=device, dtype=dtype))
+        if isinstance(codes, SparseLatents):
+            on = codes.values > 0  # (n, w): padding slots hold 0
+            row = torch.arange(on.shape[0], device=on.device)[:, None].expand_as(on)[on]
+            lat, val = codes.indices[on], codes.values[on]
+        elif isinstance(codes, Tensor):
+            row, lat = (codes > 0).nonzero(as_tuple=True)
+            val = codes[row, lat]
+        else:
+            raise TypeError(f"{type(decomposition).__name__}.encode must return SparseLatents or a Tensor, "
+                            f"got {type(codes).__name__}")
+        rows.append(row + first)
+        lats.append(lat.long())
+        vals.append(val.float())
+    return torch.cat(rows), torch.cat(lats), torch.cat(vals)
+
+
+def fingerprint(decomposition) -> str:
+    """SHA-256 of a decomposition's tensors: a resumed pass must read the same dictionary."""
+    if isinstance(decomposition, SplitSigns):
+        return "split:" + fingerprint(decomposition.inner)
+    tensors = decomposition.state_dict() if isinstance(decomposition, nn.Module) else \
+        {k: v for k, v in vars(decomposition).items() if isinstance(v, Tensor)}
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- sources: chunks of whole sequences in stream order ---------------------------------------------
+
+
+@dataclass
+class Chunk:
+    x: Tensor  # (N, d_in) activations at the site, rows in stream order
+    token_ids: Tensor  # (N,) the token at each row
+    sequence: Tensor  # (N,) int64 global sequence index, non-decreasing
+    position: Tensor  # (N,) int64 position within the sequence
+    tokens: Tensor  # (S, T) int64 token ids of sequences first … first + S - 1 (-1 where unknown)
+    first: int
+
+
+class StoreSource:
+    """The shards of an activation store, one chunk each (shards hold whole sequences). windows (S, T): the
+    harvested token windows (see `store_windows`); without them, positions the store left out (BOS, EOS,
+    pad) have token id -1."""
+
+    def __init__(self, store, site: str, windows: Tensor | None = None):
+        if site not in store.sites:
+            raise ValueError(f"site {site!r} is not in the store {store.path}; it has {sorted(store.sites)}")
+        self.store, self.site, self.windows = store, site, windows
+        self.context_size = store.meta["context_size"]
+        self.n_sequences = store.meta["sequences_done"]
+        self.n_chunks = len(store.shards)
+        self.tokens = store.tokens
+        if windows is not None and (windows.dim() != 2 or windows.shape[1] != self.context_size
+                                    or windows.shape[0] < self.n_sequences):
+            raise ValueError(f"windows must be (>= {self.n_sequences}, {self.context_size}) token ids (the store's "
+                             f"sequences), got {tuple(windows.shape)}")
+
+    def describe(self) -> dict:
+        return {"kind": "store", "store": str(self.store.path.resolve()), "site": self.site,
+                "model": self.store.meta.get("model"), "source": self.store.meta.get("source", {})}
+
+    def chunks(self, start: int = 0) -> Iterator[Chunk]:
+        for i in range(start, self.n_chunks):
+            shard = self.store.load_shard(i, keys=(self.site, "token_ids", "sequence", "position"))
+            seq, pos, ids = shard["sequence"].long(), shard["position"].long(), shard["token_ids"].long()
+            first, last = int(seq.min()), int(seq.max())
+            if self.windows is not None:
+                grid = self.windows[first:last + 1].long()
+                if not torch.equal(grid[seq - first, pos], ids):
+                    raise ValueError(f"{self.store.path / self.store.shards[i].file}: its token ids differ from the "
+                                     f"windows given (another corpus, tokenizer or window seed?)")
+            else:
+                grid = torch.full((last - first + 1, self.context_size), -1, dtype=torch.int64)
+                grid[seq - first, pos] = ids
+            yield Chunk(shard[self.site], ids, seq, pos, grid, first)
+
+
+class ModelSource:
+    """Corpus windows (S, T) through the model to the site, `chunk_windows` windows per chunk; positions
+    holding an excluded token (BOS/EOS/pad by default) are left out, as a harvest would."""
+
+    def __init__(self, model: nn.Module, site: str, windows: Tensor, *, batch_size: int = 8,
+                 exclude_token_ids: list[int] | None = None, chunk_windows: int = 256, name: str | None = None):
+        from ..model import special_token_ids
+
+        if windows.dim() != 2:
+            raise ValueError(f"windows must be (S, T) token ids, got shape {tuple(windows.shape)}")
+        self.model, self.site, self.windows, self.batch_size = model, site, windows, batch_size
+        self.excluded = special_token_ids(model) if exclude_token_ids is None else sorted(exclude_token_ids)
+        self.chunk_windows = chunk_windows
+        self.context_size, self.n_sequences = windows.shape[1], windows.shape[0]
+        self.n_chunks = -(-self.n_sequences // chunk_windows)
+        self.tokens = windows.numel()
+        self.name = name
+
+    def describe(self) -> dict:
+        return {"kind": "model", "model": self.name or getattr(self.model.config, "_name_or_path", ""),
+                "site": self.site, "windows": list(self.windows.shape), "excluded_token_ids": self.excluded}
+
+    def chunks(self, start: int = 0) -> Iterator[Chunk]:
+        from ..model import capture, keep_mask
+
+        device = next(self.model.parameters()).device
+        for c in range(start, self.n_chunks):
+            first = c * self.chunk_windows
+            grid = self.windows[first:first + self.chunk_windows].long()
+            acts = torch.cat([capture(self.model, [self.site], input_ids=grid[i:i + self.batch_size].to(device))
+                              [self.site] for i in range(0, grid.shape[0], self.batch_size)])
+            keep = keep_mask(grid, self.excluded)
+            S, T = grid.shape
+            seq = (torch.arange(S) + first)[:, None].expand(S, T)[keep]
+            pos = torch.arange(T)[None, :].expand(S, T)[keep]
+            yield Chunk(acts[keep.to(acts.device)], grid[keep], seq, pos, grid, first)
+
+
+def store_windows(store, tokenizer) -> Tensor | None:
+    """The token windows a store was harvested from, rebuilt from the corpus settings in its manifest
+    (None when it records none)."""
+    from ..harvest.corpus import read_documents, token_windows
+
+    source = store.meta.get("source") or {}
+    if not source.get("corpus"):
+        return None
+    return token_windows(tokenizer, read_documents(source["corpus"], source.get("text_field", "text")),
+                         source["context_size"], source.get("tokens"), seed=source.get("window_seed", 0))
+
+
+# ---- the pass ---------------------------------------------------------------------------------------
+
+
+class FeaturePass:
+    """The streaming state: add() chunk by chunk, result() at the end. All tensors live on device."""
+
+    def __init__(self, d_sae: int, cfg: FeatureConfig, context_size: int, n_sequences: int,
+                 device: torch.device | str = "cpu"):
+        self.d_sae, self.cfg, self.T, self.device = d_sae, cfg, context_size, torch.device(device)
+        self.W = min(cfg.before + 1 + cfg.after, context_size)
+        ctx = {"sequence": ((), torch.int64, -1), "position": ((), torch.int64, -1), "start": ((), torch.int64, -1),
+               "tokens": ((self.W,), torch.int32, -1), "acts": ((self.W,), torch.float32, 0.0)}
+        self.top = BestN(d_sae, cfg.top, torch.float32, ctx, self.device)
+        # top + samples: the sample is drawn from sequences outside the top-n, which may take up to top slots
+        self.reservoir = BestN(d_sae, cfg.top + cfg.samples, torch.int64,
+                               {"value": ((), torch.float32, 0.0), **ctx}, self.device)
+        self.token_sample = BestN(d_sae, max(cfg.token_sample, 1), torch.int64,
+                                  {"value": ((), torch.float32, 0.0), "token": ((), torch.int32, -1)}, self.device)
+        self.count = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
+        self.total = torch.zeros(d_sae, dtype=torch.float64, device=self.device)
+        self.max = torch.zeros(d_sae, dtype=torch.float32, device=self.device)
+        self.hist = torch.zeros(d_sae, cfg.histogram_bins, dtype=torch.int64, device=self.device)
+        self.hist_exp = torch.full((d_sae,), NO_EXPONENT, dtype=torch.int64, device=self.device)
+        priority = hash32(torch.arange(n_sequences, device=self.device), 0, cfg.seed + 2)
+        P = min(cfg.random_contexts, n_sequences)
+        self.pool_sequence = torch.sort(torch.sort(priority, stable=True).indices[:P]).values  # (P,)
+        self.pool_tokens = torch.full((P, context_size), -1, dtype=torch.int32, device=self.device)
+        self.pool_entries: dict[str, list[Tensor]] = {"slot": [], "position": [], "latent": [], "value": []}
+        self.rows = 0  # rows (tokens) seen
+        self.chunks = 0
+
+    @torch.no_grad()
+    def add(self, chunk: Chunk, row: Tensor, lat: Tensor, val: Tensor) -> None:
+        """One chunk and its positive codes (row into the chunk, latent, value), each (M,), in stream order."""
+        dev, cfg, d = self.device, self.cfg, self.d_sae
+        row, lat, val = row.to(dev), lat.to(dev), val.to(dev)
+        sequence, position = chunk.sequence.to(dev), chunk.position.to(dev)
+        grid = chunk.tokens.to(dev)
+        S, T = grid.shape
+        if T != self.T:
+            raise ValueError(f"chunk has sequences of {T} tokens, the pass expects {self.T}")
+        N = chunk.token_ids.shape[0]
+        self.count += torch.bincount(lat, minlength=d)
+        self.total.index_add_(0, lat, val.double())
+        self.max = self.max.scatter_reduce(0, lat, val, "amax")
+        self._histogram(lat, val)
+
+        seq_local = sequence[row] - chunk.first
+        tokens = chunk.token_ids.to(dev)
+        self.token_sample.merge(lat, -hash32(lat, row + self.rows, cfg.seed),
+                                lambda i: {"value": val[i], "token": tokens[row[i]]})
+
+        # each latent's maximum within each sequence (earliest position on ties): one context per sequence
+        order = torch.sort(val, descending=True, stable=True).indices
+        group = lat[order] * S + seq_local[order]
+        inner = torch.sort(group, stable=True).indices
+        order, group = order[inner], group[inner]
+        first = torch.ones_like(group, dtype=torch.bool)
+        first[1:] = group[1:] != group[:-1]
+        best = order[first]  # grouped by (latent, sequence): stream order within each latent
+        c_lat, c_seq, c_pos, c_val = lat[best], seq_local[best], position[row[best]], val[best]
+
+        rowgrid = torch.full((S, T), -1, dtype=torch.int64, device=dev)
+        rowgrid[sequence - chunk.first, position] = torch.arange(N, device=dev)
+        entry_key, entry_order = torch.sort(row * d + lat)
+        entry_val = val[entry_order]
+
+        def contexts(i: Tensor) -> dict[str, Tensor]:
+            start = (c_pos[i] - cfg.before).clamp(0, T - self.W)
+            cols = start[:, None] + torch.arange(self.W, device=dev)  # (K, W)
+            s = c_seq[i][:, None]
+            rows = rowgrid[s, cols]
+            query = rows * d + c_lat[i][:, None]
+            at = torch.searchsorted(entry_key, query).clamp_max(max(entry_key.numel() - 1, 0))
+            hit = (rows >= 0) & (entry_key[at] == query)
+            return {"sequence": c_seq[i] + chunk.first, "position": c_pos[i], "start": start,
+                    "tokens": grid[s, cols], "acts": torch.where(hit, entry_val[at], 0.0)}
+
+        self.top.merge(c_lat, c_val, contexts)
+        self.reservoir.merge(c_lat, -hash32(c_lat, c_seq + chunk.first, cfg.seed + 1),
+                             lambda i: {"value": c_val[i], **contexts(i)})
+        self._pool(chunk.first, S, grid, sequence, position, row, lat, val)
+        self.rows += N
+        self.chunks += 1
+
+    def _histogram(self, lat: Tensor, val: Tensor) -> None:
+        B = self.cfg.histogram_bins
+        chunk_max = torch.zeros(self.d_sae, device=self.device).scatter_reduce(0, lat, val, "amax")
+        exponent = torch.frexp(chunk_max).exponent.long()  # chunk_max < 2^exponent
+        fired = chunk_max > 0
+        new_exp = torch.where(fired, torch.maximum(exponent, self.hist_exp), self.hist_exp)
+        shift = torch.where(self.hist_exp == NO_EXPONENT, 0, new_exp - self.hist_exp).clamp(0, 62)
+        index = torch.arange(B, device=self.device)[None, :] >> shift[:, None]  # bin i joins bin i >> shift
+        self.hist = torch.zeros_like(self.hist).scatter_add_(1, index, self.hist)
+        self.hist_exp = new_exp
+        scaled = val * torch.exp2(-self.hist_exp[lat].float()) * B  # exact: powers of two
+        b = scaled.floor().long().clamp(0, B - 1)
+        self.hist.view(-1).index_add_(0, lat * B + b, torch.ones_like(b))
+
+    def _pool(self, first: int, S: int, grid: Tensor, sequence: Tensor, position: Tensor, row: Tensor,
+              lat: Tensor, val: Tensor) -> None:
+        inside = (self.pool_sequence >= first) & (self.pool_sequence < first + S)
+        if not inside.any():
+            return
+        slots = inside.nonzero().squeeze(1)
+        self.pool_tokens[slots] = grid[self.pool_sequence[slots] - first].int()
+        pooled = torch.isin(sequence[row], self.pool_sequence[slots])
+        seq = sequence[row[pooled]]
+        self.pool_entries["slot"].append(torch.searchsorted(self.pool_sequence, seq))
+        self.pool_entries["position"].append(position[row[pooled]])
+        self.pool_entries["latent"].append(lat[pooled])
+        self.pool_entries["value"].append(val[pooled])
+
+    # ---- state ----------------------------------------------------------------------------------------
+
+    def _pool_tensors(self) -> dict[str, Tensor]:
+        empty = {"slot": torch.int64, "position": torch.int64, "latent": torch.int64, "value": torch.float32}
+        return {f"pool.{k}": torch.cat(v) if v else torch.zeros(0, dtype=empty[k], device=self.device)
+                for k, v in self.pool_entries.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"count": self.count, "total": self.total, "max": self.max, "hist": self.hist,
+                 "hist_exp": self.hist_exp, "pool.tokens": self.pool_tokens, "pool.sequence": self.pool_sequence,
+                 "rows": torch.tensor(self.rows), "chunks": torch.tensor(self.chunks), **self._pool_tensors()}
+        for name in ("top", "reservoir", "token_sample"):
+            state.update(getattr(self, name).state_dict(name))
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in ("count", "total", "max", "hist", "hist_exp"):
+            setattr(self, name, state[name].to(self.device))
+        self.pool_tokens = state["pool.tokens"].to(self.device)
+        if not torch.equal(state["pool.sequence"].to(self.device), self.pool_sequence):
+            raise ValueError("the saved pass chose other random contexts (another seed or number of sequences)")
+        self.pool_entries = {k: [state[f"pool.{k}"].to(self.device)] for k in self.pool_entries}
+        self.rows, self.chunks = int(state["rows"]), int(state["chunks"])
+        for name in ("top", "reservoir", "token_sample"):
+            getattr(self, name).load_state_dict(state, name)
+
+    # ---- the result -------------------------------------------------------------------------------------
+
+    def result(self) -> dict[str, Tensor]:
+        """The cache's tensors (see FeatureCache), on the CPU."""
+        cfg = self.cfg
+        out = {"count": self.count, "mean": torch.where(self.count > 0, self.total / self.count.clamp_min(1), 0.0),
+               "max": self.max, "histogram": self.hist, "histogram_exponent": self.hist_exp}
+        valid = self.top.valid
+        out["top.value"] = torch.where(valid, self.top.keys, 0.0)
+        out.update({f"top.{k}": v for k, v in self.top.payload.items()})
+        out.update(self._samples())
+        sample_valid = self.token_sample.valid
+        out["token_sample.value"] = torch.where(sample_valid, self.token_sample.payload["value"], 0.0)
+        out["token_sample.token"] = torch.where(sample_valid, self.token_sample.payload["token"], -1)
+        pool = self._pool_tensors()
+        order = torch.argsort(pool["pool.slot"] * self.T + pool["pool.position"], stable=True)
+        out.update({k: v[order] for k, v in pool.items()})
+        out["pool.tokens"], out["pool.sequence"] = self.pool_tokens, self.pool_sequence
+        if cfg.token_sample == 0:
+            out = {k: v for k, v in out.items() if not k.startswith("token_sample.")}
+        return {k: v.cpu().contiguous() for k, v in out.items()}
+
+    def _samples(self) -> dict[str, Tensor]:
+        """The reservoir's first `samples` sequences outside the top-n, by activation, quantile-labelled."""
+        res, n_s, Q = self.reservoir, self.cfg.samples, self.cfg.quantiles
+        seq = res.payload["sequence"]
+        in_top = ((seq[:, :, None] == self.top.payload["sequence"][:, None, :])
+                  & self.top.valid[:, None, :]).any(-1)
+        keep = res.valid & ~in_top
+        rank = keep.cumsum(1) - 1
+        keep &= rank < n_s
+        slot = torch.full((self.d_sae, n_s), -1, dtype=torch.int64, device=self.device)
+        r, c = keep.nonzero(as_tuple=True)
+        slot[r, rank[r, c]] = c
+        value = torch.where(slot >= 0, res.payload["value"].gather(1, slot.clamp_min(0)), float("-inf"))
+        order = torch.sort(value, dim=1, descending=True, stable=True).indices  # strongest first
+        slot = slot.gather(1, order)
+        rows = torch.arange(self.d_sae, device=self.device)[:, None]
+        taken = slot >= 0
+        out = {}
+        for name, t in res.payload.items():
+            picked = t[rows, slot.clamp_min(0)]
+            picked[~taken] = res.specs[name][2]
+            out[f"samples.{name}"] = picked
+        n = taken.sum(1, keepdim=True)  # (d_sae, 1)
+        ascending = n - 1 - torch.arange(n_s, device=self.device)[None, :]  # rank from the weakest
+        out["samples.quantile"] = torch.where(taken, ascending * Q // n.clamp_min(1), -1)
+        return out
+
+
+# ---- running it ---------------------------------------------------------------------------------------
+
+
+def _neighbours(directions: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """(width, k) indices and cosines of each direction's k nearest others."""
+    unit = directions.float()
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    k = min(k, unit.shape[0] - 1)
+    ids, cos = [], []
+    for first in range(0, unit.shape[0], block):
+        sim = unit[first:first + block] @ unit.T  # (b, width)
+        sim[torch.arange(sim.shape[0]), torch.arange(first, first + sim.shape[0])] = float("-inf")
+        top = sim.topk(k, dim=1)
+        ids.append(top.indices)
+        cos.append(top.values)
+    return torch.cat(ids).cpu(), torch.cat(cos).cpu()
+
+
+def collect_features(decomposition, source, out: str | Path, cfg: FeatureConfig | None = None, *,
+                     resume: bool = True, overwrite: bool = False, progress: bool = True, meta: dict | None = None,
+                     stop_after: int | None = None) -> FeatureCache:
+    """Run the pass over source (StoreSource or ModelSource) and write the feature cache into out.
+
+    An interrupted pass continues from its last checkpoint when resume=True; a finished cache for the same
+    decomposition, source and settings is returned as it is, one of other settings is replaced only when
+    overwrite=True. stop_after=k stops after k chunks (checkpointed), as an interruption would (for tests).
+    meta (JSON-able) is recorded with the cache."""
+    cfg = cfg or FeatureConfig()
+    out = Path(out)
+    d_sae = width_of(decomposition)
+    if isinstance(decomposition, nn.Module):
+        decomposition.eval()  # BatchTopK reads its inference threshold
+    device = getattr(decomposition, "device", None) or torch.device("cpu")
+    identity = {"decomposition": fingerprint(decomposition), "source": source.describe(), "config": asdict(cfg)}
+    if (out / META_FILE).is_file():
+        done = io.read_json(out / META_FILE)
+        if {k: done.get(k) for k in identity} == identity:
+            return FeatureCache.load(out)
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a feature cache of another dictionary, source or settings: "
+                                  f"pass another directory, or overwrite=True")
+        (out / META_FILE).unlink()
+    state = FeaturePass(d_sae, cfg, source.context_size, source.n_sequences, device)
+    partial = out / PARTIAL
+    if (partial / "progress.json").is_file() and (overwrite or not resume):
+        (partial / "progress.json").unlink()
+    if resume and (partial / "progress.json").is_file():
+        saved = io.read_json(partial / "progress.json")
+        if saved.get("identity") != identity:
+            raise ValueError(f"{partial}: an interrupted pass of other settings (dictionary, source or config); "
+                             f"delete it or write to another directory")
+        state.load_state_dict(io.read_tensors(partial / "state.safetensors", device=str(device)))
+    bar = tqdm(total=source.tokens, initial=state.rows, disable=not progress, desc="features", unit="tok",
+               unit_scale=True)
+    last_save = time.monotonic()
+
+    def checkpoint() -> None:
+        io.write_tensors(partial / "state.safetensors", state.state_dict())
+        io.write_json(partial / "progress.json", {"format_version": FORMAT_VERSION, "identity": identity,
+                                                  "chunks": state.chunks})  # the commit point
+
+    for done, chunk in enumerate(source.chunks(state.chunks), start=state.chunks + 1):
+        row, lat, val = active_entries(decomposition, chunk.x, cfg.batch_rows)
+        if lat.numel() and int(lat.max()) >= d_sae:
+            raise ValueError(f"{type(decomposition).__name__}.encode returned latent {int(lat.max())}, "
+                             f"beyond its width {d_sae}")
+        state.add(chunk, row, lat, val)
+        bar.update(chunk.token_ids.shape[0])
+        if time.monotonic() - last_save >= cfg.checkpoint_seconds or stop_after == done:
+            checkpoint()
+            last_save = time.monotonic()
+        if stop_after == done:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {done} chunks (stop_after)")
+    bar.close()
+    tensors = state.result()
+    directions = directions_of(decomposition)
+    if directions is not None and cfg.neighbours and d_sae > 1:
+        tensors["neighbours.latent"], tensors["neighbours.cosine"] = _neighbours(directions, cfg.neighbours)
+    io.write_tensors(out / TENSORS_FILE, tensors, metadata={"format_version": str(FORMAT_VERSION)})
+    io.write_json(out / META_FILE, {
+        "format_version": FORMAT_VERSION, **identity, "d_sae": d_sae, "tokens": state.rows,
+        "sequences": source.n_sequences, "context_size": source.context_size, "window": state.W,
+        "ties": TIE_RULE, "meta": meta or {}})  # the commit point
+    for f in ("state.safetensors", "progress.json"):
+        (partial / f).unlink(missing_ok=True)
+    if partial.is_dir() and not any(partial.iterdir()):
+        partial.rmdir()
+    return FeatureCache.load(out)
+
+
+def write_vocab(cache_dir: str | Path, tokenizer, extra_ids: Tensor | None = None) -> dict[int, str]:
+    """vocab.json: every token id the cache (and extra_ids) holds, decoded one by one, as the browser shows it."""
+    cache_dir = Path(cache_dir)
+    ids: set[int] = set()
+    with safetensors.safe_open(str(cache_dir / TENSORS_FILE), framework="pt") as f:
+        for key in ("top.tokens", "samples.tokens", "token_sample.token", "pool.tokens"):
+            if key in f.keys():
+                ids.update(torch.unique(f.get_tensor(key)).tolist())
+    if extra_ids is not None:
+        ids.update(torch.unique(extra_ids).tolist())
+    ids.discard(-1)
+    vocab = {i: tokenizer.decode([i]) for i in sorted(ids)}
+    io.write_json(cache_dir / VOCAB_FILE, {"format_version": FORMAT_VERSION, "tokens": {str(k): v for k, v in
+                                                                                      vocab.items()}})
+    return vocab
+
+
+# ---- reading it -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureCache:
+    """A feature cache read back. Tensors are loaded whole (the browser reads every latent anyway)."""
+
+    path: Path
+    meta: dict
+    tensors: dict[str, Tensor]
+    vocab: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureCache:
+        path = Path(path)
+        meta = io.read_json(path / META_FILE)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path / META_FILE}: format_version must be {FORMAT_VERSION}, "
+                             f"got {meta.get('format_version')!r}")
+        tensors = io.read_tensors(path / TENSORS_FILE)
+        vocab = {}
+        if (path / VOCAB_FILE).is_file():
+            vocab = {int(k): v for k, v in json.loads((path / VOCAB_FILE).read_text())["tokens"].items()}
+        return cls(path, meta, tensors, vocab)
+
+    @property
+    def d_sae(self) -> int:
+        return self.meta["d_sae"]
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.meta["tokens"]
+
+    def token_str(self, token_id: int) -> str:
+        return self.vocab.get(token_id, "" if token_id < 0 else f"<{token_id}>")
+
+    def _check(self, latent: int) -> int:
+        if not isinstance(latent, int) or not 0 <= latent < self.d_sae:
+            raise ValueError(f"latent must be an int in [0, {self.d_sae}), got {latent!r}")
+        return latent
+
+    def _example(self, prefix: str, latent: int, j: int, **meta) -> Example:
+        t = self.tensors
+        ids = t[f"{prefix}.tokens"][latent, j].tolist()
+        return Example(ids, [self.token_str(i) for i in ids], t[f"{prefix}.acts"][latent, j].tolist(),
+                       window=int(t[f"{prefix}.sequence"][latent, j]), start=int(t[f"{prefix}.start"][latent, j]),
+                       meta={"position": int(t[f"{prefix}.position"][latent, j]), **meta})
+
+    def top(self, latent: int) -> list[Example]:
+        """The latent's top contexts, strongest first; meta: rank, position of the maximum."""
+        self._check(latent)
+        n = int((self.tensors["top.sequence"][latent] >= 0).sum())
+        return [self._example("top", latent, j, rank=j) for j in range(n)]
+
+    def samples(self, latent: int) -> list[Example]:
+        """Weaker contexts (outside the top), strongest first; meta["quantile"]: 0 the weakest of
+        `quantiles` equal parts of the sampled contexts."""
+        self._check(latent)
+        q = self.tensors["samples.quantile"][latent]
+        return [self._example("samples", latent, j, quantile=int(q[j])) for j in range(int((q >= 0).sum()))]
+
+    def random_examples(self, latent: int, n: int, seed: int = 0, *, nonactivating: bool = False) -> list[Example]:
+        """n contexts of the pool's random sequences (a window of the cache's width at a random start), with
+        the latent's exact activation at every token; nonactivating=True keeps only contexts where it is 0."""
+        self._check(latent)
+        t = self.tensors
+        P, T = t["pool.tokens"].shape
+        W = self.meta["window"]
+        gen = torch.Generator().manual_seed(seed)
+        on = t["pool.latent"] == latent
+        dense = torch.zeros(P, T)
+        dense[t["pool.slot"][on], t["pool.position"][on]] = t["pool.value"][on]
+        found = []
+        for slot in torch.randperm(P, generator=gen).tolist():
+            start = int(torch.randint(0, T - W + 1, (1,), generator=gen))
+            acts = dense[slot, start:start + W]
+            if nonactivating and bool((acts > 0).any()):
+                continue
+            ids = t["pool.tokens"][slot, start:start + W].tolist()
+            found.append(Example(ids, [self.token_str(i) for i in ids], acts.tolist(),
+                                 window=int(t["pool.sequence"][slot]), start=start, meta={"random": True}))
+            if len(found) == n:
+                break
+        return found
+
+    def histogram(self, latent: int) -> tuple[Tensor, Tensor]:
+        """(edges (B + 1,), counts (B,)) of the latent's activations when firing."""
+        self._check(latent)
+        counts = self.tensors["histogram"][latent]
+        e = int(self.tensors["histogram_exponent"][latent])
+        top = 2.0 ** e if e != NO_EXPONENT else 1.0
+        return torch.linspace(0, top, counts.numel() + 1), counts
+
+    def stats(self, latent: int) -> dict:
+        self._check(latent)
+        t = self.tensors
+        count = int(t["count"][latent])
+        return {"latent": latent, "count": count, "density": count / max(self.tokens_seen, 1),
+                "mean_activation": float(t["mean"][latent]), "max_activation": float(t["max"][latent])}
+
+    @property
+    def density(self) -> Tensor:
+        return self.tensors["count"].double() / max(self.tokens_seen, 1)
+
+    def neighbours(self, latent: int) -> list[tuple[int, float]]:
+        """The nearest latents by decoder cosine, nearest first (empty when the dictionary had no directions)."""
+        self._check(latent)
+        if "neighbours.latent" not in self.tensors:
+            return []
+        return list(zip(self.tensors["neighbours.latent"][latent].tolist(),
+                        self.tensors["neighbours.cosine"][latent].tolist(), strict=True))
