@@ -55,6 +55,16 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
     attribution on the top contexts of `latents` (default: every latent that fired) — the first `contexts`
     (default all) for ablation, the first `attribution_contexts` for attribution."""
     out = cache.path / EFFECTS_FILE
+    count = cache.tensors["count"]
+    chosen = [j for j in (range(cache.d_sae) if latents is None else latents) if count[j] > 0]
+    n, W = cache.tensors["top.sequence"].shape[1], cache.meta["window"]
+    n = n if contexts is None else min(n, contexts)
+    settings = {"latents": chosen, "contexts": n, "attribution_contexts": attribution_contexts, "mode": mode,
+                "site": site, "features": cache.meta.get("decomposition"), "windows": windows is not None}
+    if out.is_file() and (cache.path / EFFECTS_META).is_file():
+        done_meta = io.read_json(cache.path / EFFECTS_META)
+        if done_meta.get("format_version") == FORMAT_VERSION and done_meta.get("settings") == settings:
+            return out  # measured already
     tensors: dict[str, Tensor] = {}
     notes: dict[str, str] = {}
     directions = directions_of(decomposition)
@@ -64,16 +74,10 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
         tensors.update({f"logits.{k}": v for k, v in direct_logit_effects(model, directions, logit_k).items()})
     except ValueError as err:
         notes["logits"] = str(err)
-    count = cache.tensors["count"]
-    chosen = [j for j in (range(cache.d_sae) if latents is None else latents) if count[j] > 0]
-    n, W = cache.tensors["top.sequence"].shape[1], cache.meta["window"]
-    n = n if contexts is None else min(n, contexts)
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
     measure = windows is not None and chosen and getattr(model, "can_generate", lambda: False)()
     if windows is None:
         notes["measured"] = "no harvested windows: ablation and attribution need each context's prefix"
-    settings = {"latents": chosen, "contexts": n, "attribution_contexts": attribution_contexts, "mode": mode,
-                "site": site, "features": cache.meta.get("decomposition")}
     done: dict[int, tuple[Tensor, Tensor]] = {}
     partial = cache.path / PARTIAL_FILE
     if measure and partial.is_file() and (cache.path / (PARTIAL_FILE + ".json")).is_file():
@@ -119,8 +123,8 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
     tensors.update({"measured.latent": measured["latent"], "ablation": measured["ablation"],
                     "attribution": measured["attribution"]})
     io.write_tensors(out, tensors, metadata={"format_version": str(FORMAT_VERSION)})
-    io.write_json(cache.path / EFFECTS_META, {"format_version": FORMAT_VERSION, **settings, "notes": notes,
-                                              "latents": keys})
+    io.write_json(cache.path / EFFECTS_META, {"format_version": FORMAT_VERSION, "settings": settings,
+                                              "notes": notes, "measured": keys})
     partial.unlink(missing_ok=True)
     (cache.path / (PARTIAL_FILE + ".json")).unlink(missing_ok=True)
     return out
