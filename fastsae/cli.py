@@ -189,18 +189,29 @@ def _run(args: argparse.Namespace) -> int:
                str(args.tokens), "--out", str(out / "store"), *device, *common]
     if (out / "store" / "manifest.json").is_file():
         harvest.append("--resume")
-    print(f"[1/3] harvest {args.tokens:,} tokens of {args.corpus} from {args.model} at {args.site}")
+    print(f"[1/4] harvest {args.tokens:,} tokens of {args.corpus} from {args.model} at {args.site}")
     main(harvest)
-    print(f"[2/3] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) for {args.steps} steps")
+    print(f"[2/4] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) for {args.steps} steps")
     main(["train", "--data", str(out / "store"), "--activation", "topk", "--k", str(args.k), "--d-sae",
           str(args.d_sae), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--auxk", "0.03125",
           "--lr", str(args.lr), "--b-dec-init", "mean",
           "--checkpoint-every", str(max(1, args.steps // 4)), "--out", str(out / "train"), "--resume", *common])
-    print(f"[3/3] evaluate on {args.eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
+    print(f"[3/4] evaluate on {args.eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
     main(["eval", "--sae", str(out / "train" / "sae"), "--tokens", str(args.eval_tokens), "--out",
           str(out / "eval"), *device, *common])
+    print(f"[4/4] feature cache (top contexts, histograms, logit effects; ablation and attribution for "
+          f"{args.effects} features) and the feature browser")
+    from .analysis.build import build_and_browse
+
+    index, table = build_and_browse(out / "train" / "sae", out / "features", effects=args.effects,
+                                    device=_device(args.device), progress=not args.no_progress)
+    print("the five most interpretable-looking features (one-token score: the share of the top contexts' "
+          "activation on one token):")
+    print(table)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out.resolve()}/: store/ (activations),"
-          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png")
+          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png,"
+          f" features/ (the feature cache)")
+    print(f"feature browser: {index.resolve()}")
     return 0
 
 
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("--batch-size", type=int, default=1024)
     rn.add_argument("--lr", type=float, default=1e-3)
     rn.add_argument("--eval-tokens", type=int, default=4096)
+    rn.add_argument("--effects", type=int, default=16, help="features whose ablation and attribution are measured")
     rn.add_argument("--device", help="default: cuda when available, else cpu")
     rn.add_argument("--out", default="runs/gemma")
     rn.add_argument("--no-progress", action="store_true")

@@ -271,3 +271,19 @@ def test_active_entries_refuse_other_outputs():
 
     with pytest.raises(TypeError, match="SparseLatents or a Tensor"):
         active_entries(Bad(), torch.zeros(2, 4))
+
+
+def test_row_lookup_scan_and_search_agree_with_dense():
+    from fastsae.analysis.features import _RowLookup
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.rand(9, 11, generator=gen) * (torch.rand(9, 11, generator=gen) < 0.3)
+    row, lat = dense.nonzero(as_tuple=True)
+    lookup = _RowLookup(row, lat, dense[row, lat], 9, 11)
+    rows = torch.randint(-1, 9, (40, 5), generator=gen)
+    latent = torch.randint(0, 11, (40,), generator=gen)
+    expected = torch.where(rows >= 0, dense[rows.clamp_min(0), latent[:, None]], 0.0)
+    assert torch.equal(lookup(rows, latent), expected)  # many queries: binary search
+    assert torch.equal(lookup(rows[:1, :2], latent[:1]), expected[:1, :2])  # few: row scan
+    lookup.BLOCK = 3  # several blocks
+    assert torch.equal(lookup(rows[:2, :1], latent[:2]), expected[:2, :1])

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .. import io
 from ..latents import SparseLatents
 from .examples import Example
-from .topn import BestN, hash32
+from .topn import MASK32, BestN, fmix32, mix32
 
 FORMAT_VERSION = 1
 META_FILE = "features.json"
@@ -274,6 +274,52 @@ def store_windows(store, tokenizer) -> Tensor | None:
 # ---- the pass ---------------------------------------------------------------------------------------
 
 
+class _RowLookup:
+    """A latent's value at given rows of a chunk, from its row-major entries (row, latent, value). Few queries
+    scan their rows' entries (at most the widest row's L0 each); many (the first chunks, when every latent's
+    lists fill) binary-search the entries sorted once by (row, latent)."""
+
+    BLOCK = 1 << 22  # query × width elements per block of a scan
+
+    def __init__(self, row: Tensor, lat: Tensor, val: Tensor, n_rows: int, d_sae: int):
+        self.row, self.lat, self.val, self.d_sae = row, lat, val, d_sae
+        counts = torch.bincount(row, minlength=n_rows)
+        self.count = torch.cat([counts, counts.new_zeros(1)])  # a last, empty row answers queries of -1
+        self.start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.start[-1] = 0
+        self.width = max(int(counts.max()) if counts.numel() else 0, 1)
+        self._sorted: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, rows: Tensor, latent: Tensor) -> Tensor:
+        """rows (K, W) (-1: no row), latent (K,) -> (K, W) float values (0 where the latent is off)."""
+        K, W = rows.shape
+        flat_rows, flat_lat = rows.reshape(-1), latent[:, None].expand(K, W).reshape(-1)
+        if not self.lat.numel():
+            return torch.zeros(K, W, device=rows.device)
+        if flat_rows.numel() * self.width > 4 * self.lat.numel():
+            return self._search(flat_rows, flat_lat).view(K, W)
+        out = torch.zeros(flat_rows.shape, device=rows.device)
+        step = max(1, self.BLOCK // self.width)
+        slot = torch.arange(self.width, device=rows.device)
+        for first in range(0, flat_rows.numel(), step):
+            r = flat_rows[first:first + step]  # -1 indexes the empty last row
+            at = self.start[r][:, None] + slot  # (q, width)
+            inside = slot < self.count[r][:, None]
+            at = torch.where(inside, at, 0)
+            hit = inside & (self.lat[at] == flat_lat[first:first + step, None])
+            out[first:first + step] = torch.where(hit, self.val[at], 0.0).sum(1)  # one term at most: exact
+        return out.view(K, W)
+
+    def _search(self, rows: Tensor, latent: Tensor) -> Tensor:
+        if self._sorted is None:
+            key, order = torch.sort(self.row * self.d_sae + self.lat)
+            self._sorted = key, self.val[order]
+        key, val = self._sorted
+        query = rows * self.d_sae + latent
+        at = torch.searchsorted(key, query).clamp_max(key.numel() - 1)
+        return torch.where((rows >= 0) & (key[at] == query), val[at], 0.0)
+
+
 class FeaturePass:
     """The streaming state: add() chunk by chunk, result() at the end. All tensors live on device."""
 
@@ -294,7 +340,7 @@ class FeaturePass:
         self.max = torch.zeros(d_sae, dtype=torch.float32, device=self.device)
         self.hist = torch.zeros(d_sae, cfg.histogram_bins, dtype=torch.int64, device=self.device)
         self.hist_exp = torch.full((d_sae,), NO_EXPONENT, dtype=torch.int64, device=self.device)
-        priority = hash32(torch.arange(n_sequences, device=self.device), 0, cfg.seed + 2)
+        priority = mix32(torch.arange(n_sequences, device=self.device), cfg.seed + 2)
         P = min(cfg.random_contexts, n_sequences)
         self.pool_sequence = torch.sort(torch.sort(priority, stable=True).indices[:P]).values  # (P,)
         self.pool_tokens = torch.full((P, context_size), -1, dtype=torch.int32, device=self.device)
@@ -304,7 +350,10 @@ class FeaturePass:
 
     @torch.no_grad()
     def add(self, chunk: Chunk, row: Tensor, lat: Tensor, val: Tensor) -> None:
-        """One chunk and its positive codes (row into the chunk, latent, value), each (M,), in stream order."""
+        """One chunk and its positive codes (row into the chunk, latent, value), each (M,), in stream order.
+
+        Each list first drops the candidates that cannot beat its current n-th entry (`could_enter`, a gather
+        over M), so after the first chunks only a few candidates are sorted and merged."""
         dev, cfg, d = self.device, self.cfg, self.d_sae
         row, lat, val = row.to(dev), lat.to(dev), val.to(dev)
         sequence, position = chunk.sequence.to(dev), chunk.position.to(dev)
@@ -315,50 +364,55 @@ class FeaturePass:
         N = chunk.token_ids.shape[0]
         self.count += torch.bincount(lat, minlength=d)
         self.total.index_add_(0, lat, val.double())
-        self.max = self.max.scatter_reduce(0, lat, val, "amax")
-        self._histogram(lat, val)
+        chunk_max = torch.zeros(d, device=dev).scatter_reduce(0, lat, val, "amax")
+        self.max = torch.maximum(self.max, chunk_max)
+        self._histogram(lat, val, chunk_max)
+        seq_local = sequence[row] - chunk.first  # (M,)
 
-        seq_local = sequence[row] - chunk.first
+        # token sample: a row's priority is shared by every latent firing there (uniform for each latent)
         tokens = chunk.token_ids.to(dev)
-        self.token_sample.merge(lat, -hash32(lat, row + self.rows, cfg.seed),
-                                lambda i: {"value": val[i], "token": tokens[row[i]]})
-
-        # each latent's maximum within each sequence (earliest position on ties): one context per sequence
-        order = torch.sort(val, descending=True, stable=True).indices
-        group = lat[order] * S + seq_local[order]
-        inner = torch.sort(group, stable=True).indices
-        order, group = order[inner], group[inner]
-        first = torch.ones_like(group, dtype=torch.bool)
-        first[1:] = group[1:] != group[:-1]
-        best = order[first]  # grouped by (latent, sequence): stream order within each latent
-        c_lat, c_seq, c_pos, c_val = lat[best], seq_local[best], position[row[best]], val[best]
+        token_key = -mix32(torch.arange(self.rows, self.rows + N, device=dev), cfg.seed)[row]
+        keep = self.token_sample.could_enter(lat, token_key).nonzero().squeeze(1)
+        self.token_sample.merge(lat[keep], token_key[keep],
+                                lambda i: {"value": val[keep[i]], "token": tokens[row[keep[i]]]})
 
         rowgrid = torch.full((S, T), -1, dtype=torch.int64, device=dev)
         rowgrid[sequence - chunk.first, position] = torch.arange(N, device=dev)
-        entry_key, entry_order = torch.sort(row * d + lat)
-        entry_val = val[entry_order]
+        lookup = _RowLookup(row, lat, val, N, d)
 
-        def contexts(i: Tensor) -> dict[str, Tensor]:
-            start = (c_pos[i] - cfg.before).clamp(0, T - self.W)
+        def candidates(keep: Tensor) -> tuple[Tensor, ...]:
+            """Among entries keep, each latent's maximum within each sequence (earliest position on ties),
+            grouped by (latent, sequence): stream order within each latent."""
+            order = keep[torch.sort(val[keep], descending=True, stable=True).indices]
+            order = order[torch.sort(lat[order] * S + seq_local[order], stable=True).indices]
+            group = lat[order] * S + seq_local[order]
+            first = torch.ones_like(group, dtype=torch.bool)
+            first[1:] = group[1:] != group[:-1]
+            best = order[first]
+            return lat[best], seq_local[best], position[row[best]], val[best]
+
+        def contexts(c_lat: Tensor, c_seq: Tensor, c_pos: Tensor) -> dict[str, Tensor]:
+            start = (c_pos - cfg.before).clamp(0, T - self.W)
             cols = start[:, None] + torch.arange(self.W, device=dev)  # (K, W)
-            s = c_seq[i][:, None]
-            rows = rowgrid[s, cols]
-            query = rows * d + c_lat[i][:, None]
-            at = torch.searchsorted(entry_key, query).clamp_max(max(entry_key.numel() - 1, 0))
-            hit = (rows >= 0) & (entry_key[at] == query)
-            return {"sequence": c_seq[i] + chunk.first, "position": c_pos[i], "start": start,
-                    "tokens": grid[s, cols], "acts": torch.where(hit, entry_val[at], 0.0)}
+            rows = rowgrid[c_seq[:, None], cols]
+            return {"sequence": c_seq + chunk.first, "position": c_pos, "start": start,
+                    "tokens": grid[c_seq[:, None], cols], "acts": lookup(rows, c_lat)}
 
-        self.top.merge(c_lat, c_val, contexts)
-        self.reservoir.merge(c_lat, -hash32(c_lat, c_seq + chunk.first, cfg.seed + 1),
-                             lambda i: {"value": c_val[i], **contexts(i)})
+        c_lat, c_seq, c_pos, c_val = candidates(self.top.could_enter(lat, val).nonzero().squeeze(1))
+        self.top.merge(c_lat, c_val, lambda i: contexts(c_lat[i], c_seq[i], c_pos[i]))
+
+        # samples: a (latent, sequence) priority from a per-sequence hash mixed with the latent
+        seq_hash = mix32(torch.arange(chunk.first, chunk.first + S, device=dev), cfg.seed + 1)
+        res_key = -fmix32(seq_hash[seq_local] ^ ((lat * 0x9E3779B1) & MASK32))
+        r_lat, r_seq, r_pos, r_val = candidates(self.reservoir.could_enter(lat, res_key).nonzero().squeeze(1))
+        r_key = -fmix32(seq_hash[r_seq] ^ ((r_lat * 0x9E3779B1) & MASK32))
+        self.reservoir.merge(r_lat, r_key, lambda i: {"value": r_val[i], **contexts(r_lat[i], r_seq[i], r_pos[i])})
         self._pool(chunk.first, S, grid, sequence, position, row, lat, val)
         self.rows += N
         self.chunks += 1
 
-    def _histogram(self, lat: Tensor, val: Tensor) -> None:
+    def _histogram(self, lat: Tensor, val: Tensor, chunk_max: Tensor) -> None:
         B = self.cfg.histogram_bins
-        chunk_max = torch.zeros(self.d_sae, device=self.device).scatter_reduce(0, lat, val, "amax")
         exponent = torch.frexp(chunk_max).exponent.long()  # chunk_max < 2^exponent
         fired = chunk_max > 0
         new_exp = torch.where(fired, torch.maximum(exponent, self.hist_exp), self.hist_exp)

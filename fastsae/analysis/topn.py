@@ -57,29 +57,36 @@ class BestN:
         """(d_sae, n) bool: which slots hold a candidate."""
         return self.keys != empty_key(self.keys.dtype)
 
+    def could_enter(self, latent: Tensor, key: Tensor) -> Tensor:
+        """(M,) bool: which candidates beat their latent's current n-th key (the others cannot enter: a tie
+        loses to the candidate already there). Filtering with it first keeps the merge small."""
+        return key.to(self.keys.dtype) > self.keys[latent, -1]
+
     def merge(self, latent: Tensor, key: Tensor, payload_of: Callable[[Tensor], dict[str, Tensor]]) -> None:
         """Fold in candidates latent, key (M,), given in stream order. payload_of(index (K,)) returns
-        {name: (K, *tail)} for the K candidates (indices into the M) that entered a list."""
+        {name: (K, *tail)} for the K candidates (indices into the M) that entered a list. Only the rows of
+        latents that have candidates are touched."""
         if latent.numel() == 0:
             return
         n = self.n
         fill = empty_key(self.keys.dtype)
-        new_slots = best_per_latent(latent, key.to(self.keys.dtype), n, self.d_sae)  # (d_sae, n)
-        new_keys = torch.where(new_slots >= 0, key.to(self.keys.dtype)[new_slots.clamp_min(0)], fill)
-        both = torch.cat([self.keys, new_keys], dim=1)  # old first: it wins ties
-        order = torch.sort(both, dim=1, descending=True, stable=True).indices[:, :n]  # (d_sae, n)
-        self.keys = both.gather(1, order)
+        key = key.to(self.keys.dtype)
+        touched, local = torch.unique(latent, return_inverse=True)  # (L,), (M,)
+        new_slots = best_per_latent(local, key, n, touched.numel())  # (L, n)
+        new_keys = torch.where(new_slots >= 0, key[new_slots.clamp_min(0)], fill)
+        both = torch.cat([self.keys[touched], new_keys], dim=1)  # old first: it wins ties
+        order = torch.sort(both, dim=1, descending=True, stable=True).indices[:, :n]  # (L, n)
+        self.keys[touched] = both.gather(1, order)
         from_new = order >= n
         entry = new_slots.gather(1, (order - n).clamp_min(0))
         taken = from_new & (entry >= 0)
-        rows = torch.arange(self.d_sae, device=order.device)[:, None]
         old = order.clamp_max(n - 1)
         fresh = payload_of(entry[taken])
         for name, t in self.payload.items():
-            merged = t[rows, old]  # (d_sae, n, *tail)
+            merged = t[touched[:, None], old]  # (L, n, *tail)
             merged[taken] = fresh[name].to(t.dtype)
             merged[from_new & ~taken] = self.specs[name][2]
-            self.payload[name] = merged
+            t[touched] = merged
 
     def state_dict(self, prefix: str) -> dict[str, Tensor]:
         return {f"{prefix}.keys": self.keys, **{f"{prefix}.{k}": v for k, v in self.payload.items()}}
@@ -96,7 +103,7 @@ def _mul32(x: Tensor, c: int) -> Tensor:
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
 
 
-def _fmix32(h: Tensor) -> Tensor:
+def fmix32(h: Tensor) -> Tensor:
     """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
@@ -109,8 +116,15 @@ def hash32(a: Tensor, b: Tensor | int, seed: int) -> Tensor:
     """A deterministic pseudo-random int64 in [0, 2^32) per (a, b, seed), a and b non-negative int64 (broadcast).
     Bottom-n by this hash is a uniform sample without replacement that merges exactly (and resumes)."""
     b = torch.as_tensor(b, dtype=torch.int64, device=a.device)
-    h = torch.full(torch.broadcast_shapes(a.shape, b.shape), (seed * 0x9E3779B1) & MASK32, dtype=torch.int64,
-                   device=a.device)
-    for part in (a & MASK32, a >> 32, b & MASK32, b >> 32):
-        h = _fmix32(h ^ part)
+    h = mix32(a, seed)
+    if bool((b >> 32).any()):
+        h = fmix32(h ^ (b >> 32))
+    return fmix32(h ^ (b & MASK32))
+
+
+def mix32(a: Tensor, seed: int) -> Tensor:
+    """hash32 of one int64 tensor (the high half is mixed in only when some value needs it)."""
+    h = fmix32((a & MASK32) ^ fmix32(torch.tensor((seed * 0x9E3779B1) & MASK32)).item())
+    if bool((a >> 32).any()):
+        h = fmix32(h ^ (a >> 32))
     return h
