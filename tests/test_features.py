@@ -287,3 +287,23 @@ def test_row_lookup_scan_and_search_agree_with_dense():
     assert torch.equal(lookup(rows[:1, :2], latent[:1]), expected[:1, :2])  # few: row scan
     lookup.BLOCK = 3  # several blocks
     assert torch.equal(lookup(rows[:2, :1], latent[:2]), expected[:2, :1])
+
+
+@pytest.mark.parametrize("kind", ["float", "float with negatives", "int64", "wide groups (two sorts)"])
+def test_stable_order_is_group_then_key_descending_then_input_order(kind):
+    from fastsae.analysis.topn import stable_order
+
+    gen = torch.Generator().manual_seed(1)
+    group = torch.randint(0, 5, (300,), generator=gen)
+    key = (torch.randint(0, 7, (300,), generator=gen) * 0.25)
+    if kind == "float with negatives":
+        key = key - 1.0
+        key[::17] = float("-inf")
+    if kind == "int64":
+        key = -torch.randint(0, 2**32, (300,), generator=gen)
+        key[::13] = key[0]
+    if kind == "wide groups (two sorts)":
+        group = group * 2**40
+    order = stable_order(group, key)
+    expected = sorted(range(300), key=lambda i: (int(group[i]), -float(key[i]), i))
+    assert order.tolist() == expected

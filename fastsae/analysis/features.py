@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .. import io
 from ..latents import SparseLatents
 from .examples import Example
-from .topn import MASK32, BestN, fmix32, mix32
+from .topn import MASK32, BestN, fmix32, mix32, stable_order
 
 FORMAT_VERSION = 1
 META_FILE = "features.json"
@@ -383,13 +383,13 @@ class FeaturePass:
         def candidates(keep: Tensor) -> tuple[Tensor, ...]:
             """Among entries keep, each latent's maximum within each sequence (earliest position on ties),
             grouped by (latent, sequence): stream order within each latent."""
-            order = keep[torch.sort(val[keep], descending=True, stable=True).indices]
-            order = order[torch.sort(lat[order] * S + seq_local[order], stable=True).indices]
-            group = lat[order] * S + seq_local[order]
+            group = lat[keep] * S + seq_local[keep]
+            order = stable_order(group, val[keep])
+            group = group[order]
             first = torch.ones_like(group, dtype=torch.bool)
             first[1:] = group[1:] != group[:-1]
-            best = order[first]
-            return lat[best], seq_local[best], position[row[best]], val[best]
+            best = keep[order[first]]
+            return best, lat[best], seq_local[best], position[row[best]], val[best]
 
         def contexts(c_lat: Tensor, c_seq: Tensor, c_pos: Tensor) -> dict[str, Tensor]:
             start = (c_pos - cfg.before).clamp(0, T - self.W)
@@ -398,15 +398,18 @@ class FeaturePass:
             return {"sequence": c_seq + chunk.first, "position": c_pos, "start": start,
                     "tokens": grid[c_seq[:, None], cols], "acts": lookup(rows, c_lat)}
 
-        c_lat, c_seq, c_pos, c_val = candidates(self.top.could_enter(lat, val).nonzero().squeeze(1))
-        self.top.merge(c_lat, c_val, lambda i: contexts(c_lat[i], c_seq[i], c_pos[i]))
-
         # samples: a (latent, sequence) priority from a per-sequence hash mixed with the latent
         seq_hash = mix32(torch.arange(chunk.first, chunk.first + S, device=dev), cfg.seed + 1)
-        res_key = -fmix32(seq_hash[seq_local] ^ ((lat * 0x9E3779B1) & MASK32))
-        r_lat, r_seq, r_pos, r_val = candidates(self.reservoir.could_enter(lat, res_key).nonzero().squeeze(1))
-        r_key = -fmix32(seq_hash[r_seq] ^ ((r_lat * 0x9E3779B1) & MASK32))
-        self.reservoir.merge(r_lat, r_key, lambda i: {"value": r_val[i], **contexts(r_lat[i], r_seq[i], r_pos[i])})
+        res_key = -fmix32(seq_hash[seq_local] ^ ((lat * 0x9E3779B1) & MASK32))  # (M,)
+        # one pass over the entries either list could take (all of them in the first chunks)
+        keep = (self.top.could_enter(lat, val) | self.reservoir.could_enter(lat, res_key)).nonzero().squeeze(1)
+        best, c_lat, c_seq, c_pos, c_val = candidates(keep)
+        top = self.top.could_enter(c_lat, c_val).nonzero().squeeze(1)
+        self.top.merge(c_lat[top], c_val[top], lambda i: contexts(c_lat[top[i]], c_seq[top[i]], c_pos[top[i]]))
+        res = self.reservoir.could_enter(c_lat, res_key[best]).nonzero().squeeze(1)
+        self.reservoir.merge(c_lat[res], res_key[best[res]],
+                             lambda i: {"value": c_val[res[i]], **contexts(c_lat[res[i]], c_seq[res[i]],
+                                                                           c_pos[res[i]])})
         self._pool(chunk.first, S, grid, sequence, position, row, lat, val)
         self.rows += N
         self.chunks += 1

@@ -26,11 +26,26 @@ def empty_key(dtype: torch.dtype) -> float | int:
     return float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
 
 
+def stable_order(group: Tensor, key: Tensor) -> Tensor:
+    """The permutation that sorts by group ascending, then key descending, ties kept in input order. One sort
+    of packed int64 keys (group in the high 31 bits, the key's rank in the low 32) when both fit; two
+    stable sorts otherwise."""
+    if group.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=group.device)
+    if key.dtype.is_floating_point:
+        bits = key.float().view(torch.int32).long()
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the float order, as integers
+    hi, spread, top = key.max(), key.max() - key.min(), group.max()
+    if int(spread) < 2**32 and 0 <= int(group.min()) and int(top) < 2**31:
+        return torch.sort((group << 32) | (hi - key), stable=True).indices
+    order = torch.sort(key, descending=True, stable=True).indices
+    return order[torch.sort(group[order], stable=True).indices]
+
+
 def best_per_latent(latent: Tensor, key: Tensor, n: int, d_sae: int) -> Tensor:
     """(d_sae, n) int64: for each latent, the indices into the M candidates of its n largest keys, best first
     (ties: earlier candidate first), -1 where it has fewer than n. latent, key: (M,)."""
-    order = torch.sort(key, descending=True, stable=True).indices
-    order = order[torch.sort(latent[order], stable=True).indices]  # grouped by latent, best first inside
+    order = stable_order(latent, key)  # grouped by latent, best first inside
     lat = latent[order]
     counts = torch.bincount(lat, minlength=d_sae)
     starts = torch.cumsum(counts, 0) - counts
@@ -71,7 +86,9 @@ class BestN:
         n = self.n
         fill = empty_key(self.keys.dtype)
         key = key.to(self.keys.dtype)
-        touched, local = torch.unique(latent, return_inverse=True)  # (L,), (M,)
+        present = torch.bincount(latent, minlength=self.d_sae) > 0  # no sort: O(M + d_sae)
+        touched = present.nonzero().squeeze(1)  # (L,)
+        local = (present.cumsum(0) - 1)[latent]  # (M,) row of each candidate's latent among the touched
         new_slots = best_per_latent(local, key, n, touched.numel())  # (L, n)
         new_keys = torch.where(new_slots >= 0, key[new_slots.clamp_min(0)], fill)
         both = torch.cat([self.keys[touched], new_keys], dim=1)  # old first: it wins ties
