@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .. import io
+from .cache import NO_EXPONENT, FeatureCache
 from .effects import load_effects
-from .features import NO_EXPONENT, FeatureCache
 from .ranking import one_token_score, peak_tokens
 
 SHARD_SIZE = 64

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .. import io
 from ..model import special_token_ids
 from .attribution import context_attribution
-from .features import FeatureCache, directions_of
+from .cache import FeatureCache
+from .decompositions import directions_of
 from .logits import ablation_effects, direct_logit_effects
 
 FORMAT_VERSION = 1

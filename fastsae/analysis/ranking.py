@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .features import FeatureCache
+from .cache import FeatureCache
 
 
 def peak_tokens(cache: FeatureCache) -> Tensor:
