@@ -65,6 +65,9 @@ def test_ablation_equals_a_manual_splice_with_that_latent_zeroed(tiny, activatio
             patched = F.log_softmax(tiny(input_ids=tokens).logits, -1)
     expected = (patched - clean)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     got = ablation_effects(tiny, SITE, sae, j, tokens)
+    vocab, length = 66, tokens.shape[1]  # one context per forward gives the same numbers
+    torch.testing.assert_close(ablation_effects(tiny, SITE, sae, j, tokens, max_logits=2 * length * vocab), got,
+                               equal_nan=True)
     assert torch.isnan(got[:, 0]).all()
     torch.testing.assert_close(got[:, 1:], expected, atol=1e-5, rtol=1e-5)
     assert got[:, 1:].abs().max() > 1e-4  # the latent matters somewhere

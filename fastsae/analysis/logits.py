@@ -16,7 +16,6 @@ ablated minus clean. Clean and ablated forwards of all a feature's contexts run 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..latents import SparseLatents
@@ -95,25 +94,35 @@ def without_latent(decomposition, x: Tensor, latent: int) -> Tensor:
 
 @torch.no_grad()
 def ablation_effects(model: nn.Module, site: str, decomposition, latent: int, token_ids: Tensor,
-                     exclude_token_ids: list[int] | None = None) -> Tensor:
+                     exclude_token_ids: list[int] | None = None, max_logits: int = 1 << 28) -> Tensor:
     """(B, T) float: out[b, t] = log p_ablated(ids[b, t] | ids[b, :t]) - log p_clean(same), NaN at t = 0.
     token_ids (B, T) may be right-padded (the model is causal: padding never changes earlier positions).
-    Positions holding an excluded token (BOS/EOS/pad by default) keep their clean activation."""
+    Positions holding an excluded token (BOS/EOS/pad by default) keep their clean activation.
+
+    Clean and ablated rows run together; all B contexts go in one forward when their logits (2B · T · vocab
+    floats) fit in max_logits (2^28: 1 GiB), else in as few forwards as fit (Gemma's vocabulary of 262K
+    makes 40 windows of 128 tokens 5.4 GB of logits)."""
     if token_ids.dim() != 2:
         raise ValueError(f"token_ids must be (B, T), got shape {tuple(token_ids.shape)}")
     device = next(model.parameters()).device
-    ids = token_ids.to(device)
-    B = ids.shape[0]
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-    keep = keep_mask(ids, excluded)[..., None]
+    B, T = token_ids.shape
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_forward = max(1, max_logits // (2 * T * vocab))
+    effect = torch.full((B, T), float("nan"))
+    for first in range(0, B, per_forward):
+        ids = token_ids[first:first + per_forward].to(device)
+        b = ids.shape[0]
+        keep = keep_mask(ids, excluded)[..., None]
 
-    def ablate(x: Tensor) -> Tensor:  # (2B, T, d): clean rows first, then the same rows ablated
-        new = torch.where(keep, without_latent(decomposition, x[B:], latent), x[B:])
-        return torch.cat([x[:B], new])
+        def ablate(x: Tensor, keep: Tensor = keep, b: int = b) -> Tensor:  # (2b, T, d): clean rows, then ablated
+            new = torch.where(keep, without_latent(decomposition, x[b:], latent), x[b:])
+            return torch.cat([x[:b], new])
 
-    with hook_site(model, site, ablate):
-        logits = model(input_ids=torch.cat([ids, ids])).logits.float()
-    logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, torch.cat([ids, ids])[:, 1:, None])[..., 0]
-    effect = torch.full(ids.shape, float("nan"), device=device)
-    effect[:, 1:] = logp[B:] - logp[:B]
-    return effect.cpu()
+        both = torch.cat([ids, ids])
+        with hook_site(model, site, ablate):
+            logits = model(input_ids=both).logits[:, :-1]  # (2b, T-1, V)
+        target = logits.gather(-1, both[:, 1:, None])[..., 0].float()
+        logp = target - torch.logsumexp(logits.float(), dim=-1)
+        effect[first:first + b, 1:] = (logp[b:] - logp[:b]).cpu()
+    return effect
