@@ -11,6 +11,7 @@ least 2x); its state grows with d_sae · n, never with the token count. Rows:
 
     python -m bench.features                                 # Gemma 3 270M (models extra), else a tiny model
     python -m bench.features --model tiny --tokens 16384 --d-sae 4096 16384
+    python -m bench.features --screenshot runs/gemma/features/browser 1234   # a feature page as PNG
 
 Saves JSON + markdown under bench/results/features-<device>-<date>.*
 """
@@ -35,8 +36,9 @@ from fastsae import SAE, SAEConfig, io
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str) -> dict:
-    """One feature pass over store with a random TopK SAE of width d_sae (run in a fresh process)."""
+def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str, keep: str | None = None) -> dict:
+    """One feature pass over store with a random TopK SAE of width d_sae (run in a fresh process); the cache
+    is kept in `keep` when given."""
     from fastsae.analysis.features import FeatureConfig, FeaturePass, StoreSource, collect_features
     from fastsae.harvest import ActivationStore
 
@@ -44,7 +46,8 @@ def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str) -> d
     sae = SAE(SAEConfig(opened.sites[site], d_sae, activation="topk", k=k), seed=0, device=device)
     source = StoreSource(opened, site)
     cfg = FeatureConfig(checkpoint_seconds=1e9)
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = keep or tmp
         start, cpu = time.perf_counter(), time.process_time()
         collect_features(sae, source, out, cfg, progress=False)
         if device == "cuda":
@@ -58,9 +61,10 @@ def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str) -> d
             "peak_bytes": peak, "state_bytes": state_bytes}
 
 
-def run_pass(store: Path, site: str, d_sae: int, k: int, device: str) -> dict:
+def run_pass(store: Path, site: str, d_sae: int, k: int, device: str, keep: Path | None = None) -> dict:
+    keep = None if keep is None else str(keep)
     code = ("import json, sys; from bench.features import pass_in_process; "
-            f"print(json.dumps(pass_in_process({str(store)!r}, {site!r}, {d_sae}, {k}, {device!r})))")
+            f"print(json.dumps(pass_in_process({str(store)!r}, {site!r}, {d_sae}, {k}, {device!r}, {keep!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -81,34 +85,40 @@ def effects_rate(model, tokenizer, store, site: str, d_sae: int, k: int, feature
         return len(chosen) / (time.perf_counter() - start) * 60
 
 
-def browser_timing(store: Path, site: str, d_sae: int, k: int, device: str) -> dict:
-    """Write the browser of a width-d_sae random SAE's cache, and load its index in Chromium."""
+def browser_timing(cache_dir: Path, d_sae: int) -> dict:
+    """Write the browser of a feature cache, and load its index and its last feature page in Chromium."""
     from bench.chromium import Chromium, find_chromium
     from fastsae.analysis.browser import write_browser
-    from fastsae.analysis.features import FeatureConfig, StoreSource, collect_features
-    from fastsae.harvest import ActivationStore
 
-    opened = ActivationStore(store)
-    sae = SAE(SAEConfig(opened.sites[site], d_sae, activation="topk", k=k), seed=0, device=device)
-    with tempfile.TemporaryDirectory() as out:
-        cache = collect_features(sae, StoreSource(opened, site), out, FeatureConfig(), progress=False)
-        start = time.perf_counter()
-        index = write_browser(cache.path, progress=False)
-        row = {"d_sae": d_sae, "write_s": time.perf_counter() - start,
-               "data_mb": sum(f.stat().st_size for f in (index.parent / "data").iterdir()) / 2**20,
-               "index_mb": (index.parent / "data" / "index.js").stat().st_size / 2**20}
-        if find_chromium():
-            with Chromium() as chrome:
-                loads = []
-                for _ in range(3):
-                    page = chrome.open(index.as_uri(), ready="document.body.dataset.readyMs")
-                    loads.append(int(page.evaluate("document.body.dataset.readyMs")))
-                    assert page.errors == [], page.errors
-                row["index_ready_ms"] = sorted(loads)[1]  # the median of three loads
-                page = chrome.open(index.parent.joinpath("feature.html").as_uri() + f"#{d_sae - 1}",
-                                   ready="document.querySelector('#histogram-svg')")
-                row["feature_ready_ms"] = int(page.evaluate("Math.round(performance.now())"))
-        return row
+    start = time.perf_counter()
+    index = write_browser(cache_dir, progress=False)
+    row = {"d_sae": d_sae, "write_s": time.perf_counter() - start,
+           "data_mb": sum(f.stat().st_size for f in (index.parent / "data").iterdir()) / 2**20,
+           "index_mb": (index.parent / "data" / "index.js").stat().st_size / 2**20}
+    if find_chromium():
+        with Chromium() as chrome:
+            loads = []
+            for _ in range(3):
+                page = chrome.open(index.as_uri(), ready="document.body.dataset.readyMs")
+                loads.append(int(page.evaluate("document.body.dataset.readyMs")))
+                assert page.errors == [], page.errors
+            row["index_ready_ms"] = sorted(loads)[1]  # the median of three loads
+            page = chrome.open(index.parent.joinpath("feature.html").as_uri() + f"#{d_sae - 1}",
+                               ready="document.querySelector('#histogram-svg')")
+            row["feature_ready_ms"] = int(page.evaluate("Math.round(performance.now())"))
+    return row
+
+
+def screenshot(browser_dir: Path, latent: int, path: Path) -> Path:
+    """A PNG of feature.html#latent, as rendered by headless Chromium."""
+    from bench.chromium import Chromium
+
+    with Chromium(height=1500) as chrome:
+        page = chrome.open(browser_dir.joinpath("feature.html").as_uri() + f"#{latent}",
+                           ready="document.querySelector('#contexts .context')")
+        if page.errors:
+            raise RuntimeError(f"the page logged errors: {page.errors}")
+        return page.screenshot(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,12 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', a model directory, or 'tiny'")
     parser.add_argument("--site", default="resid_post.6")
     parser.add_argument("--tokens", type=int, default=32_768)
-    parser.add_argument("--d-sae", type=int, nargs="+", default=[4096, 16_384, 65_536])
+    parser.add_argument("--d-sae", type=int, nargs="+", default=[4096, 16_384, 65_536],
+                        help="widths of the pass; the widest also gets the browser timing")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--effects-features", type=int, default=4)
-    parser.add_argument("--browser-d-sae", type=int, default=65_536, help="width of the browser timing (0: skip)")
+    parser.add_argument("--screenshot", nargs=2, metavar=("BROWSER_DIR", "LATENT"),
+                        help="only save a screenshot of BROWSER_DIR/feature.html#LATENT into bench/results")
     parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
     args = parser.parse_args(argv)
+    if args.screenshot:
+        browser_dir, latent = Path(args.screenshot[0]), int(args.screenshot[1])
+        path = screenshot(browser_dir, latent, Path(args.out) / f"feature-page-{dt.date.today().isoformat()}.png")
+        print(f"saved {path}")
+        return 0
     from bench.harvest import load_model
     from fastsae.harvest import harvest_corpus
 
@@ -144,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         harvest_cpu_rate = store.tokens / (time.process_time() - cpu)
         rows.append({"what": f"harvest: {model_name} forward to {args.site} + store (bf16)",
                      "tokens_per_s": harvest_rate, "tokens_per_cpu_s": harvest_cpu_rate})
+        widest = max(args.d_sae)
         for d_sae in args.d_sae:
-            r = run_pass(store.path, args.site, d_sae, args.k, device)
+            keep = Path(tmp) / "widest" if d_sae == widest else None
+            r = run_pass(store.path, args.site, d_sae, args.k, device, keep)
             rows.append({"what": f"feature pass from the store: TopK k={args.k}, d_sae {d_sae:,}", "d_sae": d_sae,
                          "tokens_per_s": r["tokens_per_s"], "x_harvest": r["tokens_per_s"] / harvest_rate,
                          "tokens_per_cpu_s": r["tokens_per_cpu_s"],
@@ -155,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = effects_rate(model, tokenizer, store, args.site, args.d_sae[0], args.k, args.effects_features, device)
         rows.append({"what": f"effects: ablation (20 contexts) + attribution (5 contexts), d_sae {args.d_sae[0]:,}",
                      "features_per_min": rate})
-        browser = browser_timing(store.path, args.site, args.browser_d_sae, args.k, device) \
-            if args.browser_d_sae else None
+        browser = browser_timing(Path(tmp) / "widest", widest)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "model": model_name,
