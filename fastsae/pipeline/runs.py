@@ -174,27 +174,37 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", site: str = "resid_post.6",
              corpus: str = "english:train", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
              steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, eval_tokens: int = 4096,
-             device: str | None = None, progress: bool = True) -> dict:
-    """Harvest, train a TopK SAE, evaluate it against baselines; each step resumes where an interrupted run
-    stopped. Returns the evaluation's results."""
+             device: str | None = None, effects: int = 16, progress: bool = True) -> dict:
+    """Harvest, train a TopK SAE, evaluate it against baselines, build the feature cache and browser; each
+    step resumes where an interrupted run stopped. Returns the evaluation's results."""
+    from ..analysis.build import build_and_browse
     from ..evaluation.run import run_eval
     from ..harvest import is_store
 
     out = Path(out)
     start = time.perf_counter()
-    print(f"[1/3] harvest {tokens:,} tokens of {corpus} from {model} at {site}")
+    print(f"[1/4] harvest {tokens:,} tokens of {corpus} from {model} at {site}")
     harvest_run(model, [site], out / "store", corpus=corpus, tokens=tokens, device=device,
                 resume=is_store(out / "store"), progress=progress)
-    print(f"[2/3] train a TopK SAE (d_sae {d_sae}, k {k}) for {steps} steps")
+    print(f"[2/4] train a TopK SAE (d_sae {d_sae}, k {k}) for {steps} steps")
     settings = settings_from(
         sae={"activation": "topk", "k": k, "d_sae": d_sae},
         train={"total_steps": steps, "lr": lr, "auxk_coefficient": 1 / 32, "b_dec_init": "mean",
                "checkpoint_every": max(1, steps // 4)},
         data={"source": str(out / "store"), "batch_size": batch_size})
     train_run(out / "train", settings, resume=True, progress=progress)
-    print(f"[3/3] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
-    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens,
-                       device=device or ("cuda" if torch.cuda.is_available() else "cpu"), progress=progress)
+    print(f"[3/4] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens, device=device, progress=progress)
+    print(f"[4/4] feature cache (top contexts, histograms, logit effects; ablation and attribution for "
+          f"{effects} features) and the feature browser")
+    index, table = build_and_browse(out / "train" / "sae", out / "features", effects=effects, device=device,
+                                    progress=progress)
+    print("the five most interpretable-looking features (one-token score: the share of the top contexts' "
+          "activation on one token):")
+    print(table)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out.resolve()}/: store/ (activations),"
-          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png")
+          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png,"
+          f" features/ (the feature cache)")
+    print(f"feature browser: {index.resolve()}")
     return results
