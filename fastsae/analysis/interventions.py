@@ -81,16 +81,17 @@ class SAEDictionary:
         return self.sae.decode(codes)
 
     def contributions(self, codes: SparseLatents, grad: Tensor) -> Tensor:
-        """(d_sae,) float32: Σ over positions of z_i · (grad · W_dec[i]), the first-order share of each latent
-        in a metric whose gradient at the site is grad (…, d). Gathers the active rows in chunks."""
+        """(d_sae,) float32 (or wider): Σ over positions of z_i · (grad · W_dec[i]), the first-order share of each
+        latent in a metric whose gradient at the site is grad (…, d). Gathers the active rows in chunks."""
         w, d = codes.width, grad.shape[-1]
-        values = codes.values.reshape(-1, w).float()
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        values = codes.values.reshape(-1, w).to(acc)
         indices = codes.indices.reshape(-1, w)
-        g = grad.reshape(-1, d).float()
-        out = torch.zeros(self.size, dtype=torch.float32, device=grad.device)
+        g = grad.reshape(-1, d).to(acc)
+        out = torch.zeros(self.size, dtype=acc, device=grad.device)
         chunk = max(1, CONTRIBUTION_CHUNK_FLOATS // (w * d))
         for first in range(0, values.shape[0], chunk):
-            rows = self.sae.W_dec[indices[first:first + chunk]].float()  # (n, w, d)
+            rows = self.sae.W_dec[indices[first:first + chunk]].to(acc)  # (n, w, d)
             dots = torch.einsum("nwd,nd->nw", rows, g[first:first + chunk])
             out.index_add_(0, indices[first:first + chunk].flatten(), (values[first:first + chunk] * dots).flatten())
         return out
@@ -108,7 +109,9 @@ class BasisDictionary:
         self.size = self.D.shape[0]
 
     def codes(self, x: Tensor) -> Tensor:
-        return (x.float() - self.mean.to(x.device)) @ self.A.to(x.device).T  # (…, n)
+        """(…, n) coefficients, in float32 or x's dtype if wider (float64 models stay exact)."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return (x.to(acc) - self.mean.to(x.device, acc)) @ self.A.to(x.device, acc).T
 
     def values(self, codes: Tensor, latents: Tensor) -> Tensor:
         return codes[..., latents]
@@ -117,11 +120,12 @@ class BasisDictionary:
         return self.D[latents]
 
     def reconstruct(self, codes: Tensor) -> Tensor:
-        return self.mean.to(codes.device) + codes @ self.D.to(codes.device)
+        return self.mean.to(codes.device, codes.dtype) + codes @ self.D.to(codes.device, codes.dtype)
 
     def contributions(self, codes: Tensor, grad: Tensor) -> Tensor:
-        g = grad.reshape(-1, grad.shape[-1]).float() @ self.D.to(grad.device).T  # (N, n)
-        return (codes.reshape(-1, self.size).float() * g).sum(0)
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        g = grad.reshape(-1, grad.shape[-1]).to(acc) @ self.D.to(grad.device, acc).T  # (N, n)
+        return (codes.reshape(-1, self.size).to(acc) * g).sum(0)
 
 
 def as_dictionary(obj):

@@ -91,7 +91,12 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def last_logits(model: nn.Module, batch: PromptBatch) -> Tensor:
-    """(B, V) float32 next-token logits at each prompt's last token; the LM head runs on that column only."""
+    """(B, V) next-token logits at each prompt's last token (float32, or float64 for a float64 model); the LM
+    head runs on that column only."""
     device = next(model.parameters()).device
-    out = model(**batch.to(device).inputs(), logits_to_keep=1)
-    return out.logits[:, -1].float()
+    return widen(model(**batch.to(device).inputs(), logits_to_keep=1).logits[:, -1])
+
+
+def widen(t: Tensor) -> Tensor:
+    """t in float32, or in its own dtype if wider: metrics of float64 test models keep their precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
