@@ -80,6 +80,7 @@ class SAEDictionary:
     def reconstruct(self, codes: SparseLatents) -> Tensor:
         return self.sae.decode(codes)
 
+    @torch.no_grad()
     def contributions(self, codes: SparseLatents, grad: Tensor) -> Tensor:
         """(d_sae,) float32 (or wider): Σ over positions of z_i · (grad · W_dec[i]), the first-order share of each
         latent in a metric whose gradient at the site is grad (…, d). Gathers the active rows in chunks."""
@@ -122,6 +123,7 @@ class BasisDictionary:
     def reconstruct(self, codes: Tensor) -> Tensor:
         return self.mean.to(codes.device, codes.dtype) + codes @ self.D.to(codes.device, codes.dtype)
 
+    @torch.no_grad()
     def contributions(self, codes: Tensor, grad: Tensor) -> Tensor:
         acc = torch.promote_types(grad.dtype, torch.float32)
         g = grad.reshape(-1, grad.shape[-1]).to(acc) @ self.D.to(grad.device, acc).T  # (N, n)
