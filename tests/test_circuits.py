@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastsae.analysis import circuits
+from fastsae.analysis.examples import Example
 from fastsae.analysis.interventions import SAEDictionary, intervene
 from fastsae.model import random_causal_lm
 
@@ -87,3 +88,11 @@ def test_circuit_refuses_a_root_that_never_fires(setup):
         dead.b_enc[3] = -1e6
     with pytest.raises(ValueError, match="never fires"):
         circuits.circuit(model, {**saes, SITES[2]: dead}, (SITES[2], 3), windows)
+
+
+def test_contexts_from_examples_get_bos_and_left_padding(setup):
+    _, tok, _, _ = setup
+    examples = [Example([5, 6, 7], ["a", "b", "c"], [0.0, 1.0, 0.0]), Example([8, 9], ["d", "e"], [2.0, 0.0])]
+    batch = circuits.as_batch(examples, tok)
+    assert batch.input_ids.tolist() == [[1, 5, 6, 7], [0, 1, 8, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]

@@ -27,14 +27,16 @@ from torch import Tensor, nn
 
 from .. import io
 from ..model import hook_site, hook_sites, keep_mask, special_token_ids
+from .examples import Example
 from .interventions import Intervention, SAEDictionary
+from .prompts import PromptBatch, pad_id
 
 
 class _Reached(Exception):
     """Raised once the last site needed is computed: the rest of the forward is not needed."""
 
 
-def _forward(model: nn.Module, contexts: Tensor, ivs: dict[str, Intervention], stop: str) -> None:
+def _forward(model: nn.Module, contexts: PromptBatch, ivs: dict[str, Intervention], stop: str) -> None:
     """model(contexts) with the interventions, stopped right after site stop (hooks run in registration order,
     so every intervention at stop has recorded before the stop hook raises)."""
     device = next(model.parameters()).device
@@ -44,9 +46,23 @@ def _forward(model: nn.Module, contexts: Tensor, ivs: dict[str, Intervention], s
 
     with hook_sites(model, ivs), hook_site(model, stop, halt):
         try:
-            model(input_ids=contexts.to(device))
+            model(**contexts.to(device).inputs())
         except _Reached:
             pass
+
+
+def as_batch(contexts: Tensor | PromptBatch | Sequence[Example], tokenizer=None) -> PromptBatch:
+    """Contexts as a batch: token windows (S, T), a PromptBatch, or Examples (e.g. a feature cache's top
+    contexts), which start mid-document and get BOS prepended when the tokenizer has one."""
+    if isinstance(contexts, PromptBatch):
+        return contexts
+    if isinstance(contexts, Tensor):
+        if contexts.dim() != 2:
+            raise ValueError(f"contexts must be token ids (S, T), got shape {tuple(contexts.shape)}")
+        return PromptBatch(contexts, torch.ones_like(contexts))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    rows = [([bos] if bos is not None and e.token_ids[:1] != [bos] else []) + list(e.token_ids) for e in contexts]
+    return PromptBatch.from_ids(rows, pad_id(tokenizer) if tokenizer is not None else 0)
 
 
 def node_id(site: str, latent: int, index: int) -> str:
@@ -64,7 +80,7 @@ def top_contexts(model: nn.Module, site: str, sae, latent: int, windows: Tensor,
     for first in range(0, windows.shape[0], batch_size):
         ids = windows[first:first + batch_size]
         iv = Intervention(sae, record=True)
-        _forward(model, ids, {site: iv}, site)
+        _forward(model, as_batch(ids), {site: iv}, site)
         z = SAEDictionary(sae).values(iv.codes[0], torch.tensor([latent]))[..., 0].cpu()  # (b, T)
         best.append((z * keep_mask(ids, excluded)).amax(-1))
     order = torch.cat(best).argsort(descending=True)[:n]
@@ -76,7 +92,7 @@ class _Graph:
         self.model, self.saes, self.sites = model, dict(saes), list(saes)
         self.contexts, self.candidates, self.keep = contexts, candidates, keep
         self.tokenizer, self.browsers = tokenizer, dict(browsers or {})
-        self.positions = keep_mask(contexts, excluded)  # (S, T)
+        self.positions = contexts.keep(excluded)  # (S, T) real, non-special tokens
         self.nodes: dict[str, dict] = {}
         self.edges: list[dict] = []
         self.expanded: set[str] = set()
@@ -111,7 +127,7 @@ class _Graph:
         for index in flat.argsort(descending=True).tolist():
             if flat[index] <= 0 or len(out) == n:
                 break
-            token = int(self.contexts.flatten()[index])
+            token = int(self.contexts.input_ids.flatten()[index])
             text = self.tokenizer.decode([token]) if self.tokenizer is not None else str(token)
             if text not in out:
                 out.append(text)
@@ -156,16 +172,16 @@ class _Graph:
                 self.expand(below, k, span, depth - 1)
 
 
-def circuit(model: nn.Module, saes: Mapping[str, object], root: tuple[str, int], contexts: Tensor, *,
+def circuit(model: nn.Module, saes: Mapping[str, object], root: tuple[str, int],
+            contexts: Tensor | PromptBatch | Sequence[Example], *,
             depth: int = 2, keep: int = 3, candidates: int = 16, tokenizer=None,
             browsers: Mapping[str, str] | None = None, excluded: Sequence[int] | None = None) -> dict:
-    """The graph of features that drive root = (site, latent) on contexts (S, T); saes ordered from the
-    lowest site up. browsers: {site: feature-browser directory} to link nodes to. See the module docstring."""
+    """The graph of features that drive root = (site, latent) on contexts (see as_batch); saes ordered from
+    the lowest site up. browsers: {site: feature-browser directory} to link nodes to. See the module docstring."""
     site, latent = root
     if site not in saes:
         raise ValueError(f"root site {site!r} has no SAE; saes has {list(saes)}")
-    if contexts.dim() != 2:
-        raise ValueError(f"contexts must be token ids (S, T), got shape {tuple(contexts.shape)}")
+    contexts = as_batch(contexts, tokenizer)
     excluded = special_token_ids(model, tokenizer) if excluded is None else excluded
     graph = _Graph(model, saes, contexts, excluded, candidates, keep, tokenizer, browsers)
     graph.expanded.add(node_id(site, latent, list(saes).index(site)))
@@ -176,11 +192,11 @@ def circuit(model: nn.Module, saes: Mapping[str, object], root: tuple[str, int],
     if not (z > 0).any():
         raise ValueError(f"latent {latent} at {site} never fires on the contexts")
     peak = z.argmax(-1)  # (S,) the root's strongest position per context
-    span = graph.positions & (torch.arange(contexts.shape[1])[None, :] <= peak[:, None])
+    span = graph.positions & (torch.arange(contexts.input_ids.shape[1])[None, :] <= peak[:, None])
     graph.add_node(site, latent, iv.codes[0], span)
     graph.expand(site, latent, span, depth)
     return {"root": node_id(site, latent, list(saes).index(site)), "sites": list(saes), "depth": depth,
-            "keep": keep, "candidates": candidates, "contexts": int(contexts.shape[0]),
+            "keep": keep, "candidates": candidates, "contexts": len(contexts),
             "nodes": list(graph.nodes.values()), "edges": graph.edges, "forwards": graph.forwards}
 
 
@@ -233,8 +249,55 @@ def draw(graph: dict, path: str | Path) -> list[Path]:
     return written
 
 
+def describe(graph: dict) -> str:
+    """The graph as text: every edge, child -> parent with its effect and the nodes' top tokens."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    lines = [f"circuit of {graph['root']} {nodes[graph['root']]['top_tokens']} on {graph['contexts']} contexts "
+             f"({graph['forwards']} forwards)"]
+    for e in graph["edges"]:
+        lines.append(f"  {e['source']} {nodes[e['source']]['top_tokens']} -> {e['target']}: effect {e['effect']:.3f} "
+                     f"(attribution estimate {e['attribution']:.3f})")
+    return "\n".join(lines)
+
+
 def save(graph: dict, path: str | Path) -> Path:
     """The graph as JSON, written atomically."""
     io.write_json(Path(path), graph)
     return Path(path)
 
+
+
+def run(model_name: str, sae_paths: Sequence[str], latent: int, out, *, sites: Sequence[str] | None = None,
+        root_site: str | None = None, n_contexts: int = 16, feature_cache: str | None = None,
+        corpus: str = "english-classics", tokens: int = 32_768, context_size: int = 64, depth: int = 2,
+        keep: int = 3, candidates: int = 16, browsers: Mapping[str, str] | None = None, device: str = "cpu") -> dict:
+    """`fastsae circuit`: the circuit of latent at root_site (default: the highest SAE's site) on its top
+    contexts — from a feature cache (fastsae features) when given, else the top n_contexts of `tokens` corpus
+    tokens — written as out/circuit.json, out/circuit.png and out/circuit.svg."""
+    from ..harvest import read_documents, token_windows
+    from ..model import load
+    from .saes import load_saes
+
+    out = Path(out)
+    model, tokenizer = load(model_name, device=device)
+    saes = load_saes(sae_paths, sites, device=device)
+    root_site = root_site or list(saes)[-1]
+    if root_site not in saes:
+        raise ValueError(f"--root-site {root_site!r}: no SAE there; SAEs are at {list(saes)}")
+    if feature_cache:
+        try:
+            from .features import FeatureCache  # the feature cache of `fastsae features`
+        except ImportError as err:
+            raise ImportError("--feature-cache needs fastsae.analysis.features (fastsae features)") from err
+        contexts = as_batch(FeatureCache.load(feature_cache).top(latent)[:n_contexts], tokenizer)
+    else:
+        windows = token_windows(tokenizer, read_documents(corpus), context_size, tokens)
+        contexts = top_contexts(model, root_site, saes[root_site], latent, windows, n=n_contexts)
+    graph = circuit(model, saes, (root_site, latent), contexts, depth=depth, keep=keep, candidates=candidates,
+                    tokenizer=tokenizer, browsers=browsers)
+    graph["model"] = model_name
+    graph["summary"] = describe(graph)
+    out.mkdir(parents=True, exist_ok=True)
+    save(graph, out / "circuit.json")
+    draw(graph, out / "circuit.png")
+    return graph

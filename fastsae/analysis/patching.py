@@ -218,3 +218,81 @@ def _active_latents(codes, keep: Tensor) -> set[int]:
 def layer_sweep(model: nn.Module, saes: Mapping[str, object], prompts: IOIPrompts, **kwargs) -> dict:
     """compare() at every site of saes ({site: sae})."""
     return {site: compare(model, site, sae, prompts, **kwargs) for site, sae in saes.items()}
+
+
+def plot(results: Mapping[str, dict], path) -> None:
+    """One column per site: fraction of the clean logit difference restored against m (top) and the edit's
+    relative size against m (bottom), the SAE beside PCA and the neuron basis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = list(results)
+    fig, axes = plt.subplots(2, len(sites), figsize=(4.2 * len(sites), 6.5), squeeze=False, sharex=True)
+    for col, site in enumerate(sites):
+        result = results[site]
+        top, bottom = axes[0][col], axes[1][col]
+        for i, (name, curve) in enumerate(result["curves"].items()):
+            top.plot(curve["m"], curve["fraction"], "-", color=f"C{i}", label=name)
+            bottom.plot(curve["m"], curve["relative_edit"], "-", color=f"C{i}", label=name)
+        top.axhline(result["all_latents_fraction"], color="C0", linestyle=":", linewidth=1,
+                    label=f"sae: all {result['all_latents']} active latents")
+        top.axhline(1.0, color="0.5", linewidth=0.8)
+        top.set_title(f"{site}  (LD clean {result['clean_logit_diff']:.2f}, corrupted "
+                      f"{result['corrupted_logit_diff']:.2f})", fontsize=9)
+        top.set_ylabel("fraction of clean logit diff restored")
+        bottom.set_ylabel("||edit|| / ||activation||")
+        bottom.set_xlabel("directions patched (m)")
+        top.legend(fontsize=7)
+    fig.suptitle(f"IOI patching, {next(iter(results.values()))['prompts']} prompts "
+                 f"(directions chosen by {next(iter(next(iter(results.values()))['curves'].values()))['select']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(results: Mapping[str, dict], ms: Sequence[int] = (1, 4, 16, 64)) -> str:
+    """A markdown table: fraction restored at a few m, per site and dictionary."""
+    lines = ["| site | dictionary | " + " | ".join(f"m={m}" for m in ms) + " | edit size at m=16 |",
+             "|---|---|" + "---:|" * (len(ms) + 1)]
+    for site, result in results.items():
+        for name, curve in result["curves"].items():
+            cells = [f"{curve['fraction'][m - 1]:.3f}" if m <= len(curve["fraction"]) else "" for m in ms]
+            size = f"{curve['relative_edit'][15]:.3f}" if len(curve["relative_edit"]) >= 16 else ""
+            lines.append(f"| {site} | {name} | " + " | ".join(cells) + f" | {size} |")
+    return "\n".join(lines)
+
+
+def run(model_name: str, sae_paths: Sequence[str], out, *, sites: Sequence[str] | None = None, n: int = 100,
+        seed: int = 0, max_m: int = 64, select: str = "attribution", pool: int | None = None,
+        against: Sequence[str] = ("pca", "neurons"), device: str = "cpu") -> dict:
+    """`fastsae patch`: the IOI patching curves of SAEs (one per site: a layer sweep) against PCA and neurons on
+    n generated prompts; writes out/patch.json and out/patch.png and returns the results."""
+    import datetime as dt
+    import platform
+    from pathlib import Path
+
+    from .. import io
+    from ..model import load
+    from . import ioi as ioi_prompts
+    from .saes import load_saes
+
+    out = Path(out)
+    model, tokenizer = load(model_name, device=device)
+    saes = load_saes(sae_paths, sites, device=device)
+    prompts = ioi_prompts.generate(tokenizer, n=n, seed=seed)
+    start = time.perf_counter()
+    results = layer_sweep(model, saes, prompts, max_m=max_m, select=select, pool=pool, against=against)
+    meta = {"model": model_name, "saes": {site: str(sae.path) for site, sae in saes.items()},
+            "prompts": n, "seed": seed, "max_m": max_m, "select": select, "against": list(against),
+            "seconds": time.perf_counter() - start, "device": device, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "date": dt.date.today().isoformat(),
+            "example_prompt": prompts.texts[0], "example_corrupted": prompts.corrupted_texts[0]}
+    report = {"meta": meta, "summary": summary(results, [m for m in (1, 4, 16, 64) if m <= max_m]),
+              "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "patch.json", report)
+    plot(results, out / "patch.png")
+    return report

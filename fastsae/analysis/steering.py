@@ -104,3 +104,22 @@ def plot(result: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run(model_name: str, sae_path: str, latent: int, prompt: str, out, *, site: str | None = None,
+        alphas: Sequence[float] = (0.0, 10.0, 30.0, 100.0), max_new_tokens: int = 24, device: str = "cpu") -> dict:
+    """`fastsae steer`: steer() with an SAE from its directory; writes out/steer.json and out/steer.png."""
+    from .. import io
+    from ..model import load
+    from .saes import load_saes
+
+    out = Path(out)
+    model, tokenizer = load(model_name, device=device)
+    ((site, sae),) = load_saes([sae_path], [site] if site else None, device=device).items()
+    result = steer(model, tokenizer, site, sae, latent, prompt, alphas=alphas, max_new_tokens=max_new_tokens)
+    result["model"] = model_name
+    result["summary"] = format_result(result)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "steer.json", result)
+    plot(result, out / "steer.png")
+    return result
