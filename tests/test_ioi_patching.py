@@ -91,6 +91,16 @@ def test_the_batched_curve_equals_prompts_patched_one_by_one(lm, prompts, reuse_
     assert all(0 < s for s in curve["relative_edit"])
 
 
+def test_a_curve_measured_at_some_m_only(lm, prompts):
+    model, tok = lm
+    sae = make_sae(32, 96, "topk", k=8)
+    state = patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    every = patching.patching_curve(model, state, sae, prompts, max_m=4)
+    some = patching.patching_curve(model, state, sae, prompts, max_m=4, ms=[4, 1, 9])
+    assert some["m"] == [1, 4] and some["forwards"] == 2 + 1
+    assert some["logit_diff"] == pytest.approx([every["logit_diff"][0], every["logit_diff"][3]], abs=1e-6)
+
+
 def test_every_direction_of_a_basis_restores_the_clean_run(lm, prompts):
     model, tok = lm
     state = patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])

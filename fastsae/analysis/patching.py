@@ -81,7 +81,7 @@ def _run(model, site, batch: PromptBatch, grad: bool, prompts: IOIPrompts | None
     return seen["x"].detach(), logits.detach(), g
 
 
-class _Patcher:
+class Patcher:
     """Runs the corrupted prompts with some latents of a dictionary patched from the clean run: one batched
     forward per call, optionally from the first differing column on, over a cached prefix."""
 
@@ -140,8 +140,10 @@ def attribution(dictionary, state: SiteRuns) -> Tensor:
 
 
 def patching_curve(model: nn.Module, state: SiteRuns, dictionary, prompts: IOIPrompts, *, max_m: int = 64,
-                   select: str = "attribution", pool: int | None = None, reuse_prefix: bool = True) -> dict:
-    """The curve m -> fraction restored for one dictionary at state's site (see the module docstring)."""
+                   select: str = "attribution", pool: int | None = None, reuse_prefix: bool = True,
+                   ms: Sequence[int] | None = None) -> dict:
+    """The curve m -> fraction restored for one dictionary at state's site (see the module docstring).
+    ms: the m at which to measure it (default every m in 1..max_m; attribution only, greedy needs every step)."""
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
     dictionary = as_dictionary(dictionary)
@@ -151,11 +153,13 @@ def patching_curve(model: nn.Module, state: SiteRuns, dictionary, prompts: IOIPr
     start = time.perf_counter()
     scores = attribution(dictionary, state)
     order = scores.argsort(descending=True).tolist()
-    patcher = _Patcher(model, state, dictionary, prompts, reuse_prefix)
+    patcher = Patcher(model, state, dictionary, prompts, reuse_prefix)
     chosen, lds, sizes = [], [], []
+    ms = sorted({int(m) for m in ms if 1 <= m <= max_m}) if ms is not None and select == "attribution" else None
+    ms = ms or list(range(1, max_m + 1))
     if select == "attribution":
         chosen = order[:max_m]
-        for m in range(1, max_m + 1):
+        for m in ms:
             ld, size = patcher(chosen[:m])
             lds.append(ld)
             sizes.append(size)
@@ -174,7 +178,7 @@ def patching_curve(model: nn.Module, state: SiteRuns, dictionary, prompts: IOIPr
             lds.append(best[0])
             sizes.append(best[1])
     gap = state.clean_ld - state.corrupted_ld
-    return {"select": select, "m": list(range(1, max_m + 1)), "latents": chosen,
+    return {"select": select, "m": ms, "latents": chosen,
             "attribution": [float(scores[i]) for i in chosen], "logit_diff": lds,
             "fraction": [(ld - state.corrupted_ld) / gap for ld in lds], "relative_edit": sizes,
             "forwards": patcher.forwards, "seconds": time.perf_counter() - start}
@@ -182,7 +186,7 @@ def patching_curve(model: nn.Module, state: SiteRuns, dictionary, prompts: IOIPr
 
 def compare(model: nn.Module, site: str, sae, prompts: IOIPrompts, *, max_m: int = 64,
             against: Sequence[str] = ("pca", "neurons"), select: str = "attribution", pool: int | None = None,
-            reuse_prefix: bool = True, excluded: Sequence[int] | None = None) -> dict:
+            reuse_prefix: bool = True, excluded: Sequence[int] | None = None, ms: Sequence[int] | None = None) -> dict:
     """Curves for the SAE and each baseline (fitted on this site's clean and corrupted activations of the
     prompts, all d directions), the clean and corrupted LD, and the SAE's all-latents ceiling."""
     start = time.perf_counter()
@@ -197,11 +201,11 @@ def compare(model: nn.Module, site: str, sae, prompts: IOIPrompts, *, max_m: int
     for kind in against:
         dictionaries[kind] = baselines.fit(kind, state.fit_activations, d, d)
     curves = {name: patching_curve(model, state, dic, prompts, max_m=max_m, select=select, pool=pool,
-                                   reuse_prefix=reuse_prefix) for name, dic in dictionaries.items()}
+                                   reuse_prefix=reuse_prefix, ms=ms) for name, dic in dictionaries.items()}
     sae_dict = as_dictionary(sae)
     clean_codes, corrupted_codes = sae_dict.codes(state.clean_x), sae_dict.codes(state.corrupted_x)
     active = _active_latents(clean_codes, state.keep) | _active_latents(corrupted_codes, state.keep)
-    everything, _ = _Patcher(model, state, sae_dict, prompts, reuse_prefix)(sorted(active))
+    everything, _ = Patcher(model, state, sae_dict, prompts, reuse_prefix)(sorted(active))
     gap = state.clean_ld - state.corrupted_ld
     forwards = state.forwards + sum(c["forwards"] for c in curves.values()) + 2
     return {"site": site, "prompts": len(prompts), "forwards": forwards, "clean_logit_diff": state.clean_ld,
@@ -215,9 +219,12 @@ def _active_latents(codes, keep: Tensor) -> set[int]:
     return set(codes.indices[keep][codes.values[keep] > 0].unique().tolist())
 
 
-def layer_sweep(model: nn.Module, saes: Mapping[str, object], prompts: IOIPrompts, **kwargs) -> dict:
-    """compare() at every site of saes ({site: sae})."""
-    return {site: compare(model, site, sae, prompts, **kwargs) for site, sae in saes.items()}
+def layer_sweep(model: nn.Module, saes: Mapping[str, object], prompts: IOIPrompts, *,
+                ms: Sequence[int] | None = None, full_site: str | None = None, **kwargs) -> dict:
+    """compare() at every site of saes ({site: sae}), measured at ms (default every m), except at full_site
+    (every m there: the detailed curve of a cheaper sweep)."""
+    return {site: compare(model, site, sae, prompts, ms=None if site == full_site else ms, **kwargs)
+            for site, sae in saes.items()}
 
 
 def plot(results: Mapping[str, dict], path) -> None:
@@ -259,37 +266,49 @@ def summary(results: Mapping[str, dict], ms: Sequence[int] = (1, 4, 16, 64)) -> 
              "|---|---|" + "---:|" * (len(ms) + 1)]
     for site, result in results.items():
         for name, curve in result["curves"].items():
-            cells = [f"{curve['fraction'][m - 1]:.3f}" if m <= len(curve["fraction"]) else "" for m in ms]
-            size = f"{curve['relative_edit'][15]:.3f}" if len(curve["relative_edit"]) >= 16 else ""
-            lines.append(f"| {site} | {name} | " + " | ".join(cells) + f" | {size} |")
+            fraction = dict(zip(curve["m"], curve["fraction"], strict=True))
+            size = dict(zip(curve["m"], curve["relative_edit"], strict=True)).get(16)
+            cells = [f"{fraction[m]:.3f}" if m in fraction else "" for m in ms]
+            lines.append(f"| {site} | {name} | " + " | ".join(cells) + f" | {'' if size is None else f'{size:.3f}'} |")
     return "\n".join(lines)
 
 
-def run(model_name: str, sae_paths: Sequence[str], out, *, sites: Sequence[str] | None = None, n: int = 100,
-        seed: int = 0, max_m: int = 64, select: str = "attribution", pool: int | None = None,
-        against: Sequence[str] = ("pca", "neurons"), device: str = "cpu") -> dict:
-    """`fastsae patch`: the IOI patching curves of SAEs (one per site: a layer sweep) against PCA and neurons on
-    n generated prompts; writes out/patch.json and out/patch.png and returns the results."""
+def run(model_name: str, sae_paths: Sequence[str], out, *, sites: Sequence[str] | None = None,
+        device: str = "cpu", **kwargs) -> dict:
+    """`fastsae patch`: load the model and the SAEs (one per site: a layer sweep), then write_report()."""
+    from ..model import load
+    from .saes import load_saes
+
+    model, tokenizer = load(model_name, device=device)
+    return write_report(model, tokenizer, load_saes(sae_paths, sites, device=device), out, model_name=model_name,
+                        **kwargs)
+
+
+def write_report(model: nn.Module, tokenizer, saes: Mapping[str, object], out, *, model_name: str = "", n: int = 100,
+                 seed: int = 0, max_m: int = 64, select: str = "attribution", pool: int | None = None,
+                 against: Sequence[str] = ("pca", "neurons"), ms: Sequence[int] | None = None,
+                 full_site: str | None = None) -> dict:
+    """The IOI patching curves of saes ({site: sae}) against the baselines on n generated prompts (at ms, every m
+    at full_site: see layer_sweep), written as out/patch.json (with the environment) and out/patch.png."""
     import datetime as dt
     import platform
     from pathlib import Path
 
     from .. import io
-    from ..model import load
     from . import ioi as ioi_prompts
-    from .saes import load_saes
 
     out = Path(out)
-    model, tokenizer = load(model_name, device=device)
-    saes = load_saes(sae_paths, sites, device=device)
     prompts = ioi_prompts.generate(tokenizer, n=n, seed=seed)
     start = time.perf_counter()
-    results = layer_sweep(model, saes, prompts, max_m=max_m, select=select, pool=pool, against=against)
-    meta = {"model": model_name, "saes": {site: str(sae.path) for site, sae in saes.items()},
+    results = layer_sweep(model, saes, prompts, max_m=max_m, select=select, pool=pool, against=against, ms=ms,
+                          full_site=full_site)
+    meta = {"model": model_name, "saes": {site: str(getattr(sae, "path", "")) for site, sae in saes.items()},
             "prompts": n, "seed": seed, "max_m": max_m, "select": select, "against": list(against),
-            "seconds": time.perf_counter() - start, "device": device, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "date": dt.date.today().isoformat(),
-            "example_prompt": prompts.texts[0], "example_corrupted": prompts.corrupted_texts[0]}
+            "ms": None if ms is None else list(ms), "full_site": full_site,
+            "seconds": time.perf_counter() - start, "device": str(next(model.parameters()).device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": dt.date.today().isoformat(), "example_prompt": prompts.texts[0],
+            "example_corrupted": prompts.corrupted_texts[0]}
     report = {"meta": meta, "summary": summary(results, [m for m in (1, 4, 16, 64) if m <= max_m]),
               "results": results}
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--pool", type=int, help="greedy: candidates, the best by attribution (default 2 * max-m)")
     p.add_argument("--against", nargs="*", default=["pca", "neurons"], choices=("pca", "neurons", "ica"),
                    help="baselines fitted on the same activations (default: pca neurons)")
+    p.add_argument("--ms", type=int, nargs="+", help="measure the curves at these m only (default every m in "
+                                                    "1..max-m), e.g. 1 2 4 8 16 32 64 for a cheap sweep")
+    p.add_argument("--full-site", help="with --ms: the one site measured at every m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/patch", help="output directory (default runs/patch)")
     p.set_defaults(func=_patch)
@@ -29,7 +32,8 @@ def _patch(args: argparse.Namespace) -> int:
     from ..analysis.patching import run
 
     report = run(args.model, args.sae, args.out, sites=args.site, n=args.prompts, seed=args.seed, max_m=args.max_m,
-                 select=args.select, pool=args.pool, against=args.against, device=args.device)
+                 select=args.select, pool=args.pool, against=args.against, ms=args.ms, full_site=args.full_site,
+                 device=args.device)
     print(report["summary"])
     print(f"{report['meta']['seconds']:.0f} s; written {args.out}/patch.json and {args.out}/patch.png")
     return 0
