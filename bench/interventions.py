@@ -1,10 +1,10 @@
 """python -m bench.interventions: features as actions on Gemma 3 270M, the committed result of issue 14.
 
-    python -m bench.interventions --sae runs/h14/sae5 runs/h14/sae6 runs/h14/sae7 --site resid_post.6
+    python -m bench.interventions --sae runs/h14/train5/sae runs/h14/train6/sae runs/h14/train7/sae --site resid_post.6
 
 Writes bench/results/interventions-<device>-<date>/ (or --out):
-    patch.json, patch.png       IOI patching curves, m = 1..64, SAE vs PCA vs neurons at every SAE's site
-                                (100 prompts; time and forwards per curve)
+    patch.json, patch.png       IOI patching curves, SAE vs PCA vs neurons, 100 prompts: m = 1..64 at --site
+                                (time and forwards per curve), m = 1, 2, 4 .. 64 at the other SAEs' sites
     erasure.json, erasure.png   gendered-pronoun erasure at --site: loss increase on the pronoun-predicting
                                 tokens vs all others, SAE latents vs PCA directions chosen the same way
     circuit.json/.png/.svg      the circuit of the top SAE's latent most associated with the concept
@@ -30,6 +30,7 @@ from fastsae.harvest import read_documents, token_windows
 from fastsae.model import capture, keep_mask, load, special_token_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SWEEP_MS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--max-m", type=int, default=64)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64], help="erasure: directions ablated")
-    parser.add_argument("--erasure-windows", type=int, default=96, help="64-token windows: 2/3 fit, 1/3 evaluate")
+    parser.add_argument("--erasure-windows", type=int, default=96, help="64-token windows: half fit, half evaluate")
     parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
     parser.add_argument("--skip", nargs="*", default=[], choices=("patch", "erasure", "circuit", "steer"))
     parser.add_argument("--out", help="default bench/results/interventions-cpu-<date>")
@@ -53,26 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     saes = load_saes(args.sae)
     lines = [f"# Features as actions on {args.model} ({env['device']}, {env['threads']} threads, {env['date']})", ""]
 
+    site = args.site
     if "patch" not in args.skip:
+        # every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid of m
         report = patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
-                                       max_m=args.max_m)
+                                       max_m=args.max_m, ms=SWEEP_MS, full_site=site)
         lines += ["## IOI patching (fraction of the clean logit difference restored)", "", report["summary"], ""]
-        for site, result in report["results"].items():
+        for where, result in report["results"].items():
             times = ", ".join(f"{name} {c['seconds']:.0f} s / {c['forwards']} forwards"
                               for name, c in result["curves"].items())
-            lines.append(f"- {site}: LD clean {result['clean_logit_diff']:.2f}, corrupted "
+            lines.append(f"- {where}: LD clean {result['clean_logit_diff']:.2f}, corrupted "
                          f"{result['corrupted_logit_diff']:.2f}; SAE with all {result['all_latents']} active latents "
                          f"patched: {result['all_latents_fraction']:.3f}; curves (M={args.max_m}): {times}")
         lines.append("")
 
-    site = args.site
-    windows = token_windows(tokenizer, read_documents("english-classics"), 64, seed=1)
+    windows = token_windows(tokenizer, read_documents("english-classics:test"), 64, seed=1)
     concept = erasure.token_ids(tokenizer, erasure.PRONOUNS)
     if "erasure" not in args.skip:
         chosen = windows[:args.erasure_windows]
         target = erasure.next_token_mask(chosen, concept)
         result = erasure.erasure(model, site, saes[site], chosen, target, counts=args.counts,
-                                 fit_windows=2 * args.erasure_windows // 3)
+                                 fit_windows=args.erasure_windows // 2)
         result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
         io.write_json(out / "erasure.json", result)
         erasure.plot(result, out / "erasure.png")

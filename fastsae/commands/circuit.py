@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--root-site", help="default: the highest SAE's site")
     p.add_argument("--contexts", type=int, default=16, help="top-activating contexts to run on (default 16)")
     p.add_argument("--feature-cache", help="take the contexts from this feature cache (fastsae features)")
-    p.add_argument("--corpus", default="english-classics", help="else search them in this corpus")
+    p.add_argument("--corpus", default="english:test",
+                   help="else search them in this corpus (default english:test, held out from the main job)")
     p.add_argument("--tokens", type=int, default=32_768, help="corpus tokens searched (default 32768)")
     p.add_argument("--context-size", type=int, default=64)
     p.add_argument("--depth", type=int, default=2, help="levels below the root (default 2)")
