@@ -192,6 +192,8 @@ def test_bad_edits_are_refused_clearly():
         Intervention(sae, zero=[1], positions=torch.ones(2, 3, dtype=torch.bool))(torch.randn(2, 4, 32))
     with pytest.raises(TypeError, match="dictionary must be"):
         Intervention(object())
+    with pytest.raises(ValueError, match="call sae.eval"):
+        Intervention(make_sae(32, 48, "batchtopk", k=4).train())
 
 
 def test_a_basis_dictionary_edits_its_coefficients():

@@ -55,6 +55,9 @@ class SAEDictionary:
     """An SAE's latents as edit targets: sparse codes, and the values of chosen latents gathered from them."""
 
     def __init__(self, sae: SAE):
+        if sae.training and sae.cfg.activation == "batchtopk":
+            raise ValueError("a BatchTopK SAE in training mode selects latents across the batch and moves its "
+                             "threshold: call sae.eval() before intervening")
         self.sae = sae
         self.size = sae.cfg.d_sae
 
