@@ -75,6 +75,9 @@ def test_edges_are_the_exact_effect_of_ablating_the_child(setup, tmp_path):
     json.dumps(graph)
     png, svg = circuits.draw(graph, tmp_path / "circuit.png")
     assert png.stat().st_size > 1000 and f"../browser7/feature.html#{root}" in svg.read_text()
+    (path,) = circuits.annotate(graph, {site: tmp_path / "cache"}, picture="circuit.svg")
+    note = json.loads(path.read_text())["features"][str(root)]
+    assert note["text"].startswith(f"In the circuit of 2_{root}") and note["links"][0]["href"] == "circuit.svg"
     circuits.save(graph, tmp_path / "circuit.json")
     assert json.loads((tmp_path / "circuit.json").read_text())["root"] == graph["root"]
 

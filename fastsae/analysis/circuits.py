@@ -260,6 +260,31 @@ def describe(graph: dict) -> str:
     return "\n".join(lines)
 
 
+def annotate(graph: dict, caches: Mapping[str, str | Path], picture: str | None = None) -> list[Path]:
+    """Tell the feature browser about the graph: for each node at a site in caches ({site: feature cache
+    directory}), an entry in <cache>/annotations/circuit.json (the browser's annotation contract) listing what it
+    drives and what drives it, merged with entries of earlier circuits. Returns the files written."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    written = []
+    for site, cache in caches.items():
+        path = Path(cache) / "annotations" / "circuit.json"
+        data = io.read_json(path) if path.is_file() else {"title": "Circuits (by ablation)", "features": {}}
+        for node in (n for n in graph["nodes"] if n["site"] == site):
+            parts = [f"{e['target']} ({e['effect']:.2f})" for e in graph["edges"] if e["source"] == node["id"]]
+            parts_in = [f"{e['source']} {nodes[e['source']]['top_tokens']} ({e['effect']:.2f})"
+                        for e in graph["edges"] if e["target"] == node["id"]]
+            text = f"In the circuit of {graph['root']}: "
+            text += "; ".join(filter(None, [f"drives {', '.join(parts)}" if parts else "",
+                                            f"driven by {', '.join(parts_in)}" if parts_in else ""])) or "the root"
+            entry = {"text": text}
+            if picture:
+                entry["links"] = [{"text": f"circuit of {graph['root']}", "href": picture}]
+            data["features"][str(node["latent"])] = entry
+        io.write_json(path, data)
+        written.append(path)
+    return written
+
+
 def save(graph: dict, path: str | Path) -> Path:
     """The graph as JSON, written atomically."""
     io.write_json(Path(path), graph)
@@ -270,10 +295,12 @@ def save(graph: dict, path: str | Path) -> Path:
 def run(model_name: str, sae_paths: Sequence[str], latent: int, out, *, sites: Sequence[str] | None = None,
         root_site: str | None = None, n_contexts: int = 16, feature_cache: str | None = None,
         corpus: str = "english:test", tokens: int = 32_768, context_size: int = 64, depth: int = 2,
-        keep: int = 3, candidates: int = 16, browsers: Mapping[str, str] | None = None, device: str = "cpu") -> dict:
+        keep: int = 3, candidates: int = 16, browsers: Mapping[str, str] | None = None,
+        annotate_caches: Mapping[str, str] | None = None, device: str = "cpu") -> dict:
     """`fastsae circuit`: the circuit of latent at root_site (default: the highest SAE's site) on its top
     contexts — from a feature cache (fastsae features) when given, else the top n_contexts of `tokens` corpus
-    tokens — written as out/circuit.json, out/circuit.png and out/circuit.svg."""
+    tokens — written as out/circuit.json, out/circuit.png and out/circuit.svg; with annotate_caches ({site:
+    feature cache}), also as browser annotations of its nodes."""
     from ..harvest import read_documents, token_windows
     from ..model import load
     from .saes import load_saes
@@ -300,4 +327,6 @@ def run(model_name: str, sae_paths: Sequence[str], latent: int, out, *, sites: S
     out.mkdir(parents=True, exist_ok=True)
     save(graph, out / "circuit.json")
     draw(graph, out / "circuit.png")
+    if annotate_caches:
+        annotate(graph, annotate_caches, picture=str((out / "circuit.svg").resolve()))
     return graph

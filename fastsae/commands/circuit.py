@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=16, help="candidates ablated exactly per node (default 16)")
     p.add_argument("--browser", nargs="*", type=_site_dir, default=[], metavar="SITE=DIR",
                    help="feature browsers to link nodes to, e.g. resid_post.7=runs/features7/browser")
+    p.add_argument("--annotate", nargs="*", type=_site_dir, default=[], metavar="SITE=CACHE_DIR",
+                   help="add the circuit to these feature caches' browser annotations")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/circuit", help="output directory (default runs/circuit)")
     p.set_defaults(func=_circuit)
@@ -42,7 +44,7 @@ def _circuit(args: argparse.Namespace) -> int:
     graph = run(args.model, args.sae, args.latent, args.out, sites=args.site, root_site=args.root_site,
                 n_contexts=args.contexts, feature_cache=args.feature_cache, corpus=args.corpus, tokens=args.tokens,
                 context_size=args.context_size, depth=args.depth, keep=args.keep, candidates=args.candidates,
-                browsers=dict(args.browser), device=args.device)
+                browsers=dict(args.browser), annotate_caches=dict(args.annotate), device=args.device)
     print(graph["summary"])
     print(f"written {args.out}/circuit.json, circuit.png, circuit.svg")
     return 0
