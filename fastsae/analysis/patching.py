@@ -88,7 +88,8 @@ class Patcher:
     def __init__(self, model: nn.Module, state: SiteRuns, dictionary, prompts: IOIPrompts, reuse_prefix: bool):
         self.model, self.state, self.dictionary, self.prompts = model, state, dictionary, prompts
         self.device = next(model.parameters()).device
-        self.clean_codes = dictionary.codes(state.clean_x)
+        with torch.no_grad():
+            self.clean_codes = dictionary.codes(state.clean_x)  # encoded once for every m
         self.forwards = 0
         batch = prompts.corrupted.to(self.device)
         differs = (prompts.clean.input_ids != prompts.corrupted.input_ids).to(self.device)
@@ -203,7 +204,8 @@ def compare(model: nn.Module, site: str, sae, prompts: IOIPrompts, *, max_m: int
     curves = {name: patching_curve(model, state, dic, prompts, max_m=max_m, select=select, pool=pool,
                                    reuse_prefix=reuse_prefix, ms=ms) for name, dic in dictionaries.items()}
     sae_dict = as_dictionary(sae)
-    clean_codes, corrupted_codes = sae_dict.codes(state.clean_x), sae_dict.codes(state.corrupted_x)
+    with torch.no_grad():
+        clean_codes, corrupted_codes = sae_dict.codes(state.clean_x), sae_dict.codes(state.corrupted_x)
     active = _active_latents(clean_codes, state.keep) | _active_latents(corrupted_codes, state.keep)
     everything, _ = Patcher(model, state, sae_dict, prompts, reuse_prefix)(sorted(active))
     gap = state.clean_ld - state.corrupted_ld
