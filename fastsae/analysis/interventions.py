@@ -196,10 +196,6 @@ class Intervention:
         self.outputs: list[Tensor] = []  # grad: the site's output (edited), in the autograd graph
         self.edits: list[Tensor] = []  # record: the edit added to the activation (…, d), per forward
 
-    @property
-    def empty(self) -> bool:
-        return not self._ops and not self.patch_error
-
     def _mask(self, x: Tensor) -> Tensor | None:
         if self.positions is None:
             return None
