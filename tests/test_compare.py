@@ -200,3 +200,15 @@ def test_compare_command_against_pca_and_the_toy(tiny_store, tmp_path):
     assert json.loads((tmp_path / "o2" / "comparison.json").read_text())["summary"]["n_a"] == 512
     with pytest.raises(ValueError, match="not an SAE directory"):
         main(["compare", str(tmp_path / "nothing"), "toy", "--out", str(tmp_path / "o3")])
+
+
+def test_bench_compare_runs_and_saves(tmp_path, capsys):
+    import json
+
+    from bench import compare as bench_compare
+
+    assert bench_compare.main(["--sizes", "300x8", "--block", "128", "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("compare-*.json")
+    row = json.loads(report.read_text())["rows"][0]
+    assert row["n_a"] == 300 and row["seconds"] > 0 and row["gflop_per_s"] > 0
+    assert "| 300 x 8 |" in capsys.readouterr().out
