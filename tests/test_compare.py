@@ -177,7 +177,7 @@ def test_compare_command_writes_json_histogram_splits_and_annotations(tiny_store
     assert len(files) == 1
     notes = json.loads(files[0].read_text())
     j = cmp.best_ab[3].item()
-    assert notes["features"]["3"]["links"][0]["href"] == f"../cb/feature.html#{j}"
+    assert notes["features"]["3"]["links"][0]["href"] == f"../../cb/browser/feature.html#{j}"
     assert "latent" in notes["features"]["3"]["text"] and len(notes["features"]) == 6
     assert len(list((tmp_path / "cb" / "annotations").glob("compare-*.json"))) == 1
 

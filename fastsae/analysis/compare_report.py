@@ -14,7 +14,6 @@ given (fastsae.analysis.features), else from an activation store both SAEs were 
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 from .. import io
 from .compare import Comparison, compare, splits
 from .examples import Example
+from .links import default_browser, feature_href
 
 ANNOTATION_TOOL = "compare"
 # A family "partitions" its parent's top tokens when its children cover >= 80% of the parent's top-token
@@ -121,8 +121,8 @@ def cache_examples(cache_dir: str | Path) -> Callable[[int], list[Example]]:
     except ImportError as err:
         raise ImportError("--cache needs the feature cache (fastsae.analysis.features), which this install "
                           "lacks") from err
-    cache = FeatureCache(cache_dir)
-    return lambda latent: list(cache.top_examples(latent))
+    cache = FeatureCache.load(cache_dir)
+    return cache.top
 
 
 def store_examples(sae, store, tokenizer) -> Callable[[int], list[Example]]:
@@ -147,14 +147,6 @@ def _side(max_cos, best, sign, absolute: bool) -> dict:
     return side
 
 
-def _href(browser: str | Path | None, from_dir: str | Path, latent: int) -> str | None:
-    """A link to latent's page of a browser, relative to from_dir (pages open from file://)."""
-    if browser is None:
-        return None
-    rel = Path(os.path.relpath(Path(browser).resolve(), Path(from_dir).resolve())).as_posix()
-    return f"{rel}/feature.html#{latent}"
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "other"
 
@@ -162,13 +154,13 @@ def _slug(text: str) -> str:
 def write_annotations(cache_dir: str | Path, other_name: str, max_cos, best, sign, tau: float,
                       other_browser: str | Path | None, absolute: bool, browser: str | Path | None = None) -> Path:
     """<cache_dir>/annotations/compare-<other>.json: each feature's best match in the other dictionary, linked
-    to its page in other_browser (relative to this cache's browser directory, by default cache_dir)."""
+    to its page in other_browser, relative to this cache's browser (by default <cache_dir>/browser)."""
     features = {}
     for i, (c, j, s) in enumerate(zip(max_cos.tolist(), best.tolist(), sign.tolist(), strict=True)):
         flipped = " (flipped)" if absolute and s < 0 else ""
         mark = "matched" if c >= tau else "no match"
         entry = {"text": f"{mark} in {other_name}: best is latent {j}, cos {c:.3f}{flipped} (tau {tau})"}
-        href = _href(other_browser, browser or cache_dir, j)
+        href = feature_href(other_browser, browser or default_browser(cache_dir), j)
         if href:
             entry["links"] = [{"text": f"latent {j} (cos {c:.2f})", "href": href}]
         features[str(i)] = entry
@@ -209,7 +201,7 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
                 device: str | None = None) -> dict:
     """Compare dictionaries a and b (specs); write out/comparison.json and out/max_cos.png, and when feature
     caches are given, annotations linking each feature to its best match in the other browser (whose
-    feature pages live at <browser>/feature.html, by default the other cache directory)."""
+    feature pages live at <browser>/feature.html, by default <other cache>/browser)."""
     from ..sae import SAE
 
     out = Path(out)
@@ -232,8 +224,9 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
     hist = write_histogram(out / "max_cos.png", cmp, names)
     if hist:
         files.append(hist)
-    for side, (cache, other_browser, other_name) in enumerate(((caches[0], browsers[1] or caches[1], names[1]),
-                                                              (caches[1], browsers[0] or caches[0], names[0]))):
+    browsers = tuple(b or default_browser(c) for b, c in zip(browsers, caches, strict=True))
+    for side, (cache, other_browser, other_name) in enumerate(((caches[0], browsers[1], names[1]),
+                                                              (caches[1], browsers[0], names[0]))):
         if cache:
             mx, best, sign = ((cmp.max_ab, cmp.best_ab, cmp.sign_ab) if side == 0 else
                               (cmp.max_ba, cmp.best_ba, cmp.sign_ba))

@@ -24,8 +24,8 @@ def register(sub) -> None:
     p.add_argument("--site", help="the store's site for pca:/ica: (default: the store's only one, or A's)")
     p.add_argument("--cache-a", help="A's feature cache: its top tokens, and annotations linking to B's browser")
     p.add_argument("--cache-b", help="B's feature cache")
-    p.add_argument("--browser-a", help="A's feature browser directory (default: --cache-a)")
-    p.add_argument("--browser-b", help="B's feature browser directory (default: --cache-b)")
+    p.add_argument("--browser-a", help="A's feature browser directory (default: <cache-a>/browser)")
+    p.add_argument("--browser-b", help="B's feature browser directory (default: <cache-b>/browser)")
     p.add_argument("--store", help="an activation store for top tokens when there are no feature caches "
                                    "(default: the store A was trained on, when it is here)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
