@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fastsae.analysis.autointerp.backends import Backend, Generated, Reply, SlotReply
+from fastsae.analysis.autointerp.backends import Backend, Reply, SlotReply
 from fastsae.analysis.autointerp.interpret import FeatureExamples
 from fastsae.analysis.autointerp.prompts import show_token
 from fastsae.analysis.examples import Example

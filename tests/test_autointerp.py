@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from autointerp_fakes import TARGET, OracleBackend, cat_feature
 
 from fastsae.analysis.autointerp.backends import Backend, LocalBackend, Reply, match_candidates
 from fastsae.analysis.autointerp.cache import CachedBackend
@@ -17,8 +18,6 @@ from fastsae.analysis.autointerp.prompts import discretise, focus, simulate_slot
 from fastsae.analysis.autointerp.scoring import auroc, binary_scores, simulation_score, summarize
 from fastsae.analysis.autointerp.simulate import expected_value, parse_simulation, simulate
 from fastsae.analysis.examples import Example
-
-from autointerp_fakes import TARGET, OracleBackend, cat_feature
 
 # --- scoring with known answers --------------------------------------------------------------------------------
 
