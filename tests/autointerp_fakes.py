@@ -119,6 +119,7 @@ class StubServer:
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         self.status_only = None  # answer every request with this status (e.g. 401)
+        self.message = None  # request -> the error message of scripted statuses
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,25 +128,24 @@ class StubServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                request = {"path": self.path, "body": body, "authorization": self.headers.get("Authorization")}
                 with stub.lock:
-                    stub.requests.append({"path": self.path, "body": body,
-                                          "authorization": self.headers.get("Authorization")})
+                    stub.requests.append(request)
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                     action = stub.status_only or (stub.script.pop(0) if stub.script else None)
-                try:
-                    time.sleep(stub.delay)
-                    if action == "slow":
-                        time.sleep(stub.slow)
-                    elif action is not None:
-                        self._send(action, {"error": {"message": f"scripted {action}"}},
-                                   {"Retry-After": "0"} if action == 429 else {})
-                        return
+                time.sleep(stub.delay)
+                if action == "slow":
+                    time.sleep(stub.slow)
+                    action = None
+                if action is not None:
+                    message = stub.message(request) if stub.message else f"scripted {action}"
+                    status, answer = action, {"error": {"message": message}}
+                else:
                     status, answer = stub.answer(self.path, body)
-                    self._send(status, answer)
-                finally:
-                    with stub.lock:
-                        stub.in_flight -= 1
+                with stub.lock:  # no longer in flight once answered (before sending: the client may move on)
+                    stub.in_flight -= 1
+                self._send(status, answer, {"Retry-After": "0"} if status == 429 else {})
 
             def _send(self, status, obj, headers=None):
                 data = json.dumps(obj).encode()
@@ -193,7 +193,7 @@ class StubServer:
             text = body["prompt"]
             tokens = _tokenize(text)
             tops = [None] + [oracle_slot(text, off) for _, off in tokens[1:]]
-            answer = oracle_slot(text, len(text))
+            answer = oracle_slot(text, len(text)) if text.endswith("Answer:") else {"\n": 0.0}
             nxt = next(iter(answer))
             logprobs = {"tokens": [t for t, _ in tokens] + [nxt], "text_offset": [o for _, o in tokens] + [len(text)],
                         "token_logprobs": [None] + [0.0] * len(tokens), "top_logprobs": tops + [answer]}
