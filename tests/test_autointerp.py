@@ -249,6 +249,21 @@ def test_local_slot_logprobs_match_a_full_forward(tiny_lm):
         backend.slot_logprobs(text, [5, 3], candidates)
 
 
+def test_local_prefix_reuse_gives_the_same_logprobs(tiny_lm):
+    from fastsae.analysis.autointerp.simulate import CANDIDATES
+
+    model, tok = tiny_lm
+    reused = LocalBackend("tiny", model=model, tokenizer=tok)
+    contexts = [["the", " cat", " sat"], ["a", " dog", " ran", " far"], ["the", " mat"], ["the", " cat", " ran"]]
+    for tokens in contexts:
+        prompt, slots = simulate_slot_prompt("the word cat", tokens)
+        got = reused.slot_logprobs(prompt.text(), slots, CANDIDATES).logprobs
+        fresh = LocalBackend("tiny", model=model, tokenizer=tok).slot_logprobs(prompt.text(), slots, CANDIDATES)
+        for a, b in zip(got, fresh.logprobs, strict=True):
+            assert a.keys() == b.keys() and all(a[c] == pytest.approx(b[c], abs=1e-5) for c in a)
+    assert len(reused._prefixes) == 1  # the shared head was run once and reused
+
+
 def test_local_generate_is_greedy_and_gives_top_logprobs(tiny_lm):
     from fastsae.analysis.autointerp.prompts import Prompt
 

@@ -12,7 +12,8 @@ def _handler(args: argparse.Namespace) -> int:
 
     try:
         autointerp(backend=args.backend, model=args.model, examples=args.examples, sae=args.sae,
-                   features=args.features, baselines=() if args.baselines == ["none"] else tuple(args.baselines),
+                   feature_cache_dir=args.feature_cache, features=args.features, fit_tokens=args.fit_tokens,
+                   baselines=() if args.baselines == ["none"] else tuple(args.baselines),
                    out=args.out, cache=args.cache, scores=tuple(args.scores), api_key_env=args.api_key_env,
                    concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
                    chat=args.api == "chat", price_in=args.price_in, price_out=args.price_out,
@@ -29,6 +30,9 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--sae", help="an SAE directory: its features' contexts come from its feature cache")
     src.add_argument("--examples", help="a JSON file of contexts per feature (autointerp.sources.save_examples)")
+    p.add_argument("--feature-cache", help="with --sae: its feature cache (fastsae features --out …), whose "
+                                           "browser then shows the explanations; default: built in <out>/features")
+    p.add_argument("--fit-tokens", type=int, default=32_768, help="activations the baselines are fitted on")
     p.add_argument("--features", default="50", help="how many features per kind (drawn at random), ids like "
                                                     "3,17,42 (one id: 42,), or 'all' (default 50)")
     p.add_argument("--baselines", nargs="+", default=["pca", "ica", "neurons"],

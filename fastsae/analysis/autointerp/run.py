@@ -114,7 +114,8 @@ def run_autointerp(features: dict[str, FeatureExamples], backend: Backend, out: 
 
 
 def autointerp(*, backend: str = "local:gemma-3-270m", model: str | None = None, examples: str | Path | None = None,
-               sae: str | Path | None = None, features: str | int | None = 50,
+               sae: str | Path | None = None, feature_cache_dir: str | Path | None = None,
+               features: str | int | None = 50, fit_tokens: int = 32_768,
                baselines: tuple[str, ...] = ("pca", "ica", "neurons"), out: str | Path = "runs/autointerp",
                cache: str | Path | None = None, scores: tuple[str, ...] = ("simulation", "detection", "fuzzing"),
                api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4, timeout: float = 60.0, retries: int = 5,
@@ -142,8 +143,8 @@ def autointerp(*, backend: str = "local:gemma-3-270m", model: str | None = None,
     else:
         from .sources import from_sae
 
-        chosen, feature_cache, source = from_sae(sae, features, baselines, seed=seed, device=device,
-                                                 progress=progress)
+        chosen, feature_cache, source = from_sae(sae, features, baselines, feature_cache=feature_cache_dir, out=out,
+                                                 fit_tokens=fit_tokens, seed=seed, device=device, progress=progress)
     lm = parse_backend(backend, model, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
                        max_retries=retries, chat=chat, device=device)
     cfg = AutointerpConfig(scores=tuple(scores), seed=seed)
