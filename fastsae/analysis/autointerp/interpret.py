@@ -17,7 +17,7 @@ from ..examples import Example
 from .backends import Backend
 from .explain import explain
 from .judge import detection, fuzzing
-from .prompts import discretise, focus
+from .prompts import focus
 from .scoring import simulation_score
 from .simulate import simulate
 
@@ -83,7 +83,7 @@ def interpret_feature(backend: Backend, feature: FeatureExamples, cfg: Autointer
     if "simulation" in cfg.scores:
         held = parts["active"][:cfg.simulate_active] + parts["random"][:cfg.simulate_random]
         sim = simulate(backend, exp.text, [x.tokens for x in held])
-        true = [[float(v) for v in discretise(x.activations, max_activation)] for x in held]
+        true = [[max(0.0, float(v)) for v in x.activations] for x in held]  # the activations themselves
         both = simulation_score(true, sim.values)
         n_active = min(cfg.simulate_active, len(parts["active"]))
         top_only = simulation_score(true[:n_active], sim.values[:n_active])
