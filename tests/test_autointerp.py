@@ -292,3 +292,30 @@ def test_local_backend_runs_the_protocol(tiny_lm):
     # " yes" is several tokens in the character vocabulary: the judge's answer is read from its text
     assert result["detection"]["method"] == "generated_text" and result["detection"]["n"] == 4
     assert isinstance(result["explanation"], str)
+
+
+def test_report_table_plot_and_annotations(tmp_path, capsys):
+    from fastsae.analysis.autointerp.run import run_autointerp
+
+    features = {"sae/1": cat_feature(seed=1), "sae/7": cat_feature(seed=7), "pca/2": cat_feature(seed=2)}
+    browser = tmp_path / "features"
+    (browser / "annotations").mkdir(parents=True)
+    (browser / "annotations" / "autointerp.json").write_text(json.dumps(
+        {"title": "Autointerp", "features": {"99": {"text": "from an earlier run", "links": []}}}))
+    report = run_autointerp(features, OracleBackend(), tmp_path / "out", cache=tmp_path / "cache",
+                            feature_cache=browser, progress=False, price_in=1.0, price_out=2.0)
+    assert set(report["summary"]) == {"sae", "pca"} and report["summary"]["sae"]["features"] == 2
+    assert report["summary"]["sae"]["simulation"]["mean"] == pytest.approx(1.0)
+    assert report["meta"]["usage"]["cost_usd"] > 0 and report["meta"]["features_per_minute"] > 0
+    assert len(report["features"]["pca/2"]["prompts"]["detect"]) == 20
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["features"]["sae/7"]["explanation"] == "the word cat"
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| sae | 2 | 1.000" in table and "| pca | 1 |" in table and table.index("| sae") < table.index("| pca")
+    assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
+    notes = json.loads((browser / "annotations" / "autointerp.json").read_text())
+    assert notes["title"] == "Autointerp" and set(notes["features"]) == {"1", "7", "99"}
+    assert notes["features"]["1"]["text"].startswith("the word cat — simulation r 1.00, detection 1.00")
+    assert notes["features"]["1"]["links"][0]["href"].startswith("file://")
+    assert "| sae |" in capsys.readouterr().out
+    assert "explainer_note" not in report["meta"]

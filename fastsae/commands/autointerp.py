@@ -30,8 +30,8 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--sae", help="an SAE directory: its features' contexts come from its feature cache")
     src.add_argument("--examples", help="a JSON file of contexts per feature (autointerp.sources.save_examples)")
-    p.add_argument("--feature-cache", help="with --sae: its feature cache (fastsae features --out …), whose "
-                                           "browser then shows the explanations; default: built in <out>/features")
+    p.add_argument("--feature-cache", help="the SAE's feature cache (fastsae features --out …): its browser shows "
+                                           "the explanations; with --sae the default is one built in <out>/features")
     p.add_argument("--fit-tokens", type=int, default=32_768, help="activations the baselines are fitted on")
     p.add_argument("--features", default="50", help="how many features per kind (drawn at random), ids like "
                                                     "3,17,42 (one id: 42,), or 'all' (default 50)")

@@ -128,7 +128,7 @@ def autointerp(*, backend: str = "local:gemma-3-270m", model: str | None = None,
 
     if (examples is None) == (sae is None):
         raise ValueError("give the features as --sae DIR (through its feature cache) or --examples FILE, not both")
-    feature_cache = None
+    feature_cache = feature_cache_dir
     if examples is not None:
         available = load_examples(examples)
         chosen: dict[str, FeatureExamples] = {}
