@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import threading
 
 import pytest
@@ -336,3 +337,39 @@ def test_gemma_3_270m_runs_the_protocol_on_a_known_feature():
     assert math.isfinite(result["simulation"]["score"])
     for task in ("detection", "fuzzing"):
         assert result[task]["method"] == "prompt_logprobs" and 0.0 <= result[task]["auroc"] <= 1.0
+
+
+def test_sae_and_baselines_through_the_feature_cache(tmp_path, capsys):
+    """--sae on a tiny model's store: the SAE's features and each baseline's come from the same feature pass,
+    with their tokens decoded, and the explanations land in the SAE's feature cache as annotations."""
+    pytest.importorskip("transformers")
+    from fastsae.analysis.autointerp.run import autointerp
+    from fastsae.analysis.autointerp.sources import from_sae
+    from fastsae.cli import main
+
+    from helpers import tiny_causal_lm
+
+    tiny_causal_lm(tmp_path / "lm")
+    (tmp_path / "book.txt").write_text("It is a truth universally acknowledged, that a single man in possession "
+                                       "of a good fortune, must be in want of a wife.\n" * 30)
+    assert main(["harvest", "--model", str(tmp_path / "lm"), "--corpus", str(tmp_path / "book.txt"), "--sites",
+                 "resid_post.1", "--tokens", "1024", "--context-size", "32", "--dtype", "float32", "--out",
+                 str(tmp_path / "store"), "--no-progress"]) == 0
+    assert main(["train", "--data", str(tmp_path / "store"), "--activation", "topk", "--k", "4", "--d-sae", "64",
+                 "--steps", "4", "--batch-size", "64", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    sae = tmp_path / "run" / "sae"
+    features, cache_dir, provenance = from_sae(sae, "3", ("pca", "neurons"), out=tmp_path / "ai", progress=False)
+    kinds = sorted({name.split("/")[0] for name in features})
+    assert kinds == ["neurons", "pca", "sae"] and len(features) == 9
+    assert provenance["baselines"]["pca"]["k"] == 4 and provenance["baselines"]["pca"]["features"] == 64
+    for f in features.values():
+        assert f.top and f.top[0].max_activation > 0
+        assert not any(re.fullmatch(r"<\d+>", t) for t in f.top[0].tokens)  # decoded, not "<id>" placeholders
+        assert all(x.max_activation == 0 for x in f.random)
+    again, _, _ = from_sae(sae, "3", ("pca", "neurons"), out=tmp_path / "ai", progress=False)  # cached passes
+    assert again.keys() == features.keys()
+    report = autointerp(backend="local:" + str(tmp_path / "lm"), sae=sae, features="2", baselines=("pca",),
+                        out=tmp_path / "ai", cache=tmp_path / "requests", scores=("simulation",), progress=False)
+    assert {n.split("/")[0] for n in report["features"]} == {"sae", "pca"}
+    notes = json.loads((cache_dir / "annotations" / "autointerp.json").read_text())
+    assert len(notes["features"]) == 2

@@ -183,7 +183,7 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def test_examples_file_round_trips(tmp_path):
-    from fastsae.analysis.autointerp.sources import load_examples, select
+    from fastsae.analysis.autointerp.sources import interleave, load_examples, select
 
     features = {"sae/3": cat_feature(), "pca/0": cat_feature(seed=1)}
     save_examples(tmp_path / "e.json", features)
@@ -194,4 +194,6 @@ def test_examples_file_round_trips(tmp_path):
         load_examples(tmp_path / "bad.json")
     assert select(list(range(100)), "5", seed=0) == select(list(range(100)), 5, seed=0)
     assert len(select(list(range(100)), "5")) == 5 and select([4, 8], "8,") == [8]
+    assert set(select(list(range(100)), "5")) < set(select(list(range(100)), "12"))  # more keeps the first
+    assert list(interleave({"sae/1": 1, "sae/2": 2, "pca/0": 0, "ica/4": 4})) == ["sae/1", "pca/0", "ica/4", "sae/2"]
     assert Path(tmp_path / "e.json").is_file()

@@ -124,7 +124,7 @@ def autointerp(*, backend: str = "local:gemma-3-270m", model: str | None = None,
     """The command line's function: the features of an examples file, or of an SAE and its baselines
     through the feature cache, explained and scored by the backend ("local:NAME" or "openai:URL")."""
     from .backends import parse_backend
-    from .sources import load_examples, parse_name, select
+    from .sources import interleave, load_examples, parse_name, select
 
     if (examples is None) == (sae is None):
         raise ValueError("give the features as --sae DIR (through its feature cache) or --examples FILE, not both")
@@ -145,6 +145,7 @@ def autointerp(*, backend: str = "local:gemma-3-270m", model: str | None = None,
 
         chosen, feature_cache, source = from_sae(sae, features, baselines, feature_cache=feature_cache_dir, out=out,
                                                  fit_tokens=fit_tokens, seed=seed, device=device, progress=progress)
+    chosen = interleave(chosen)
     lm = parse_backend(backend, model, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
                        max_retries=retries, chat=chat, device=device)
     cfg = AutointerpConfig(scores=tuple(scores), seed=seed)

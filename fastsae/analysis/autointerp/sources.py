@@ -49,7 +49,7 @@ def load_examples(path: str | Path) -> dict[str, FeatureExamples]:
 
 def select(latents: list[int], features: str | int | None, seed: int = 0) -> list[int]:
     """`features`: None or "all" (every latent given); a count N (N of them drawn at random with seed, in
-    increasing order); or ids "3,17,42" (a single id is written with a comma: "42,")."""
+    increasing order; N + M draws the same N and M more); or ids "3,17,42" (one id is written "42,")."""
     text = "all" if features is None else str(features).strip()
     if text == "all":
         return list(latents)
@@ -65,10 +65,21 @@ def select(latents: list[int], features: str | int | None, seed: int = 0) -> lis
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--features: expected a count >= 1, ids like 3,17,42 (one id: 42,) or 'all'; "
                          f"got {features!r}")
-    n = int(text)
-    if n >= len(latents):
-        return list(latents)
-    return sorted(random.Random(seed).sample(list(latents), n))
+    order = list(latents)
+    random.Random(seed).shuffle(order)  # a prefix of one shuffle: asking for more features keeps the first ones
+    return sorted(order[:int(text)])
+
+
+def interleave(features: dict[str, FeatureExamples]) -> dict[str, FeatureExamples]:
+    """The features with kinds taken in turn (sae/3, pca/1, ica/5, sae/9, …), so that a run stopped early has
+    scored every kind alike."""
+    by_kind: dict[str, list[str]] = {}
+    for name in features:
+        by_kind.setdefault(parse_name(name)[0], []).append(name)
+    order = []
+    for i in range(max((len(v) for v in by_kind.values()), default=0)):
+        order += [names[i] for names in by_kind.values() if i < len(names)]
+    return {name: features[name] for name in order}
 
 
 # --- the feature cache (fastsae.analysis.features) -------------------------------------------------------------
