@@ -242,7 +242,7 @@ def _sniff(head: bytes) -> str | None:
 
 
 def _json_name(kind: type) -> str:
-    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+    return {dict: "object", list: "array", str: "string", int: "integer", float: "number",
             bool: "boolean", type(None): "null"}.get(kind, kind.__name__)
 
 
@@ -276,7 +276,8 @@ def check_fields(obj: dict, path: str | os.PathLike, fields: dict[str, type | tu
         value = obj[key]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join(_json_name(k) for k in kinds)
-            raise CorruptFileError(path, f"field {key!r} must be a {names}, got {value!r}")
+            raise CorruptFileError(path, f"field {key!r} must be {'an' if names[0] in 'aeiou' else 'a'} {names}, "
+                                         f"got {value!r}")
     return obj
 
 
@@ -308,14 +309,14 @@ def read_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tens
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a safetensors file at {path}")
-    with open(path, "rb") as f:
-        why = _sniff(f.read(8))
-    if why:
-        raise CorruptFileError(path, f"not a safetensors file: {why}")
     try:
         return safetensors.torch.load_file(str(path), device=device)
     except safetensors.SafetensorError as err:
-        raise CorruptFileError(path, f"not a valid safetensors file ({err}; truncated or overwritten?)") from None
+        # sniffed only now: a valid header length may begin with a pickle's bytes (0x80 0x02 = 640)
+        with open(path, "rb") as f:
+            why = _sniff(f.read(8))
+        raise CorruptFileError(path, f"not a safetensors file: {why}" if why else
+                               f"not a valid safetensors file ({err}; truncated or overwritten?)") from None
 
 
 # ---- the writer lock -----------------------------------------------------------------------------------
