@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -89,6 +90,29 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_dead_siblings(path: Path) -> None:
+    """The temporaries that dead processes left while replacing path (no lock needed: the pid says)."""
+    own = re.compile(re.escape(f".{path.name}.") + r"(\d+)-[0-9a-f]+\.tmp$")
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = own.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _create_temp(directory: Path, name: str) -> Path:
@@ -178,6 +202,7 @@ def replace_directory(path: str | os.PathLike, write: Callable[[Path], None],
                 raise FileExistsError(f"{path} holds files that are not part of what is being saved ({foreign}): "
                                       f"replacing it would delete them; save into another directory")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_siblings(path)
     tmp = path.parent / temp_name(path.name)
     os.mkdir(tmp, 0o777)  # & ~umask
     try:
