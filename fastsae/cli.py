@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "evaluate it (resumable)")
     rn.add_argument("--model", default="gemma-3-270m")
     rn.add_argument("--site", default="resid_post.6")
-    rn.add_argument("--corpus", default="english-classics")
+    rn.add_argument("--corpus", default="english:train",
+                    help="built-in english (classics + modern prose; :train holds out every tenth document)")
     rn.add_argument("--tokens", type=int, default=262_144, help="tokens to harvest (default 262144)")
     rn.add_argument("--d-sae", type=int, default=4096)
     rn.add_argument("--k", type=int, default=32)

@@ -25,6 +25,32 @@ def test_builtin_corpus_ships_with_the_package():
     assert docs[0].startswith("ALL'S WELL THAT ENDS WELL") and "To be, or not to be" in "".join(docs)
 
 
+def test_modern_prose_ships_with_the_package_and_carries_its_licences():
+    import lzma
+    from importlib import resources
+
+    docs = list(read_documents("modern-prose"))
+    assert len(docs) == 505 and sum(len(d) for d in docs) > 8_000_000
+    lines = [line for d in docs for line in d.splitlines()]
+    assert not [line for line in lines if line.startswith(("```", ">>> "))]  # code blocks and doctests removed
+    with resources.as_file(resources.files("fastsae") / "data" / "modern-prose.jsonl.xz") as path:
+        records = [json.loads(line) for line in lzma.open(path, "rt", encoding="utf-8")]
+    assert {(r["source"], r["licence"]) for r in records} == {
+        ("python3.11-doc", "PSF-2.0"), ("nodejs-doc", "MIT"), ("rust-doc", "MIT OR Apache-2.0")}
+
+
+@pytest.mark.parametrize("name", ["english-classics", "modern-prose"])
+def test_builtin_splits_partition_the_documents(name):
+    every = list(read_documents(name))
+    train, test = list(read_documents(f"{name}:train")), list(read_documents(f"{name}:test"))
+    assert len(test) == len(every) // 10 and len(train) + len(test) == len(every)
+    assert set(train).isdisjoint(test) and sorted(train + test) == sorted(every)
+    assert list(read_documents("english")) == list(read_documents("english-classics")) + list(
+        read_documents("modern-prose"))
+    with pytest.raises(ValueError, match="split must be one of"):
+        list(read_documents(f"{name}:dev"))
+
+
 def test_text_directory_jsonl_and_compressed_jsonl(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.txt").write_text("second")

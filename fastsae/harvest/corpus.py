@@ -1,9 +1,16 @@
 """Text in, fixed context windows of token ids out.
 
 Sources (`read_documents`):
-    "english-classics"   the built-in corpus, shipped in the package: Shakespeare's 42 plays and poems and
-                         Milton's poetry and Areopagitica (Project Gutenberg texts, public domain; about
-                         6M characters, 1.7M Gemma 3 tokens). scripts/build_corpus.py rebuilds it.
+    "english-classics"   built in: Shakespeare's 42 plays and poems and Milton's poetry and Areopagitica
+                         (Project Gutenberg texts, public domain; 6M characters, 1.7M Gemma 3 tokens)
+    "modern-prose"       built in: modern technical English, the prose of the Python 3.11 documentation
+                         (PSF-2.0), the Node.js 18 API docs (MIT) and the Rust book (MIT/Apache-2.0);
+                         505 pages, 8.5M characters
+    "english"            both of the above (the main job's corpus)
+                         Each built-in name takes a split: "NAME:train" or "NAME:test"; every tenth
+                         document (by position in its file) is in test, the rest in train, so
+                         evaluation on NAME:test reads text that training on NAME:train never saw.
+                         scripts/build_corpus.py rebuilds the files from their packages.
     a .txt file          one document
     a directory          every *.txt inside it (sorted), one document each; or a Hugging Face `datasets`
                          dataset saved with save_to_disk (it has a dataset_info.json / state.json)
@@ -31,7 +38,20 @@ from torch import Tensor
 
 from .. import io
 
-BUILTIN = {"english-classics": "english-classics.jsonl.xz"}
+BUILTIN = {"english-classics": ("english-classics.jsonl.xz",), "modern-prose": ("modern-prose.jsonl.xz",),
+           "english": ("english-classics.jsonl.xz", "modern-prose.jsonl.xz")}
+SPLITS = ("train", "test")
+TEST_EVERY = 10  # document i of a built-in file is held out (test) iff i % TEST_EVERY == TEST_EVERY - 1
+
+
+def _builtin(name: str) -> tuple[tuple[str, ...], str | None] | None:
+    """("files", split) for a built-in corpus name with an optional ":train"/":test", else None."""
+    base, _, split = name.partition(":")
+    if base not in BUILTIN:
+        return None
+    if split and split not in SPLITS:
+        raise ValueError(f"corpus {name!r}: the split must be one of {SPLITS}, got {split!r}")
+    return BUILTIN[base], split or None
 
 
 def _open_text(path: Path):
@@ -79,9 +99,14 @@ def _text(value, source, field: str, line: int | None = None) -> str:
 
 def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
     """The documents of a corpus source, as strings (see the module docstring for what source may be)."""
-    if str(source) in BUILTIN:
-        with resources.as_file(resources.files("fastsae") / "data" / BUILTIN[str(source)]) as path:
-            yield from _jsonl(path, "text")
+    builtin = _builtin(str(source))
+    if builtin is not None:
+        files, split = builtin
+        for name in files:
+            with resources.as_file(resources.files("fastsae") / "data" / name) as path:
+                for i, text in enumerate(_jsonl(path, "text")):
+                    if split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1):
+                        yield text
         return
     path = Path(source)
     if not path.exists():
