@@ -154,8 +154,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path.parent, path.name)
+    mode = tmp.stat().st_mode & 0o777  # 0666 & ~umask; a writer that replaces the file (safetensors) loses it
     try:
         write(str(tmp))
+        if tmp.stat().st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -278,6 +278,9 @@ class SAE(nn.Module):
                              f"({tuple(DTYPES)}): cast the SAE to one of them first")
         # Thresholds are float32 whatever the weights (sae.to(bf16) casts them too; bf16 -> fp32 is exact).
         tensors = {k: v.float() if k == "threshold" else v for k, v in self.state_dict().items()}
+        problem = _threshold_problem(tensors.get("threshold"))
+        if problem:
+            raise ValueError(f"save: {problem}")
         header = {"format_version": FORMAT_VERSION, "library": "fastsae", **self.cfg.to_dict(),
                   "metadata": self.metadata}
 
@@ -344,11 +347,13 @@ class SAE(nn.Module):
             got = tensors[name]
             if got.shape != want.shape or got.dtype != want.dtype:
                 return f"tensor {name!r} must be {tuple(want.shape)} {want.dtype}, got {tuple(got.shape)} {got.dtype}"
-        if "threshold" in tensors:
-            theta = tensors["threshold"]
-            if theta.device.type != "meta" and not bool(torch.isfinite(theta).all() and (theta >= 0).all()):
-                return "tensor 'threshold' must be finite and >= 0"
+        return _threshold_problem(tensors.get("threshold"))
+
+
+def _threshold_problem(theta: Tensor | None) -> str | None:
+    if theta is None or theta.device.type == "meta" or bool(torch.isfinite(theta).all() and (theta >= 0).all()):
         return None
+    return "tensor 'threshold' must be finite and >= 0"
 
 
 def _nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,19 +2,18 @@
 
 import json
 import os
-import random
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastsae import SAE, SAEConfig
-from fastsae.io import CorruptFileError, DirectoryLockedError
+from fastsae.io import CorruptFileError, DirectoryLockedError, is_temporary
 from fastsae.toy import ToyDictionary
 from fastsae.train import TrainConfig, Trainer
 from fastsae.train.checkpoint import complete_checkpoints, latest_checkpoint, verify_checkpoint, write_checkpoint
@@ -187,26 +186,33 @@ def test_a_second_writer_of_a_run_directory_is_refused_naming_the_holder(tmp_pat
 
 
 def _cli(out, *extra):
-    return [sys.executable, "-m", "fastsae", "train", "--out", str(out), "--steps", "40", "--batch-size", "64",
+    return [sys.executable, "-m", "fastsae", "train", "--out", str(out), "--steps", "24", "--batch-size", "64",
             "--activation", "topk", "--k", "4", "--d-sae", "96", "--checkpoint-every", "1", "--no-progress", *extra]
+
+
+KILL_AT = str(Path(__file__).with_name("kill_at.py"))
 
 
 @pytest.mark.slow
 def test_sigkill_during_training_resumes_cleanly(tmp_path):
+    """Killed at chosen commits (tests/kill_at.py), not at random moments: deterministic. A fresh run commits
+    run.json, then per checkpoint (one per step here) the SAE's weights, cfg.json and directory, the optimizer
+    and trainer files, checkpoint.json, the checkpoint directory, and `latest`; a resumed run also rewrites
+    run.json and metrics.jsonl first."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_cli(tmp_path / "ref"), check=True, env=env, capture_output=True)
-    rng = random.Random(0)
     out = tmp_path / "killed"
-    for _ in range(3):  # kill it several times, at random moments (often mid-checkpoint: one per step)
-        proc = subprocess.Popen(_cli(out, "--resume"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while latest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # mid-SAE of checkpoint 2; before checkpoint 2 is published; before `latest` moves to it; mid checkpoint 3
+    for n in (14, 11, 12, 25):
+        proc = subprocess.run([sys.executable, KILL_AT, str(n), "-m", *_cli(out, "--resume")[2:]], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert latest_checkpoint(out) is not None
     subprocess.run(_cli(out, "--resume"), check=True, env=env, capture_output=True)
     ref = SAE.load(tmp_path / "ref" / "sae")
     got = SAE.load(out / "sae")
     for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name} differs after SIGKILLs and resume"
+    assert [p for p in out.rglob("*") if is_temporary(p.name)] == []  # the killed runs' leftovers are gone
+    for checkpoint in complete_checkpoints(out):
+        verify_checkpoint(checkpoint)

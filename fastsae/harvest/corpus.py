@@ -54,12 +54,13 @@ def _builtin(name: str) -> tuple[tuple[str, ...], str | None] | None:
     return BUILTIN[base], split or None
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, mode: str = "rt"):
+    encoding = "utf-8" if mode == "rt" else None
     if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8")
+        return lzma.open(path, mode, encoding=encoding)
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, mode, encoding=encoding)
+    return open(path, mode, encoding=encoding)
 
 
 # What a damaged or mislabelled compressed file raises while it is read.
@@ -70,8 +71,12 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
     """The text_field of every record; a bad line raises CorruptFileError naming the file and its line."""
     line_no = 0
     try:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
+        with _open_text(path, "rb") as f:  # bytes, split on "\n" only: line numbers as an editor counts them
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise io.CorruptFileError(path, f"unreadable (UnicodeDecodeError: {err})", line=line_no) from None
                 if not line.strip():
                     continue
                 try:
@@ -86,7 +91,7 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
                     raise ValueError(f"{path}:{line_no}: no field {text_field!r} (fields: {sorted(record)}); "
                                      f"pass text_field=")
                 yield _text(record[text_field], path, text_field, line_no)
-    except _READ_ERRORS as err:
+    except _READ_ERRORS as err:  # while reading the next line
         raise io.CorruptFileError(path, f"unreadable ({type(err).__name__}: {err})", line=line_no + 1) from None
 
 
