@@ -113,12 +113,15 @@ class SAE(nn.Module):
         """SparseLatents (*lead, w), or dense activations (*lead, d_sae) → x_hat (*lead, d_in).
 
         Exactly z @ W_dec + b_dec, for any z: decoding is linear in the values, so negative entries
-        (a steering or erasure edit) decode as written, never dropped. Indices outside [0, d_sae) are
-        refused on every backend."""
+        (a steering or erasure edit) decode as written, never dropped. Dense z is decoded from its non-zero
+        entries; when it requires grad, as the dense product, so that every entry gets its gradient.
+        Indices outside [0, d_sae) are refused on every backend."""
         if isinstance(latents, Tensor):
             if latents.dim() < 1 or latents.shape[-1] != self.cfg.d_sae:
                 raise ValueError(f"decode: dense latents must have shape (..., d_sae={self.cfg.d_sae}), "
                                  f"got {tuple(latents.shape)}")
+            if latents.requires_grad:  # (*lead, d_sae) @ (d_sae, d_in), accumulated in fp32
+                return latents.to(self.dtype) @ self._w(self.W_dec) + self._w(self.b_dec)
             values, indices = _nonzero_entries(latents)
         elif isinstance(latents, SparseLatents):
             if latents.d_sae != self.cfg.d_sae:
@@ -357,9 +360,9 @@ def _threshold_problem(theta: Tensor | None) -> str | None:
 
 
 def _nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense (*lead, d_sae) → values, indices (*lead, w) holding every non-zero entry, signs kept
-    (differentiable in z); w = the largest count of a row, at least 1. Shorter rows are padded with
-    some of their zero entries, which decode to nothing."""
+    """Dense (*lead, d_sae) → values, indices (*lead, w) holding every non-zero entry, signs kept;
+    w = the largest count of a row, at least 1. Shorter rows are padded with some of their zero
+    entries, which decode to nothing."""
     width = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
     indices = z.abs().topk(width, dim=-1).indices
     return z.gather(-1, indices), indices
