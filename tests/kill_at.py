@@ -32,7 +32,8 @@ def _counted(real):
 os.replace, os.rename = _counted(os.replace), _counted(os.rename)
 import fastsae.io  # noqa: E402
 
-fastsae.io._exchange = _counted(fastsae.io._exchange)
+if hasattr(fastsae.io, "_exchange"):  # (absent from versions before the directory swap)
+    fastsae.io._exchange = _counted(fastsae.io._exchange)
 atexit.register(lambda: print(f"kill_at: {count} commits", file=sys.stderr))
 
 mode, rest = sys.argv[2], sys.argv[3:]

@@ -122,3 +122,21 @@ def test_saved_files_respect_the_umask(tmp_path, umask):
                  tmp_path / "f.json"):
         want = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == want, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+
+
+def test_the_faults_table_is_current():
+    """tests/FAULTS.md names only tests that exist, and every test of the fault files is in it."""
+    import ast
+    import re
+
+    here = Path(__file__).parent
+    table = (here / "FAULTS.md").read_text()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", table))
+    defined = {}
+    for file in {f for f, _ in named} | {"test_bad_inputs.py", "test_integrity.py", "test_faults.py"}:
+        tree = ast.parse((here / file).read_text())
+        defined[file] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    assert [f"{f}::{t}" for f, t in sorted(named) if t not in defined[f]] == []
+    unlisted = [f"{f}::{t}" for f in ("test_bad_inputs.py", "test_integrity.py", "test_faults.py")
+                for t in sorted(defined[f]) if (f, t) not in named and t != "test_the_faults_table_is_current"]
+    assert unlisted == []
