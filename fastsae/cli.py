@@ -20,6 +20,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import io
+
+    # the run directory's writer lock before run.json is touched: a second `fastsae train --out` into it
+    # is refused naming this one, and cannot replace this run's configuration
+    with io.DirectoryLock(args.out, "fastsae train"):
+        return _train_locked(args)
+
+
+def _train_locked(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     from pathlib import Path

@@ -141,3 +141,20 @@ def test_the_faults_table_is_current():
     unlisted = [f"{f}::{t}" for f in ("test_bad_inputs.py", "test_integrity.py", "test_faults.py")
                 for t in sorted(defined[f]) if (f, t) not in named and t != "test_the_faults_table_is_current"]
     assert unlisted == []
+
+
+def test_a_second_fastsae_train_into_a_run_directory_leaves_its_configuration_alone(tmp_path):
+    from fastsae.cli import main
+
+    (tmp_path / "run.json").write_text('{"mine": true}\n')
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from fastsae.io import DirectoryLock; "
+                               f"DirectoryLock({str(tmp_path)!r}, 'fastsae train').acquire(); print('held', "
+                               "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(io.DirectoryLockedError, match=rf"pid {holder.pid} on host .*fastsae train"):
+            main(["train", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--no-progress"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "run.json").read_text() == '{"mine": true}\n'
