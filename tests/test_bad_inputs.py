@@ -103,9 +103,13 @@ def test_resuming_into_a_run_of_another_optimizer_is_named(tmp_path):
     sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
     batches = [torch.randn(32, 8) for _ in range(2)]
     train(sae, batches, TrainConfig(optimizer="fused", checkpoint_every=1, progress=False), run_dir=tmp_path)
+    other = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"optimizer is 'fused'.*gives 'torch'.*resume with optimizer='fused'"):
-        train(sae, batches, TrainConfig(optimizer="torch", checkpoint_every=1, progress=False), run_dir=tmp_path,
+        train(other, batches, TrainConfig(optimizer="torch", checkpoint_every=1, progress=False), run_dir=tmp_path,
               resume=True)
+    for name, value in other.state_dict().items():  # refused before the checkpoint's weights were copied in
+        assert torch.equal(value, before[name]), f"{name} changed"
 
 
 # ---- the loader -----------------------------------------------------------------------------------------

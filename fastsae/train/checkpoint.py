@@ -71,6 +71,15 @@ def read_optimizer(path: Path, device: torch.device | str) -> tuple[dict, str]:
     return optimizer_from_files(tensors, meta, path / "optimizer.json"), optimizer_kind(meta)
 
 
+def read_trainer_state(path: Path) -> dict[str, torch.Tensor]:
+    """trainer.safetensors of checkpoint path: dead-latent counters, resampling pool, RNG states."""
+    state = io.read_tensors(path / "trainer.safetensors")
+    missing = sorted({"tokens_since_fired", "pool", "generator", "torch_rng"} - set(state))
+    if missing:
+        raise io.CorruptFileError(path / "trainer.safetensors", f"tensors {missing} are missing")
+    return state
+
+
 def read_trainer_meta(path: Path) -> dict:
     """trainer.json of checkpoint path, with its fields checked."""
     return io.check_fields(io.read_json(path / "trainer.json"), path / "trainer.json",

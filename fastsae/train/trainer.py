@@ -285,20 +285,21 @@ class Trainer:
         return ckpt.write_checkpoint(self.run_dir, self.step_count, write, keep=self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Every file is read and checked before anything of this trainer or its SAE changes."""
         sae = SAE.load(path / "sae", device=self.sae.device)
         if sae.cfg != self.sae.cfg:
             raise ValueError(f"{path}: checkpoint SAE config {sae.cfg} differs from this run's {self.sae.cfg}")
-        with torch.no_grad():
-            mine = self.sae.state_dict()
-            for name, t in sae.state_dict().items():
-                mine[name].copy_(t)
         optimizer_state, kind = ckpt.read_optimizer(path, self.sae.device)
         if kind != ("fused" if self.fused else "torch"):
             raise ValueError(f"{path}: the checkpoint's optimizer is {kind!r}, this run's TrainConfig.optimizer "
                              f"gives {'fused' if self.fused else 'torch'!r}: resume with optimizer={kind!r}")
-        self.optimizer.load_state_dict(optimizer_state)
-        state = io.read_tensors(path / "trainer.safetensors")
+        state = ckpt.read_trainer_state(path)
         meta = ckpt.read_trainer_meta(path)
+        with torch.no_grad():
+            mine = self.sae.state_dict()
+            for name, t in sae.state_dict().items():
+                mine[name].copy_(t)
+        self.optimizer.load_state_dict(optimizer_state)
         self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
         self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device)
         self.pool = state["pool"].to(self.sae.device)
