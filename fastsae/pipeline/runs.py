@@ -13,6 +13,7 @@ were split by concern) is read and migrated by `read_run`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -84,7 +85,6 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     Under torchrun every rank calls it: data parallel, or with shard_latents (0: every rank; N: N shards
     × world/N replicas) the latents split (train/distributed.py); it then returns this rank's ShardedSAE."""
     from ..ops.distributed import ProcessGrid, launched_by_torchrun
-    from ..train import Trainer
 
     grid, device = ProcessGrid(), None
     if launched_by_torchrun():
@@ -94,6 +94,15 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     elif shard_latents is not None:
         raise ValueError("shard_latents needs several processes: launch with torchrun --nproc-per-node N")
     out = Path(out)
+    # the run directory's writer lock before run.json is touched: a second writer into it is refused, naming
+    # this one, and cannot replace this run's configuration (the lock is re-entrant: the trainer takes it too)
+    with io.DirectoryLock(out, "fastsae train") if grid.is_main else contextlib.nullcontext():
+        return _train_locked(out, settings, resume, progress, grid, device)
+
+
+def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progress: bool, grid, device) -> SAE:
+    from ..train import Trainer
+
     if resume and (out / RUN_FILE).is_file():
         settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration
     settings = settings or settings_from()
