@@ -102,6 +102,13 @@ def _text(value, source, field: str, line: int | None = None) -> str:
     return value
 
 
+def disjoint(a: str, b: str) -> bool:
+    """Whether two corpus sources provably share no document: built-in names whose splits differ
+    ("english:train" and "modern-prose:test"; the held-out documents are the same in every built-in name)."""
+    split_a, split_b = (_builtin(str(x)) for x in (a, b))
+    return split_a is not None and split_b is not None and {split_a[1], split_b[1]} == {"train", "test"}
+
+
 def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
     """The documents of a corpus source, as strings (see the module docstring for what source may be)."""
     builtin = _builtin(str(source))
