@@ -208,8 +208,12 @@ def replace_directory(path: str | os.PathLike, write: Callable[[Path], None],
     _remove_dead_siblings(path)
     tmp = path.parent / temp_name(path.name)
     os.mkdir(tmp, 0o777)  # & ~umask
+    made = os.stat(tmp)
     try:
         write(tmp)
+        now = os.stat(tmp)
+        if (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):  # deleted and re-created under us
+            raise RuntimeError(f"{tmp} was replaced while {path} was being written: not published")
         fsync_tree(tmp)
         if not path.exists():
             os.rename(tmp, path)
