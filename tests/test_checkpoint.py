@@ -229,6 +229,6 @@ def test_a_temporary_directory_deleted_under_the_writer_is_never_published(tmp_p
         shutil.rmtree(tmp)  # another process
         sae.save(tmp / "sae")
 
-    with pytest.raises(RuntimeError, match="was replaced while .*step-00000004 was being written"):
+    with pytest.raises(RuntimeError, match="was deleted and re-created while .*step-00000004 was being written"):
         write_checkpoint(tmp_path, 4, write)
     assert complete_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
