@@ -11,6 +11,7 @@ encoder. Import/export in `fastsae.interop` converts to other libraries' layouts
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from . import io, ops
 from .config import DTYPES, SAEConfig
 from .latents import SparseLatents
+from .losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
 from .ops import backend_for
 
 # 2: cfg.json records the SHA-256 of sae.safetensors, which load() verifies. 1 (no checksum) is still read.
@@ -28,9 +30,6 @@ READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# BatchTopK's inference threshold is an exponential moving average of the
-# per-batch thresholds seen in training (Bussmann et al. 2024 use their mean).
-BATCHTOPK_THRESHOLD_EMA = 0.99
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -41,7 +40,29 @@ class SAEOutput:
     mse: Tensor  # scalar: mean over rows of Σ_d (x - x_hat)²
     l1: Tensor | None  # scalar: mean over rows of Σ_i z_i·w_i, w_i = ||W_dec[i]|| or 1 (relu/jumprelu)
     auxk: Tensor | None  # scalar: AuxK loss (TopK SAEs trained with dead-latent revival)
-    loss: Tensor  # mse + l1_coefficient·l1
+    loss: Tensor  # scalar: fastsae.losses.loss_terms with the coefficients forward was given
+    kl: Tensor | None = None  # scalar: KL(clean || spliced), when forward was given a kl term
+    threshold: Tensor | None = None  # (): BatchTopK in training, this batch's threshold (the trainer averages it)
+
+
+def encode_flat(cfg: SAEConfig, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                threshold: Tensor | None = None, training: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The encoder as a function of its weights: x (N, d_in) → values, indices (N, w), and BatchTopK's batch
+    threshold when training (else None). Every op goes through the backend in force."""
+    ops = backend_for(x.device)
+    if cfg.apply_b_dec_to_input:
+        x = x - b_dec
+    if cfg.activation == "topk":
+        return (*ops.encode_topk(x, W_enc, b_enc, cfg.k), None)
+    if cfg.activation == "relu":
+        return (*ops.encode_threshold(x, W_enc, b_enc, None), None)
+    if cfg.activation == "jumprelu":
+        return (*ops.encode_threshold(x, W_enc, b_enc, threshold), None)
+    # batchtopk: the batch's top N·k while training; at inference the learnt
+    # threshold makes every row independent of the others.
+    if not training:
+        return (*ops.encode_threshold(x, W_enc, b_enc, threshold.expand(cfg.d_sae).contiguous()), None)
+    return ops.encode_batchtopk(x, W_enc, b_enc, cfg.k)
 
 
 class SAE(nn.Module):
@@ -106,7 +127,7 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> SparseLatents:
         """(*lead, d_in) → SparseLatents with values/indices of shape (*lead, w)."""
         x2, lead = self._flatten_input(x)
-        values, indices = self._encode_flat(x2)
+        values, indices, _ = self._encode_flat(x2)
         return SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
 
     def decode(self, latents: SparseLatents | Tensor) -> Tensor:
@@ -134,31 +155,29 @@ class SAE(nn.Module):
         x_hat = ops.decode(values, indices.reshape(-1, w), self._w(self.W_dec), self._w(self.b_dec))
         return x_hat.reshape(*lead, self.cfg.d_in)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
-        """Reconstruction and loss terms. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also
-        compute AuxK (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct
-        the detached residual x - x_hat. The trainer weights it into the loss."""
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                coefficients: LossCoefficients | None = None, kl: Callable[[Tensor], Tensor] | None = None
+                ) -> SAEOutput:
+        """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default
+        mse + cfg.l1_coefficient · l1. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute AuxK
+        (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual
+        x - x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
         if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int)
                                   or not 1 <= k_aux <= self.cfg.d_sae):
             raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
         x2, lead = self._flatten_input(x)
-        values, indices = self._encode_flat(x2)
+        values, indices, tau = self._encode_flat(x2)
         x_hat = self._decode_flat(values, indices)  # (N, d_in)
-        acc = torch.promote_types(x2.dtype, torch.float32)  # fp32 accumulation (fp64 for the reference)
-        mse = (x_hat.to(acc) - x2.to(acc)).pow(2).sum(-1).mean()
-        l1 = None
-        loss = mse
+        l1 = auxk = None
         if self.cfg.activation in ("relu", "jumprelu"):
-            z = values.to(acc)  # (N, w)
-            if self.cfg.decoder_norm_l1:
-                z = z * self.W_dec.to(acc).norm(dim=1)[indices]
-            l1 = z.sum(-1).mean()
-            loss = mse + self.cfg.l1_coefficient * l1
-        auxk = None
+            l1 = l1_penalty(values, indices, self.W_dec if self.cfg.decoder_norm_l1 else None)
         if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
-            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, acc)
+            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
+        kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
+        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
+                           auxk=auxk, kl=kl_term)
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, mse, l1, auxk, loss)
+        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau)
 
     def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
@@ -175,33 +194,12 @@ class SAE(nn.Module):
         no_bias = torch.zeros_like(self._w(self.b_dec))  # the residual has no b_dec to add back
         e_hat = ops.decode(values, dead[slots], self._w(self.W_dec), no_bias)
         residual = (x - x_hat).detach()
-        return (e_hat.to(acc) - residual.to(acc)).pow(2).sum(-1).mean()
+        return mse(residual, e_hat)
 
-    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, d_in) → values, indices (N, w)."""
-        ops = backend_for(x.device)
-        cfg = self.cfg
-        W_enc, b_enc = self._w(self.W_enc), self._w(self.b_enc)
-        if cfg.apply_b_dec_to_input:
-            x = x - self._w(self.b_dec)
-        if cfg.activation == "topk":
-            return ops.encode_topk(x, W_enc, b_enc, cfg.k)
-        if cfg.activation == "relu":
-            return ops.encode_threshold(x, W_enc, b_enc, None)
-        if cfg.activation == "jumprelu":
-            return ops.encode_threshold(x, W_enc, b_enc, self.threshold)
-        # batchtopk: the batch's top N·k while training; at inference the learnt
-        # threshold makes every row independent of the others.
-        if not self.training:
-            theta = self.threshold.expand(cfg.d_sae).contiguous()
-            return ops.encode_threshold(x, W_enc, b_enc, theta)
-        values, indices, tau = ops.encode_batchtopk(x, W_enc, b_enc, cfg.k)
-        with torch.no_grad():
-            if self.threshold == 0:
-                self.threshold.copy_(tau)
-            else:
-                self.threshold.lerp_(tau.to(self.threshold), 1 - BATCHTOPK_THRESHOLD_EMA)
-        return values, indices
+    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(N, d_in) → values, indices (N, w), and BatchTopK's batch threshold in training."""
+        return encode_flat(self.cfg, x, self._w(self.W_enc), self._w(self.b_enc), self._w(self.b_dec),
+                           getattr(self, "threshold", None), self.training)
 
     def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
         return backend_for(values.device).decode(values, indices, self._w(self.W_dec), self._w(self.b_dec))

@@ -35,7 +35,7 @@ def _run(run_dir, activation, k, extra, stop_after=None, resume=False):
     torch.manual_seed(0)
     toy = ToyDictionary.random(d_in=12, n_features=40, active_per_sample=3.0, seed=0)
     sae = SAE(SAEConfig(12, 48, activation=activation, k=k, l1_coefficient=None if k else 0.2), seed=0)
-    cfg = TrainConfig(lr=3e-3, total_steps=30, checkpoint_every=4, dead_window_tokens=256, resample_pool=512,
+    cfg = TrainConfig.flat(lr=3e-3, total_steps=30, checkpoint_every=4, dead_window_tokens=256, resample_pool=512,
                       progress=False, log_every=5, **extra)
     batches = toy.batches(64, 30)
 

@@ -22,7 +22,7 @@ def test_built_wheel_ships_kernels(tmp_path):
                     "-q", "-w", str(tmp_path / "dist")], check=True)
     wheel = next((tmp_path / "dist").glob("fastsae-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastsae/kernels/__init__.py" in names and "fastsae/sae.py" in names
+    assert "fastsae/kernels/__init__.py" in names and "fastsae/sae.py" in names and "fastsae/pipeline/runs.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(tmp_path / "site"), str(wheel)], check=True)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..losses import kl_div
 from ..model import capture, keep_mask, special_token_ids, splice
 from .metrics import ReconstructionMetrics
 
@@ -54,7 +55,7 @@ def _ce(logp: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 
 def _kl(clean: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
     """Per-position KL(p_clean || p) at the masked positions."""
-    return (clean.exp() * (clean - logp)).sum(-1)[mask]
+    return kl_div(clean, logp)[mask]
 
 
 @torch.no_grad()

@@ -194,3 +194,41 @@ def token_windows(tokenizer, documents, context_size: int, max_tokens: int | Non
     if bos is not None:
         windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=torch.int64), windows], dim=1)
     return windows
+
+
+# ---- which windows: records of a seeded window order ------------------------------------------------
+# A run that consumed corpus windows records them as {"corpus", "text_field", "context_size", "seed",
+# "ranges": [[start, stop], ...]}: half-open ranges of indices into token_windows(..., seed=seed) of the
+# whole corpus. Harvest manifests and SAEs carry such records, so evaluation holds out what training
+# never saw without re-deriving it.
+
+
+def window_record(corpus: str | Path, text_field: str, context_size: int, seed: int | None,
+                  ranges: list[list[int]]) -> dict:
+    return {"corpus": str(corpus), "text_field": text_field, "context_size": context_size, "seed": seed,
+            "ranges": [[int(a), int(b)] for a, b in ranges]}
+
+
+def first_windows(ranges: list[list[int]], n: int) -> list[list[int]]:
+    """The first n windows of ranges, as ranges."""
+    out = []
+    for start, stop in ranges:
+        if n <= 0:
+            break
+        take = min(stop - start, n)
+        out.append([start, start + take])
+        n -= take
+    return out
+
+
+def held_out_windows(total: int, used: list[list[int]], n: int) -> tuple[Tensor, int]:
+    """Indices of the last n of total windows that no range in used covers, in order, and how many of
+    them had to be taken from the used ones because too few were left (0 when the split is clean)."""
+    free = torch.ones(total, dtype=torch.bool)
+    for start, stop in used:
+        free[start:stop] = False
+    candidates = free.nonzero().squeeze(1)
+    overlap = max(0, n - candidates.numel())
+    if overlap:  # too few held-out windows: the far end of the order, as before there were records
+        return torch.arange(total - n, total), overlap
+    return candidates[candidates.numel() - n:], 0

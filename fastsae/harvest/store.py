@@ -43,6 +43,11 @@ MANIFEST = "manifest.json"
 META_KEYS = ("token_ids", "sequence", "position")
 
 
+def is_store(path: str | Path) -> bool:
+    """Whether path is a store directory (it has a manifest): the one test every caller uses."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 class CorruptShardError(io.CorruptFileError):
     """A shard is missing, truncated, or does not match its manifest entry."""
 

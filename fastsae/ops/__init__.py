@@ -4,13 +4,22 @@
 - ``torch``: sparse-aware PyTorch (default off CUDA);
 - ``triton``: fused Triton kernels (default on CUDA).
 
-Every backend module offers the same four functions on 2-D inputs
+Every backend module offers the same functions on 2-D inputs
 (x is already centred by b_dec; W_enc and W_dec are (d_sae, d_in)):
 
     encode_topk(x, W_enc, b_enc, k)              -> values, indices          (N, k)
     encode_threshold(x, W_enc, b_enc, threshold) -> values, indices          (N, w)
-    encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau     (N, w)
+    encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau     (N, w), tau the batch threshold ()
     decode(values, indices, W_dec, b_dec)        -> x_hat                    (N, d_in)
+
+and the two in-place updates of training (a Triton kernel each on CUDA):
+
+    adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, rows)
+        Adam with bias correction; rows=True keeps param's rows unit-norm (the decoder constraint)
+    resample_rows(latents, directions, W_dec, W_enc, b_enc, encoder_scale, state)
+        dead latents' rows rewritten from new unit directions, their Adam moments zeroed
+
+`backend_for(device)` gives the module in force; `use_backend(name)` switches all of them at once.
 
 `decode` here is the checked entry point for latents that come from outside (a user's SparseLatents):
 it refuses indices outside [0, d_sae) once, for every backend (the Triton gather would read another

@@ -23,14 +23,15 @@ def check_batch(batch: object, step: int) -> Tensor:
 
 
 @torch.no_grad()
-def init_b_dec_mean_(sae: SAE, batch: Tensor) -> None:
+def init_b_dec_mean_(sae: SAE, batch: Tensor, rows_mean=lambda rows: rows.double().mean(0)) -> None:
     """b_dec = the batch's mean row (TrainConfig.b_dec_init='mean'), in float64; the SAE is untouched
-    unless the batch is a finite (..., d_in) tensor."""
+    unless the batch is a finite (..., d_in) tensor. rows_mean: (rows, d_in) -> (d_in,) float64 (the
+    data-parallel trainer averages over every rank's rows)."""
     d_in = sae.cfg.d_in
     if batch.dim() < 1 or batch.shape[-1] != d_in or batch.numel() == 0:
         raise ValueError(f"b_dec_init='mean': the first batch must have shape (..., d_in={d_in}), "
                          f"got {tuple(batch.shape)}")
-    mean = batch.reshape(-1, d_in).double().mean(0)  # (d_in,)
+    mean = rows_mean(batch.reshape(-1, d_in))  # (d_in,)
     if not torch.isfinite(mean).all():
         raise ValueError("b_dec_init='mean': the first batch contains NaN or Inf values; b_dec is left as it was")
     sae.b_dec.copy_(mean.to(sae.b_dec.dtype))
