@@ -208,8 +208,12 @@ def replace_directory(path: str | os.PathLike, write: Callable[[Path], None],
     _remove_dead_siblings(path)
     tmp = path.parent / temp_name(path.name)
     os.mkdir(tmp, 0o777)  # & ~umask
+    held = os.open(tmp, os.O_RDONLY)  # keeps its inode from being reused, so a re-created tmp is told apart
     try:
         write(tmp)
+        made, now = os.fstat(held), os.stat(tmp)
+        if made.st_nlink == 0 or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+            raise RuntimeError(f"{tmp} was deleted and re-created while {path} was being written: not published")
         fsync_tree(tmp)
         if not path.exists():
             os.rename(tmp, path)
@@ -220,6 +224,7 @@ def replace_directory(path: str | os.PathLike, write: Callable[[Path], None],
             tmp = aside
         fsync_dir(path.parent)
     finally:
+        os.close(held)
         shutil.rmtree(tmp, ignore_errors=True)  # the new copy on failure, the old one on success
     return path
 

@@ -61,8 +61,8 @@ def test_k_aux_out_of_range_is_named(k_aux):
     with pytest.raises(ValueError, match=r"k_aux must be None or an int in \[1, d_sae=37\]"):
         sae(torch.randn(4, 13), dead_mask=dead, k_aux=k_aux)
     assert sae(torch.randn(4, 13), dead_mask=dead, k_aux=37).auxk is not None
-    with pytest.raises(ValueError, match=r"TrainConfig.auxk_k must be <= d_sae=37, got 38"):
-        Trainer(sae, TrainConfig(auxk_coefficient=0.1, auxk_k=38))
+    with pytest.raises(ValueError, match=r"DeadLatentConfig.auxk_k must be <= d_sae=37, got 38"):
+        Trainer(sae, TrainConfig.flat(auxk_coefficient=0.1, auxk_k=38))
 
 
 # ---- what train() takes ---------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_numpy_batches_are_refused_by_name():
     sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
     with pytest.raises(TypeError, match=r"batches must yield torch.Tensor .* got numpy.ndarray at step 0 "
                                         r"\(wrap numpy arrays with torch.from_numpy\)"):
-        train(sae, [np.zeros((4, 8), dtype=np.float32)], TrainConfig(progress=False))
+        train(sae, [np.zeros((4, 8), dtype=np.float32)], TrainConfig.flat(progress=False))
 
 
 def test_b_dec_mean_init_with_a_bad_first_batch_leaves_the_sae_as_it_was():
@@ -80,7 +80,7 @@ def test_b_dec_mean_init_with_a_bad_first_batch_leaves_the_sae_as_it_was():
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     nan_batch = torch.randn(16, 8)
     nan_batch[3, 2] = float("nan")
-    cfg = TrainConfig(b_dec_init="mean", progress=False)
+    cfg = TrainConfig.flat(b_dec_init="mean", progress=False)
     with pytest.raises(ValueError, match="b_dec_init='mean': the first batch contains NaN or Inf"):
         train(sae, [nan_batch], cfg)
     with pytest.raises(ValueError, match=r"b_dec_init='mean': the first batch must have shape \(..., d_in=8\), "
@@ -93,7 +93,7 @@ def test_b_dec_mean_init_with_a_bad_first_batch_leaves_the_sae_as_it_was():
 def test_mixed_precision_training_leaves_the_callers_sae_taking_fp32():
     sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
     batches = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    result = train(sae, batches, TrainConfig(mixed_precision="bfloat16", progress=False))
+    result = train(sae, batches, TrainConfig.flat(mixed_precision="bfloat16", progress=False))
     assert result.sae is sae and sae.dtype == torch.float32 and sae.compute_dtype is None
     assert sae(torch.randn(3, 8)).x_hat.dtype == torch.float32
 
@@ -102,12 +102,12 @@ def test_resuming_into_a_run_of_another_optimizer_is_named(tmp_path):
     """(see also tests/test_checkpoint.py) the fused SAEAdam's state and torch's Adam's are not interchangeable."""
     sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
     batches = [torch.randn(32, 8) for _ in range(2)]
-    train(sae, batches, TrainConfig(optimizer="fused", checkpoint_every=1, progress=False), run_dir=tmp_path)
+    train(sae, batches, TrainConfig.flat(optimizer="fused", checkpoint_every=1, progress=False), run_dir=tmp_path)
     other = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=1)
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match=r"optimizer is 'fused'.*gives 'torch'.*resume with optimizer='fused'"):
-        train(other, batches, TrainConfig(optimizer="torch", checkpoint_every=1, progress=False), run_dir=tmp_path,
-              resume=True)
+    with pytest.raises(ValueError, match=r"optimizer is 'fused'.*gives 'torch'.*OptimizerConfig\(kind='fused'\)"):
+        train(other, batches, TrainConfig.flat(optimizer="torch", checkpoint_every=1, progress=False),
+              run_dir=tmp_path, resume=True)
     for name, value in other.state_dict().items():  # refused before the checkpoint's weights were copied in
         assert torch.equal(value, before[name]), f"{name} changed"
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -150,7 +151,7 @@ def test_metrics_log_half_written_last_line_is_tolerated_a_bad_middle_line_named
 
 def test_resuming_with_another_optimizer_kind_is_refused(tmp_path):
     _run(tmp_path, "topk", 4, {}, stop_after=9)  # optimizer "auto" on CPU: torch's Adam
-    with pytest.raises(ValueError, match=r"optimizer is 'torch'.*TrainConfig.optimizer.*'fused'"):
+    with pytest.raises(ValueError, match=r"optimizer is 'torch'.*kind gives 'fused'.*OptimizerConfig\(kind='torch'\)"):
         _run(tmp_path, "topk", 4, dict(optimizer="fused"), resume=True)
 
 
@@ -216,3 +217,18 @@ def test_sigkill_during_training_resumes_cleanly(tmp_path):
     assert [p for p in out.rglob("*") if is_temporary(p.name)] == []  # the killed runs' leftovers are gone
     for checkpoint in complete_checkpoints(out):
         verify_checkpoint(checkpoint)
+
+
+def test_a_temporary_directory_deleted_under_the_writer_is_never_published(tmp_path):
+    """Even if something else deletes the half-built checkpoint (as latest_checkpoint once did), the writer's
+    mkdir(parents=True) re-creating it cannot publish the remains."""
+    sae = SAE(SAEConfig(6, 12), seed=0)
+
+    def write(tmp):
+        (tmp / "optimizer.json").write_text("{}")
+        shutil.rmtree(tmp)  # another process
+        sae.save(tmp / "sae")
+
+    with pytest.raises(RuntimeError, match="was deleted and re-created while .*step-00000004 was being written"):
+        write_checkpoint(tmp_path, 4, write)
+    assert complete_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None

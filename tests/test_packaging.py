@@ -45,7 +45,7 @@ from fastsae.ops import triton_available
 from fastsae.train import TrainConfig, train
 assert not triton_available() and get_backend(torch.device("cpu")) == "torch"
 sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
-train(sae, [torch.randn(16, 8) for _ in range(2)], TrainConfig(progress=False))
+train(sae, [torch.randn(16, 8) for _ in range(2)], TrainConfig.flat(progress=False))
 try:
     set_backend("triton")
 except ImportError as err:

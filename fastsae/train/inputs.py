@@ -24,7 +24,7 @@ def check_batch(batch: object, step: int) -> Tensor:
 
 @torch.no_grad()
 def init_b_dec_mean_(sae: SAE, batch: Tensor, rows_mean=lambda rows: rows.double().mean(0)) -> None:
-    """b_dec = the batch's mean row (TrainConfig.b_dec_init='mean'), in float64; the SAE is untouched
+    """b_dec = the batch's mean row (TrainConfig b_dec_init='mean'), in float64; the SAE is untouched
     unless the batch is a finite (..., d_in) tensor. rows_mean: (rows, d_in) -> (d_in,) float64 (the
     data-parallel trainer averages over every rank's rows)."""
     d_in = sae.cfg.d_in

@@ -284,8 +284,9 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint SAE config {sae.cfg} differs from this run's {self.sae.cfg}")
         optimizer_state, kind = ckpt.read_optimizer(path, self.sae.device)
         if kind != ("fused" if self.fused else "torch"):
+            ours = "fused" if self.fused else "torch"
             raise ValueError(f"{path}: the checkpoint's optimizer is {kind!r}, this run's OptimizerConfig.kind "
-                             f"gives {'fused' if self.fused else 'torch'!r}: resume with optimizer={kind!r}")
+                             f"gives {ours!r}: resume with OptimizerConfig(kind={kind!r})")
         state = ckpt.read_trainer_state(path)
         meta = ckpt.read_trainer_meta(path)
         with torch.no_grad():
