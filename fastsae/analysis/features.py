@@ -58,6 +58,7 @@ from .topn import MASK32, BestN, fmix32, mix32, stable_order
 __all__ = ["FeatureCache", "FeatureConfig", "FeaturePass", "ModelSource", "SplitSigns", "StoreSource",
            "active_entries", "collect_features", "directions_of", "store_windows", "width_of", "write_vocab"]
 PARTIAL = "partial"
+CONTEXT_BLOCK = 1 << 22  # context tokens gathered at once (4M: ~100 MB of int64 temporaries)
 
 
 @dataclass
@@ -209,10 +210,16 @@ class FeaturePass:
 
         def contexts(c_lat: Tensor, c_seq: Tensor, c_pos: Tensor) -> dict[str, Tensor]:
             start = (c_pos - cfg.before).clamp(0, T - self.W)
-            cols = start[:, None] + torch.arange(self.W, device=dev)  # (K, W)
-            rows = rowgrid[c_seq[:, None], cols]
-            return {"sequence": c_seq + chunk.first, "position": c_pos, "start": start,
-                    "tokens": grid[c_seq[:, None], cols], "acts": lookup(rows, c_lat)}
+            tokens = torch.empty(c_lat.shape[0], self.W, dtype=torch.int32, device=dev)
+            acts = torch.empty(c_lat.shape[0], self.W, device=dev)
+            step = max(1, CONTEXT_BLOCK // self.W)  # bounds the int64 temporaries of the first chunks
+            for a in range(0, c_lat.shape[0], step):
+                s = c_seq[a:a + step, None]
+                cols = start[a:a + step, None] + torch.arange(self.W, device=dev)  # (k, W)
+                tokens[a:a + step] = grid[s, cols]
+                acts[a:a + step] = lookup(rowgrid[s, cols], c_lat[a:a + step])
+            return {"sequence": c_seq + chunk.first, "position": c_pos, "start": start, "tokens": tokens,
+                    "acts": acts}
 
         # samples: a (latent, sequence) priority from a per-sequence hash mixed with the latent
         seq_hash = mix32(torch.arange(chunk.first, chunk.first + S, device=dev), cfg.seed + 1)
