@@ -69,6 +69,9 @@ def test_ablation_equals_a_manual_splice_with_that_latent_zeroed(tiny, activatio
     torch.testing.assert_close(ablation_effects(tiny, SITE, sae, j, tokens, max_logits=2 * length * vocab), got,
                                equal_nan=True)
     assert torch.isnan(got[:, 0]).all()
+    window = torch.tensor([[0, 1, 2], [4, 5, 6], [8, 9, 10]])  # only some positions: logits_to_keep
+    torch.testing.assert_close(ablation_effects(tiny, SITE, sae, j, tokens, positions=window),
+                               got.gather(1, window), equal_nan=True)
     torch.testing.assert_close(got[:, 1:], expected, atol=1e-5, rtol=1e-5)
     assert got[:, 1:].abs().max() > 1e-4  # the latent matters somewhere
     first = int((dense[0, :, j] > 0).nonzero()[0]) if (dense[0, :, j] > 0).any() else 11

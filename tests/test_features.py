@@ -307,3 +307,13 @@ def test_stable_order_is_group_then_key_descending_then_input_order(kind):
     order = stable_order(group, key)
     expected = sorted(range(300), key=lambda i: (int(group[i]), -float(key[i]), i))
     assert order.tolist() == expected
+
+
+def test_contexts_gathered_in_blocks_are_the_same(store, tmp_path, monkeypatch):
+    from fastsae.analysis import features
+
+    sae = make_sae(d_in=32, d_sae=37)
+    whole = collect_features(sae, StoreSource(store, SITE, windows()), tmp_path / "a", CFG, progress=False)
+    monkeypatch.setattr(features, "CONTEXT_BLOCK", 7)  # one context per block
+    blocks = collect_features(sae, StoreSource(store, SITE, windows()), tmp_path / "b", CFG, progress=False)
+    assert all(torch.equal(blocks.tensors[k], v) for k, v in whole.tensors.items())

@@ -104,9 +104,8 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
             ids = torch.stack([torch.cat([p, p.new_full((length - p.shape[0],), pad)]) for p in prefixes])
             ablation = torch.full((n, W), float("nan"))
             attribution = torch.full((n, W), float("nan"))
-            effect = ablation_effects(model, site, decomposition, j, ids, excluded)  # (B, length)
-            for b, s in enumerate(starts.tolist()):
-                ablation[b] = effect[b, s:s + W]
+            window = starts[:, None] + torch.arange(W)  # (B, W): each context's window in its prefix
+            ablation[:len(prefixes)] = ablation_effects(model, site, decomposition, j, ids, excluded, window)
             a = min(attribution_contexts, len(prefixes))
             if a:
                 _, changes = context_attribution(model, site, decomposition, j, prefixes[:a], peaks[:a].tolist(),

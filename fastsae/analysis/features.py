@@ -15,8 +15,9 @@ What one pass keeps per latent (memory O(d_sae · n), whatever the token count; 
     samples            a uniform sample (bottom-n of a hash of (latent, sequence)) of the other sequences
                        where it fires, labelled by quantile of their maxima among the sample (Bills et al.
                        2023 and Paulo et al. 2024 score on such quantile-stratified contexts)
-    token sample       a uniform sample of the tokens where it fires (value and token id): the browser
-                       splits the histogram by token from it
+    token sample       a uniform sample of the tokens where it fires (value and token id; the bottom-n of a
+                       hash of the row, so latents firing on the same token share priorities, which is
+                       harmless for each latent's sample): the browser splits the histogram by token from it
     statistics         firing count, density (count / tokens), mean activation when firing, maximum, and a
                        histogram of B bins over [0, 2^e), 2^e the smallest power of two above the maximum
                        (kept exact while streaming: when the maximum passes 2^e, pairs of bins merge)
@@ -26,10 +27,13 @@ What one pass keeps per latent (memory O(d_sae · n), whatever the token count; 
 Ties (top-n): the higher activation first; equal activations keep stream order (store rows: sequence,
 then position), so the earlier token wins — within a sequence for its maximum, and between sequences.
 
-A decomposition is anything with `encode(x) -> SparseLatents` or dense codes (..., width) and a width
-(`cfg.d_sae`, `d_sae` or `d_codes`): an SAE, or a baseline from fastsae.evaluation.baselines (PCA, ICA,
-neurons). A code's activation is its value where positive; wrap signed codes in `SplitSigns` to read both
-directions of a baseline as separate features.
+A decomposition is anything with `encode(x) -> SparseLatents` or dense codes and a width: an SAE, or a
+baseline of fastsae.evaluation.baselines (see decompositions.py; `SplitSigns` reads both signs). Sources
+(sources.py): an activation store's shards, or corpus windows through the model. The cache's files and
+reader: cache.py.
+
+Cost: after the first chunks, each list drops the candidates that cannot beat its n-th entry with one
+gather, so the pass costs about 1.5x the SAE's encoder on CPU (bench/features.py).
 
 The pass is resumable: its state is checkpointed atomically between chunks (a store's shards, or groups
 of corpus windows), and a resumed pass ends exactly where an uninterrupted one does.
@@ -54,6 +58,7 @@ from .topn import MASK32, BestN, fmix32, mix32, stable_order
 __all__ = ["FeatureCache", "FeatureConfig", "FeaturePass", "ModelSource", "SplitSigns", "StoreSource",
            "active_entries", "collect_features", "directions_of", "store_windows", "width_of", "write_vocab"]
 PARTIAL = "partial"
+CONTEXT_BLOCK = 1 << 22  # context tokens gathered at once (4M: ~100 MB of int64 temporaries)
 
 
 @dataclass
@@ -205,10 +210,16 @@ class FeaturePass:
 
         def contexts(c_lat: Tensor, c_seq: Tensor, c_pos: Tensor) -> dict[str, Tensor]:
             start = (c_pos - cfg.before).clamp(0, T - self.W)
-            cols = start[:, None] + torch.arange(self.W, device=dev)  # (K, W)
-            rows = rowgrid[c_seq[:, None], cols]
-            return {"sequence": c_seq + chunk.first, "position": c_pos, "start": start,
-                    "tokens": grid[c_seq[:, None], cols], "acts": lookup(rows, c_lat)}
+            tokens = torch.empty(c_lat.shape[0], self.W, dtype=torch.int32, device=dev)
+            acts = torch.empty(c_lat.shape[0], self.W, device=dev)
+            step = max(1, CONTEXT_BLOCK // self.W)  # bounds the int64 temporaries of the first chunks
+            for a in range(0, c_lat.shape[0], step):
+                s = c_seq[a:a + step, None]
+                cols = start[a:a + step, None] + torch.arange(self.W, device=dev)  # (k, W)
+                tokens[a:a + step] = grid[s, cols]
+                acts[a:a + step] = lookup(rowgrid[s, cols], c_lat[a:a + step])
+            return {"sequence": c_seq + chunk.first, "position": c_pos, "start": start, "tokens": tokens,
+                    "acts": acts}
 
         # samples: a (latent, sequence) priority from a per-sequence hash mixed with the latent
         seq_hash = mix32(torch.arange(chunk.first, chunk.first + S, device=dev), cfg.seed + 1)

@@ -15,6 +15,8 @@ ablated minus clean. Clean and ablated forwards of all a feature's contexts run 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -94,24 +96,33 @@ def without_latent(decomposition, x: Tensor, latent: int) -> Tensor:
 
 @torch.no_grad()
 def ablation_effects(model: nn.Module, site: str, decomposition, latent: int, token_ids: Tensor,
-                     exclude_token_ids: list[int] | None = None, max_logits: int = 1 << 28) -> Tensor:
-    """(B, T) float: out[b, t] = log p_ablated(ids[b, t] | ids[b, :t]) - log p_clean(same), NaN at t = 0.
-    token_ids (B, T) may be right-padded (the model is causal: padding never changes earlier positions).
-    Positions holding an excluded token (BOS/EOS/pad by default) keep their clean activation.
+                     exclude_token_ids: list[int] | None = None, positions: Tensor | None = None,
+                     max_logits: int = 1 << 28) -> Tensor:
+    """out[b, i] = log p_ablated(ids[b, t] | ids[b, :t]) - log p_clean(same) at t = positions[b, i] (default:
+    every position, out (B, T)); NaN at t = 0. token_ids (B, T) may be right-padded (the model is causal:
+    padding never changes earlier positions). Positions holding an excluded token (BOS/EOS/pad by default)
+    keep their clean activation.
 
-    Clean and ablated rows run together; all B contexts go in one forward when their logits (2B · T · vocab
-    floats) fit in max_logits (2^28: 1 GiB), else in as few forwards as fit (Gemma's vocabulary of 262K
-    makes 40 windows of 128 tokens 5.4 GB of logits)."""
+    Clean and ablated rows run together, and the unembedding runs only where a log-prob is read
+    (`logits_to_keep`; Gemma's 262K-token unembedding costs more than the rest of the model). All B contexts
+    go in one forward when their logits (2B · P · vocab floats) fit in max_logits (2^28: 1 GiB), else in as
+    few forwards as fit."""
     if token_ids.dim() != 2:
         raise ValueError(f"token_ids must be (B, T), got shape {tuple(token_ids.shape)}")
+    B, T = token_ids.shape
+    if positions is None:
+        positions = torch.arange(T).expand(B, T)
+    if positions.dim() != 2 or positions.shape[0] != B or bool((positions < 0).any() | (positions >= T).any()):
+        raise ValueError(f"positions must be ({B}, P) indices into the {T} tokens, got {tuple(positions.shape)}")
     device = next(model.parameters()).device
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-    B, T = token_ids.shape
     vocab = model.get_output_embeddings().weight.shape[0]
-    per_forward = max(1, max_logits // (2 * T * vocab))
-    effect = torch.full((B, T), float("nan"))
+    sliced = "logits_to_keep" in inspect.signature(model.forward).parameters
+    per_forward = max(1, max_logits // (2 * (positions.shape[1] if sliced else T) * vocab))
+    effect = torch.full(positions.shape, float("nan"))
     for first in range(0, B, per_forward):
         ids = token_ids[first:first + per_forward].to(device)
+        at = positions[first:first + per_forward].to(device)
         b = ids.shape[0]
         keep = keep_mask(ids, excluded)[..., None]
 
@@ -119,10 +130,15 @@ def ablation_effects(model: nn.Module, site: str, decomposition, latent: int, to
             new = torch.where(keep, without_latent(decomposition, x[b:], latent), x[b:])
             return torch.cat([x[:b], new])
 
-        both = torch.cat([ids, ids])
+        both, read = torch.cat([ids, ids]), torch.cat([at, at]) - 1  # the logits at t - 1 predict token t
         with hook_site(model, site, ablate):
-            logits = model(input_ids=both).logits[:, :-1]  # (2b, T-1, V)
-        target = logits.gather(-1, both[:, 1:, None])[..., 0].float()
-        logp = target - torch.logsumexp(logits.float(), dim=-1)
-        effect[first:first + b, 1:] = (logp[b:] - logp[:b]).cpu()
+            if sliced:
+                logits = model(input_ids=both, logits_to_keep=read.clamp_min(0)).logits  # (2b, P, V)
+            else:
+                logits = model(input_ids=both).logits
+                logits = logits.gather(1, read.clamp_min(0)[..., None].expand(-1, -1, logits.shape[-1]))
+        target = both.gather(1, read + 1)
+        logp = logits.gather(-1, target[..., None])[..., 0].float() - torch.logsumexp(logits.float(), dim=-1)
+        change = (logp[b:] - logp[:b]).cpu()
+        effect[first:first + b] = torch.where(at.cpu() == 0, float("nan"), change)
     return effect
