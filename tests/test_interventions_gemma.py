@@ -51,6 +51,7 @@ def test_interventions_and_patching_on_gemma(gemma):
     d = state.fit_activations.shape[1]
     from fastsae.evaluation import baselines
 
-    pca = baselines.fit("pca", state.fit_activations, d, d)
-    everything = patching.Patcher(model, state, patching.as_dictionary(pca), prompts, True)(list(range(d)))[0]
+    pca = baselines.fit("pca", state.fit_activations, d, d)  # n <= d directions: the span of the kept positions
+    everything = patching.Patcher(model, state, patching.as_dictionary(pca), prompts, True)(
+        list(range(pca.directions.shape[0])))[0]
     assert everything == pytest.approx(state.clean_ld, abs=2e-2)
