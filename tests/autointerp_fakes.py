@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fastsae.analysis.autointerp.backends import Backend, Reply, SlotReply
 from fastsae.analysis.autointerp.interpret import FeatureExamples
-from fastsae.analysis.autointerp.prompts import show_token
+from fastsae.analysis.autointerp.prompts import CUE, show_token
 from fastsae.analysis.examples import Example
 
 WORDS = [" the", " dog", " sat", " on", " a", " mat", " and", " ran", " far", " big", "."]
@@ -51,7 +51,7 @@ def _last_text_line(user: str) -> str:
 
 def oracle_answer(system: str, user: str) -> str:
     """What a perfect interpreter writes after the prompt."""
-    if user.endswith("Explanation of feature B:"):
+    if user.endswith(f"Explanation of feature B: {CUE}"):
         return " the word cat\n"
     if "Tokens: " in user:  # the simulator writes the lines itself
         tokens = json.loads(user.rsplit("Tokens: ", 1)[1].split("\n", 1)[0])

@@ -75,6 +75,8 @@ EXPLAIN_SYSTEM = (
     f"activations, from 0 (off) to {SCALE} (strongest), are listed after each text. Do not list examples "
     "of words; name the pattern.")
 
+CUE = "the main thing this feature does is find"  # Bills et al.'s cue: the model goes on in words, not lists
+
 _EXPLAIN_EXAMPLE = (
     "Feature A\n"
     "Text 1: The boat drifted down the <<river>> towards the open <<sea>>.\n"
@@ -83,7 +85,13 @@ _EXPLAIN_EXAMPLE = (
     "Activations: lake 9\n"
     "Text 3: He opened the letter and read it twice.\n"
     "Activations: none\n"
-    "Explanation of feature A: words for bodies of water\n\n")
+    f"Explanation of feature A: {CUE} words for bodies of water\n\n"
+    "Feature C\n"
+    "Text 1: She said she would come<<,>> but she never did<<.>>\n"
+    "Activations: , 4, . 10\n"
+    "Text 2: The rain stopped<<.>> Then the sun came out<<.>>\n"
+    "Activations: . 9, . 8\n"
+    f"Explanation of feature C: {CUE} punctuation that ends a clause or a sentence\n\n")
 
 
 def _activation_list(tokens: list[str], levels: list[int]) -> str:
@@ -98,7 +106,7 @@ def explain_prompt(examples: list[Example], max_activation: float) -> Prompt:
         levels = discretise(ex.activations, max_activation)
         parts.append(f"Text {i}: {marked_text(ex.tokens, [v > 0 for v in levels])}\n")
         parts.append(f"Activations: {_activation_list(ex.tokens, levels)}\n")
-    parts.append("Explanation of feature B:")
+    parts.append(f"Explanation of feature B: {CUE}")
     return Prompt(EXPLAIN_SYSTEM, _EXPLAIN_EXAMPLE + "".join(parts))
 
 
@@ -118,7 +126,7 @@ SIMULATE_SYSTEM = (
 
 _SIMULATE_EXAMPLE = (
     "Feature A\n"
-    "Explanation of feature A: words for bodies of water\n"
+    f"Explanation of feature A: {CUE} words for bodies of water\n"
     "Activations:\n<start>\nThe\t0\n boat\t0\n drifted\t0\n down\t0\n the\t0\n river\t7\n towards\t0\n"
     " the\t0\n open\t0\n sea\t10\n.\t0\n<end>\n\n")
 
@@ -127,7 +135,7 @@ def simulate_slot_prompt(explanation: str, tokens: list[str]) -> tuple[Prompt, l
     """The all-at-once prompt (Bills et al. 2023): every token followed by a tab and a placeholder. The
     model's next-token distribution at each placeholder, over "0".."10", gives that token's predicted
     activation in one forward pass. Returns the prompt and the placeholders' offsets in prompt.text()."""
-    head = (f"{_SIMULATE_EXAMPLE}Feature B\nExplanation of feature B: {explanation}\n"
+    head = (f"{_SIMULATE_EXAMPLE}Feature B\nExplanation of feature B: {CUE} {explanation}\n"
             "Activations:\n<start>\n")
     base = len(SIMULATE_SYSTEM) + 2  # text() puts the system text and "\n\n" first
     body, slots = [head], []
@@ -144,7 +152,7 @@ def simulate_slot_prompt(explanation: str, tokens: list[str]) -> tuple[Prompt, l
 def simulate_generate_prompt(explanation: str, tokens: list[str]) -> Prompt:
     """The simulator's prompt for backends without prompt log-probabilities: it lists the tokens and the
     model writes the `token<TAB>activation` lines itself (parsed by parse_simulation)."""
-    user = (f"{_SIMULATE_EXAMPLE}Feature B\nExplanation of feature B: {explanation}\n"
+    user = (f"{_SIMULATE_EXAMPLE}Feature B\nExplanation of feature B: {CUE} {explanation}\n"
             f"Tokens: {json.dumps(tokens)}\nActivations:\n<start>\n")
     return Prompt(SIMULATE_SYSTEM, user)
 
