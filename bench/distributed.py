@@ -9,6 +9,11 @@ latents sharded; and the gradient-reduction A/B — the explicit per-parameter a
 trainer uses against DistributedDataParallel — as the same bare step loop (forward, backward,
 reduction, Adam with the decoder constraint) for both.
 
+Time: wall-clock ms per step (the slowest rank), and CPU ms per step of the busiest rank (process time,
+every thread): on a shared machine wall time measures the neighbours too, while CPU time is the work a
+rank does, so "work per rank" (1-process CPU time / the busiest rank's) is the speed-up two idle cores
+would give, before waiting on each other.
+
 Communication per step and rank: "computed" is fastsae.train.plan.comm_per_step (what ring
 collectives send); "payload" is what this rank handed to torch.distributed (fastsae.ops.distributed.COMM,
 and a DDP comm hook); "sent" is measured by the kernel: the growth of wchar in /proc/self/io over the
@@ -71,7 +76,7 @@ def _run(rank: int, world: int, port: int, mode: str, threads: int, args, out: P
     else:
         trainer = DistributedTrainer(model, TrainConfig.flat(lr=1e-4, progress=False, log_every=10**9))
         step = lambda x: trainer.step(x, metrics=False)  # noqa: E731
-    times = []
+    times, cpu = [], []
     for i in range(args.steps + 2):
         if i == 2:
             if world > 1:
@@ -79,13 +84,14 @@ def _run(rank: int, world: int, port: int, mode: str, threads: int, args, out: P
             D.COMM.clear()
             ddp_bytes[0] = 0
             sent = _wchar()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(xs[i % len(xs)])
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     sent = _wchar() - sent
     payload = sum(v for key, v in D.COMM.items() if not key.endswith(":calls")) + ddp_bytes[0]
-    row = {"ms": statistics.median(times[2:]) * 1e3, "sent_mib": sent / args.steps / 2**20,
-           "payload_mib": payload / args.steps / 2**20}
+    row = {"ms": statistics.median(times[2:]) * 1e3, "cpu_ms": statistics.median(cpu[2:]) * 1e3,
+           "sent_mib": sent / args.steps / 2**20, "payload_mib": payload / args.steps / 2**20}
     if world > 1:
         rows = [None] * world
         dist.all_gather_object(rows, row)
@@ -116,7 +122,7 @@ def _bare_step(model, mode: str, grid, ddp_bytes: list[int]):
     pending = []
     if mode == "loop" and grid.data_size > 1:  # the trainer's reduction: launched as each gradient completes
         def launch(p):
-            D._count("grad_all_reduce", p.grad)
+            D.count_bytes("grad_all_reduce", p.grad)
             pending.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
 
         for p in model.parameters():
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()
-    base = rows[0]["ms"]
+    base, base_cpu = rows[0]["ms"], rows[0]["cpu_ms"]
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "python": platform.python_version(), "device": "cpu", "cpu_cores": os.cpu_count(),
            "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
@@ -189,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{load_before:.1f} → {env['load_average_after']:.1f}",
              f"TopK SAE d_in {args.d_in}, d_sae {args.d_sae:,}, k {args.k}, global batch {args.batch:,}, fp32, "
              f"torch backend; median of {args.steps} steps", "",
-             "| case | ms/step | tokens/s | × 1 process | sent MiB/step computed | payload MiB/step | "
-             "sent MiB/step measured |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| case | ms/step | tokens/s | × 1 process | CPU ms/step (busiest rank) | × 1 process (CPU) | "
+             "sent MiB/step computed | payload MiB/step | sent MiB/step measured |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['ms']:.0f} | {r['tokens_per_s']:,.0f} | {base / r['ms']:.2f} | "
+                     f"{r['cpu_ms']:.0f} | {base_cpu / r['cpu_ms']:.2f} | "
                      f"{r['computed_mib']:.2f} | {r['payload_mib']:.2f} | {r['sent_mib']:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -182,7 +182,8 @@ class LatentShard:
 # ---- counted collectives ----------------------------------------------------------------------------
 
 
-def _count(name: str, t: Tensor) -> None:
+def count_bytes(name: str, t: Tensor) -> None:
+    """Record that this rank hands t to a collective called name (COMM)."""
     COMM[name] += t.numel() * t.element_size()
     COMM[f"{name}:calls"] += 1
 
@@ -198,7 +199,7 @@ def group_rank(group) -> int:
 def all_reduce_(t: Tensor, group, op=dist.ReduceOp.SUM, name: str = "all_reduce") -> Tensor:
     """In-place all-reduce over group (a no-op for None)."""
     if group is not None:
-        _count(name, t)
+        count_bytes(name, t)
         dist.all_reduce(t, op=op, group=group)
     return t
 
@@ -209,7 +210,7 @@ def all_gather(t: Tensor, group, name: str = "all_gather") -> Tensor:
         return t
     t = t.contiguous()
     out = t.new_empty(group_size(group) * t.shape[0], *t.shape[1:])
-    _count(name, t)
+    count_bytes(name, t)
     # all_gather_single is torch >= 2.12's name for all_gather_into_tensor
     gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
     gather(out, t, group=group)
@@ -219,7 +220,7 @@ def all_gather(t: Tensor, group, name: str = "all_gather") -> Tensor:
 def broadcast_(t: Tensor, group, name: str = "broadcast") -> Tensor:
     """In-place: the group's first rank's t on every rank of group."""
     if group is not None:
-        _count(name, t)
+        count_bytes(name, t)
         dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
     return t
 

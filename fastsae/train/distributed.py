@@ -12,7 +12,7 @@ shard count, the batch divisible by the data replicas); every activation, tied o
 mixed precision and both optimizers. Not supported: KL training (`SpliceKL`, one process only).
 
 Data parallel. Each rank gets its tensor_split part of the global batch (`ShuffledLoader(rank=,
-world_size=)`, or `rank_slices` over any batch source), so the ranks' batches of a step join into the
+world_size=)`, or `slice_batches` over any batch source), so the ranks' batches of a step join into the
 single-process batch. Gradients are averaged over the data group by an explicit all-reduce per
 parameter, launched from a post-accumulate-grad hook as soon as that gradient is complete (so the
 decoder's overlaps the encoder's backward, as DDP's buckets would) and waited for before the optimizer.
@@ -114,7 +114,7 @@ class DistributedTrainer(Trainer):
     # ---- data parallel ---------------------------------------------------------------------------
 
     def _launch_all_reduce(self, p: Tensor) -> None:
-        D._count("grad_all_reduce", p.grad)
+        D.count_bytes("grad_all_reduce", p.grad)
         self._pending.append((p.grad, dist.all_reduce(p.grad, group=self.grid.data_group, async_op=True)))
 
     def _after_backward(self) -> None:
