@@ -16,11 +16,11 @@ from autointerp_fakes import StubServer, cat_feature
 from fastsae.analysis.autointerp.backends import BackendError, OpenAIBackend, parse_backend
 from fastsae.analysis.autointerp.cache import CachedBackend
 from fastsae.analysis.autointerp.interpret import interpret_many
-from fastsae.analysis.autointerp.prompts import Prompt
+from fastsae.analysis.autointerp.prompts import CUE, Prompt
 from fastsae.analysis.autointerp.sources import save_examples
 
 KEY = "sk-test-9f8e7d6c5b4a-DO-NOT-LEAK"
-PROMPT = Prompt("We are studying features.", "Explanation of feature B:")
+PROMPT = Prompt("We are studying features.", f"Explanation of feature B: {CUE}")
 
 
 def backend(server, **kw) -> OpenAIBackend:

@@ -80,6 +80,8 @@ def interpret_feature(backend: Backend, feature: FeatureExamples, cfg: Autointer
     exp = explain(backend, parts["explain_top"], parts["explain_random"], context_tokens=cfg.context_tokens)
     out: dict = {"explanation": exp.text, "explanation_raw": exp.raw, "max_activation": max_activation,
                  "prompts": {"explain": exp.prompt_hash}}
+    if exp.copied:
+        out["explanation_copied"] = True  # scored all the same, and counted in the summary
     if "simulation" in cfg.scores:
         held = parts["active"][:cfg.simulate_active] + parts["random"][:cfg.simulate_random]
         sim = simulate(backend, exp.text, [x.tokens for x in held])
