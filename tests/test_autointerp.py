@@ -363,12 +363,14 @@ def test_sae_and_baselines_through_the_feature_cache(tmp_path, capsys):
     kinds = sorted({name.split("/")[0] for name in features})
     assert kinds == ["neurons", "pca", "sae"] and len(features) == 9
     assert provenance["baselines"]["pca"]["k"] == 4 and provenance["baselines"]["pca"]["features"] == 64
+    fitted = (tmp_path / "ai" / "features" / "pca" / "features.safetensors").stat().st_mtime_ns
     for f in features.values():
         assert f.top and f.top[0].max_activation > 0
         assert not any(re.fullmatch(r"<\d+>", t) for t in f.top[0].tokens)  # decoded, not "<id>" placeholders
         assert all(x.max_activation == 0 for x in f.random)
     again, _, _ = from_sae(sae, "3", ("pca", "neurons"), out=tmp_path / "ai", progress=False)  # cached passes
     assert again.keys() == features.keys()
+    assert (tmp_path / "ai" / "features" / "pca" / "features.safetensors").stat().st_mtime_ns == fitted  # reused
     report = autointerp(backend="local:" + str(tmp_path / "lm"), sae=sae, features="2", baselines=("pca",),
                         out=tmp_path / "ai", cache=tmp_path / "requests", scores=("simulation",), progress=False)
     assert {n.split("/")[0] for n in report["features"]} == {"sae", "pca"}
