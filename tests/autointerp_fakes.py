@@ -189,6 +189,13 @@ class StubServer:
                     {"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
                     for t, _ in _tokenize(text)]}
             return 200, message
+        if path == "/v1/completions" and not body.get("echo"):  # a base model's completion of the text
+            system, user = body["prompt"].split("\n\n", 1)
+            text = oracle_answer(system, user)
+            for s in body.get("stop", []):
+                text = text.split(s)[0]
+            return 200, {"choices": [{"text": text}], "usage": {"prompt_tokens": len(body["prompt"]) // 4,
+                                                                "completion_tokens": len(text) // 4}}
         if path == "/v1/completions" and self.echo and body.get("echo"):
             text = body["prompt"]
             tokens = _tokenize(text)

@@ -313,7 +313,8 @@ def test_report_table_plot_and_annotations(tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["features"]["sae/7"]["explanation"] == "the word cat"
     table = (tmp_path / "out" / "summary.md").read_text()
-    assert "| sae | 2 | 1.000" in table and "| pca | 1 |" in table and table.index("| sae") < table.index("| pca")
+    assert "| sae | 2 | 0 | 1.000" in table and "| pca | 1 | 0 |" in table
+    assert table.index("| sae") < table.index("| pca")
     assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
     notes = json.loads((browser / "annotations" / "autointerp.json").read_text())
     assert notes["title"] == "Autointerp" and set(notes["features"]) == {"1", "7", "99"}
@@ -362,14 +363,32 @@ def test_sae_and_baselines_through_the_feature_cache(tmp_path, capsys):
     kinds = sorted({name.split("/")[0] for name in features})
     assert kinds == ["neurons", "pca", "sae"] and len(features) == 9
     assert provenance["baselines"]["pca"]["k"] == 4 and provenance["baselines"]["pca"]["features"] == 64
+    fitted = (tmp_path / "ai" / "features" / "pca" / "features.safetensors").stat().st_mtime_ns
     for f in features.values():
         assert f.top and f.top[0].max_activation > 0
         assert not any(re.fullmatch(r"<\d+>", t) for t in f.top[0].tokens)  # decoded, not "<id>" placeholders
         assert all(x.max_activation == 0 for x in f.random)
     again, _, _ = from_sae(sae, "3", ("pca", "neurons"), out=tmp_path / "ai", progress=False)  # cached passes
     assert again.keys() == features.keys()
+    assert (tmp_path / "ai" / "features" / "pca" / "features.safetensors").stat().st_mtime_ns == fitted  # reused
     report = autointerp(backend="local:" + str(tmp_path / "lm"), sae=sae, features="2", baselines=("pca",),
                         out=tmp_path / "ai", cache=tmp_path / "requests", scores=("simulation",), progress=False)
     assert {n.split("/")[0] for n in report["features"]} == {"sae", "pca"}
     notes = json.loads((cache_dir / "annotations" / "autointerp.json").read_text())
     assert len(notes["features"]) == 2
+
+
+def test_explanations_are_cleaned_and_copies_flagged():
+    from fastsae.analysis.autointerp.prompts import WORKED, clean_explanation, copies_an_example
+
+    assert clean_explanation(' "the word cat".\nExplanation of feature D') == "the word cat"
+    assert clean_explanation("the\\n") == "the" and clean_explanation("  ") == ""
+    assert copies_an_example(" Words for bodies of water") and not copies_an_example("words for rivers")
+
+    class Copier(OracleBackend):
+        def generate(self, prompt, max_tokens, top_logprobs=0, stop=()):
+            return Reply(f" {WORKED[0]}\n") if prompt.user.endswith("does is find") else super().generate(
+                prompt, max_tokens, top_logprobs, stop)
+
+    result = interpret_feature(Copier(), cat_feature(), AutointerpConfig(scores=("detection",)))
+    assert result["explanation_copied"] is True and result["explanation"] == WORKED[0]

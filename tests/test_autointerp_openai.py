@@ -16,11 +16,11 @@ from autointerp_fakes import StubServer, cat_feature
 from fastsae.analysis.autointerp.backends import BackendError, OpenAIBackend, parse_backend
 from fastsae.analysis.autointerp.cache import CachedBackend
 from fastsae.analysis.autointerp.interpret import interpret_many
-from fastsae.analysis.autointerp.prompts import Prompt
+from fastsae.analysis.autointerp.prompts import CUE, Prompt
 from fastsae.analysis.autointerp.sources import save_examples
 
 KEY = "sk-test-9f8e7d6c5b4a-DO-NOT-LEAK"
-PROMPT = Prompt("We are studying features.", "Explanation of feature B:")
+PROMPT = Prompt("We are studying features.", f"Explanation of feature B: {CUE}")
 
 
 def backend(server, **kw) -> OpenAIBackend:
@@ -107,16 +107,19 @@ def test_bad_backend_arguments():
     assert parse_backend("openai:http://h:1/v1/", model="m").name == "openai:http://h:1/v1"
 
 
-@pytest.mark.parametrize("echo,chat_logprobs,method", [(True, True, "all_at_once_logprobs"),
-                                                       (False, True, "generated_logprobs"),
-                                                       (False, False, "generated_numbers")])
-def test_pipeline_over_http_scores_the_oracle_and_caches(tmp_path, echo, chat_logprobs, method):
+@pytest.mark.parametrize("echo,chat_logprobs,chat,method", [(True, True, True, "all_at_once_logprobs"),
+                                                            (False, True, True, "generated_logprobs"),
+                                                            (False, False, True, "generated_numbers"),
+                                                            (True, False, False, "all_at_once_logprobs")])
+def test_pipeline_over_http_scores_the_oracle_and_caches(tmp_path, echo, chat_logprobs, chat, method):
     features = {f"sae/{i}": cat_feature(seed=i) for i in range(3)}
     with StubServer(echo=echo, chat_logprobs=chat_logprobs) as server:
-        first = CachedBackend(backend(server, concurrency=3), tmp_path)
+        first = CachedBackend(backend(server, concurrency=3, chat=chat), tmp_path)
         results = interpret_many(first, features, progress=False)
         asked = len(server.requests)
         assert asked > 0 and server.max_in_flight <= 3
+        paths = {r["path"] for r in server.requests}
+        assert paths == ({"/v1/chat/completions", "/v1/completions"} if chat else {"/v1/completions"})
         for r in results.values():
             assert r["explanation"] == "the word cat"
             assert r["simulation"]["score"] == pytest.approx(1.0) and r["simulation"]["method"] == method

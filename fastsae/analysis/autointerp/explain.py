@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..examples import Example
 from .backends import Backend
-from .prompts import clean_explanation, explain_prompt, focus
+from .prompts import clean_explanation, copies_an_example, explain_prompt, focus
 
 MAX_TOKENS = 48  # an explanation is one short phrase; Bills et al. cap theirs at 60 tokens
 
@@ -18,6 +18,7 @@ class Explanation:
     text: str  # the cleaned explanation ("" when the model gave none)
     raw: str  # the model's reply as it came
     prompt_hash: str  # SHA-256 of the prompt text (first 16 hex digits)
+    copied: bool = False  # the explanation is a worked example's (the explainer copied its prompt)
 
 
 def prompt_hash(text: str) -> str:
@@ -34,4 +35,5 @@ def explain(backend: Backend, top: list[Example], random: list[Example] = (), *,
     shown = [focus(ex, context_tokens) for ex in (*top, *random)]
     prompt = explain_prompt(shown, max_activation)
     reply = backend.generate(prompt, max_tokens, stop=("\n",))
-    return Explanation(clean_explanation(reply.text), reply.text, prompt_hash(prompt.text()))
+    text = clean_explanation(reply.text)
+    return Explanation(text, reply.text, prompt_hash(prompt.text()), copies_an_example(text))

@@ -8,7 +8,6 @@ few random ones; everything it is scored on is held out from what it saw.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -80,6 +79,8 @@ def interpret_feature(backend: Backend, feature: FeatureExamples, cfg: Autointer
     exp = explain(backend, parts["explain_top"], parts["explain_random"], context_tokens=cfg.context_tokens)
     out: dict = {"explanation": exp.text, "explanation_raw": exp.raw, "max_activation": max_activation,
                  "prompts": {"explain": exp.prompt_hash}}
+    if exp.copied:
+        out["explanation_copied"] = True  # scored all the same, and counted in the summary
     if "simulation" in cfg.scores:
         held = parts["active"][:cfg.simulate_active] + parts["random"][:cfg.simulate_random]
         sim = simulate(backend, exp.text, [x.tokens for x in held])
@@ -103,11 +104,9 @@ def interpret_feature(backend: Backend, feature: FeatureExamples, cfg: Autointer
 
 
 def interpret_many(backend: Backend, features: dict[str, FeatureExamples], cfg: AutointerpConfig | None = None, *,
-                   progress: bool = True, on_done: Callable[[str, dict], None] | None = None,
-                   describe: Callable[[], str] | None = None) -> dict[str, dict]:
+                   progress: bool = True, describe: Callable[[], str] | None = None) -> dict[str, dict]:
     """interpret_feature over features ({name: examples}), backend.parallelism at a time; returns
-    {name: result} in the order given. on_done(name, result) runs as each finishes; describe() gives the
-    progress bar's postfix (tokens and cost)."""
+    {name: result} in the order given. describe() gives the progress bar's postfix (tokens and cost)."""
     cfg = cfg or AutointerpConfig()
     bar = None
     if progress:
@@ -122,8 +121,6 @@ def interpret_many(backend: Backend, features: dict[str, FeatureExamples], cfg: 
     with ThreadPoolExecutor(max_workers=max(1, backend.parallelism)) as pool:
         for name, result in pool.map(one, features):
             results[name] = result
-            if on_done is not None:
-                on_done(name, result)
             if bar is not None:
                 if describe is not None:
                     bar.set_postfix_str(describe(), refresh=False)
@@ -143,7 +140,3 @@ def feature_from_dict(d: dict, where: str = "examples") -> FeatureExamples:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: expected {{'top': [Example fields], 'samples': [...], 'random': [...]}}: {err}") \
             from None
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

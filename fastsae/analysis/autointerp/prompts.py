@@ -76,6 +76,7 @@ EXPLAIN_SYSTEM = (
     "of words; name the pattern.")
 
 CUE = "the main thing this feature does is find"  # Bills et al.'s cue: the model goes on in words, not lists
+WORKED = ("words for bodies of water", "punctuation that ends a clause or a sentence")  # the examples' answers
 
 _EXPLAIN_EXAMPLE = (
     "Feature A\n"
@@ -85,13 +86,13 @@ _EXPLAIN_EXAMPLE = (
     "Activations: lake 9\n"
     "Text 3: He opened the letter and read it twice.\n"
     "Activations: none\n"
-    f"Explanation of feature A: {CUE} words for bodies of water\n\n"
+    f"Explanation of feature A: {CUE} {WORKED[0]}\n\n"
     "Feature C\n"
     "Text 1: She said she would come<<,>> but she never did<<.>>\n"
     "Activations: , 4, . 10\n"
     "Text 2: The rain stopped<<.>> Then the sun came out<<.>>\n"
     "Activations: . 9, . 8\n"
-    f"Explanation of feature C: {CUE} punctuation that ends a clause or a sentence\n\n")
+    f"Explanation of feature C: {CUE} {WORKED[1]}\n\n")
 
 
 def _activation_list(tokens: list[str], levels: list[int]) -> str:
@@ -111,9 +112,15 @@ def explain_prompt(examples: list[Example], max_activation: float) -> Prompt:
 
 
 def clean_explanation(text: str) -> str:
-    """The first line of the explainer's reply, without quotes or a trailing full stop."""
-    line = text.strip().splitlines()[0].strip() if text.strip() else ""
-    return line.strip("\"'` ").rstrip(".").strip()
+    """The first line of the explainer's reply (a written "\\n", as in the contexts, ends it too), without
+    quotes or a trailing full stop."""
+    line = text.strip().replace("\\n", "\n").splitlines()[0].strip() if text.strip() else ""
+    return line.strip("\"'` .").strip()
+
+
+def copies_an_example(explanation: str) -> bool:
+    """True when the explanation is a worked example's answer: a weak explainer copying the prompt."""
+    return explanation.strip().lower() in WORKED
 
 
 # --- simulation --------------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ SIMULATE_SYSTEM = (
 
 _SIMULATE_EXAMPLE = (
     "Feature A\n"
-    f"Explanation of feature A: {CUE} words for bodies of water\n"
+    f"Explanation of feature A: {CUE} {WORKED[0]}\n"
     "Activations:\n<start>\nThe\t0\n boat\t0\n drifted\t0\n down\t0\n the\t0\n river\t7\n towards\t0\n"
     " the\t0\n open\t0\n sea\t10\n.\t0\n<end>\n\n")
 

@@ -27,7 +27,8 @@ def summarize_kinds(results: dict[str, dict]) -> dict[str, dict]:
         kinds.setdefault(parse_name(name)[0], []).append(r)
     out = {}
     for kind, rs in kinds.items():
-        s = {"features": len(rs), "unexplained": sum(r.get("explanation") is None for r in rs)}
+        s = {"features": len(rs), "unexplained": sum(r.get("explanation") is None for r in rs),
+             "copied_explanations": sum(bool(r.get("explanation_copied")) for r in rs)}
         for task, key, _ in SCORES:
             if any(task in r for r in rs):
                 s[task] = summarize([_value(r, task, key) for r in rs if task in r])
@@ -51,15 +52,18 @@ def _cell(s: dict | None) -> str:
 
 
 def format_table(summary: dict[str, dict]) -> str:
-    """Markdown: one row per kind, SAE first."""
+    """Markdown: one row per kind, SAE first. "copied": explanations that repeat a worked example of the
+    prompt; "undefined": features whose held-out activations were constant (no simulation score)."""
     order = sorted(summary, key=lambda k: (k != "sae", k))
-    lines = ["| features | n | simulation (mean ± sem) | median | undefined | detection acc | detection bal. acc | "
-             "detection AUROC | fuzzing acc | fuzzing bal. acc | fuzzing AUROC |", "|---" * 11 + "|"]
+    lines = ["| features | n | copied | simulation (mean ± sem) | median | undefined | detection acc | "
+             "detection bal. acc | detection AUROC | fuzzing acc | fuzzing bal. acc | fuzzing AUROC |",
+             "|---" * 12 + "|"]
     f = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
     for kind in order:
         s = summary[kind]
         sim = s.get("simulation") or {}
-        lines.append(f"| {kind} | {s['features']} | {_cell(sim)} | {f(sim.get('median'))} | {sim.get('undefined', 0)}"
+        lines.append(f"| {kind} | {s['features']} | {s.get('copied_explanations', 0)} | {_cell(sim)} |"
+                     f" {f(sim.get('median'))} | {sim.get('undefined', 0)}"
                      f" | {f(s.get('detection_accuracy'))} | {_cell(s.get('detection'))} | "
                      f"{f(s.get('detection_auroc'))} | {f(s.get('fuzzing_accuracy'))} | {_cell(s.get('fuzzing'))} | "
                      f"{f(s.get('fuzzing_auroc'))} |")

@@ -5,7 +5,8 @@ token of held-out contexts. Three ways to read the prediction, best first; the o
   activation is the expected value of the model's next-token distribution over "0".."10" at each
   placeholder, renormalised over those candidates (Bills et al.'s "all at once" method). Candidates the
   tokenizer splits are left out: Gemma writes "10" as "1" "0", so its scale tops out at 9, which a
-  correlation does not mind.
+  correlation does not mind. A server gives only its top few log-probabilities per token (OpenAIBackend
+  asks for 5 with `echo_logprobs`; vLLM allows up to 20): the digits among them are the candidates.
 - "generated_logprobs": the model writes `token<TAB>activation` lines; each number's value is the
   expected value over the digits in that token's top log-probabilities.
 - "generated_numbers": the same lines, with the written numbers as they stand (servers without

@@ -121,6 +121,7 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     same pass (`collect_features`), the same number of contexts. Baselines (fastsae.evaluation.baselines)
     are fitted on the store's first fit_tokens activations with the SAE's L0 as their k, and read with
     both signs as features (`SplitSigns`: a direction's negative side is a feature as much as its positive).
+    Caches of an earlier run for the same SAE and settings are reused, without fitting the baselines again.
 
     feature_cache: an existing cache of this SAE (its browser then shows the explanations); default: one is
     built (resumably) in <out>/features/sae. Returns (features, the SAE's cache directory, provenance)."""
@@ -129,6 +130,7 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     from ...harvest.store import ActivationStore
     from ...model import load
     from ...sae import SAE
+    from ..decompositions import fingerprint
     from ..features import (
         FeatureCache,
         FeatureConfig,
@@ -150,10 +152,22 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     tokenizer = None
     source = None
 
+    sae_id = fingerprint(sae)
+
+    def finished(directory: Path):
+        """The cache in directory when a finished pass of this SAE's run left it there, else None."""
+        if (directory / "features.json").is_file() and (directory / "vocab.json").is_file():
+            cache = FeatureCache.load(directory)
+            if cache.meta.get("meta", {}).get("sae_fingerprint") == sae_id:
+                return cache
+        return None
+
     def cache_of(decomposition, directory: Path, meta: dict):
         nonlocal tokenizer, source
-        if (directory / "features.json").is_file() and (directory / "vocab.json").is_file():
-            return FeatureCache.load(directory)  # a finished pass (collect_features checks it is the same)
+        done = finished(directory)
+        if done is not None and done.meta["decomposition"] == fingerprint(decomposition):
+            return done
+        meta = {**meta, "sae_fingerprint": sae_id}
         if source is None:
             _, tokenizer = load(store.meta["model"], device="cpu")
             source = StoreSource(store, site, store_windows(store, tokenizer))
@@ -170,14 +184,19 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     chosen = from_feature_cache(sae_cache, select(alive(sae_cache), features, seed), "sae", seed=seed)
     provenance = {"sae": str(Path(sae_path).resolve()), "feature_cache": str(sae_dir.resolve()),
                   "store": str(store.path.resolve()), "site": site, "baselines": {}}
-    if baselines:
-        x = _fit_rows(store, site, fit_tokens)
-        k = matched_k(sae, x.to(device))
-        for kind in baselines:
+    x = None
+    for kind in baselines:
+        directory = out / "features" / kind
+        settings = {"baseline": kind, "fit_tokens": fit_tokens, "seed": seed, "signs": "split"}
+        cache = finished(directory)  # fitted and passed before for this SAE: ICA takes minutes to fit again
+        if cache is None or any(cache.meta["meta"].get(key) != v for key, v in settings.items()):
+            if x is None:
+                x = _fit_rows(store, site, fit_tokens)
+                k = matched_k(sae, x.to(device))
             decomposition = fit_baselines.fit(kind, x, n=sae.cfg.d_sae, k=k, seed=seed)
-            directory = out / "features" / kind
-            cache = cache_of(SplitSigns(decomposition), directory, {"baseline": kind, "k": k, "signs": "split"})
-            chosen.update(from_feature_cache(cache, select(alive(cache), features, seed), kind, seed=seed))
-            provenance["baselines"][kind] = {"k": k, "directions": decomposition.d_codes, "fit_tokens": x.shape[0],
-                                             "features": 2 * decomposition.d_codes, "cache": str(directory.resolve())}
+            cache = cache_of(SplitSigns(decomposition), directory, {**settings, "k": k})
+        chosen.update(from_feature_cache(cache, select(alive(cache), features, seed), kind, seed=seed))
+        provenance["baselines"][kind] = {"k": cache.meta["meta"]["k"], "directions": cache.d_sae // 2,
+                                         "features": cache.d_sae, "fit_tokens": fit_tokens,
+                                         "cache": str(directory.resolve())}
     return chosen, sae_dir, provenance
