@@ -1,6 +1,8 @@
 import sys
+
 from fastsae import SAE
 from fastsae.harvest import ActivationStore
+
 ck, store_dir, out = sys.argv[1:4]
 sae = SAE.load(f"{ck}/sae")
 store = ActivationStore(store_dir)
