@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 
     main_job(args.out, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens, d_sae=args.d_sae,
              k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_tokens=args.eval_tokens,
-             device=args.device, progress=not args.no_progress)
+             device=args.device, effects=args.effects, progress=not args.no_progress)
     return 0
 
 
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("--batch-size", type=int, default=1024)
     rn.add_argument("--lr", type=float, default=1e-3)
     rn.add_argument("--eval-tokens", type=int, default=4096)
+    rn.add_argument("--effects", type=int, default=16, help="features whose ablation and attribution are measured")
     rn.add_argument("--device", help="default: cuda when available, else cpu")
     rn.add_argument("--out", default="runs/gemma")
     rn.add_argument("--no-progress", action="store_true")

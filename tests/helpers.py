@@ -71,3 +71,24 @@ def tiny_causal_lm(path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def word_level_lm(words, hidden_size=32, num_layers=3, seed=0):
+    """A random GPT-NeoX over a word-level tokenizer of words (pad 0, BOS 1, EOS 2, unk 3, then the words;
+    whitespace and punctuation split words): every word is one token, as names are for Gemma."""
+    import transformers as T
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                          pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = T.GPTNeoXConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                          num_attention_heads=4, intermediate_size=2 * hidden_size, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, max_position_embeddings=128)
+    return T.GPTNeoXForCausalLM(cfg).eval(), tokenizer

@@ -94,7 +94,10 @@ def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
             "--eval-tokens", "256", "--out", str(d / "job"), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "[3/3]" in printed and str((d / "job").resolve()) in printed
+    assert "[4/4]" in printed and str((d / "job").resolve()) in printed
+    index = d / "job" / "features" / "browser" / "index.html"
+    assert f"feature browser: {index.resolve()}" in printed and index.is_file()  # the job ends with the browser
+    assert "| latent | one-token score |" in printed
     first = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
     assert set(first) >= {"model", "topk k=4 64", "pca", "neurons", "random"}
     assert main(args) == 0  # a finished job resumes each step and ends with the same report

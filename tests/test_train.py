@@ -88,7 +88,9 @@ def test_bf16_mixed_precision_keeps_fp32_masters(activation, k):
         runs[mp] = (sae, result.history)
     sae, history = runs["bfloat16"]
     assert all(p.dtype == torch.float32 for p in sae.parameters())
-    assert sae.dtype == torch.bfloat16  # it computes in bf16 and takes bf16 inputs
+    # it computed in bf16 while training; the caller's SAE is given back as it came, taking fp32 (issue #12)
+    assert sae.dtype == torch.float32 and sae(torch.randn(3, 16)).x_hat.dtype == torch.float32
+    sae.compute_dtype = torch.bfloat16  # mixed precision at inference is the caller's choice
     assert sae(torch.randn(3, 16, dtype=torch.bfloat16)).x_hat.dtype == torch.bfloat16
     # same trajectory as fp32 up to bf16 rounding
     fp32_loss, bf16_loss = runs[None][1][-1]["loss"], history[-1]["loss"]

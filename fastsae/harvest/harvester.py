@@ -40,13 +40,14 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
     T = sequences.shape[1]
     bar = tqdm(total=(hi - lo) * T, initial=(start - lo) * T, disable=not progress, desc="harvest", unit="tok",
                unit_scale=True)
-    for first in range(start, hi, batch_size):
-        batch = sequences[first:min(first + batch_size, hi)]
-        acts = capture(model, sites, input_ids=batch.to(device))
-        writer.add(acts, batch, keep_mask(batch, excluded), first)
-        bar.update(batch.numel())
-    bar.close()
-    writer.flush()
+    with writer:  # holds the store's lock until the last shard is committed
+        for first in range(start, hi, batch_size):
+            batch = sequences[first:min(first + batch_size, hi)]
+            acts = capture(model, sites, input_ids=batch.to(device))
+            writer.add(acts, batch, keep_mask(batch, excluded), first)
+            bar.update(batch.numel())
+        bar.close()
+        writer.flush()
     return ActivationStore(out)
 
 

@@ -59,14 +59,22 @@ class ShuffledLoader:
         return full + (rest > 0 and not self.drop_last)
 
     def batches(self, steps: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        """Exactly steps batches, epoch after epoch (each epoch reshuffled)."""
+        """Exactly steps batches, epoch after epoch (each epoch reshuffled). An epoch that yields no batch
+        (an empty store, or batch_size above its rows with drop_last) is an error, not an endless loop."""
+        if len(self) == 0:
+            raise ValueError(f"ShuffledLoader: an epoch of {self.store.path} yields no batch: the store has "
+                             f"{self.store.tokens} rows, batch_size is {self.batch_size}"
+                             f"{' with drop_last' if self.drop_last else ''}; lower batch_size or harvest more")
         served = 0
         while served < steps:
+            served_before = served
             for batch in self:
                 yield batch
                 served += 1
                 if served == steps:
                     return
+            if served == served_before:  # len() said otherwise: the store changed under us
+                raise ValueError(f"ShuffledLoader: an epoch of {self.store.path} yielded no batch")
 
     def _groups(self, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.store.shards), generator=gen).tolist()

@@ -1,8 +1,8 @@
 """The Triton backend: fused kernels from `fastsae.kernels`, default on CUDA.
 
-- TopK: the fused encoder keeps per-row top-k candidates in registers; the
-  (N, d_sae) pre-activations never exist. k above the kernel's register budget
-  (kernels.encoder_topk.MAX_K) falls back to the dense torch path.
+- TopK: the fused encoder filters each tile by a per-row threshold and keeps
+  short candidate lists; the (N, d_sae) pre-activations never exist. k above
+  kernels.encoder_topk.MAX_K (256) falls back to the dense torch path.
 - ReLU / JumpReLU: the fused encoder writes active latents into a compact
   buffer of `capacity` slots per (row, slice). If a row has more, the exact
   answer comes from a second pass with the capacity the first pass measured.
@@ -12,6 +12,12 @@
   doubled and the batch redone.
 - Decode and every backward: gathers over active rows and a latent-sorted
   segment reduction; deterministic.
+- fp32 SAEs: the encoder GEMMs run in TF32 on the tensor cores (about 1e-3
+  relative error on a pre-activation); `set_fp32_matmul("ieee")` or
+  FASTSAE_FP32_MATMUL=ieee asks for exact fp32. 16-bit SAEs are unaffected.
+- Tiles: each encoder's tile config is autotuned once per shape
+  (kernels/_autotune.py); every candidate is compiled for sm_80 and sm_90 by
+  tests/test_compile.py.
 
 `STATS` counts which path each call took, for the trainer to log.
 """
@@ -30,7 +36,7 @@ from ..kernels import encoder_topk as _topk
 from ..kernels import resample as _resample
 from ..kernels import segment_reduce as _seg
 from ..kernels import sparse_decode as _dec
-from ..kernels._common import interpreting
+from ..kernels._common import interpreting, next_pow2, set_fp32_matmul  # noqa: F401 (re-exported)
 from . import torch_backend
 from ._autograd import SparseEncode, SparsePrims
 
@@ -124,7 +130,7 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
     N, d_sae = x.shape[0], W_enc.shape[0]
 
     def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        cap = min(d_sae, _topk.next_pow2(2 * k))
+        cap = min(d_sae, next_pow2(2 * k))
         while True:
             if cap > _topk.MAX_K:
                 raise _TooWide

@@ -13,6 +13,7 @@ were split by concern) is read and migrated by `read_run`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -84,7 +85,6 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     Under torchrun every rank calls it: data parallel, or with shard_latents (0: every rank; N: N shards
     × world/N replicas) the latents split (train/distributed.py); it then returns this rank's ShardedSAE."""
     from ..ops.distributed import ProcessGrid, launched_by_torchrun
-    from ..train import Trainer
 
     grid, device = ProcessGrid(), None
     if launched_by_torchrun():
@@ -94,6 +94,15 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     elif shard_latents is not None:
         raise ValueError("shard_latents needs several processes: launch with torchrun --nproc-per-node N")
     out = Path(out)
+    # the run directory's writer lock before run.json is touched: a second writer into it is refused, naming
+    # this one, and cannot replace this run's configuration (the lock is re-entrant: the trainer takes it too)
+    with io.DirectoryLock(out, "fastsae train") if grid.is_main else contextlib.nullcontext():
+        return _train_locked(out, settings, resume, progress, grid, device)
+
+
+def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progress: bool, grid, device) -> SAE:
+    from ..train import Trainer
+
     if resume and (out / RUN_FILE).is_file():
         settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration
     settings = settings or settings_from()
@@ -174,27 +183,37 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", site: str = "resid_post.6",
              corpus: str = "english:train", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
              steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, eval_tokens: int = 4096,
-             device: str | None = None, progress: bool = True) -> dict:
-    """Harvest, train a TopK SAE, evaluate it against baselines; each step resumes where an interrupted run
-    stopped. Returns the evaluation's results."""
+             device: str | None = None, effects: int = 16, progress: bool = True) -> dict:
+    """Harvest, train a TopK SAE, evaluate it against baselines, build the feature cache and browser; each
+    step resumes where an interrupted run stopped. Returns the evaluation's results."""
+    from ..analysis.build import build_and_browse
     from ..evaluation.run import run_eval
     from ..harvest import is_store
 
     out = Path(out)
     start = time.perf_counter()
-    print(f"[1/3] harvest {tokens:,} tokens of {corpus} from {model} at {site}")
+    print(f"[1/4] harvest {tokens:,} tokens of {corpus} from {model} at {site}")
     harvest_run(model, [site], out / "store", corpus=corpus, tokens=tokens, device=device,
                 resume=is_store(out / "store"), progress=progress)
-    print(f"[2/3] train a TopK SAE (d_sae {d_sae}, k {k}) for {steps} steps")
+    print(f"[2/4] train a TopK SAE (d_sae {d_sae}, k {k}) for {steps} steps")
     settings = settings_from(
         sae={"activation": "topk", "k": k, "d_sae": d_sae},
         train={"total_steps": steps, "lr": lr, "auxk_coefficient": 1 / 32, "b_dec_init": "mean",
                "checkpoint_every": max(1, steps // 4)},
         data={"source": str(out / "store"), "batch_size": batch_size})
     train_run(out / "train", settings, resume=True, progress=progress)
-    print(f"[3/3] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
-    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens,
-                       device=device or ("cuda" if torch.cuda.is_available() else "cpu"), progress=progress)
+    print(f"[3/4] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens, device=device, progress=progress)
+    print(f"[4/4] feature cache (top contexts, histograms, logit effects; ablation and attribution for "
+          f"{effects} features) and the feature browser")
+    index, table = build_and_browse(out / "train" / "sae", out / "features", effects=effects, device=device,
+                                    progress=progress)
+    print("the five most interpretable-looking features (one-token score: the share of the top contexts' "
+          "activation on one token):")
+    print(table)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out.resolve()}/: store/ (activations),"
-          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png")
+          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png,"
+          f" features/ (the feature cache)")
+    print(f"feature browser: {index.resolve()}")
     return results

@@ -18,7 +18,6 @@ are the same sequence (the trainer skips the ones already consumed).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from ..losses import LossCoefficients, fvu
 from ..sae import SAE
 from . import checkpoint as ckpt
 from .config import FORMAT_VERSION, OptimizerConfig, ScheduleConfig, TrainConfig
+from .inputs import check_batch, init_b_dec_mean_
 from .kl import SpliceKL
 from .optim import SAEAdam
 from .resample import resample_dead_latents
@@ -112,10 +112,15 @@ class Trainer:
         if self.cfg.dead_latents.auxk_coefficient and sae.cfg.activation not in ("topk", "batchtopk"):
             raise ValueError(f"AuxK (DeadLatentConfig.auxk_coefficient) applies to topk/batchtopk SAEs, not "
                              f"activation={sae.cfg.activation!r}")
+        if self.cfg.dead_latents.auxk_k is not None and self.cfg.dead_latents.auxk_k > sae.cfg.d_sae:
+            raise ValueError(f"DeadLatentConfig.auxk_k must be <= d_sae={sae.cfg.d_sae}, got "
+                             f"{self.cfg.dead_latents.auxk_k}")
+        self._caller_compute_dtype = sae.compute_dtype  # fit() gives it back: the caller's SAE ends as it began
         if self.cfg.optimizer.mixed_precision:
             if sae.W_dec.dtype != torch.float32:
                 raise ValueError(f"mixed precision keeps fp32 master weights; this SAE is {sae.W_dec.dtype}")
             sae.compute_dtype = getattr(torch, self.cfg.optimizer.mixed_precision)
+        self._train_compute_dtype = sae.compute_dtype
         self.optimizer = build_optimizer(sae, self.cfg.optimizer)
         # SAEAdam keeps the decoder on the sphere inside its step; torch's Adam needs the two passes around it.
         self.fused = isinstance(self.optimizer, SAEAdam)
@@ -161,9 +166,9 @@ class Trainer:
         the steps it logs. "step" (and "resampled", on a resampling step) are always returned."""
         sae, cfg, dead_cfg = self.sae, self.cfg, self.cfg.dead_latents
         sae.train()
+        check_batch(batch, self.step_count)
         if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
-            with torch.no_grad():
-                sae.b_dec.copy_(self._rows_mean(batch.reshape(-1, batch.shape[-1])).to(sae.b_dec.dtype))
+            init_b_dec_mean_(sae, batch, self._rows_mean)
         kl = None  # the KL term as a function of x_hat, for SAE.forward's loss
         if self.kl is not None:
             x, clean_logprobs = self.kl.clean(batch)
@@ -273,18 +278,22 @@ class Trainer:
         return ckpt.write_checkpoint(self.run_dir, self.step_count, write, keep=self.cfg.checkpoints.keep)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Every file is read and checked before anything of this trainer or its SAE changes."""
         sae = SAE.load(path / "sae", device=self.sae.device)
         if sae.cfg != self.sae.cfg:
             raise ValueError(f"{path}: checkpoint SAE config {sae.cfg} differs from this run's {self.sae.cfg}")
+        optimizer_state, kind = ckpt.read_optimizer(path, self.sae.device)
+        if kind != ("fused" if self.fused else "torch"):
+            ours = "fused" if self.fused else "torch"
+            raise ValueError(f"{path}: the checkpoint's optimizer is {kind!r}, this run's OptimizerConfig.kind "
+                             f"gives {ours!r}: resume with OptimizerConfig(kind={kind!r})")
+        state = ckpt.read_trainer_state(path)
+        meta = ckpt.read_trainer_meta(path)
         with torch.no_grad():
             mine = self.sae.state_dict()
             for name, t in sae.state_dict().items():
                 mine[name].copy_(t)
-        self.optimizer.load_state_dict(ckpt.optimizer_from_files(
-            io.read_tensors(path / "optimizer.safetensors", device=str(self.sae.device)),
-            io.read_json(path / "optimizer.json")))
-        state = io.read_tensors(path / "trainer.safetensors")
-        meta = io.read_json(path / "trainer.json")  # format 1 (no version) and 2 keep these three the same
+        self.optimizer.load_state_dict(optimizer_state)
         self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
         self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device)
         self.pool = state["pool"].to(self.sae.device)
@@ -294,20 +303,31 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"])
 
     def resume(self) -> bool:
-        """Load the newest checkpoint of run_dir, if any; drop metrics logged after it."""
-        path = ckpt.latest_checkpoint(self.run_dir) if self.run_dir else None
+        """Load the newest intact checkpoint of run_dir, if any (a damaged newer one is skipped with a
+        warning); drop metrics logged after it."""
+        path = ckpt.resume_checkpoint(self.run_dir) if self.run_dir else None
         if path is None:
             return False
         self.load_checkpoint(path)
-        log = self.run_dir / "metrics.jsonl"
-        if log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step_count]
-            io.atomic_write(log, lambda p: Path(p).write_text("".join(f"{line}\n" for line in kept)))
+        ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step_count)
         return True
 
     # ---- the loop ----------------------------------------------------------------------------------
 
     def fit(self, batches: Iterable[Tensor], resume: bool = False) -> TrainResult:
+        """Train on batches. With a run directory, fit holds its writer lock (a second writer gets an error
+        naming this one) and first removes what killed writers left half-written there."""
+        self.sae.compute_dtype = self._train_compute_dtype
+        try:
+            if self.run_dir is None:
+                return self._fit(batches, resume)
+            with io.DirectoryLock(self.run_dir, "training"):
+                ckpt.remove_stale_temporaries(self.run_dir)
+                return self._fit(batches, resume)
+        finally:
+            self.sae.compute_dtype = self._caller_compute_dtype
+
+    def _fit(self, batches: Iterable[Tensor], resume: bool) -> TrainResult:
         if resume and not self.resume():
             print(f"no checkpoint in {self.run_dir}: starting from step 0")
         if self.total_steps is None and hasattr(batches, "__len__"):

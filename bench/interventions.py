@@ -1,0 +1,124 @@
+"""python -m bench.interventions: features as actions on Gemma 3 270M, the committed result of issue 14.
+
+    python -m bench.interventions --sae runs/h14/train5/sae runs/h14/train6/sae runs/h14/train7/sae --site resid_post.6
+
+Writes bench/results/interventions-<device>-<date>/ (or --out):
+    patch.json, patch.png       IOI patching curves, SAE vs PCA vs neurons, 100 prompts: m = 1..64 at --site
+                                (time and forwards per curve), m = 1, 2, 4 .. 64 at the other SAEs' sites
+    erasure.json, erasure.png   gendered-pronoun erasure at --site: loss increase on the pronoun-predicting
+                                tokens vs all others, SAE latents vs PCA directions chosen the same way
+    circuit.json/.png/.svg      the circuit of the top SAE's latent most associated with the concept
+    steer.json, steer.png       steering with that latent
+    summary.md                  the numbers, with the environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from fastsae import io
+from fastsae.analysis import circuits, erasure, patching, steering
+from fastsae.analysis.interventions import SAEDictionary
+from fastsae.analysis.saes import load_saes
+from fastsae.harvest import read_documents, token_windows
+from fastsae.model import capture, keep_mask, load, special_token_ids
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SWEEP_MS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--sae", nargs="+", required=True, help="SAEs at adjacent sites (they record their sites)")
+    parser.add_argument("--site", default="resid_post.6", help="site of the erasure (default resid_post.6)")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--max-m", type=int, default=64)
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64], help="erasure: directions ablated")
+    parser.add_argument("--erasure-windows", type=int, default=96, help="64-token windows: half fit, half evaluate")
+    parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("patch", "erasure", "circuit", "steer"))
+    parser.add_argument("--out", help="default bench/results/interventions-cpu-<date>")
+    args = parser.parse_args(argv)
+    out = Path(args.out or RESULTS / f"interventions-cpu-{dt.date.today().isoformat()}")
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "machine": platform.machine(), "date": dt.date.today().isoformat()}
+    model, tokenizer = load(args.model)
+    saes = load_saes(args.sae)
+    lines = [f"# Features as actions on {args.model} ({env['device']}, {env['threads']} threads, {env['date']})", ""]
+
+    site = args.site
+    if "patch" not in args.skip:
+        # every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid of m
+        report = patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
+                                       max_m=args.max_m, ms=SWEEP_MS, full_site=site)
+        lines += ["## IOI patching (fraction of the clean logit difference restored)", "", report["summary"], ""]
+        for where, result in report["results"].items():
+            times = ", ".join(f"{name} {c['seconds']:.0f} s / {c['forwards']} forwards"
+                              for name, c in result["curves"].items())
+            lines.append(f"- {where}: LD clean {result['clean_logit_diff']:.2f}, corrupted "
+                         f"{result['corrupted_logit_diff']:.2f}; SAE with all {result['all_latents']} active latents "
+                         f"patched: {result['all_latents_fraction']:.3f}; curves (M={args.max_m}): {times}")
+        lines.append("")
+
+    windows = token_windows(tokenizer, read_documents("english-classics:test"), 64, seed=1)
+    concept = erasure.token_ids(tokenizer, erasure.PRONOUNS)
+    if "erasure" not in args.skip:
+        chosen = windows[:args.erasure_windows]
+        target = erasure.next_token_mask(chosen, concept)
+        result = erasure.erasure(model, site, saes[site], chosen, target, counts=args.counts,
+                                 fit_windows=args.erasure_windows // 2)
+        result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
+        io.write_json(out / "erasure.json", result)
+        erasure.plot(result, out / "erasure.png")
+        lines += [f"## Concept erasure at {site}: next token a gendered pronoun ({result['target_positions']} target "
+                  f"and {result['other_positions']} other positions; clean loss {result['clean_loss_target']:.3f} / "
+                  f"{result['clean_loss_other']:.3f})", "",
+                  "| method | n | Δloss target | Δloss other | selectivity |", "|---|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            sel = f"{r['selectivity']:.1f}" if r["selectivity"] is not None else ""
+            lines.append(f"| {r['method']} | {r['n']} | {r['delta_target']:.3f} | {r['delta_other']:.4f} | {sel} |")
+        lines.append("")
+
+    top_site = list(saes)[-1]
+    latent = _concept_latent(model, tokenizer, top_site, saes[top_site], windows[-args.circuit_tokens // 64:], concept)
+    if "circuit" not in args.skip:
+        start = time.perf_counter()
+        contexts = circuits.top_contexts(model, top_site, saes[top_site], latent, windows[-args.circuit_tokens // 64:])
+        graph = circuits.circuit(model, saes, (top_site, latent), contexts, depth=len(saes) - 1, tokenizer=tokenizer)
+        graph.update(model=args.model, seconds=time.perf_counter() - start, env=env)
+        circuits.save(graph, out / "circuit.json")
+        circuits.draw(graph, out / "circuit.png")
+        lines += ["## Circuit", "", "```", circuits.describe(graph), "```", f"({graph['seconds']:.0f} s)", ""]
+    if "steer" not in args.skip:
+        result = steering.steer(model, tokenizer, top_site, saes[top_site], latent,
+                                "The old man walked into the room, and", alphas=(0.0, 10.0, 30.0, 100.0))
+        result["env"] = env
+        io.write_json(out / "steer.json", result)
+        steering.plot(result, out / "steer.png")
+        lines += ["## Steering", "", "```", steering.format_result(result), "```", ""]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"results in {out}")
+    return 0
+
+
+@torch.no_grad()
+def _concept_latent(model, tokenizer, site, sae, windows, concept) -> int:
+    """The latent of sae most associated (standardised mean difference) with predicting a concept token."""
+    acts = torch.cat([capture(model, [site], input_ids=windows[i:i + 8])[site] for i in range(0, len(windows), 8)])
+    keep = keep_mask(windows, special_token_ids(model, tokenizer))
+    dictionary = SAEDictionary(sae)
+    scores = erasure.association(dictionary, dictionary.codes(acts), erasure.next_token_mask(windows, concept), keep)
+    return int(scores.argmax())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
