@@ -116,13 +116,15 @@ def token_partition(parent: Counter, children: list[Counter]) -> dict:
 
 def cache_examples(cache_dir: str | Path) -> Callable[[int], list[Example]]:
     """A feature's top examples from a feature cache (fastsae.analysis.features)."""
-    try:
-        from .features import FeatureCache
-    except ImportError as err:
-        raise ImportError("--cache needs the feature cache (fastsae.analysis.features), which this install "
-                          "lacks") from err
-    cache = FeatureCache.load(cache_dir)
-    return cache.top
+    from .cache import FeatureCache
+
+    return FeatureCache.load(cache_dir).top
+
+
+def is_feature_cache(path: str | Path | None) -> bool:
+    from .cache import META_FILE
+
+    return bool(path) and (Path(path) / META_FILE).is_file()
 
 
 def store_examples(sae, store, tokenizer) -> Callable[[int], list[Example]]:
@@ -268,11 +270,9 @@ def _splits(cmp: Comparison, da, db, tau: float, caches, store: str | None) -> d
 
 def _examples_sources(da, db, caches, store: str | None):
     """(examples of A's features, examples of B's) from feature caches, else from a store, else None."""
-    if caches[0] and caches[1]:
-        try:
-            return cache_examples(caches[0]), cache_examples(caches[1])
-        except ImportError:  # caches named for the annotations, but no feature-cache reader here: use the store
-            pass
+    if is_feature_cache(caches[0]) and is_feature_cache(caches[1]):
+        return cache_examples(caches[0]), cache_examples(caches[1])
+    # caches named only for the annotations (not built yet): top tokens come from the store
     store_path = store or da.metadata.get("store")
     if not store_path or not (Path(store_path) / "manifest.json").is_file():
         return None
