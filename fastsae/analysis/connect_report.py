@@ -131,16 +131,22 @@ def ce_threshold(model, site_in: str, site_out: str, sae_in, sae_out, data: Conn
 
 
 def eval_windows(store, tokenizer, tokens: int) -> tuple[Tensor, Tensor]:
-    """Held-out windows: the far end of the harvest's shuffled window order (as fastsae eval takes them)."""
+    """Held-out windows: from the test split when the store was harvested from a built-in corpus's train split
+    ("english:train" -> "english:test"), else the far end of the harvest's shuffled window order (as
+    fastsae eval takes them)."""
     from ..harvest.corpus import read_documents, token_windows
     from ..model import keep_mask
 
     source = store.meta.get("source", {})
     context = source.get("context_size", store.meta["context_size"])
-    windows = token_windows(tokenizer, read_documents(source.get("corpus", "english-classics"),
-                                                      source.get("text_field", "text")), context,
+    corpus = str(source.get("corpus", "english-classics"))
+    held_out = corpus.endswith(":train")
+    if held_out:
+        corpus = corpus.removesuffix(":train") + ":test"
+    windows = token_windows(tokenizer, read_documents(corpus, source.get("text_field", "text")), context,
                             seed=source.get("window_seed", 0))
-    windows = windows[-max(1, tokens // context):]
+    n = max(1, tokens // context)
+    windows = windows[:n] if held_out else windows[-n:]
     return windows, keep_mask(windows, store.meta["excluded_token_ids"])
 
 
@@ -229,7 +235,7 @@ def run_connect(sae_in: str, sae_out: str, store: str, out: str | Path, *, site_
                 threshold: float = 0.001, l1_coefficients: tuple[float, ...] = L1_COEFFICIENTS,
                 linear_only: bool = False, sae_hidden_l1: float = 1e-3, sae_weight_l1: float = 0.01,
                 ce: bool = True, ce_budget: float = 0.01,
-                eval_tokens: int = 4096, holdout: float = 0.1, max_outputs: int | None = None,
+                eval_tokens: int = 2048, holdout: float = 0.1, max_outputs: int | None = None,
                 browser_in: str | None = None, browser_out: str | None = None, cache_out: str | None = None,
                 progress: bool = True) -> dict:
     """Train the connectors between SAE features at an MLP's input and output and write the report (module

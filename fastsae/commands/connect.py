@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--no-ce", action="store_true", help="skip the CE-based threshold (needs the model)")
     p.add_argument("--ce-budget", type=float, default=0.01,
                    help="CE-based threshold: allowed CE increase as a share of the MLP-output ablation's (0.01)")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the CE-based threshold")
+    p.add_argument("--eval-tokens", type=int, default=2048,
+                   help="held-out tokens for the CE-based threshold (default 2048: 13 forwards of them)")
     p.add_argument("--max-outputs", type=int, help="learn only the most frequent output features (large d_sae)")
     p.add_argument("--browser-in", help="feature browser of --sae-in: formulas link inputs to its pages")
     p.add_argument("--browser-out", help="feature browser of --sae-out")
