@@ -40,7 +40,7 @@ def build_feature_cache(sae_path: str | Path, out: str | Path, *, store: str | P
     import torch
 
     from ..harvest.corpus import read_documents, token_windows
-    from ..harvest.store import ActivationStore
+    from ..harvest.store import ActivationStore, is_store
     from ..model import load, special_token_ids
 
     sae = SAE.load(sae_path, device=device)
@@ -52,7 +52,7 @@ def build_feature_cache(sae_path: str | Path, out: str | Path, *, store: str | P
     excluded = special_token_ids(lm, tokenizer)
     if store is None and corpus is None:
         store = sae.metadata.get("store")
-        if not store or not (Path(store) / "manifest.json").is_file():
+        if not store or not is_store(store):
             raise ValueError(f"{sae_path}: no activation store recorded (or it is gone); pass store= or corpus=")
     if store is not None:
         opened = ActivationStore(store)

@@ -273,11 +273,12 @@ def _examples_sources(da, db, caches, store: str | None):
     if is_feature_cache(caches[0]) and is_feature_cache(caches[1]):
         return cache_examples(caches[0]), cache_examples(caches[1])
     # caches named only for the annotations (not built yet): top tokens come from the store
-    store_path = store or da.metadata.get("store")
-    if not store_path or not (Path(store_path) / "manifest.json").is_file():
-        return None
-    from ..harvest import ActivationStore
+    from ..harvest import ActivationStore, is_store
     from ..model import load
+
+    store_path = store or da.metadata.get("store")
+    if not store_path or not is_store(store_path):
+        return None
 
     st = ActivationStore(store_path)
     try:

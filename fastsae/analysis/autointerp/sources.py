@@ -128,7 +128,7 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     is built (resumably) in <out>/features/sae. Returns (features, the SAE's cache directory, provenance)."""
     from ...evaluation import baselines as fit_baselines
     from ...evaluation.evaluate import matched_k
-    from ...harvest.store import ActivationStore
+    from ...harvest.store import ActivationStore, is_store
     from ...model import load
     from ...sae import SAE
     from ..decompositions import fingerprint
@@ -144,7 +144,7 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
 
     sae = SAE.load(sae_path, device=device)
     store_path = sae.metadata.get("store")
-    if not store_path or not (Path(store_path) / "manifest.json").is_file():
+    if not store_path or not is_store(store_path):
         raise ValueError(f"--sae {sae_path}: autointerp reads the SAE's activation store (recorded when it was "
                          f"trained on one), and {store_path!r} is not one; train on a store (fastsae harvest)")
     store = ActivationStore(store_path)
