@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.screenshot:
         browser_dir, latent = Path(args.screenshot[0]), int(args.screenshot[1])
-        path = screenshot(browser_dir, latent, Path(args.out) / f"feature-page-{dt.date.today().isoformat()}.png")
+        name = f"feature-page-{latent}-{dt.date.today().isoformat()}.png"
+        path = screenshot(browser_dir, latent, Path(args.out) / name)
         print(f"saved {path}")
         return 0
     from bench.harvest import load_model

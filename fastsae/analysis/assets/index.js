@@ -33,7 +33,7 @@
       tr.appendChild(F.el("td", { class: "num" }, F.fmt(I.max[i])));
       tr.appendChild(F.el("td", { class: "num" }, F.fmt(I.mean[i])));
       tr.appendChild(F.el("td", { class: "num" }, I.score[i] === null ? "–" : F.fmt(I.score[i], 2)));
-      tr.appendChild(F.el("td", { class: "tokens" }, I.tokens[i].split("\u001f").map(F.show).join("  |  ")));
+      tr.appendChild(F.el("td", { class: "tokens" }, I.tokens[i] ? I.tokens[i].split("\u001f").map(t => JSON.stringify(F.show(t))).join("  ") : ""));
       tr.appendChild(F.el("td", {}, I.note[i]));
       body.appendChild(tr);
     }
