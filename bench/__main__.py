@@ -2,7 +2,8 @@
 
     python -m bench                    # 'quick' on CUDA, 'cpu' otherwise
     python -m bench --preset full      # every shape of the issue (CUDA)
-    python -m bench --scale 20         # the largest d_sae each implementation trains in 20 GiB (CUDA)
+    python -m bench --scale 20         # the largest d_sae each implementation trains in 20 GiB (CUDA), and
+                                       # fastsae's planned one (fastsae.train.plan; CPU too)
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from bench.suite import IMPLEMENTATIONS, OPS, Case, copy_bandwidth, largest_trainable_d_sae, run_case
+from bench.suite import (
+    IMPLEMENTATIONS,
+    OPS,
+    Case,
+    copy_bandwidth,
+    largest_trainable_d_sae,
+    planned_largest_d_sae,
+    run_case,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLORS = {impl: f"C{i}" for i, impl in enumerate(("floor", *IMPLEMENTATIONS))}  # one colour per implementation
@@ -150,12 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.scale:
-        found = {impl: largest_trainable_d_sae(impl, args.scale, 2048, 4096, 64, device, dtype)
-                 for impl in args.impl if impl != "naive_compile"}
-        for impl, d_sae in found.items():
-            print(f"{impl:16} largest d_sae within {args.scale:g} GiB: {d_sae}")
+        # fastsae's own rows also get the memory planner's answer (fastsae.train.plan, `fastsae plan`).
+        runnable = ("fastsae_torch", "fastsae_triton") if device.type == "cuda" else ("fastsae_torch",)
+        planned = {impl: planned_largest_d_sae(impl, args.scale, 2048, 4096, 64, device, dtype)
+                   for impl in args.impl if impl in runnable}
+        found = {}
+        if device.type == "cuda":
+            found = {impl: largest_trainable_d_sae(impl, args.scale, 2048, 4096, 64, device, dtype)
+                     for impl in args.impl if impl != "naive_compile"}
+        for impl in dict.fromkeys([*found, *planned]):
+            measured = f"{found[impl]}" if impl in found else "(needs CUDA)"
+            plan = f"; planner: {planned[impl]:,}" if impl in planned else ""
+            print(f"{impl:16} largest power-of-two d_sae within {args.scale:g} GiB: {measured}{plan}")
         path = args.out / f"{slug}-scale-{env['date'][:10]}.json"
-        path.write_text(json.dumps({"env": env, "budget_gib": args.scale, "largest_d_sae": found}, indent=1))
+        path.write_text(json.dumps({"env": env, "budget_gib": args.scale, "largest_d_sae": found,
+                                    "planned_d_sae": planned}, indent=1))
         return 0
     preset = args.preset or ("quick" if device.type == "cuda" else "cpu")
     env["copy_gbps"] = copy_bandwidth(device) / 1e9

@@ -48,7 +48,7 @@ def loader_rate(store, site: str, batch_size: int, device: str, min_seconds: flo
 def trainer_rate(d_in: int, d_sae: int, k: int, batch_size: int, device: str, steps: int = 20) -> float:
     """Vectors per second a TopK trainer consumes at this shape (after 3 warm-up steps)."""
     sae = SAE(SAEConfig(d_in, d_sae, activation="topk", k=k), seed=0, device=device)
-    trainer = Trainer(sae, TrainConfig(progress=False, total_steps=steps + 3))
+    trainer = Trainer(sae, TrainConfig.flat(progress=False, total_steps=steps + 3))
     x = torch.randn(batch_size, d_in, device=device)
     for _ in range(3):
         trainer.step(x, metrics=False)

@@ -215,26 +215,30 @@ def _build_fastsae(case: Case, backend: str, x: torch.Tensor):
     if op == "optimizer":
         for p in sae.parameters():
             p.grad = torch.randn_like(p)
-        return lambda: _optimizer_step(sae, opt, constrain)
+
+        def optimizer():
+            with use_backend(backend):  # the backend picks the fused step's implementation too
+                _optimizer_step(sae, opt, constrain)
+        return optimizer
     if op == "resample":
         dead = torch.rand(case.d_sae, device=x.device) < 0.1
         pool = torch.randn(4 * case.n, case.d_in, device=x.device, dtype=x.dtype)
 
         def resample():
             with use_backend(backend):
-                resample_dead_latents(sae, dead, pool, use_kernel=backend == "triton")
+                resample_dead_latents(sae, dead, pool)
         return resample
     def step():
         opt.zero_grad(set_to_none=True)
         with use_backend(backend):
             sae(x).loss.backward()
-        _optimizer_step(sae, opt, constrain)
+            _optimizer_step(sae, opt, constrain)
     return step
 
 
 def _trainer_optimizer(sae: SAE) -> tuple[torch.optim.Optimizer, bool]:
     """The optimizer fastsae's trainer picks on this device, and whether the constraint is a separate pass."""
-    trainer = Trainer(sae, TrainConfig(lr=1e-4, progress=False))
+    trainer = Trainer(sae, TrainConfig.flat(lr=1e-4, progress=False))
     return trainer.optimizer, sae.cfg.normalize_decoder and not trainer.fused
 
 
@@ -372,3 +376,15 @@ def largest_trainable_d_sae(impl: str, budget_gib: float, d_in: int, n: int, k: 
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return best
+
+
+def planned_largest_d_sae(impl: str, budget_gib: float, d_in: int, n: int, k: int, device: torch.device,
+                          dtype: torch.dtype) -> int:
+    """The memory planner's largest d_sae for the `step` case of a fastsae implementation: weights and
+    compute in dtype, fp32 Adam moments, the optimizer the trainer picks on device (fastsae.train.plan)."""
+    from fastsae.train.plan import GIB, PlanConfig, largest_d_sae
+
+    name = str(dtype).removeprefix("torch.")
+    cfg = PlanConfig(d_in, 2**14, k, n, weights=name, compute=name, backend=impl.removeprefix("fastsae_"),
+                     optimizer="fused" if device.type == "cuda" else "torch")
+    return largest_d_sae(cfg, budget_gib * GIB)

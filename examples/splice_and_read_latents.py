@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from fastsae import SAE, SAEConfig, splice
-from fastsae.harvest import StreamingActivations, read_documents, token_windows
-from fastsae.model import load
-from fastsae.train import TrainConfig, train
+from fastsae import SAE, splice
+from fastsae.model import keep_mask, load, special_token_ids
+from fastsae.pipeline import settings_from, train_run
 
 SITE = "resid_post.6"
 model, tokenizer = load("gemma-3-270m")
@@ -25,28 +24,29 @@ if (path / "cfg.json").is_file():
     sae = SAE.load(path)
     print(f"SAE from {path}: {sae.cfg.activation}, d_sae {sae.cfg.d_sae}, trained at {sae.metadata.get('site')}")
 else:
-    print(f"no SAE at {path}: training a small one on 65,536 streamed tokens")
-    windows = token_windows(tokenizer, read_documents("english-classics"), 128, max_tokens=65_536)
-    stream = StreamingActivations(model, SITE, windows, batch_size=512, buffer_rows=16_384)
-    sae = SAE(SAEConfig(d_in=640, d_sae=2048, activation="topk", k=32), seed=0)
-    with torch.no_grad():  # start b_dec at the data's centre: much faster early progress
-        sae.b_dec.copy_(next(iter(stream)).mean(0))
-    sae = train(sae, stream, TrainConfig(lr=1e-3, auxk_coefficient=1 / 32)).sae
-    sae.metadata.update(model="gemma-3-270m", site=SITE)
+    print(f"no SAE at {path}: training a small one on 65,536 streamed tokens (runs/splice-example)")
+    settings = settings_from(
+        sae={"activation": "topk", "k": 32, "d_sae": 2048},
+        # one pass over the windows: 65,536 tokens less their BOS, 512 a batch; b_dec starts at the data's centre
+        train={"total_steps": 127, "lr": 1e-3, "auxk_coefficient": 1 / 32, "b_dec_init": "mean"},
+        data={"source": "stream", "model": "gemma-3-270m", "site": SITE, "tokens": 65_536, "batch_size": 512})
+    sae = train_run("runs/splice-example", settings, resume=True)  # scale folded in, site and model recorded
 
 prompt = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
 ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
 with torch.no_grad():
     clean = model(input_ids=ids).logits
     with splice(model, sae.metadata.get("site", SITE), sae, record=True) as sp:
-        # BOS carries outlier activations the SAE never trained on (the store excludes it): keep it clean
-        sp.keep = ids != tokenizer.bos_token_id
+        # BOS and other specials carry outlier activations the SAE never trained on (the store excludes
+        # them): keep them clean
+        keep = keep_mask(ids, special_token_ids(model, tokenizer))
+        sp.keep = keep
         spliced = model(input_ids=ids).logits  # elsewhere the model runs on the SAE's reconstruction
 latents = sp.latents[0]  # SparseLatents (1, T, w)
 
 print(f"\n{'token':>14}  top latents (index: activation)")
 for t, token in enumerate(tokenizer.convert_ids_to_tokens(ids[0])):
-    if ids[0, t] == tokenizer.bos_token_id:
+    if not keep[0, t]:
         continue
     values, indices = latents.values[0, t], latents.indices[0, t]
     top = values.argsort(descending=True)[:4]

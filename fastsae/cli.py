@@ -20,187 +20,54 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
+    from .pipeline import settings_from, train_run
 
-    import torch
+    def given(values: dict) -> dict:
+        return {k: v for k, v in values.items() if v is not None}
 
-    from . import io
-    from .config import SAEConfig
-    from .sae import SAE
-    from .train import TrainConfig, Trainer
-    from .train.data import ArrayBatches, load_array
-
-    out = Path(args.out)
-    run_file = out / "run.json"
-    if args.resume and run_file.is_file():
-        run = io.read_json(run_file)  # a resumed run keeps its own configuration
-    else:
-        run = io.read_json(args.config) if args.config else {"sae": {}, "train": {}, "data": {}}
-        for key in ("sae", "train", "data"):
-            run.setdefault(key, {})
-        flags = {"sae": {"d_sae": args.d_sae, "activation": args.activation, "k": args.k,
-                         "l1_coefficient": args.l1, "dtype": args.dtype},
-                 "train": {"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
-                           "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
-                           "b_dec_init": args.b_dec_init},
-                 "data": {"source": args.data, "batch_size": args.batch_size, "seed": args.seed,
-                          "site": args.site, "normalize": args.normalize, "model": args.model,
-                          "corpus": args.corpus, "tokens": args.tokens, "context_size": args.context_size}}
-        for key, values in flags.items():
-            run[key].update({k: v for k, v in values.items() if v is not None})
-    data_cfg = {"source": "toy", "batch_size": 1024, "seed": 0, **run["data"]}
-    store = None
-    train_cfg = TrainConfig(**{"total_steps": 2000, **run["train"], "progress": not args.no_progress})
-    steps = train_cfg.total_steps
-    if data_cfg["source"] == "toy":
-        from .toy import ToyDictionary
-
-        toy = ToyDictionary.random(seed=data_cfg["seed"])
-        d_in = toy.features.shape[1]
-        batches = toy.batches(data_cfg["batch_size"], steps, seed=data_cfg["seed"] + 1)
-    elif (Path(data_cfg["source"]) / "manifest.json").is_file():  # an activation store
-        from .harvest import ActivationStore, ShuffledLoader
-
-        store = ActivationStore(data_cfg["source"])
-        if data_cfg.get("site") is None:
-            if len(store.sites) != 1:
-                raise SystemExit(f"--site: the store holds {sorted(store.sites)}; name one")
-            data_cfg["site"] = next(iter(store.sites))
-        data_cfg.setdefault("normalize", True)
-        d_in = store.sites[data_cfg["site"]] if data_cfg["site"] in store.sites else 0
-    elif data_cfg["source"] == "stream":  # straight from the model, no store
-        batches, d_in = _stream(data_cfg)
-    else:
-        array = load_array(data_cfg["source"])
-        d_in = array.shape[1]
-    sae_cfg = SAEConfig(**{"d_in": d_in, "d_sae": 8 * d_in, **run["sae"]})
-    if store is not None:
-        loader = ShuffledLoader(store, data_cfg["site"], data_cfg["batch_size"], seed=data_cfg["seed"],
-                                dtype=sae_cfg.torch_dtype, normalize=data_cfg["normalize"], drop_last=True)
-        batches = loader.batches(steps)
-    elif data_cfg["source"] not in ("toy", "stream"):
-        batches = ArrayBatches(array, data_cfg["batch_size"], steps, seed=data_cfg["seed"],
-                               dtype=sae_cfg.torch_dtype)
-    run = {"sae": sae_cfg.to_dict(), "train": {k: v for k, v in dataclasses.asdict(train_cfg).items()
-                                               if k != "progress"}, "data": data_cfg}
-    io.write_json(run_file, run)
-    torch.manual_seed(train_cfg.seed)
-    trainer = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out)
-    result = trainer.fit(batches, resume=args.resume)
-    if store is not None:
-        result.sae.metadata.update(model=store.meta["model"], site=data_cfg["site"], store=str(store.path.resolve()))
-        if data_cfg["normalize"]:  # the saved SAE takes raw activations
-            result.sae.fold_input_scale_(store.norm_scale(data_cfg["site"]))
-    if data_cfg["source"] == "stream":
-        result.sae.metadata.update(model=data_cfg["model"], site=data_cfg["site"])
-        if data_cfg["normalize"]:
-            result.sae.fold_input_scale_(data_cfg["norm_scale"])
-    result.sae.save(out / "sae")
-    if result.history:
-        print(json.dumps({k: v for k, v in result.history[-1].items() if v is not None}))
-    print(f"run directory: {out.resolve()} (sae/, metrics.jsonl, checkpoints/)")
+    settings = settings_from(
+        args.config,
+        sae=given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,
+                   "dtype": args.dtype}),
+        train=given({"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
+                     "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
+                     "b_dec_init": args.b_dec_init}),
+        data=given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": args.site,
+                    "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
+                    "context_size": args.context_size}))
+    train_run(args.out, settings, resume=args.resume, progress=not args.no_progress, shard_latents=args.shard_latents)
     return 0
 
 
-def _stream(data_cfg: dict):
-    """Batches straight from the model's forward (a mixing buffer, no store). The normalising scale is
-    measured on the first windows once and kept in data_cfg, so a resumed run uses the same."""
-    from .harvest import StreamingActivations, read_documents, token_windows
-    from .model import capture, keep_mask, load, special_token_ids
-
-    for key in ("model", "site"):
-        if not data_cfg.get(key):
-            raise SystemExit(f"--data stream needs --{key}")
-    data_cfg.setdefault("corpus", "english-classics")
-    data_cfg.setdefault("context_size", 128)
-    data_cfg.setdefault("normalize", True)
-    model, tokenizer = load(data_cfg["model"], device=_device(data_cfg.get("device")))
-    windows = token_windows(tokenizer, read_documents(data_cfg["corpus"]), data_cfg["context_size"],
-                            data_cfg.get("tokens"), seed=data_cfg["seed"])
-    device = next(model.parameters()).device
-    probe = capture(model, [data_cfg["site"]], input_ids=windows[:8].to(device))[data_cfg["site"]]
-    excluded = special_token_ids(model, tokenizer)
-    keep = keep_mask(windows[:8], excluded)
-    d_in = probe.shape[-1]
-    if data_cfg["normalize"] and "norm_scale" not in data_cfg:
-        data_cfg["norm_scale"] = d_in ** 0.5 / float(probe[keep.to(device)].double().norm(dim=-1).mean())
-    stream = StreamingActivations(model, data_cfg["site"], windows, data_cfg["batch_size"], seed=data_cfg["seed"],
-                                  scale=data_cfg.get("norm_scale", 1.0) if data_cfg["normalize"] else 1.0,
-                                  exclude_token_ids=excluded)
-    return stream, d_in
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _harvest(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
+    from .pipeline import harvest_run
 
-    import torch
-
-    from .harvest import ActivationStore, harvest_corpus
-    from .model import load
-
-    device = _device(args.device)
-    model, tokenizer = load(args.model, dtype=getattr(torch, args.model_dtype), device=device)
-    before = ActivationStore(args.out).tokens if args.resume and (Path(args.out) / "manifest.json").is_file() else 0
-    start = time.perf_counter()
-    store = harvest_corpus(model, tokenizer, args.sites, args.corpus, args.out, tokens=args.tokens,
-                           context_size=args.context_size, text_field=args.text_field, seed=args.seed,
-                           batch_size=args.batch_size, dtype=getattr(torch, args.dtype), resume=args.resume,
-                           model_name=args.model, progress=not args.no_progress)
-    seconds = time.perf_counter() - start
-    sites = ", ".join(f"{s}: d={d}" for s, d in store.sites.items())
-    if store.tokens == before:
-        print(f"the store was already complete: {store.tokens:,} vectors per site ({sites})")
-    else:
-        print(f"harvested {store.tokens - before:,} vectors per site ({sites}) in {seconds:.1f} s: "
-              f"{(store.tokens - before) / seconds:,.0f} tokens/s on {device} (BOS/EOS/pad positions not stored)")
-    print(f"activation store: {store.path.resolve()}")
+    harvest_run(args.model, args.sites, args.out, corpus=args.corpus, tokens=args.tokens,
+                context_size=args.context_size, text_field=args.text_field, seed=args.seed,
+                batch_size=args.batch_size, dtype=args.dtype, model_dtype=args.model_dtype, device=args.device,
+                resume=args.resume, progress=not args.no_progress)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .evaluation.run import run_eval
 
     run_eval(args.sae, args.out, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens,
              context_size=args.context_size, baselines=() if args.baselines == ["none"] else tuple(args.baselines),
-             fit_tokens=args.fit_tokens, batch_size=args.batch_size, device=_device(args.device),
-             progress=not args.no_progress)
+             fit_tokens=args.fit_tokens, batch_size=args.batch_size,
+             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), progress=not args.no_progress)
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     """The main job: harvest, train, evaluate; each step resumes where an interrupted run stopped."""
-    import time
-    from pathlib import Path
+    from .pipeline import main_job
 
-    out = Path(args.out)
-    start = time.perf_counter()
-    common = ["--no-progress"] if args.no_progress else []
-    device = ["--device", args.device] if args.device else []
-    harvest = ["harvest", "--model", args.model, "--sites", args.site, "--corpus", args.corpus, "--tokens",
-               str(args.tokens), "--out", str(out / "store"), *device, *common]
-    if (out / "store" / "manifest.json").is_file():
-        harvest.append("--resume")
-    print(f"[1/3] harvest {args.tokens:,} tokens of {args.corpus} from {args.model} at {args.site}")
-    main(harvest)
-    print(f"[2/3] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) for {args.steps} steps")
-    main(["train", "--data", str(out / "store"), "--activation", "topk", "--k", str(args.k), "--d-sae",
-          str(args.d_sae), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--auxk", "0.03125",
-          "--lr", str(args.lr), "--b-dec-init", "mean",
-          "--checkpoint-every", str(max(1, args.steps // 4)), "--out", str(out / "train"), "--resume", *common])
-    print(f"[3/3] evaluate on {args.eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
-    main(["eval", "--sae", str(out / "train" / "sae"), "--tokens", str(args.eval_tokens), "--out",
-          str(out / "eval"), *device, *common])
-    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; outputs in {out.resolve()}/: store/ (activations),"
-          f" train/sae/ (the SAE), train/metrics.jsonl, eval/metrics.json, eval/pareto.png, eval/density.png")
+    main_job(args.out, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens, d_sae=args.d_sae,
+             k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_tokens=args.eval_tokens,
+             device=args.device, effects=args.effects, progress=not args.no_progress)
     return 0
 
 
@@ -231,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("--batch-size", type=int, default=1024)
     rn.add_argument("--lr", type=float, default=1e-3)
     rn.add_argument("--eval-tokens", type=int, default=4096)
+    rn.add_argument("--effects", type=int, default=16, help="features whose ablation and attribution are measured")
     rn.add_argument("--device", help="default: cuda when available, else cpu")
     rn.add_argument("--out", default="runs/gemma")
     rn.add_argument("--no-progress", action="store_true")
@@ -273,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                     help="scale store activations to mean norm sqrt(d) while training, folded into the saved SAE "
                          "(default: on for stores)")
-    tr.add_argument("--config", help='JSON file {"sae": {...}, "train": {...}, "data": {...}}; flags override it')
+    tr.add_argument("--config", help='JSON file {"sae": {...}, "train": {...}, "data": {...}} ("train" by flat '
+                                     'names, or nested by concern with "format_version": 2, as in a run.json); '
+                                     'flags override it')
     tr.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
     tr.add_argument("--d-sae", type=int)
@@ -291,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--b-dec-init", choices=("zeros", "mean"),
                     help="'mean': start b_dec at the first batch's mean (residual streams have a large offset)")
     tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--shard-latents", type=int, nargs="?", const=0, metavar="N",
+                    help="under torchrun: split the latents over every rank (or over N ranks, the others being data "
+                         "replicas); without it, torchrun trains data parallel")
     tr.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="metrics.json and plots for trained SAEs (a sweep) against baselines")
     ev.add_argument("--sae", nargs="+", required=True, help="SAE directories, or sweep directories holding them")

@@ -1,4 +1,4 @@
-"""The main job until harvesting lands: ground-truth recovery on a toy dictionary.
+"""`fastsae demo`: ground-truth recovery on a toy dictionary.
 
 Trains a TopK and an L1 SAE on synthetic activations made from 512 known
 features in 64 dimensions, and reports FVU, L0, dead fraction and the mean max
@@ -33,9 +33,9 @@ def default_runs(d_in: int = 64, d_sae: int = 1024, progress: bool = True) -> li
     # is set for ~1.2 norm inputs (sum-over-d_in mse), trading FVU against L0.
     return [
         RecoveryRun("topk", SAEConfig(d_in, d_sae, activation="topk", k=8),
-                    TrainConfig(lr=1e-3, progress=progress, dead_window_tokens=200_000), steps=2000),
+                    TrainConfig.flat(lr=1e-3, progress=progress, dead_window_tokens=200_000), steps=2000),
         RecoveryRun("l1", SAEConfig(d_in, d_sae, activation="relu", l1_coefficient=0.2),
-                    TrainConfig(lr=1e-3, progress=progress, dead_window_tokens=200_000), steps=1500),
+                    TrainConfig.flat(lr=1e-3, progress=progress, dead_window_tokens=200_000), steps=1500),
     ]
 
 
@@ -61,7 +61,7 @@ def run_recovery(out_dir: str | Path = "runs/demo", runs: list[RecoveryRun] | No
             "activation": run.sae_cfg.activation,
             "d_sae": run.sae_cfg.d_sae,
             "steps": run.steps,
-            "fvu": fvu(x_eval, out.x_hat).item(),
+            "fvu": fvu(x_eval, out.x_hat),
             "l0": out.latents.l0.float().mean().item(),
             "dead_fraction": never_fired,
             "mmcs": mmcs(toy.features, sae.W_dec.detach()),

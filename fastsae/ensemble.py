@@ -1,11 +1,14 @@
-"""`SAEEnsemble`: E SAEs of one shape trained on the same batches with one set of kernels per step.
+"""`SAEEnsemble`: E SAEs of one shape trained on the same batches, with one optimizer pass per step.
 
 The members' weights are stacked along the latents, (E·d_sae, d_in), so the
-ensemble is one wide SAE whose row n of member e may only use member e's block
-of latents. Per step: one batched encoder GEMM (baddbmm), one batched selection,
-one decode and one sparse backward over all members (global latent indices),
-and one optimizer pass over the stacked parameters. On CPU each member's result
-equals training it alone, bit for bit.
+optimizer (SAEAdam) updates every member in one pass over the stacked
+parameters. The forward runs each member through the public ops
+(`fastsae.ops`: the fused Triton kernels on CUDA, sparse PyTorch elsewhere) on
+its block of the stacked weights, and its loss through `fastsae.losses.loss_terms`:
+the very code of a single SAE, so on CPU each member's result equals training
+it alone, bit for bit. A loop over members rather than a member axis inside the
+kernels: each member's encoder is one GEMM of the size the kernels are tuned
+for, the loop costs E launches per op, and the kernels stay single-SAE.
 
 Members may differ in l1_coefficient (relu/jumprelu), k (topk/batchtopk) and
 seed: a sweep, as the seed paper trained its dictionaries.
@@ -19,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import SAEConfig
-from .ops import torch_backend
-from .ops._autograd import SparseEncode
-from .sae import BATCHTOPK_THRESHOLD_EMA, SAE
+from .losses import LossCoefficients, l1_penalty, loss_terms
+from .ops import backend_for
+from .sae import SAE, encode_flat
 
 _SHARED = ("d_in", "d_sae", "activation", "tied", "decoder_norm_l1", "normalize_decoder", "apply_b_dec_to_input",
            "dtype")
@@ -30,11 +33,12 @@ _SHARED = ("d_in", "d_sae", "activation", "tied", "decoder_norm_l1", "normalize_
 @dataclass
 class EnsembleOutput:
     x_hat: Tensor  # (E, N, d_in)
-    values: Tensor  # (E, N, w)
+    values: Tensor  # (E, N, w) each member's compact latents, padded with value 0 to the widest
     indices: Tensor  # (E, N, w) member-local latent indices
     mse: Tensor  # (E,)
     l1: Tensor | None  # (E,)
     loss: Tensor  # (E,) each member's loss; their sum is what trains the ensemble
+    threshold: Tensor | None = None  # (E,) BatchTopK in training: each member's batch threshold
 
 
 class SAEEnsemble(nn.Module):
@@ -60,7 +64,6 @@ class SAEEnsemble(nn.Module):
             self.b_dec = nn.Parameter(torch.stack([m.b_dec for m in members]))  # (E, d_in)
         if first.activation == "batchtopk":
             self.register_buffer("threshold", torch.stack([m.threshold for m in members]))
-        self.register_buffer("k", torch.tensor([m.cfg.k or 0 for m in members]))
         self.l1_coefficients = [m.cfg.l1_coefficient for m in members]
 
     def __getattr__(self, name: str):
@@ -85,62 +88,33 @@ class SAEEnsemble(nn.Module):
         sae.load_tensors({k: v.detach().clone() for k, v in tensors.items()}, source=f"ensemble member {e}")
         return sae
 
-    def forward(self, x: Tensor) -> EnsembleOutput:
-        """x (N, d_in), shared by every member."""
+    def forward(self, x: Tensor, l1_coefficients: list[float] | None = None) -> EnsembleOutput:
+        """x (N, d_in), shared by every member. l1_coefficients: each member's (warmed-up) L1 weight,
+        default their configs'."""
         if x.dim() != 2 or x.shape[1] != self.d_in or x.dtype != self.W_dec.dtype:
             raise ValueError(f"x must be (N, d_in={self.d_in}) {self.W_dec.dtype}, got {tuple(x.shape)} {x.dtype}")
-        E, N, S = self.n, x.shape[0], self.d_sae
-        x_c = x.unsqueeze(0) - self.b_dec[:, None] if self.cfg.apply_b_dec_to_input else x.expand(E, N, self.d_in)
-        taus: list[Tensor] = []  # BatchTopK: each member's batch threshold, filled by the selection
-        values, indices = SparseEncode.apply(x_c.reshape(E * N, self.d_in), self.W_enc, self.b_enc,
-                                             self._select(E, N, S, taus), torch_backend.PRIMS)
-        if taus and self.training:
-            self._record_thresholds(taus[0])
-        x_hat = torch_backend.decode_rows(values, indices, self.W_dec)  # (E·N, d_in)
-        x_hat = x_hat.view(E, N, self.d_in) + self.b_dec[:, None]
-        acc = torch.promote_types(x.dtype, torch.float32)
-        mse = (x_hat.to(acc) - x.to(acc)).pow(2).sum(-1).mean(-1)  # (E,)
-        l1 = None
-        loss = mse
-        if self.cfg.activation == "relu":
-            z = values.to(acc)
-            if self.cfg.decoder_norm_l1:
-                z = z * self.W_dec.to(acc).norm(dim=1)[indices]
-            l1 = z.sum(-1).view(E, N).mean(-1)
-            loss = mse + torch.tensor(self.l1_coefficients, dtype=acc, device=x.device) * l1
-        local = indices.view(E, N, -1) - (torch.arange(E, device=x.device) * S)[:, None, None]
-        return EnsembleOutput(x_hat, values.view(E, N, -1), local.clamp_min(0), mse, l1, loss)
+        l1_coefficients = self.l1_coefficients if l1_coefficients is None else l1_coefficients
+        if len(l1_coefficients) != self.n:
+            raise ValueError(f"l1_coefficients must have one value per member ({self.n}), got {len(l1_coefficients)}")
+        ops = backend_for(x.device)
+        outs = []
+        for e, cfg in enumerate(self.cfgs):
+            block = slice(e * self.d_sae, (e + 1) * self.d_sae)
+            W_enc, W_dec, b_enc, b_dec = self.W_enc[block], self.W_dec[block], self.b_enc[block], self.b_dec[e]
+            threshold = self.threshold[e] if cfg.activation == "batchtopk" else None
+            values, indices, tau = encode_flat(cfg, x, W_enc, b_enc, b_dec, threshold, self.training)
+            x_hat = ops.decode(values, indices, W_dec, b_dec)  # (N, d_in)
+            l1 = None
+            if cfg.activation == "relu":
+                l1 = l1_penalty(values, indices, W_dec if cfg.decoder_norm_l1 else None)
+            terms = loss_terms(x, x_hat, LossCoefficients(l1=l1_coefficients[e]), l1=l1)
+            outs.append((x_hat, values, indices, terms, tau))
+        width = max(values.shape[1] for _, values, *_ in outs)
 
-    @torch.no_grad()
-    def _record_thresholds(self, taus: Tensor) -> None:
-        """The inference threshold of each BatchTopK member, updated as SAE does it."""
-        for e, tau in enumerate(taus.float()):
-            if self.threshold[e] == 0:
-                self.threshold[e] = tau
-            else:
-                self.threshold[e] = self.threshold[e].lerp(tau, 1 - BATCHTOPK_THRESHOLD_EMA)
+        def stack(i: int) -> Tensor:  # (E, N, width), padding value 0 at index 0
+            return torch.stack([torch.nn.functional.pad(o[i], (0, width - o[i].shape[1])) for o in outs])
 
-    def _select(self, E: int, N: int, S: int, taus: list[Tensor]):
-        activation, k = self.cfg.activation, self.k
-        offsets = (torch.arange(E, device=k.device) * S)[:, None, None]  # member e's block starts at e·S
-
-        def select(x: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-            # One batched GEMM for every member: (E, N, d_in) x (E, d_in, S) + b -> (E, N, S).
-            pre = torch.baddbmm(b.view(E, 1, S), x.view(E, N, -1), W.view(E, S, -1).transpose(1, 2))
-            if activation == "topk":
-                values, local = torch.topk(pre, int(k.max()), dim=-1)  # sorted: member e keeps its first k_e
-                keep = torch.arange(values.shape[-1], device=pre.device) < k[:, None, None]
-                values = values.clamp_min_(0) * keep
-            else:
-                if activation == "relu":
-                    active = pre > 0
-                else:  # batchtopk: each member's own batch top N·k_e
-                    pre = pre.relu_()
-                    tau = torch.stack([torch.topk(pre[e].reshape(-1), int(k[e]) * N).values[-1] for e in range(E)])
-                    taus.append(tau)
-                    active = (pre >= tau[:, None, None]) & (pre > 0)
-                values, local = torch_backend._select_active(pre.view(E * N, S), active.view(E * N, S))
-                values, local = values.view(E, N, -1), local.view(E, N, -1)
-            return values.reshape(E * N, -1), (local + offsets).reshape(E * N, -1)
-
-        return select
+        l1 = torch.stack([o[3].l1 for o in outs]) if outs[0][3].l1 is not None else None
+        taus = torch.stack([o[4] for o in outs]) if outs[0][4] is not None else None
+        return EnsembleOutput(torch.stack([o[0] for o in outs]), stack(1), stack(2),
+                              torch.stack([o[3].mse for o in outs]), l1, torch.stack([o[3].loss for o in outs]), taus)

@@ -6,18 +6,37 @@ SAELens (v6, `SAE.load_from_disk`): a directory with
     sae_weights.safetensors   W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc (d_sae,), b_dec (d_in,),
                               threshold (d_sae,) for jumprelu
 A BatchTopK SAE is exported as SAELens does it for inference: a JumpReLU with
-its learnt threshold on every latent.
+its learnt threshold on every latent. What SAELens's own training runner writes
+imports exactly:
+- TopK with `rescale_acts_by_decoder_norm=True` (the default of its TopK training
+  config) selects on pre·‖W_dec[i]‖ and decodes with W_dec[i]/‖W_dec[i]‖; folding
+  the norms (W_enc rows and b_enc times ‖W_dec[i]‖, W_dec rows divided by it) gives
+  the same latents and reconstruction. (`save_inference_model` folds them already
+  and still writes the flag; its training checkpoints do not.)
+- `normalize_activations="expected_average_only_in"`: SAELens applies no input
+  scaling at inference for it (its trainer folds the factor into the weights at
+  the end of training), so it is accepted and changes nothing.
+- JumpReLU is relu(pre)·1[pre > θ] there: a threshold θ < 0 acts as 0, and is
+  imported as 0 (fastsae computes pre·1[pre > θ]).
 
 EleutherAI sparsify (`SparseCoder.load_from_disk`): a directory with
     cfg.json          {"activation": "topk", "k", "num_latents", "expansion_factor", "normalize_decoder",
                        "multi_topk", "skip_connection", "transcode", "d_in"}
     sae.safetensors   encoder.weight (num_latents, d_in), encoder.bias (num_latents,),
                       W_dec (num_latents, d_in), b_dec (d_in,)
-sparsify SAEs are TopK SAEs that always subtract b_dec from the input.
+sparsify SAEs are TopK SAEs that always subtract b_dec from the input. `multi_topk`
+trains the SAE to reconstruct with k and with 4k latents (Gao et al. 2024); sparsify's
+`encode` keeps k, but its `forward().sae_out` then decodes 4k. The import keeps k (with a
+warning saying so), or the k you pass (`import_sparsify(path, k=4 * k)` matches that
+forward). `d_in` (missing from older files) is taken from the weights. (EleutherAI's
+library is `eai-sparsify` on PyPI; `sparsify` there is an unrelated, end-of-life package.)
+
+`SAE.load` recognises both libraries' directories and imports them with these functions.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +48,14 @@ from .sae import SAE
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _fields(kind: str, meta: dict, path: Path, **kinds) -> None:
+    for key, types in kinds.items():
+        value = meta.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise io.CorruptFileError(path / "cfg.json", f"{kind} field {key!r} must be "
+                                                         f"{' or '.join(t.__name__ for t in types)}, got {value!r}")
 
 
 def _check_format(kind: str, cfg: dict, key: str, allowed: tuple, path: Path) -> None:
@@ -69,23 +96,46 @@ def import_saelens(path: str | Path, device: str = "cpu") -> SAE:
     path = Path(path)
     meta = io.read_json(path / "cfg.json")
     _check_format("SAELens", meta, "architecture", ("standard", "topk", "jumprelu"), path)
-    _check_format("SAELens", meta, "normalize_activations", ("none", None), path)
-    if meta.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{path}: SAELens rescale_acts_by_decoder_norm=True is not supported")
-    tensors = io.read_tensors(path / SAELENS_WEIGHTS_FILE, device=device)
+    # expected_average_only_in: a no-op at SAELens's inference (see the module docstring)
+    _check_format("SAELens", meta, "normalize_activations", ("none", None, "expected_average_only_in"), path)
     activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[meta["architecture"]]
-    cfg = SAEConfig(d_in=int(meta["d_in"]), d_sae=int(meta["d_sae"]), activation=activation,
-                    k=int(meta["k"]) if activation == "topk" else None,
+    _fields("SAELens", meta, path, d_in=(int,), d_sae=(int,), **({"k": (int,)} if activation == "topk" else {}))
+    tensors = io.read_tensors(path / SAELENS_WEIGHTS_FILE, device=device)
+    cfg = SAEConfig(d_in=meta["d_in"], d_sae=meta["d_sae"], activation=activation,
+                    k=meta["k"] if activation == "topk" else None,
                     apply_b_dec_to_input=bool(meta.get("apply_b_dec_to_input", True)),
                     normalize_decoder=False, dtype=_sae_dtype(meta.get("dtype", "float32"), path))
     ours = {"W_dec": tensors.pop("W_dec", None), "b_enc": tensors.pop("b_enc", None),
             "b_dec": tensors.pop("b_dec", None)}
     W_enc = tensors.pop("W_enc", None)
     ours["W_enc"] = W_enc.T.contiguous() if W_enc is not None else None
+    provenance = {"library": "sae_lens", "path": str(path), "architecture": meta["architecture"]}
     if activation == "jumprelu":
         threshold = tensors.pop("threshold", None)
-        ours["threshold"] = threshold.float() if threshold is not None else None
-    return _build(cfg, ours, tensors, path / SAELENS_WEIGHTS_FILE)
+        if threshold is not None:
+            if not bool(torch.isfinite(threshold).all()):
+                raise io.CorruptFileError(path / SAELENS_WEIGHTS_FILE, "threshold holds NaN or Inf values")
+            # SAELens: relu(pre)·1[pre > θ] = pre·1[pre > max(θ, 0)]
+            provenance["negative_thresholds_set_to_0"] = int((threshold < 0).sum())
+            threshold = threshold.float().clamp_min(0)
+        ours["threshold"] = threshold
+    if activation == "topk" and meta.get("rescale_acts_by_decoder_norm") and None not in ours.values():
+        ours = _fold_decoder_norms(ours)
+        provenance["decoder_norms_folded"] = True
+    sae = _build(cfg, ours, tensors, path / SAELENS_WEIGHTS_FILE)
+    sae.metadata["imported_from"] = provenance
+    return sae
+
+
+@torch.no_grad()
+def _fold_decoder_norms(t: dict) -> dict:
+    """SAELens's rescale_acts_by_decoder_norm, folded exactly: selection on pre·n_i and decoding with
+    W_dec[i]/n_i equal encoding with (n_i·W_enc[i], n_i·b_enc[i]) and decoding with W_dec[i]/n_i."""
+    dtype = t["W_dec"].dtype
+    norms = t["W_dec"].double().norm(dim=1).clamp_min(1e-8)  # (d_sae,), SAELens's clamp
+    return {**t, "W_enc": (t["W_enc"].double() * norms[:, None]).to(dtype),
+            "b_enc": (t["b_enc"].double() * norms).to(dtype),
+            "W_dec": (t["W_dec"].double() / norms[:, None]).to(dtype)}
 
 
 # ---- EleutherAI sparsify -------------------------------------------------------------------------
@@ -107,24 +157,40 @@ def export_sparsify(sae: SAE, path: str | Path) -> Path:
     return path
 
 
-def import_sparsify(path: str | Path, device: str = "cpu") -> SAE:
+def import_sparsify(path: str | Path, device: str = "cpu", k: int | None = None) -> SAE:
+    """k: the latents per row (default: the k it was trained with; see multi_topk above)."""
     path = Path(path)
     meta = io.read_json(path / "cfg.json")
     _check_format("sparsify", meta, "activation", ("topk", None), path)
     for flag in ("skip_connection", "transcode"):
         if meta.get(flag):
             raise ValueError(f"{path}: sparsify {flag}=True has no fastsae equivalent")
+    _fields("sparsify", meta, path, k=(int,))
     tensors = io.read_tensors(path / SPARSIFY_WEIGHTS_FILE, device=device)
-    d_in = int(meta["d_in"])
-    d_sae = int(meta.get("num_latents") or d_in * int(meta["expansion_factor"]))
+    weight = tensors.get("encoder.weight")
+    if weight is None or weight.dim() != 2:
+        raise io.CorruptFileError(path / SPARSIFY_WEIGHTS_FILE, "no 2-D tensor 'encoder.weight' (num_latents, d_in)")
+    d_sae, d_in = weight.shape
+    for key, value in (("d_in", d_in), ("num_latents", d_sae)):
+        if meta.get(key) not in (None, 0, value):  # num_latents 0 means "d_in · expansion_factor"
+            raise io.CorruptFileError(path / "cfg.json", f"sparsify {key}={meta[key]!r}, but encoder.weight in "
+                                                         f"{SPARSIFY_WEIGHTS_FILE} is ({d_sae}, {d_in})")
     dtype = tensors["W_dec"].dtype if "W_dec" in tensors else torch.float32
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"{path}: W_dec dtype must be one of {tuple(DTYPES)}, got {dtype}")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=int(meta["k"]),
+    multi_topk = bool(meta.get("multi_topk", False))
+    if multi_topk and k is None:
+        warnings.warn(f"{path}: a sparsify multi_topk SAE, imported as TopK with its k={meta['k']} "
+                      f"(sparsify's encode); its forward() decodes {4 * meta['k']} latents: "
+                      f"pass k={4 * meta['k']} for that", stacklevel=2)
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=meta["k"] if k is None else k,
                     normalize_decoder=bool(meta.get("normalize_decoder", True)), dtype=_DTYPE_NAMES[dtype])
     ours = {"W_enc": tensors.pop("encoder.weight", None), "b_enc": tensors.pop("encoder.bias", None),
             "W_dec": tensors.pop("W_dec", None), "b_dec": tensors.pop("b_dec", None)}
-    return _build(cfg, ours, tensors, path / SPARSIFY_WEIGHTS_FILE)
+    sae = _build(cfg, ours, tensors, path / SPARSIFY_WEIGHTS_FILE)
+    sae.metadata["imported_from"] = {"library": "sparsify", "path": str(path),
+                                     "multi_topk": multi_topk, "trained_k": meta["k"]}
+    return sae
 
 
 def _build(cfg: SAEConfig, ours: dict, leftover: dict, source: Path) -> SAE:

@@ -48,8 +48,16 @@ class SparseLatents:
         return self.active.sum(-1)
 
     def fire_counts(self) -> Tensor:
-        """(d_sae,) int64: on how many rows each latent is active."""
-        return torch.bincount(self.indices[self.active], minlength=self.d_sae)
+        """(d_sae,) int64: on how many rows each latent is active. Indices outside [0, d_sae) are refused
+        (bincount finds them anyway: no extra pass)."""
+        try:
+            counts = torch.bincount(self.indices[self.active], minlength=self.d_sae)
+        except RuntimeError as err:  # a negative index
+            raise ValueError(f"fire_counts: latent indices must be in [0, d_sae={self.d_sae}) ({err})") from None
+        if counts.shape[0] != self.d_sae:
+            raise ValueError(f"fire_counts: latent indices must be in [0, d_sae={self.d_sae}), "
+                             f"got one of {counts.shape[0] - 1}")
+        return counts
 
     def to_dense(self) -> Tensor:
         """(*lead, d_sae) dense activations. Costs N·d_sae memory: for analysis, not training."""

@@ -10,24 +10,27 @@ encoder. Import/export in `fastsae.interop` converts to other libraries' layouts
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from . import io
-from .config import SAEConfig
+from . import io, ops
+from .config import DTYPES, SAEConfig
 from .latents import SparseLatents
+from .losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
 from .ops import backend_for
 
-FORMAT_VERSION = 1
+# 2: cfg.json records the SHA-256 of sae.safetensors, which load() verifies. 1 (no checksum) is still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# BatchTopK's inference threshold is an exponential moving average of the
-# per-batch thresholds seen in training (Bussmann et al. 2024 use their mean).
-BATCHTOPK_THRESHOLD_EMA = 0.99
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -37,7 +40,29 @@ class SAEOutput:
     mse: Tensor  # scalar: mean over rows of Σ_d (x - x_hat)²
     l1: Tensor | None  # scalar: mean over rows of Σ_i z_i·w_i, w_i = ||W_dec[i]|| or 1 (relu/jumprelu)
     auxk: Tensor | None  # scalar: AuxK loss (TopK SAEs trained with dead-latent revival)
-    loss: Tensor  # mse + l1_coefficient·l1
+    loss: Tensor  # scalar: fastsae.losses.loss_terms with the coefficients forward was given
+    kl: Tensor | None = None  # scalar: KL(clean || spliced), when forward was given a kl term
+    threshold: Tensor | None = None  # (): BatchTopK in training, this batch's threshold (the trainer averages it)
+
+
+def encode_flat(cfg: SAEConfig, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                threshold: Tensor | None = None, training: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The encoder as a function of its weights: x (N, d_in) → values, indices (N, w), and BatchTopK's batch
+    threshold when training (else None). Every op goes through the backend in force."""
+    ops = backend_for(x.device)
+    if cfg.apply_b_dec_to_input:
+        x = x - b_dec
+    if cfg.activation == "topk":
+        return (*ops.encode_topk(x, W_enc, b_enc, cfg.k), None)
+    if cfg.activation == "relu":
+        return (*ops.encode_threshold(x, W_enc, b_enc, None), None)
+    if cfg.activation == "jumprelu":
+        return (*ops.encode_threshold(x, W_enc, b_enc, threshold), None)
+    # batchtopk: the batch's top N·k while training; at inference the learnt
+    # threshold makes every row independent of the others.
+    if not training:
+        return (*ops.encode_threshold(x, W_enc, b_enc, threshold.expand(cfg.d_sae).contiguous()), None)
+    return ops.encode_batchtopk(x, W_enc, b_enc, cfg.k)
 
 
 class SAE(nn.Module):
@@ -102,47 +127,57 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> SparseLatents:
         """(*lead, d_in) → SparseLatents with values/indices of shape (*lead, w)."""
         x2, lead = self._flatten_input(x)
-        values, indices = self._encode_flat(x2)
+        values, indices, _ = self._encode_flat(x2)
         return SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
 
     def decode(self, latents: SparseLatents | Tensor) -> Tensor:
-        """SparseLatents (*lead, w), or dense activations (*lead, d_sae) → x_hat (*lead, d_in)."""
+        """SparseLatents (*lead, w), or dense activations (*lead, d_sae) → x_hat (*lead, d_in).
+
+        Exactly z @ W_dec + b_dec, for any z: decoding is linear in the values, so negative entries
+        (a steering or erasure edit) decode as written, never dropped. Dense z is decoded from its non-zero
+        entries; when it requires grad, as the dense product, so that every entry gets its gradient.
+        Indices outside [0, d_sae) are refused on every backend."""
         if isinstance(latents, Tensor):
             if latents.dim() < 1 or latents.shape[-1] != self.cfg.d_sae:
                 raise ValueError(f"decode: dense latents must have shape (..., d_sae={self.cfg.d_sae}), "
                                  f"got {tuple(latents.shape)}")
-            latents = SparseLatents.from_dense(latents)
-        elif not isinstance(latents, SparseLatents):
+            if latents.requires_grad:  # (*lead, d_sae) @ (d_sae, d_in), accumulated in fp32
+                return latents.to(self.dtype) @ self._w(self.W_dec) + self._w(self.b_dec)
+            values, indices = _nonzero_entries(latents)
+        elif isinstance(latents, SparseLatents):
+            if latents.d_sae != self.cfg.d_sae:
+                raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
+            values, indices = latents.values, latents.indices
+        else:
             raise TypeError(f"decode: latents must be SparseLatents or a Tensor, got {type(latents).__name__}")
-        if latents.d_sae != self.cfg.d_sae:
-            raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
-        lead, w = latents.values.shape[:-1], latents.width
-        values = latents.values.reshape(-1, w).to(self.dtype)
-        indices = latents.indices.reshape(-1, w)
-        return self._decode_flat(values, indices).reshape(*lead, self.cfg.d_in)
+        lead, w = values.shape[:-1], values.shape[-1]
+        values = values.reshape(-1, w).to(self.dtype)
+        x_hat = ops.decode(values, indices.reshape(-1, w), self._w(self.W_dec), self._w(self.b_dec))
+        return x_hat.reshape(*lead, self.cfg.d_in)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
-        """Reconstruction and loss terms. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also
-        compute AuxK (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct
-        the detached residual x - x_hat. The trainer weights it into the loss."""
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                coefficients: LossCoefficients | None = None, kl: Callable[[Tensor], Tensor] | None = None
+                ) -> SAEOutput:
+        """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default
+        mse + cfg.l1_coefficient · l1. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute AuxK
+        (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual
+        x - x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
+        if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int)
+                                  or not 1 <= k_aux <= self.cfg.d_sae):
+            raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
         x2, lead = self._flatten_input(x)
-        values, indices = self._encode_flat(x2)
+        values, indices, tau = self._encode_flat(x2)
         x_hat = self._decode_flat(values, indices)  # (N, d_in)
-        acc = torch.promote_types(x2.dtype, torch.float32)  # fp32 accumulation (fp64 for the reference)
-        mse = (x_hat.to(acc) - x2.to(acc)).pow(2).sum(-1).mean()
-        l1 = None
-        loss = mse
+        l1 = auxk = None
         if self.cfg.activation in ("relu", "jumprelu"):
-            z = values.to(acc)  # (N, w)
-            if self.cfg.decoder_norm_l1:
-                z = z * self.W_dec.to(acc).norm(dim=1)[indices]
-            l1 = z.sum(-1).mean()
-            loss = mse + self.cfg.l1_coefficient * l1
-        auxk = None
+            l1 = l1_penalty(values, indices, self.W_dec if self.cfg.decoder_norm_l1 else None)
         if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
-            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, acc)
+            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
+        kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
+        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
+                           auxk=auxk, kl=kl_term)
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, mse, l1, auxk, loss)
+        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau)
 
     def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
@@ -151,7 +186,7 @@ class SAE(nn.Module):
         dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
         if dead.numel() == 0:
             return x_hat.new_zeros((), dtype=acc)
-        k_aux = min(k_aux or max(1, self.cfg.d_in // 2), dead.numel())
+        k_aux = min(k_aux if k_aux is not None else max(1, self.cfg.d_in // 2), dead.numel())
         ops = backend_for(x.device)
         x_c = x - self._w(self.b_dec) if self.cfg.apply_b_dec_to_input else x
         # The same fused TopK, over the dead latents' rows only: no dense (N, d_sae) top-k.
@@ -159,33 +194,12 @@ class SAE(nn.Module):
         no_bias = torch.zeros_like(self._w(self.b_dec))  # the residual has no b_dec to add back
         e_hat = ops.decode(values, dead[slots], self._w(self.W_dec), no_bias)
         residual = (x - x_hat).detach()
-        return (e_hat.to(acc) - residual.to(acc)).pow(2).sum(-1).mean()
+        return mse(residual, e_hat)
 
-    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, d_in) → values, indices (N, w)."""
-        ops = backend_for(x.device)
-        cfg = self.cfg
-        W_enc, b_enc = self._w(self.W_enc), self._w(self.b_enc)
-        if cfg.apply_b_dec_to_input:
-            x = x - self._w(self.b_dec)
-        if cfg.activation == "topk":
-            return ops.encode_topk(x, W_enc, b_enc, cfg.k)
-        if cfg.activation == "relu":
-            return ops.encode_threshold(x, W_enc, b_enc, None)
-        if cfg.activation == "jumprelu":
-            return ops.encode_threshold(x, W_enc, b_enc, self.threshold)
-        # batchtopk: the batch's top N·k while training; at inference the learnt
-        # threshold makes every row independent of the others.
-        if not self.training:
-            theta = self.threshold.expand(cfg.d_sae).contiguous()
-            return ops.encode_threshold(x, W_enc, b_enc, theta)
-        values, indices, tau = ops.encode_batchtopk(x, W_enc, b_enc, cfg.k)
-        with torch.no_grad():
-            if self.threshold == 0:
-                self.threshold.copy_(tau)
-            else:
-                self.threshold.lerp_(tau.to(self.threshold), 1 - BATCHTOPK_THRESHOLD_EMA)
-        return values, indices
+    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(N, d_in) → values, indices (N, w), and BatchTopK's batch threshold in training."""
+        return encode_flat(self.cfg, x, self._w(self.W_enc), self._w(self.b_enc), self._w(self.b_dec),
+                           getattr(self, "threshold", None), self.training)
 
     def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
         return backend_for(values.device).decode(values, indices, self._w(self.W_dec), self._w(self.b_dec))
@@ -241,40 +255,123 @@ class SAE(nn.Module):
         self.metadata["input_scale_folded"] = self.metadata.get("input_scale_folded", 1.0) * scale
         return self
 
+    # ---- dtype ----------------------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        """`sae.to(torch.bfloat16)` and friends: cfg.dtype follows the weights (a new config object, since
+        one may be shared between SAEs). float64 (the tests' reference copies) has no cfg.dtype: kept."""
+        out = super()._apply(fn, recurse)
+        name = _DTYPE_NAMES.get(self.W_dec.dtype)
+        if name is not None and name != self.cfg.dtype:
+            self.cfg = dataclasses.replace(self.cfg, dtype=name)
+        return out
+
     # ---- files --------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write `cfg.json` (with format_version) and `sae.safetensors` into directory path, each atomically."""
+        """Write the SAE as directory path: `sae.safetensors` and `cfg.json` (format_version, the config,
+        metadata, and the SHA-256 of the weights, which load() verifies). The directory is built aside and
+        swapped in whole (io.replace_directory): a kill leaves the old SAE or the new one, never one's
+        weights beside the other's config. An existing path may hold only an SAE's two files."""
         path = Path(path)
-        io.write_tensors(path / WEIGHTS_FILE, self.state_dict(), metadata={"format_version": str(FORMAT_VERSION)})
-        io.write_json(path / CONFIG_FILE, {"format_version": FORMAT_VERSION, "library": "fastsae",
-                                           **self.cfg.to_dict(), "metadata": self.metadata})
-        return path
+        if self.W_dec.dtype != self.cfg.torch_dtype:
+            raise ValueError(f"save: the weights are {self.W_dec.dtype}, which SAEConfig.dtype cannot record "
+                             f"({tuple(DTYPES)}): cast the SAE to one of them first")
+        # Thresholds are float32 whatever the weights (sae.to(bf16) casts them too; bf16 -> fp32 is exact).
+        tensors = {k: v.float() if k == "threshold" else v for k, v in self.state_dict().items()}
+        problem = _threshold_problem(tensors.get("threshold"))
+        if problem:
+            raise ValueError(f"save: {problem}")
+        header = {"format_version": FORMAT_VERSION, "library": "fastsae", **self.cfg.to_dict(),
+                  "metadata": self.metadata}
+
+        def write(tmp: Path) -> None:
+            io.write_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format_version": str(FORMAT_VERSION)})
+            io.write_json(tmp / CONFIG_FILE, {**header, "weights_sha256": io.sha256(tmp / WEIGHTS_FILE)})
+
+        return io.replace_directory(path, write, allowed=(CONFIG_FILE, WEIGHTS_FILE))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SAE:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> SAE:
+        """An SAE saved by save(); or one saved by SAELens or EleutherAI's sparsify, detected by its files
+        and imported (fastsae.interop). verify=False skips the weights' checksum (a full read of the file)."""
         path = Path(path)
-        meta = io.read_json(path / CONFIG_FILE)
-        version = meta.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG_FILE}: format_version must be {FORMAT_VERSION}, got {version!r}")
+        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not cfg_path.is_file() and path.is_dir():
+            held = sorted(p.name for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+            if held:  # e.g. a sparsify run directory: one SAE per hook point
+                raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; it holds SAEs in {held}: "
+                                        f"load one of them, e.g. SAE.load({str(path / held[0])!r})")
+        meta = io.read_json(cfg_path)
+        if "format_version" not in meta:
+            return _load_other_library(path, meta, device)
+        version = meta.pop("format_version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{cfg_path}: format_version must be one of {READABLE_VERSIONS}, got {version!r} "
+                             f"(saved by a newer fastsae?)")
         meta.pop("library", None)
         metadata = meta.pop("metadata", {})
-        cfg = SAEConfig.from_dict(meta)
+        checksum = meta.pop("weights_sha256", None)
+        if not isinstance(metadata, dict):
+            raise io.CorruptFileError(cfg_path, f"field 'metadata' must be a JSON object, got {metadata!r}")
+        if version >= 2 and not isinstance(checksum, str):
+            raise io.CorruptFileError(cfg_path, f"field 'weights_sha256' must be a string, got {checksum!r}")
+        try:
+            cfg = SAEConfig.from_dict(meta)
+        except (TypeError, ValueError) as err:
+            raise io.CorruptFileError(cfg_path, str(err)) from None
+        if checksum is not None and verify and weights_path.is_file():
+            io.verify_sha256(weights_path, checksum, cfg_path)
         sae = cls(cfg, device="meta")
         sae.metadata = metadata
-        sae.load_tensors(io.read_tensors(path / WEIGHTS_FILE, device=str(device)), source=path / WEIGHTS_FILE)
+        tensors = io.read_tensors(weights_path, device=str(device))
+        problem = sae._tensor_problem(tensors)
+        if problem:
+            raise io.CorruptFileError(weights_path, f"{problem} (for the config in {cfg_path})")
+        sae.load_state_dict(tensors, assign=True)
         return sae
 
     def load_tensors(self, tensors: dict[str, Tensor], source: object = "tensors") -> None:
         """Replace this SAE's tensors, refusing any missing, extra, misshapen or wrongly typed one."""
+        problem = self._tensor_problem(tensors)
+        if problem:
+            raise ValueError(f"{source}: {problem}")
+        self.load_state_dict(tensors, assign=True)
+
+    def _tensor_problem(self, tensors: dict[str, Tensor]) -> str | None:
+        """What is wrong with tensors as this SAE's state_dict, or None."""
         expected = self.state_dict()
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise ValueError(f"{source}: expected tensors {sorted(expected)}; missing {missing}, unexpected {extra}")
+            return f"expected tensors {sorted(expected)}; missing {missing}, unexpected {extra}"
         for name, want in expected.items():
             got = tensors[name]
             if got.shape != want.shape or got.dtype != want.dtype:
-                raise ValueError(f"{source}: tensor {name!r} must be {tuple(want.shape)} {want.dtype}, "
-                                 f"got {tuple(got.shape)} {got.dtype}")
-        self.load_state_dict(tensors, assign=True)
+                return f"tensor {name!r} must be {tuple(want.shape)} {want.dtype}, got {tuple(got.shape)} {got.dtype}"
+        return _threshold_problem(tensors.get("threshold"))
+
+
+def _threshold_problem(theta: Tensor | None) -> str | None:
+    if theta is None or theta.device.type == "meta" or bool(torch.isfinite(theta).all() and (theta >= 0).all()):
+        return None
+    return "tensor 'threshold' must be finite and >= 0"
+
+
+def _nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense (*lead, d_sae) → values, indices (*lead, w) holding every non-zero entry, signs kept;
+    w = the largest count of a row, at least 1. Shorter rows are padded with some of their zero
+    entries, which decode to nothing."""
+    width = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
+    indices = z.abs().topk(width, dim=-1).indices
+    return z.gather(-1, indices), indices
+
+
+def _load_other_library(path: Path, meta: dict, device: torch.device | str) -> SAE:
+    from . import interop
+
+    if "architecture" in meta or (path / interop.SAELENS_WEIGHTS_FILE).is_file():
+        return interop.import_saelens(path, device=str(device))
+    if "num_latents" in meta or "expansion_factor" in meta:
+        return interop.import_sparsify(path, device=str(device))
+    raise io.CorruptFileError(path / CONFIG_FILE, "no format_version: not an SAE saved by fastsae, and not a "
+                                                  "SAELens or sparsify one either")

@@ -26,40 +26,55 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
-def dot_precision() -> str:
-    """fp32 inputs use TF32 tensor cores only where PyTorch's own matmuls are allowed to."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+# fp32 encoders on a GPU multiply in TF32 by default (10-bit mantissa products, fp32 accumulation: about
+# 1e-3 relative error on a pre-activation, against 8x the tensor-core throughput of exact fp32 FMAs on an
+# H100). FASTSAE_FP32_MATMUL=ieee, or set_fp32_matmul("ieee"), asks for exact fp32.
+FP32_MATMUL_ENV = "FASTSAE_FP32_MATMUL"
+FP32_MATMUL_MODES = ("tf32", "ieee")
+_fp32_matmul: str | None = None
+
+
+def set_fp32_matmul(mode: str | None) -> None:
+    """"tf32" (default) or "ieee" for the fp32 encoder GEMMs of the Triton backend; None: back to the default."""
+    global _fp32_matmul
+    if mode is not None and mode not in FP32_MATMUL_MODES:
+        raise ValueError(f"fp32 matmul mode must be one of {FP32_MATMUL_MODES}, got {mode!r}")
+    _fp32_matmul = mode
+
+
+def fp32_matmul() -> str:
+    """The mode in force: set_fp32_matmul(), else $FASTSAE_FP32_MATMUL, else "tf32"."""
+    if _fp32_matmul is not None:
+        return _fp32_matmul
+    mode = os.environ.get(FP32_MATMUL_ENV, "tf32")
+    if mode not in FP32_MATMUL_MODES:
+        raise ValueError(f"${FP32_MATMUL_ENV} must be one of {FP32_MATMUL_MODES}, got {mode!r}")
+    return mode
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of this dtype (16-bit inputs ignore it: "ieee")."""
+    return fp32_matmul() if dtype == torch.float32 else "ieee"
 
 
 @dataclass(frozen=True)
 class EncoderGrid:
-    """Tiles and launch grid of a fused encoder: programs are (row block, slice of the latents)."""
+    """Launch grid of a fused encoder: programs are (row block, slice of the latents)."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
     row_blocks: int
     splits: int
     tiles_per_split: int
 
 
-def encoder_grid(n_rows: int, d_sae: int, device: torch.device, block_m: int | None = None,
-                 block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                 splits: int | None = None, min_block_n: int = 16) -> EncoderGrid:
-    """Small tiles in the interpreter, tensor-core sized ones on a GPU (tl.dot needs every dimension >= 16;
-    the GPU defaults are a starting point for bench/ to tune, not a measured optimum). The latents are split
-    into slices until there are about num_programs_target programs."""
-    defaults = (16, 32, 16, 4) if interpreting() else (32, 128, 64, 8)
-    block_m = block_m or defaults[0]
-    block_n = max(block_n or defaults[1], min_block_n)
+def encoder_grid(n_rows: int, d_sae: int, device: torch.device, block_m: int, block_n: int,
+                 splits: int | None = None) -> EncoderGrid:
+    """The latents are split into contiguous slices until there are about num_programs_target programs."""
     n_tiles = triton.cdiv(d_sae, block_n)
     row_blocks = triton.cdiv(n_rows, block_m)
     if splits is None:
         splits = min(n_tiles, max(1, triton.cdiv(num_programs_target(device), row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    return EncoderGrid(block_m, block_n, block_k or defaults[2], num_warps or defaults[3], row_blocks,
-                       triton.cdiv(n_tiles, tiles_per_split), tiles_per_split)
+    tiles_per_split = triton.cdiv(n_tiles, min(max(1, splits), n_tiles))
+    return EncoderGrid(row_blocks, triton.cdiv(n_tiles, tiles_per_split), tiles_per_split)
 
 
 def check_encoder_inputs(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> None:

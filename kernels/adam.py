@@ -68,6 +68,11 @@ def _adam_rows_kernel(
             tl.store(w_ptr + c0 + offs, (w * inv).to(w_ptr.dtype.element_ty), mask=mask)
 
 
+def adam_block(row_len: int) -> int:
+    """Elements per loop step: the row, up to 1024 (fastsae.kernels._variants compiles each choice)."""
+    return min(1024, triton.next_power_of_2(row_len))
+
+
 def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
               step: int, lr: float, beta1: float, beta2: float, eps: float, rows: bool = False) -> None:
     """In place. rows=True: param is (R, C) with unit rows to keep (constraint + renormalisation);
@@ -83,7 +88,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
         raise ValueError(f"rows=True needs a 2-D parameter, got shape {tuple(param.shape)}")
     n = param.numel()
     row_len = param.shape[1] if rows else 4096
-    block = min(1024, triton.next_power_of_2(row_len))
+    block = adam_block(row_len)
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
     _adam_rows_kernel[(triton.cdiv(n, row_len),)](

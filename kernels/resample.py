@@ -51,6 +51,11 @@ def _resample_kernel(
         tl.store(v_b_ptr + row, 0.0)
 
 
+def resample_block(d_in: int) -> int:
+    """Elements per loop step: the row, up to 1024 (fastsae.kernels._variants compiles each choice)."""
+    return min(1024, triton.next_power_of_2(d_in))
+
+
 def resample_rows(latents: torch.Tensor, directions: torch.Tensor, W_dec: torch.Tensor, W_enc: torch.Tensor | None,
                   b_enc: torch.Tensor, encoder_scale: float, state: dict[str, torch.Tensor] | None = None) -> None:
     """latents (n,) int64, directions (n, d_in) unit rows; W_dec/W_enc (d_sae, d_in) contiguous.
@@ -73,5 +78,5 @@ def resample_rows(latents: torch.Tensor, directions: torch.Tensor, W_dec: torch.
         s.get("m_dec", dummy), s.get("v_dec", dummy), s.get("m_enc", dummy), s.get("v_enc", dummy),
         s.get("m_b", dummy), s.get("v_b", dummy),
         d_in, float(encoder_scale), directions.stride(0), W_dec.stride(0),
-        HAS_ENC=has_enc, HAS_STATE=state is not None, BLOCK_D=min(1024, triton.next_power_of_2(d_in)),
+        HAS_ENC=has_enc, HAS_STATE=state is not None, BLOCK_D=resample_block(d_in),
     )

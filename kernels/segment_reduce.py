@@ -54,6 +54,11 @@ def _segment_reduce_kernel(
             tl.store(out_sum_ptr + latent, tl.sum(total, axis=0))
 
 
+def blocks(d_in: int) -> tuple[int, int]:
+    """(BLOCK_E entries, BLOCK_D columns): a 128-wide slice of d_in, narrower (>= 16) only when d_in is."""
+    return 16 if interpreting() else 32, max(16, min(128, triton.next_power_of_2(d_in)))
+
+
 def segment_reduce(indices: torch.Tensor, coef: torch.Tensor, y: torch.Tensor, n_latents: int,
                    out_dtype: torch.dtype | None = None, with_sum: bool = False):
     """indices, coef (N, w); y (N, d_in) -> out (n_latents, d_in) [, out_sum (n_latents,) fp32].
@@ -77,8 +82,7 @@ def segment_reduce(indices: torch.Tensor, coef: torch.Tensor, y: torch.Tensor, n
     d_in = y.shape[1]
     out = torch.empty(n_latents, d_in, device=y.device, dtype=out_dtype or y.dtype)
     out_sum = torch.empty(n_latents, device=y.device, dtype=torch.float32) if with_sum else out
-    block_d = min(128, triton.next_power_of_2(d_in))
-    block_e = 16 if interpreting() else 32
+    block_e, block_d = blocks(d_in)
     _segment_reduce_kernel[(n_latents, triton.cdiv(d_in, block_d))](
         seg_start, rows, sorted_coef, y, out, out_sum, d_in, y.stride(0), out.stride(0),
         HAS_SUM=with_sum, BLOCK_E=block_e, BLOCK_D=block_d,

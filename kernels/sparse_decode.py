@@ -73,10 +73,9 @@ def _value_grad_kernel(
         tl.store(out_ptr + offs_m * stride_im + j, acc, mask=mask_m)
 
 
-def _blocks(d_in: int) -> tuple[int, int]:
-    if interpreting():
-        return 16, min(128, triton.next_power_of_2(d_in))
-    return 32, min(128, triton.next_power_of_2(d_in))
+def blocks(d_in: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D): a 128-wide slice of d_in, narrower (>= 16) only when d_in is."""
+    return 16 if interpreting() else 32, max(16, min(128, triton.next_power_of_2(d_in)))
 
 
 def _check(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> None:
@@ -96,7 +95,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor,
     N, width = values.shape
     d_in = W.shape[1]
     out = torch.empty(N, d_in, device=W.device, dtype=out_dtype or W.dtype)
-    block_m, block_d = _blocks(d_in)
+    block_m, block_d = blocks(d_in)
     grid = (triton.cdiv(N, block_m), triton.cdiv(d_in, block_d))
     _decode_kernel[grid](values, indices, W, bias if bias is not None else W, out, N, width, d_in,
                          values.stride(0), W.stride(0), out.stride(0),
@@ -111,7 +110,7 @@ def sparse_value_grad(grad: torch.Tensor, indices: torch.Tensor, W: torch.Tensor
     grad, indices = grad.contiguous(), indices.contiguous()
     N, width = indices.shape
     out = torch.empty(N, width, device=W.device, dtype=torch.float32)
-    block_m, block_d = _blocks(W.shape[1])
+    block_m, block_d = blocks(W.shape[1])
     _value_grad_kernel[(triton.cdiv(N, block_m),)](grad, indices, W, out, N, width, W.shape[1],
                                                    grad.stride(0), indices.stride(0), W.stride(0),
                                                    BLOCK_M=block_m, BLOCK_D=block_d)

@@ -103,11 +103,16 @@ def test_all_negative_rows_fire_nothing():
 def test_batchtopk_selects_n_times_k_over_the_batch():
     sae = make_sae(10, 40, "batchtopk", k=4)
     x = torch.randn(16, 10)
-    lat = sae.encode(x)
+    out = sae(x)
+    lat = out.latents
     assert int(lat.l0.sum()) == 16 * 4  # no ties on random data
     assert lat.l0.max() > lat.l0.min()  # rows share the budget unevenly
-    sae.eval()  # inference uses the threshold recorded in training
-    assert float(sae.threshold) > 0
+    # the batch threshold comes back as a value: the smallest selected activation; encode has no side effect
+    assert float(out.threshold) == pytest.approx(float(lat.values[lat.values > 0].min()))
+    assert float(sae.threshold) == 0
+    with torch.no_grad():
+        sae.threshold.fill_(float(out.threshold))  # what the trainer records after the first batch
+    sae.eval()  # inference uses the recorded threshold
     lat_eval = sae.encode(x)
     pre = torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).detach()
     torch.testing.assert_close(lat_eval.to_dense(), pre * (pre > sae.threshold))

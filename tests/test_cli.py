@@ -38,8 +38,11 @@ def test_harvest_then_train_on_the_store(corpus_and_model, capsys):
     assert main(args + ["--resume"]) == 0  # a finished harvest resumes to itself
     with pytest.raises(FileExistsError):
         main(args)
-    with pytest.raises(SystemExit, match="--site"):
+    with pytest.raises(ValueError, match=r"DataConfig\.site: the store .* holds \['mlp_hidden\.1', 'resid_post\.0'\]"):
         main(["train", "--data", str(d / "store"), "--out", str(d / "run"), "--steps", "3", "--no-progress"])
+    with pytest.raises(ValueError, match=r"'resid_post\.7' is not in the store .* \['mlp_hidden\.1', 'resid_post"):
+        main(["train", "--data", str(d / "store"), "--site", "resid_post.7", "--out", str(d / "run"), "--steps", "3",
+              "--no-progress"])
     assert main(["train", "--data", str(d / "store"), "--site", "resid_post.0", "--activation", "topk", "--k", "4",
                  "--d-sae", "64", "--steps", "6", "--batch-size", "64", "--out", str(d / "run"),
                  "--no-progress"]) == 0
@@ -47,7 +50,11 @@ def test_harvest_then_train_on_the_store(corpus_and_model, capsys):
     assert sae.metadata["site"] == "resid_post.0" and sae.metadata["model"] == str(d / "lm")
     assert sae.metadata["input_scale_folded"] == pytest.approx(store.norm_scale("resid_post.0"))
     run = json.loads((d / "run" / "run.json").read_text())
-    assert run["data"]["normalize"] is True
+    assert run["format_version"] == 2 and run["data"]["normalize"] is True and run["data"]["site"] == "resid_post.0"
+    assert run["train"]["schedule"]["total_steps"] == 6 and run["sae"]["d_in"] == 32
+    # which windows it trained on: every window the store holds, by index into the seeded corpus order
+    assert run["windows"]["ranges"] == [[0, 32]] == store.meta["source"]["windows"]
+    assert sae.metadata["windows"] == run["windows"] and run["windows"]["corpus"] == str(d / "book.txt")
 
 
 def test_eval_end_to_end_on_a_tiny_model(corpus_and_model, capsys):
@@ -66,6 +73,11 @@ def test_eval_end_to_end_on_a_tiny_model(corpus_and_model, capsys):
     report = json.loads((d / "eval" / "metrics.json").read_text())
     assert set(report["results"]) == {"model", "topk k=2 64", "topk k=8 64", "pca", "random"}
     assert report["meta"]["site"] == "resid_post.1" and report["meta"]["eval_windows"] == 16
+    # held out by record: the store took the first 32 windows of the seeded order, eval the last 16 of the rest
+    trained = SAE.load(d / "sweep" / "k2" / "sae").metadata["windows"]["ranges"]
+    assert trained == [[0, 32]] and report["meta"]["overlap_windows"] == 0
+    total = report["meta"]["eval_window_ranges"][-1][1]
+    assert report["meta"]["eval_window_ranges"] == [[total - 16, total]] and total - 16 >= 32
     assert report["results"]["topk k=2 64"]["l0"] == pytest.approx(2) and report["results"]["pca"]["k"] == 2
     for name in ("topk k=2 64", "topk k=8 64"):
         r = report["results"][name]
@@ -82,7 +94,10 @@ def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
             "--eval-tokens", "256", "--out", str(d / "job"), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "[3/3]" in printed and str((d / "job").resolve()) in printed
+    assert "[4/4]" in printed and str((d / "job").resolve()) in printed
+    index = d / "job" / "features" / "browser" / "index.html"
+    assert f"feature browser: {index.resolve()}" in printed and index.is_file()  # the job ends with the browser
+    assert "| latent | one-token score |" in printed
     first = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
     assert set(first) >= {"model", "topk k=4 64", "pca", "neurons", "random"}
     assert main(args) == 0  # a finished job resumes each step and ends with the same report
@@ -100,5 +115,22 @@ def test_train_streaming_straight_from_the_model(corpus_and_model):
     run = json.loads((d / "stream" / "run.json").read_text())
     assert sae.metadata["site"] == "resid_post.0" and run["data"]["norm_scale"] > 0
     assert sae.metadata["input_scale_folded"] == pytest.approx(run["data"]["norm_scale"])
-    with pytest.raises(SystemExit, match="--model"):
+    assert sae.metadata["windows"]["ranges"] == [[0, 2048 // 32]] and run["windows"] == sae.metadata["windows"]
+    with pytest.raises(ValueError, match=r"DataConfig\.model must be given"):
         main(["train", "--data", "stream", "--site", "resid_post.0", "--out", str(d / "x"), "--no-progress"])
+
+
+@pytest.mark.parametrize("data", ["store", "stream"])
+def test_an_unknown_site_is_named_where_it_is_resolved(corpus_and_model, data):
+    """Never "d_in must be a positive int, got 0": the train path resolves the site before building anything."""
+    d = corpus_and_model
+    if data == "store":
+        assert main(["harvest", "--model", str(d / "lm"), "--corpus", str(d / "book.txt"), "--sites", "resid_post.0",
+                     "--tokens", "256", "--context-size", "32", "--out", str(d / "store"), "--no-progress"]) == 0
+    source = str(d / "store") if data == "store" else "stream"
+    with pytest.raises(ValueError, match=r"resid_post\.9") as err:
+        main(["train", "--data", source, "--model", str(d / "lm"), "--site", "resid_post.9", "--corpus",
+              str(d / "book.txt"), "--tokens", "256", "--context-size", "32", "--steps", "2", "--out", str(d / "x"),
+              "--no-progress"])
+    assert "resid_post.0" in str(err.value) and "d_in" not in str(err.value)
+    assert not (d / "x" / "run.json").exists()

@@ -49,6 +49,15 @@ def test_builtin_splits_partition_the_documents(name):
         read_documents("modern-prose"))
     with pytest.raises(ValueError, match="split must be one of"):
         list(read_documents(f"{name}:dev"))
+    assert set(read_documents("english:train")).isdisjoint(read_documents(f"{name}:test"))
+
+
+def test_disjoint_knows_only_built_in_splits():
+    from fastsae.harvest.corpus import disjoint
+
+    assert disjoint("english:train", "modern-prose:test") and disjoint("english-classics:test", "english:train")
+    assert not disjoint("english:train", "english") and not disjoint("english:train", "english:train")
+    assert not disjoint("english:train", "notes.txt")
 
 
 def test_text_directory_jsonl_and_compressed_jsonl(tmp_path):

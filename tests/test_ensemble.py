@@ -19,7 +19,8 @@ SWEEPS = [
 @pytest.mark.parametrize("sweep", SWEEPS, ids=["l1", "topk", "batchtopk", "tied"])
 def test_each_member_equals_its_solo_run(sweep):
     toy = ToyDictionary.random(d_in=12, n_features=40, active_per_sample=3.0, seed=0)
-    cfg = TrainConfig(lr=3e-3, total_steps=25, l1_warmup_fraction=0.2, progress=False, log_every=5, optimizer="fused")
+    cfg = TrainConfig.flat(lr=3e-3, total_steps=25, l1_warmup_fraction=0.2, progress=False, log_every=5,
+                           optimizer="fused")
     members = [SAE(SAEConfig(12, 48, **kw), seed=i) for i, kw in enumerate(sweep)]
     result = train_ensemble(members, toy.batches(64, 25), cfg)
     for i, kw in enumerate(sweep):
@@ -36,4 +37,4 @@ def test_members_must_share_a_shape():
     with pytest.raises(ValueError, match="d_sae"):
         train_ensemble([SAE(SAEConfig(8, 16)), SAE(SAEConfig(8, 32))], [])
     with pytest.raises(ValueError, match="resample_every"):
-        train_ensemble([SAE(SAEConfig(8, 16))], [], TrainConfig(resample_every=5))
+        train_ensemble([SAE(SAEConfig(8, 16))], [], TrainConfig.flat(resample_every=5))

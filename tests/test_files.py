@@ -1,5 +1,6 @@
 """save/load, SAELens and sparsify formats, atomic writes, no pickles."""
 
+import hashlib
 import json
 import pickle
 
@@ -24,7 +25,8 @@ def test_save_load_round_trip(tmp_path, activation, k, kw):
     sae.save(tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cfg.json", "sae.safetensors"]
     meta = json.loads((tmp_path / "s" / "cfg.json").read_text())
-    assert meta["format_version"] == 1 and meta["d_sae"] == 19
+    assert meta["format_version"] == 2 and meta["d_sae"] == 19
+    assert meta["weights_sha256"] == hashlib.sha256((tmp_path / "s" / "sae.safetensors").read_bytes()).hexdigest()
     loaded = SAE.load(tmp_path / "s")
     assert loaded.cfg == sae.cfg
     for (n, a), (m, b) in zip(sae.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -40,7 +42,7 @@ def test_load_refuses_wrong_version_and_shapes(tmp_path):
     sae.save(tmp_path)
     meta = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(ValueError, match="format_version must be 1, got 99"):
+    with pytest.raises(ValueError, match=r"format_version must be one of \(1, 2\), got 99"):
         SAE.load(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**meta, "d_sae": 20}))
     with pytest.raises(ValueError, match=r"'W_dec' must be \(20, 7\)"):

@@ -80,16 +80,46 @@ def test_train_step_bf16_matches_torch_backend(activation, k):
         assert rel < 5e-2, f"grad of {name} differs by {rel:.3g}"
 
 
-def test_compiled_kernels_match_reference_fp32():
-    """A small fp32 case through the whole SAE, compiled (ieee fp32 dots)."""
+@pytest.mark.parametrize("mode", ["ieee", "tf32"])
+def test_compiled_kernels_match_reference_fp32(mode):
+    """A small fp32 case through the whole SAE, compiled: exact fp32 dots (the opt-out) and TF32 (the default,
+    compared with TF32's 10-bit mantissa tolerance)."""
+    from fastsae.ops.triton_backend import set_fp32_matmul
+
     from helpers import assert_close, float64_copy, run
 
-    for activation, k in [("relu", None), ("topk", 8), ("jumprelu", None), ("batchtopk", 4)]:
-        sae = make_sae(96, 1000, activation, k)
-        ref = float64_copy(sae)
-        x = torch.randn(300, 96)
-        out_ref, g_ref = run(ref, x.double(), "reference")
-        out, g = run(sae.cuda(), x.cuda(), "triton")
-        assert_close(out.x_hat.cpu(), out_ref.x_hat, torch.float32, scale=10)
-        for name in g_ref:
-            assert_close(g[name].cpu(), g_ref[name], torch.float32, scale=50, msg=f"{activation}: grad of {name}")
+    set_fp32_matmul(mode)
+    try:
+        for activation, k in [("relu", None), ("topk", 8), ("jumprelu", None), ("batchtopk", 4)]:
+            sae = make_sae(96, 1000, activation, k)
+            ref = float64_copy(sae)
+            x = torch.randn(300, 96)
+            out_ref, g_ref = run(ref, x.double(), "reference")
+            out, g = run(sae.cuda(), x.cuda(), "triton")
+            scale = 1 if mode == "ieee" else 300  # tf32 rounds inputs to 2^-11 relative, fp32 is 2^-24
+            assert_close(out.x_hat.cpu(), out_ref.x_hat, torch.float32, scale=10 * scale)
+            for name in g_ref:
+                assert_close(g[name].cpu(), g_ref[name], torch.float32, scale=50 * scale,
+                             msg=f"{activation}: grad of {name}")
+    finally:
+        set_fp32_matmul(None)
+
+
+@pytest.mark.parametrize("k", [1, 64, 200, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_topk_every_k_pad_and_dtype_compiled(k, dtype):
+    """Every compiled K_PAD (64, 128, 256) and dtype against the dense fp32 answer of the same inputs."""
+    from fastsae.kernels.encoder_topk import encoder_topk
+
+    n, d_in, d_sae = 777, 320, 5000  # nothing a block multiple
+    x = torch.randn(n, d_in, device="cuda").to(dtype)
+    W = (torch.randn(d_sae, d_in, device="cuda") / d_in**0.5).to(dtype)
+    b = (0.1 * torch.randn(d_sae, device="cuda")).to(dtype)
+    values, indices = encoder_topk(x, W, b, k)
+    pre = torch.relu(x.float() @ W.float().T + b.float())
+    picked = pre.gather(1, indices)
+    tol = 1e-2 if dtype == torch.float32 else 2e-2  # fp32 runs in TF32 by default
+    torch.testing.assert_close(values.float(), picked, atol=tol, rtol=tol)
+    kth = torch.topk(pre, k, dim=1).values[:, -1]
+    assert (picked.min(1).values >= kth - tol * (1 + kth.abs())).all()
+    assert all(r.unique().numel() == k for r in indices)

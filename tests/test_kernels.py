@@ -7,6 +7,8 @@ on a CUDA machine the same tests run compiled. Shapes are never block multiples.
 import pytest
 import torch
 
+from fastsae.kernels import _autotune, _common
+from fastsae.kernels._autotune import EncoderConfig, encoder_configs, topk_k_pad
 from fastsae.kernels.encoder_threshold import encoder_threshold
 from fastsae.kernels.encoder_topk import MAX_K, encoder_topk, encoder_topk_candidates
 from fastsae.kernels.segment_reduce import segment_reduce
@@ -71,7 +73,7 @@ def test_encoder_topk_past_16_bit_indices():
         sae.b_enc[69_999] = 50.0
         sae.b_enc[65_536] = 40.0
     x = torch.randn(1, 16)
-    values, indices = encoder_topk(*_encoder_inputs(sae, x), 2, splits=1, block_n=256)
+    values, indices = encoder_topk(*_encoder_inputs(sae, x), 2, splits=1, config=EncoderConfig(16, 256, 16, 4, 1))
     assert indices.cpu().tolist() == [[69_999, 65_536]]
     assert_valid_topk(float64_copy(sae), x.double(), values.cpu(), indices.cpu(), 2, torch.float32)
 
@@ -80,11 +82,28 @@ def test_encoder_topk_candidates_hold_each_rows_topk():
     sae = make_sae(12, 90, "topk", k=5)
     x = torch.randn(9, 12)
     cand_val, cand_idx = encoder_topk_candidates(*_encoder_inputs(sae, x), 5, splits=3)
-    assert cand_val.shape == (9, 3 * 8)  # K_PAD = 8 per slice
+    assert cand_val.shape == (9, 3 * topk_k_pad(5))
     pre = dense_pre_activations(float64_copy(sae), x.double()).relu()
     for row in range(9):
         want = set(torch.topk(pre[row], 5).indices.tolist())
         assert want <= set(cand_idx[row].cpu().tolist())
+
+
+@pytest.mark.parametrize("config", [EncoderConfig(16, 16, 16, 4, 1), EncoderConfig(32, 64, 32, 4, 1)])
+def test_encoder_topk_pinned_config_compacts_often(config):
+    """Narrow tiles against a wide k: each row's candidate list fills and is compacted many times."""
+    sae = make_sae(20, 300, "topk", k=20)
+    x = torch.randn(37, 20)
+    values, indices = encoder_topk(*_encoder_inputs(sae, x), 20, splits=2, config=config)
+    assert_valid_topk(float64_copy(sae), x.double(), values.cpu(), indices.cpu(), 20, torch.float32)
+
+
+def test_encoder_topk_k_256():
+    """The largest k the fused kernel takes (K_PAD 256, lists of 512 slots)."""
+    sae = make_sae(16, 600, "topk", k=MAX_K)
+    x = torch.randn(3, 16)
+    values, indices = encoder_topk(*_encoder_inputs(sae, x), MAX_K, splits=2)
+    assert_valid_topk(float64_copy(sae), x.double(), values.cpu(), indices.cpu(), MAX_K, torch.float32)
 
 
 def test_encoder_topk_refuses_bad_arguments():
@@ -149,6 +168,58 @@ def test_threshold_overflow_takes_a_second_exact_pass():
     with use_backend("triton"):
         sae.encode(x)  # the capacity adapted: the next batch fits in one pass
     assert triton_backend.STATS["threshold_one_pass"] == one_pass + 1
+
+
+# ---- tile configs and the autotuner --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float32, "ieee"),
+                                             (torch.bfloat16, "ieee"), (torch.float16, "ieee")])
+def test_pruned_candidates_are_a_subset_of_the_compiled_grid(dtype, precision):
+    """The compile test compiles the candidates of the largest shapes; no shape may pick one outside them."""
+    for k_pad in (None, 64, 128, 256):
+        grid = set(encoder_configs(1 << 20, 1 << 20, k_pad, dtype, precision))
+        for d_in in (1, 17, 64, 300, 4096):
+            for d_sae in (1, 40, 100, 1000, 70_000):
+                kept = encoder_configs(d_in, d_sae, k_pad, dtype, precision)
+                assert kept and set(kept) <= grid
+
+
+def test_autotuner_times_each_candidate_once_per_shape(monkeypatch):
+    monkeypatch.setattr(_autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(_autotune, "_chosen", {})
+    monkeypatch.delenv("FASTSAE_AUTOTUNE", raising=False)
+    slow = EncoderConfig(64, 128, 64, 8, 3)
+    runs = []
+    monkeypatch.setattr(_autotune.triton.testing, "do_bench",
+                        lambda fn, **kw: (fn(), 2.0 if runs[-1] == slow else 1.0)[1])
+    args = (4096, 65536, 64, torch.bfloat16, "ieee", torch.device("cpu"), runs.append)
+    first = _autotune.choose("topk", *args)
+    n = len(encoder_configs(4096, 65536, 64, torch.bfloat16, "ieee"))
+    assert first != slow and len(runs) == n > 1
+    assert _autotune.choose("topk", *args) == first and len(runs) == n  # cached: no new timing
+    _autotune.choose("topk", 2048, *args[1:])  # another shape is tuned afresh
+    assert len(runs) > n
+    monkeypatch.setenv("FASTSAE_AUTOTUNE", "0")
+    assert _autotune.choose("topk", 1024, *args[1:]) == encoder_configs(1024, 65536, 64, torch.bfloat16, "ieee")[0]
+
+
+def test_fp32_matmul_defaults_to_tf32_with_an_exact_opt_out(monkeypatch):
+    monkeypatch.delenv(_common.FP32_MATMUL_ENV, raising=False)
+    assert _common.dot_precision(torch.float32) == "tf32"
+    assert _common.dot_precision(torch.bfloat16) == "ieee"
+    monkeypatch.setenv(_common.FP32_MATMUL_ENV, "ieee")
+    assert _common.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setenv(_common.FP32_MATMUL_ENV, "fp64")
+    with pytest.raises(ValueError, match=_common.FP32_MATMUL_ENV):
+        _common.dot_precision(torch.float32)
+    _common.set_fp32_matmul("tf32")
+    try:
+        assert _common.dot_precision(torch.float32) == "tf32"  # the call wins over the environment
+    finally:
+        _common.set_fp32_matmul(None)
+    with pytest.raises(ValueError, match="fp32 matmul mode"):
+        _common.set_fp32_matmul("fast")
 
 
 # ---- decode and value gradient --------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_training_on_kl_lowers_the_spliced_kl():
     model = tiny_pythia()
     kl = SpliceKL(model, "gpt_neox.layers.0")
     sae = SAE(SAEConfig(32, 64, activation="topk", k=8), seed=0)
-    trainer = Trainer(sae, TrainConfig(lr=3e-3, progress=False, kl_coefficient=1.0), kl=kl)
+    trainer = Trainer(sae, TrainConfig.flat(lr=3e-3, progress=False, kl_coefficient=1.0), kl=kl)
     ids = [torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(i)) for i in range(40)]
     first = trainer.step(ids[0])
     for batch in ids[1:]:
@@ -61,4 +61,4 @@ def test_bad_site_and_mismatched_settings():
     with pytest.raises(ValueError, match=r"resid_post\.1"):
         SpliceKL(tiny_pythia(), "resid_post.7")
     with pytest.raises(ValueError, match="kl_coefficient"):
-        Trainer(SAE(SAEConfig(32, 64)), TrainConfig(kl_coefficient=1.0))
+        Trainer(SAE(SAEConfig(32, 64)), TrainConfig.flat(kl_coefficient=1.0))

@@ -22,7 +22,7 @@ def test_built_wheel_ships_kernels(tmp_path):
                     "-q", "-w", str(tmp_path / "dist")], check=True)
     wheel = next((tmp_path / "dist").glob("fastsae-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastsae/kernels/__init__.py" in names and "fastsae/sae.py" in names
+    assert "fastsae/kernels/__init__.py" in names and "fastsae/sae.py" in names and "fastsae/pipeline/runs.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(tmp_path / "site"), str(wheel)], check=True)
@@ -30,3 +30,26 @@ def test_built_wheel_ships_kernels(tmp_path):
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().startswith(str(tmp_path / "site"))
+
+
+def test_fastsae_runs_without_triton_on_cpu():
+    """triton is not a hard dependency (the dev and gpu extras bring it; CUDA builds of torch bring their own):
+    without it, import, training and save/load run on the torch backend, and asking for triton says why not."""
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton raises ImportError
+import torch
+import fastsae
+from fastsae import SAE, SAEConfig, get_backend, set_backend
+from fastsae.ops import triton_available
+from fastsae.train import TrainConfig, train
+assert not triton_available() and get_backend(torch.device("cpu")) == "torch"
+sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
+train(sae, [torch.randn(16, 8) for _ in range(2)], TrainConfig.flat(progress=False))
+try:
+    set_backend("triton")
+except ImportError as err:
+    print("refused:", err)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "refused: backend 'triton' needs the triton package" in out.stdout

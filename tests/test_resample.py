@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastsae import SAE, SAEConfig
+from fastsae import SAE, SAEConfig, use_backend
 from fastsae.toy import ToyDictionary
 from fastsae.train import TrainConfig, Trainer, train
 from fastsae.train.resample import draw_inputs, resample_dead_latents
@@ -18,8 +18,8 @@ def _sae_with_known_norms():
     return sae
 
 
-@pytest.mark.parametrize("use_kernel", [False, True])
-def test_every_rule_on_a_hand_computed_case(use_kernel):
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_every_rule_on_a_hand_computed_case(backend):
     sae = _sae_with_known_norms()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     sae(torch.randn(8, 4)).loss.backward()
@@ -28,7 +28,8 @@ def test_every_rule_on_a_hand_computed_case(use_kernel):
     moments = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for n, p in sae.named_parameters()}
     dead = torch.tensor([False, True, False, False, True, False])
     x = torch.tensor([[3.0, 0.0, 4.0, 0.0]])  # the only input in the pool: both dead latents draw it
-    n = resample_dead_latents(sae, dead, x, opt, use_kernel=use_kernel)
+    with use_backend(backend):
+        n = resample_dead_latents(sae, dead, x, opt)
     assert n == 2
     u = torch.tensor([0.6, 0.0, 0.8, 0.0])  # the raw input, unit-normalised
     # Mean encoder-row norm of the alive latents before the rewrite: (2 + 3 + 4 + 5) / 4 moved by one Adam step.
@@ -48,13 +49,16 @@ def test_every_rule_on_a_hand_computed_case(use_kernel):
             assert torch.equal(opt.state[p][k][keep], moments[name][k][keep]), (name, k)
 
 
-def test_kernel_and_torch_rewrite_agree():
-    sae_a, sae_b = _sae_with_known_norms(), _sae_with_known_norms()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_backend_rewrites_as_the_reference(backend):
     dead = torch.tensor([True, False, True, True, False, False])
     pool = torch.randn(50, 4)
-    resample_dead_latents(sae_a, dead, pool, generator=torch.Generator().manual_seed(3), use_kernel=True)
-    resample_dead_latents(sae_b, dead, pool, generator=torch.Generator().manual_seed(3), use_kernel=False)
-    for (name, a), b in zip(sae_a.named_parameters(), sae_b.parameters(), strict=True):
+    saes = {}
+    for name in (backend, "reference"):
+        saes[name] = _sae_with_known_norms()
+        with use_backend(name):
+            resample_dead_latents(saes[name], dead, pool, generator=torch.Generator().manual_seed(3))
+    for (name, a), b in zip(saes[backend].named_parameters(), saes["reference"].parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
 
@@ -94,9 +98,9 @@ def _dead_prone(activation, k=None):
 def test_resampling_reduces_dead_latents():
     common = dict(lr=3e-3, progress=False, dead_window_tokens=2048, log_every=50)
     toy, plain = _dead_prone("relu")
-    train(plain, toy.batches(256, 300), TrainConfig(**common))
+    train(plain, toy.batches(256, 300), TrainConfig.flat(**common))
     toy, revived = _dead_prone("relu")
-    result = train(revived, toy.batches(256, 300), TrainConfig(**common, resample_every=100, resample_pool=2048))
+    result = train(revived, toy.batches(256, 300), TrainConfig.flat(**common, resample_every=100, resample_pool=2048))
     assert sum(h.get("resampled", 0) for h in result.history) >= 32
 
     def never_fire(sae):
@@ -109,9 +113,9 @@ def test_resampling_reduces_dead_latents():
 def test_auxk_revives_dead_topk_latents():
     common = dict(lr=3e-3, progress=False, dead_window_tokens=1024, log_every=50)
     toy, plain = _dead_prone("topk", k=4)
-    train(plain, toy.batches(256, 300), TrainConfig(**common))
+    train(plain, toy.batches(256, 300), TrainConfig.flat(**common))
     toy, aux = _dead_prone("topk", k=4)
-    result = train(aux, toy.batches(256, 300), TrainConfig(**common, auxk_coefficient=1 / 32, auxk_k=16))
+    result = train(aux, toy.batches(256, 300), TrainConfig.flat(**common, auxk_coefficient=1 / 32, auxk_k=16))
     assert any(h["auxk"] for h in result.history)
 
     def never_fire(sae):
@@ -123,4 +127,4 @@ def test_auxk_revives_dead_topk_latents():
 
 def test_auxk_is_refused_for_l1_saes():
     with pytest.raises(ValueError, match="AuxK"):
-        Trainer(SAE(SAEConfig(4, 8)), TrainConfig(auxk_coefficient=0.1))
+        Trainer(SAE(SAEConfig(4, 8)), TrainConfig.flat(auxk_coefficient=0.1))

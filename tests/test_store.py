@@ -128,7 +128,7 @@ def test_loader_mixes_sequences_and_feeds_the_trainer(tmp_path):
     seq = torch.cat([store.load_shard(i)["sequence"] for i in range(len(store.shards))])[index]
     assert seq.unique().numel() > 3
     sae = SAE(SAEConfig(32, 64, activation="topk", k=4), seed=0)
-    result = train(sae, ShuffledLoader(store, "resid_post.0", 16), TrainConfig(progress=False, log_every=1))
+    result = train(sae, ShuffledLoader(store, "resid_post.0", 16), TrainConfig.flat(progress=False, log_every=1))
     assert len(result.history) == len(ShuffledLoader(store, "resid_post.0", 16))
     with pytest.raises(ValueError, match="not in the store"):
         ShuffledLoader(store, "resid_post.5", 16)

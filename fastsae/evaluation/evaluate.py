@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..losses import kl_div
 from ..model import capture, keep_mask, special_token_ids, splice
 from .metrics import ReconstructionMetrics
 
@@ -54,7 +55,7 @@ def _ce(logp: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 
 def _kl(clean: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
     """Per-position KL(p_clean || p) at the masked positions."""
-    return (clean.exp() * (clean - logp)).sum(-1)[mask]
+    return kl_div(clean, logp)[mask]
 
 
 @torch.no_grad()
@@ -81,6 +82,10 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     causal = is_causal_lm(model)
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
     keep_all = keep_mask(windows, excluded)
+    scored = keep_all[:, :-1] if causal else keep_all  # causal: the last position predicts nothing here
+    if not bool(scored.any()):
+        raise ValueError(f"evaluate: every token of windows {tuple(windows.shape)} is excluded "
+                         f"(exclude_token_ids={sorted(excluded)}): no position to score")
     mean = activation_mean(model, site, windows, keep_all, batch_size).float()
     recon = {name: ReconstructionMetrics(getattr(d, "d_codes", None) or d.cfg.d_sae)
              for name, d in decompositions.items()}

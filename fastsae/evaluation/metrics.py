@@ -5,7 +5,7 @@ x is an input vector, x̂ its reconstruction, z its latent codes; E[·] averages
 
     mse                           E ||x - x̂||²                        (summed over d, mean over tokens)
     explained_variance            1 - E||x - x̂||² / (E||x||² - ||E x||²)   (variance of the centred inputs)
-    fvu                           1 - explained_variance               (fraction of variance unexplained)
+    fvu                           1 - explained_variance               (fastsae.losses.variance_unexplained)
     cossim                        E cos(x, x̂)
     l2_ratio                      E ||x̂|| / ||x||                      (||x|| < 1e-4 counts as 1, as SAELens)
     relative_reconstruction_bias  E||x̂||² / E<x, x̂>                   (Wright & Sharkey's γ; 1 = no shrinkage)
@@ -22,6 +22,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from ..losses import variance_unexplained
 
 DENSE_THRESHOLD = 0.1
 
@@ -71,11 +73,10 @@ class ReconstructionMetrics:
         if self.n == 0:
             raise ValueError("no tokens were added")
         n, s = self.n, self.sums
-        variance = s["sq_norm"] / n - float((self.sum_x / n).square().sum())
-        mse = s["sq_resid"] / n
-        ev = 1.0 - mse / variance if variance > 1e-12 else float(mse < 1e-12)
+        fvu = variance_unexplained(s["sq_resid"], s["sq_norm"], self.sum_x, n)
         density = self.fires / n
-        return {"tokens": n, "mse": mse, "fvu": 1.0 - ev, "explained_variance": ev, "cossim": s["cos"] / n,
+        return {"tokens": n, "mse": s["sq_resid"] / n, "fvu": fvu, "explained_variance": 1.0 - fvu,
+                "cossim": s["cos"] / n,
                 "l2_ratio": s["l2_ratio"] / n,
                 "relative_reconstruction_bias": s["xhat_sq"] / s["x_dot_xhat"] if s["x_dot_xhat"] else math.nan,
                 "l0": s["l0"] / n, "l1": s["l1"] / n, "dead_fraction": float((density == 0).double().mean()),

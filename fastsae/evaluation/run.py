@@ -1,8 +1,9 @@
 """`fastsae eval` as a function: trained SAEs (a sweep) + a model + held-out corpus windows -> report.
 
-The model, site, corpus and window settings default to what the SAE's metadata and its
-activation store recorded, and the eval windows are taken from the far end of the same
-shuffled window order the harvest used, so they are held out from training.
+The model, site, corpus and window settings default to what the SAE's metadata recorded. The
+SAE records which windows of its corpus' seeded order it trained on (`metadata["windows"]`, from
+its store's manifest or its stream; SAEs from before the record fall back to their store's
+manifest), and the eval windows are the last of the others: held out from training by record.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..harvest.corpus import read_documents, token_windows
-from ..harvest.store import ActivationStore
+from ..harvest.corpus import disjoint, held_out_windows, read_documents, token_windows
+from ..harvest.harvester import harvested_windows
+from ..harvest.store import ActivationStore, is_store
 from ..sae import CONFIG_FILE, SAE
 from .evaluate import evaluate_with_baselines
 from .report import write_report
@@ -52,7 +54,15 @@ def _describe(path: Path) -> str:
 
 def _store(sae: SAE) -> ActivationStore | None:
     path = sae.metadata.get("store")
-    return ActivationStore(path) if path and (Path(path) / "manifest.json").is_file() else None
+    return ActivationStore(path) if path and is_store(path) else None
+
+
+def trained_windows(sae: SAE) -> dict | None:
+    """The record of the corpus windows sae trained on: its own, else its store's, else None."""
+    if "windows" in sae.metadata:
+        return sae.metadata["windows"]
+    store = _store(sae)
+    return harvested_windows(store) if store is not None else None
 
 
 def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None = None, site: str | None = None,
@@ -72,18 +82,23 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     if len(widths) != 1:
         raise ValueError(f"the SAEs take different input widths {sorted(widths)}: evaluate them apart")
     store = _store(first)
-    source = store.meta.get("source", {}) if store else {}
-    corpus = corpus or source.get("corpus", "english-classics")
-    context_size = context_size or source.get("context_size", 128)
+    trained = trained_windows(first) or {}
+    corpus = corpus or trained.get("corpus", "english-classics")
+    context_size = context_size or trained.get("context_size", 128)
+    text_field, seed = trained.get("text_field", "text"), trained.get("seed", 0)
     lm, tokenizer = load(model, device=device)
-    all_windows = token_windows(tokenizer, read_documents(corpus, source.get("text_field", "text")), context_size,
-                                seed=source.get("window_seed", 0))
+    all_windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, seed=seed)
     n_eval = max(1, tokens // context_size)
-    used = (source.get("tokens", 0) // context_size) if source.get("corpus") == corpus else 0
-    if used + n_eval > all_windows.shape[0]:
-        print(f"warning: the corpus has {all_windows.shape[0]} windows; {used} trained the SAE, so the last "
-              f"{n_eval} used for evaluation overlap them")
-    windows = all_windows[-n_eval:]
+    same_order = (trained.get("corpus"), trained.get("context_size")) == (str(corpus), context_size)
+    if trained and not same_order and not disjoint(trained["corpus"], corpus):
+        print(f"warning: the SAE trained on windows of {trained['context_size']} tokens of {trained['corpus']}; "
+              f"evaluating on windows of {context_size} of {corpus}, which may overlap them")
+    used = trained.get("ranges", []) if same_order else []
+    held_out, overlap = held_out_windows(all_windows.shape[0], used, n_eval)
+    if overlap:
+        print(f"warning: the corpus has {all_windows.shape[0]} windows and the SAE trained on "
+              f"{sum(b - a for a, b in used)}, so {overlap} of the {n_eval} used for evaluation overlap them")
+    windows = all_windows[held_out]
     excluded = store.meta["excluded_token_ids"] if store else special_token_ids(lm, tokenizer)
     fit_x = None
     if baselines:
@@ -104,12 +119,24 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines),
                                       batch_size=batch_size, exclude_token_ids=excluded, progress=progress)
     meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
+            "eval_window_ranges": _ranges(held_out.tolist()), "window_seed": seed, "overlap_windows": overlap,
             "context_size": context_size, "saes": {n: str(p) for n, p in paths.items()},
             "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0]}
     files = write_report(out, results, meta, baselines=tuple(baselines))
     print(format_table(results))
     print("report: " + ", ".join(str(Path(f).resolve()) for f in files))
     return results
+
+
+def _ranges(indices: list[int]) -> list[list[int]]:
+    """Sorted window indices as half-open ranges (what a window record holds)."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, i + 1])
+    return out
 
 
 def format_table(results: dict) -> str:

@@ -28,12 +28,15 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import zlib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .. import io
 
 BUILTIN = {"english-classics": ("english-classics.jsonl.xz",), "modern-prose": ("modern-prose.jsonl.xz",),
            "english": ("english-classics.jsonl.xz", "modern-prose.jsonl.xz")}
@@ -51,24 +54,59 @@ def _builtin(name: str) -> tuple[tuple[str, ...], str | None] | None:
     return BUILTIN[base], split or None
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, mode: str = "rt"):
+    encoding = "utf-8" if mode == "rt" else None
     if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8")
+        return lzma.open(path, mode, encoding=encoding)
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, mode, encoding=encoding)
+    return open(path, mode, encoding=encoding)
+
+
+# What a damaged or mislabelled compressed file raises while it is read.
+_READ_ERRORS = (UnicodeDecodeError, lzma.LZMAError, gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def _jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise ValueError(f"{path}:{line_no}: no field {text_field!r} (fields: {sorted(record)}); "
-                                 f"pass text_field=")
-            yield record[text_field]
+    """The text_field of every record; a bad line raises CorruptFileError naming the file and its line."""
+    line_no = 0
+    try:
+        with _open_text(path, "rb") as f:  # bytes, split on "\n" only: line numbers as an editor counts them
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise io.CorruptFileError(path, f"unreadable (UnicodeDecodeError: {err})", line=line_no) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise io.CorruptFileError(path, f"not a JSON line ({err.msg} at column {err.colno})",
+                                              line=line_no) from None
+                if not isinstance(record, dict):
+                    raise io.CorruptFileError(path, f"expected a JSON object, got {type(record).__name__}",
+                                              line=line_no)
+                if text_field not in record:
+                    raise ValueError(f"{path}:{line_no}: no field {text_field!r} (fields: {sorted(record)}); "
+                                     f"pass text_field=")
+                yield _text(record[text_field], path, text_field, line_no)
+    except _READ_ERRORS as err:  # while reading the next line
+        raise io.CorruptFileError(path, f"unreadable ({type(err).__name__}: {err})", line=line_no + 1) from None
+
+
+def _text(value, source, field: str, line: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise io.CorruptFileError(source, f"field {field!r} must be a string, got {type(value).__name__} "
+                                          f"{str(value)[:40]!r}", line=line)
+    return value
+
+
+def disjoint(a: str, b: str) -> bool:
+    """Whether two corpus sources provably share no document: built-in names whose splits differ
+    ("english:train" and "modern-prose:test"; the held-out documents are the same in every built-in name)."""
+    split_a, split_b = (_builtin(str(x)) for x in (a, b))
+    return split_a is not None and split_b is not None and {split_a[1], split_b[1]} == {"train", "test"}
 
 
 def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
@@ -95,13 +133,20 @@ def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str
         if not files:
             raise ValueError(f"corpus directory {path} holds no .txt files and is not a saved `datasets` dataset")
         for file in files:
-            yield file.read_text(encoding="utf-8")
+            yield _read_text(file)
         return
     if path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz", ".json")):
         yield from _jsonl(path, text_field)
     else:
+        yield _read_text(path)
+
+
+def _read_text(path: Path) -> str:
+    try:
         with _open_text(path) as f:
-            yield f.read()
+            return f.read()
+    except _READ_ERRORS as err:
+        raise io.CorruptFileError(path, f"not UTF-8 text ({type(err).__name__}: {err})") from None
 
 
 def _hf_dataset(path: Path, text_field: str) -> Iterator[str]:
@@ -115,8 +160,8 @@ def _hf_dataset(path: Path, text_field: str) -> Iterator[str]:
         ds = ds[split]
     if text_field not in ds.column_names:
         raise ValueError(f"dataset {path}: no column {text_field!r} (columns: {ds.column_names}); pass text_field=")
-    for record in ds:
-        yield record[text_field]
+    for row, record in enumerate(ds):
+        yield _text(record[text_field], f"dataset {path} row {row}", text_field)
 
 
 def _first_id(tokenizer, *names: str) -> int | None:
@@ -156,3 +201,41 @@ def token_windows(tokenizer, documents, context_size: int, max_tokens: int | Non
     if bos is not None:
         windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=torch.int64), windows], dim=1)
     return windows
+
+
+# ---- which windows: records of a seeded window order ------------------------------------------------
+# A run that consumed corpus windows records them as {"corpus", "text_field", "context_size", "seed",
+# "ranges": [[start, stop], ...]}: half-open ranges of indices into token_windows(..., seed=seed) of the
+# whole corpus. Harvest manifests and SAEs carry such records, so evaluation holds out what training
+# never saw without re-deriving it.
+
+
+def window_record(corpus: str | Path, text_field: str, context_size: int, seed: int | None,
+                  ranges: list[list[int]]) -> dict:
+    return {"corpus": str(corpus), "text_field": text_field, "context_size": context_size, "seed": seed,
+            "ranges": [[int(a), int(b)] for a, b in ranges]}
+
+
+def first_windows(ranges: list[list[int]], n: int) -> list[list[int]]:
+    """The first n windows of ranges, as ranges."""
+    out = []
+    for start, stop in ranges:
+        if n <= 0:
+            break
+        take = min(stop - start, n)
+        out.append([start, start + take])
+        n -= take
+    return out
+
+
+def held_out_windows(total: int, used: list[list[int]], n: int) -> tuple[Tensor, int]:
+    """Indices of the last n of total windows that no range in used covers, in order, and how many of
+    them had to be taken from the used ones because too few were left (0 when the split is clean)."""
+    free = torch.ones(total, dtype=torch.bool)
+    for start, stop in used:
+        free[start:stop] = False
+    candidates = free.nonzero().squeeze(1)
+    overlap = max(0, n - candidates.numel())
+    if overlap:  # too few held-out windows: the far end of the order, as before there were records
+        return torch.arange(total - n, total), overlap
+    return candidates[candidates.numel() - n:], 0

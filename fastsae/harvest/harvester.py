@@ -9,18 +9,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..model import capture, keep_mask, special_token_ids
-from .corpus import read_documents, token_windows
-from .store import ActivationStore, StoreWriter
+from .corpus import first_windows, read_documents, token_windows, window_record
+from .store import ActivationStore, StoreWriter, is_store
 
 
 @torch.no_grad()
 def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Path, *, batch_size: int = 8,
             dtype: torch.dtype = torch.bfloat16, exclude_token_ids: list[int] | None = None,
             shard_rows: int = 65_536, resume: bool = False, model_name: str | None = None,
-            source: dict | None = None, progress: bool = True) -> ActivationStore:
+            source: dict | None = None, progress: bool = True,
+            window_range: tuple[int, int] | None = None) -> ActivationStore:
     """sequences (S, T) token ids, one context window per row. Positions holding an excluded token
     (default: the model's BOS/EOS/pad) are not stored. resume=True continues an interrupted harvest.
-    source (JSON-able) records where the sequences came from; a resume must name the same."""
+    source (JSON-able) records where the sequences came from; a resume must name the same.
+    window_range=(lo, hi) harvests sequences[lo:hi] only, recorded under their indices in sequences
+    (one rank's part of a parallel harvest, see harvest/parallel.py)."""
     if sequences.dim() != 2 or sequences.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sequences must be (S, T) integer token ids, got {sequences.dtype} {tuple(sequences.shape)}")
     if batch_size < 1:
@@ -32,28 +35,53 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
                          sites={s: a.shape[-1] for s, a in probe.items()}, dtype=dtype,
                          context_size=sequences.shape[1], excluded_token_ids=excluded, shard_rows=shard_rows,
                          resume=resume, source=source)
-    start = writer.sequences_done
+    lo, hi = window_range or (0, sequences.shape[0])
+    start = max(writer.sequences_done, lo)
     T = sequences.shape[1]
-    bar = tqdm(total=sequences.shape[0] * T, initial=start * T, disable=not progress, desc="harvest", unit="tok",
+    bar = tqdm(total=(hi - lo) * T, initial=(start - lo) * T, disable=not progress, desc="harvest", unit="tok",
                unit_scale=True)
-    for first in range(start, sequences.shape[0], batch_size):
-        batch = sequences[first:first + batch_size]
-        acts = capture(model, sites, input_ids=batch.to(device))
-        writer.add(acts, batch, keep_mask(batch, excluded), first)
-        bar.update(batch.numel())
-    bar.close()
-    writer.flush()
+    with writer:  # holds the store's lock until the last shard is committed
+        for first in range(start, hi, batch_size):
+            batch = sequences[first:min(first + batch_size, hi)]
+            acts = capture(model, sites, input_ids=batch.to(device))
+            writer.add(acts, batch, keep_mask(batch, excluded), first)
+            bar.update(batch.numel())
+        bar.close()
+        writer.flush()
     return ActivationStore(out)
 
 
 def harvest_corpus(model: nn.Module, tokenizer, sites: list[str], corpus: str | Path, out: str | Path, *,
                    tokens: int, context_size: int = 128, text_field: str = "text", seed: int = 0,
-                   **kwargs) -> ActivationStore:
+                   rank: int = 0, world_size: int = 1, **kwargs) -> ActivationStore | None:
     """Tokenise corpus (see corpus.read_documents) into windows worth `tokens` tokens and harvest them.
-    The corpus settings are recorded in the manifest; kwargs go to harvest()."""
+    The corpus settings are recorded in the manifest; kwargs go to harvest(). With world_size > 1 this
+    process harvests its rank's range of the windows into the one store (harvest/parallel.py)."""
     windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, tokens, seed=seed)
+    # windows: the indices (into the seeded order of the whole corpus) that this store holds, so that
+    # evaluation can hold out the others; a store harvested before the record resumes without it.
     source = {"corpus": str(corpus), "text_field": text_field, "tokens": tokens, "context_size": context_size,
-              "window_seed": seed}
+              "window_seed": seed, "windows": [[0, windows.shape[0]]]}
+    if kwargs.get("resume") and is_store(out) and "windows" not in ActivationStore(out).meta.get("source", {}):
+        del source["windows"]
     if kwargs.get("exclude_token_ids") is None:
         kwargs["exclude_token_ids"] = special_token_ids(model, tokenizer)
+    if world_size > 1:
+        from .parallel import harvest_parallel
+
+        return harvest_parallel(model, sites, windows, out, rank=rank, world_size=world_size, source=source,
+                                **kwargs)
     return harvest(model, sites, windows, out, source=source, **kwargs)
+
+
+def harvested_windows(store: ActivationStore) -> dict | None:
+    """The window record (see corpus.window_record) of the sequences a corpus store holds, or None when
+    its sequences did not come from a corpus. Stores from before the record hold the first sequences_done
+    windows of their seeded order, which is what harvest_corpus always took."""
+    source = store.meta.get("source") or {}
+    if "corpus" not in source:
+        return None
+    done = store.meta["sequences_done"]
+    ranges = first_windows(source.get("windows", [[0, done]]), done)
+    return window_record(source["corpus"], source.get("text_field", "text"), source["context_size"],
+                         source.get("window_seed", 0), ranges)

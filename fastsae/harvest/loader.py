@@ -9,6 +9,13 @@ served. The order depends only on the seed and the epoch.
 
 normalize=True multiplies every vector by the store's norm_scale(site) (mean norm
 sqrt(d)); `batches(steps)` runs whole epochs back to back for a fixed step count.
+
+Data parallel (rank, world_size): every rank draws the same order and serves its
+own contiguous part of each batch (`tensor_split` of the batch into world_size
+parts), so the ranks' batches of one step, joined in rank order, are the
+single-process batch. A rank reads only its own rows of each shard (safetensors
+slices of the memory-mapped file); each shard's SHA-256 is checked once per loader,
+by the rank numbered shard index mod world_size, which reads that file whole.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
+import safetensors
 import torch
 from torch import Tensor
 
@@ -26,7 +34,9 @@ from .store import ActivationStore
 class ShuffledLoader:
     def __init__(self, store: ActivationStore, site: str, batch_size: int, *, seed: int = 0, shards_in_memory: int = 4,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_index: bool = False,
-                 normalize: bool = False, drop_last: bool = False):
+                 normalize: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if site not in store.sites:
             raise ValueError(f"site {site!r} is not in the store; it has {sorted(store.sites)}")
         if batch_size < 1 or shards_in_memory < 1:
@@ -37,6 +47,8 @@ class ShuffledLoader:
         self.epoch = 0
         self.scale = store.norm_scale(site) if normalize else 1.0
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self._verified: set[int] = set()  # shards this rank has checked (data parallel)
         offsets = [0]
         for shard in store.shards:
             offsets.append(offsets[-1] + shard.rows)
@@ -47,14 +59,22 @@ class ShuffledLoader:
         return full + (rest > 0 and not self.drop_last)
 
     def batches(self, steps: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        """Exactly steps batches, epoch after epoch (each epoch reshuffled)."""
+        """Exactly steps batches, epoch after epoch (each epoch reshuffled). An epoch that yields no batch
+        (an empty store, or batch_size above its rows with drop_last) is an error, not an endless loop."""
+        if len(self) == 0:
+            raise ValueError(f"ShuffledLoader: an epoch of {self.store.path} yields no batch: the store has "
+                             f"{self.store.tokens} rows, batch_size is {self.batch_size}"
+                             f"{' with drop_last' if self.drop_last else ''}; lower batch_size or harvest more")
         served = 0
         while served < steps:
+            served_before = served
             for batch in self:
                 yield batch
                 served += 1
                 if served == steps:
                     return
+            if served == served_before:  # len() said otherwise: the store changed under us
+                raise ValueError(f"ShuffledLoader: an epoch of {self.store.path} yielded no batch")
 
     def _groups(self, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.store.shards), generator=gen).tolist()
@@ -68,6 +88,9 @@ class ShuffledLoader:
     def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
+        if self.world_size > 1:
+            yield from self._rank_iter(gen)
+            return
         ready: queue.Queue = queue.Queue(maxsize=1)  # one group read ahead: bounded memory
         done = object()
 
@@ -96,6 +119,76 @@ class ShuffledLoader:
             carry_acts, carry_index = acts[full:], index[full:]
         if carry_acts is not None and carry_acts.shape[0] and not self.drop_last:
             yield self._out(carry_acts, carry_index)
+
+    # ---- data parallel: this rank's part of every batch ----------------------------------------------
+
+    def _index_groups(self, gen: torch.Generator) -> Iterator[Tensor]:
+        """The global row ids of each shard group, permuted: `_groups`'s order, from the same draws."""
+        order = torch.randperm(len(self.store.shards), generator=gen).tolist()
+        for g in range(0, len(order), self.shards_in_memory):
+            index = torch.cat([torch.arange(self._offsets[i], self._offsets[i + 1])
+                               for i in order[g:g + self.shards_in_memory]])
+            yield index[torch.randperm(index.shape[0], generator=gen)]
+
+    def _rank_groups(self, gen: torch.Generator) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Per shard group, this rank's (rows, ids) of each batch that completes in it (and the last one)."""
+        carry = torch.zeros(0, dtype=torch.int64)
+        for index in self._index_groups(gen):
+            ids = torch.cat([carry, index])
+            full = ids.shape[0] // self.batch_size * self.batch_size
+            parts = [ids[s:s + self.batch_size].tensor_split(self.world_size)[self.rank]
+                     for s in range(0, full, self.batch_size)]
+            carry = ids[full:]
+            yield self._read_parts(parts)
+        if carry.shape[0] and not self.drop_last:
+            yield self._read_parts([carry.tensor_split(self.world_size)[self.rank]])
+
+    def _rank_iter(self, gen: torch.Generator) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        ready: queue.Queue = queue.Queue(maxsize=1)  # one group read ahead, as in the single-process path
+        done = object()
+
+        def produce():
+            try:
+                for item in self._rank_groups(gen):
+                    ready.put(item)
+                ready.put(done)
+            except BaseException as err:
+                ready.put(err)
+
+        threading.Thread(target=produce, daemon=True).start()
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            for acts, index in item:
+                yield self._out(acts, index)
+
+    def _read_parts(self, parts: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Read the rows of every part (global ids) at once, shard by shard; return (rows, ids) per part."""
+        ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        shard_of = torch.searchsorted(torch.tensor(self._offsets), ids, right=True) - 1
+        out = torch.empty(ids.shape[0], self.store.sites[self.site], dtype=self.store.dtype)
+        for s in shard_of.unique().tolist():
+            where = (shard_of == s).nonzero().squeeze(1)
+            local = ids[where] - self._offsets[s]
+            order = local.argsort()
+            out[where[order]] = self._shard_rows(s, local[order])
+        return list(zip(out.split([p.shape[0] for p in parts]), parts, strict=True))
+
+    def _shard_rows(self, index: int, rows: Tensor) -> Tensor:
+        """Rows (sorted local ids) of shard index, read from its memory-mapped file; the store's own checks
+        (and errors) for a missing or short shard, and its SHA-256 once, on the rank that owns the check."""
+        store, shard = self.store, self.store.shards[index]
+        path = store.path / shard.file
+        if index % self.world_size == self.rank and index not in self._verified:
+            store.load_shard(index, keys=("token_ids",), verify=True)
+            self._verified.add(index)
+        if not path.is_file():
+            store.load_shard(index, verify=False)  # raises CorruptShardError
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            sliced = f.get_slice(self.site)
+            if sliced.get_shape()[0] != shard.rows:
+                store.load_shard(index, keys=(self.site,), verify=False)  # raises CorruptShardError
+            return sliced[rows.tolist()]
 
     def _out(self, acts: Tensor, index: Tensor):
         batch = acts.to(device=self.device, dtype=self.dtype, non_blocking=True)

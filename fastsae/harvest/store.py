@@ -11,9 +11,12 @@
 
 Shards hold whole sequences and are written atomically; the manifest, replaced
 atomically after each shard, is the commit point. A resumed harvest starts at
-sequence `sequences_done`: no token is duplicated or missed. Every shard is
-checked against its row count and SHA-256 when read; a bad one raises
-CorruptShardError, never silently.
+sequence `sequences_done`: no token is duplicated or missed, and the temporaries
+and uncommitted shards of the killed harvest are removed. A writer holds the
+store's lock (`io.DirectoryLock`): a second harvest into it is refused, naming
+the first. Every shard is checked against its row count and SHA-256 when read;
+a bad one raises CorruptShardError (a `io.CorruptFileError`), never silently, and
+so does a damaged manifest.
 
 Normalisation: the manifest keeps each site's running sum of vector norms, so
 `mean_norm(site)` and `norm_scale(site)` = sqrt(d) / E||x|| (the factor that gives
@@ -25,7 +28,6 @@ splicing see raw activations, with no scale to forget.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +43,41 @@ MANIFEST = "manifest.json"
 META_KEYS = ("token_ids", "sequence", "position")
 
 
-class CorruptShardError(RuntimeError):
+def is_store(path: str | Path) -> bool:
+    """Whether path is a store directory (it has a manifest): the one test every caller uses."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+class CorruptShardError(io.CorruptFileError):
     """A shard is missing, truncated, or does not match its manifest entry."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_MANIFEST_FIELDS = {"format_version": int, "model": str, "sites": dict, "dtype": str, "context_size": int,
+                    "excluded_token_ids": list, "source": dict, "tokens": int, "sequences_done": int, "shards": list}
+_SHARD_FIELDS = {"file": str, "rows": int, "sha256": str}
+
+
+def read_manifest(path: Path) -> dict:
+    """A store's manifest.json, every field checked; CorruptFileError naming the first bad one."""
+    meta = io.read_json(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise io.CorruptFileError(path, f"format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}")
+    io.check_fields(meta, path, _MANIFEST_FIELDS)
+    for site, d in meta["sites"].items():
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise io.CorruptFileError(path, f"sites[{site!r}] must be a positive integer width, got {d!r}")
+    if not isinstance(getattr(torch, meta["dtype"], None), torch.dtype):
+        raise io.CorruptFileError(path, f"field 'dtype' must name a torch dtype, got {meta['dtype']!r}")
+    for i, shard in enumerate(meta["shards"]):
+        if not isinstance(shard, dict):
+            raise io.CorruptFileError(path, f"shards[{i}] must be a JSON object, got {shard!r}")
+        io.check_fields(shard, path, _SHARD_FIELDS)
+        if Path(shard["file"]).name != shard["file"] or shard["file"].startswith("."):
+            raise io.CorruptFileError(path, f"shards[{i}].file must be a file name in the store, got {shard['file']!r}")
+    norm_sums = meta.get("norm_sums", {})
+    if not isinstance(norm_sums, dict) or (norm_sums and set(norm_sums) != set(meta["sites"])):
+        raise io.CorruptFileError(path, f"norm_sums must have one entry per site {sorted(meta['sites'])}")
+    return meta
 
 
 @dataclass
@@ -65,17 +92,14 @@ class ActivationStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta = io.read_json(self.path / MANIFEST)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.path / MANIFEST}: format_version must be {FORMAT_VERSION}, "
-                             f"got {meta.get('format_version')!r}")
+        meta = read_manifest(self.path / MANIFEST)
         self.meta = meta
         self.sites: dict[str, int] = meta["sites"]
         self.shards = [Shard(**s) for s in meta["shards"]]
         self.tokens = sum(s.rows for s in self.shards)
         if self.tokens != meta["tokens"]:
-            raise CorruptShardError(f"{self.path / MANIFEST}: shards hold {self.tokens} rows, manifest says "
-                                    f"{meta['tokens']}")
+            raise CorruptShardError(self.path / MANIFEST, f"shards hold {self.tokens} rows, manifest says "
+                                                          f"{meta['tokens']}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,17 +128,17 @@ class ActivationStore:
         shard = self.shards[index]
         path = self.path / shard.file
         if not path.is_file():
-            raise CorruptShardError(f"{path}: shard listed in the manifest is missing")
-        if verify and _sha256(path) != shard.sha256:
-            raise CorruptShardError(f"{path}: SHA-256 does not match the manifest (truncated or modified)")
+            raise CorruptShardError(path, "shard listed in the manifest is missing")
+        if verify and io.sha256(path) != shard.sha256:
+            raise CorruptShardError(path, "SHA-256 does not match the manifest (truncated or modified)")
         try:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in (keys or f.keys())}
         except Exception as err:  # a file that is not valid safetensors
-            raise CorruptShardError(f"{path}: unreadable ({err})") from err
+            raise CorruptShardError(path, f"unreadable ({err})") from err
         for key, t in tensors.items():
             if t.shape[0] != shard.rows:
-                raise CorruptShardError(f"{path}: {key!r} has {t.shape[0]} rows, the manifest says {shard.rows}")
+                raise CorruptShardError(path, f"{key!r} has {t.shape[0]} rows, the manifest says {shard.rows}")
         return tensors
 
     def verify(self) -> None:
@@ -124,13 +148,25 @@ class ActivationStore:
 
 
 class StoreWriter:
-    """Appends whole sequences' activations to a store, one atomic shard at a time."""
+    """Appends whole sequences' activations to a store, one atomic shard at a time. It holds the store's
+    writer lock from construction to close() (a context manager too)."""
 
     def __init__(self, path: str | Path, *, model: str, sites: dict[str, int], dtype: torch.dtype, context_size: int,
                  excluded_token_ids: list[int], shard_rows: int = 65_536, resume: bool = False,
                  source: dict | None = None):
         self.path = Path(path)
         self.shard_rows = shard_rows
+        self.lock = io.DirectoryLock(self.path, "harvest").acquire()
+        try:
+            self._open(model, sites, dtype, context_size, excluded_token_ids, resume, source)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.dtype = dtype
+        self._buffer: list[dict[str, Tensor]] = []
+        self._buffered_rows = 0
+
+    def _open(self, model, sites, dtype, context_size, excluded_token_ids, resume, source) -> None:
         manifest = self.path / MANIFEST
         fresh = {"format_version": FORMAT_VERSION, "model": model, "sites": sites,
                  "dtype": str(dtype).removeprefix("torch."), "context_size": context_size,
@@ -139,7 +175,7 @@ class StoreWriter:
         if manifest.exists():
             if not resume:
                 raise FileExistsError(f"{self.path} already holds a store: pass resume=True, or another directory")
-            self.meta = io.read_json(manifest)
+            self.meta = read_manifest(manifest)
             for key in ("model", "sites", "dtype", "context_size", "excluded_token_ids", "source"):
                 if self.meta[key] != fresh[key]:
                     raise ValueError(f"{manifest}: cannot resume, {key} was {self.meta[key]!r}, now {fresh[key]!r}")
@@ -147,12 +183,20 @@ class StoreWriter:
             for stray in self.path.glob("shard-*.safetensors"):  # written but never committed to the manifest
                 if stray.name not in listed:
                     stray.unlink()
+            io.remove_stale_temporaries(self.path)  # a killed writer's half-written shard or manifest
         else:
             self.meta = fresh
             io.write_json(manifest, self.meta)
-        self.dtype = dtype
-        self._buffer: list[dict[str, Tensor]] = []
-        self._buffered_rows = 0
+
+    def close(self) -> None:
+        """Give up the store's lock (flush() first to keep what is buffered)."""
+        self.lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def sequences_done(self) -> int:
@@ -181,7 +225,7 @@ class StoreWriter:
         name = f"shard-{len(self.meta['shards']):05d}.safetensors"
         io.write_tensors(self.path / name, tensors)
         rows = tensors["token_ids"].shape[0]
-        self.meta["shards"].append({"file": name, "rows": rows, "sha256": _sha256(self.path / name)})
+        self.meta["shards"].append({"file": name, "rows": rows, "sha256": io.sha256(self.path / name)})
         self.meta["tokens"] += rows
         for site in self.meta["sites"]:  # float64, shard by shard: a resumed harvest sums in the same order
             self.meta["norm_sums"][site] += float(tensors[site].double().norm(dim=-1).sum())

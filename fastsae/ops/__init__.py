@@ -4,13 +4,27 @@
 - ``torch``: sparse-aware PyTorch (default off CUDA);
 - ``triton``: fused Triton kernels (default on CUDA).
 
-Every backend module offers the same four functions on 2-D inputs
+Every backend module offers the same functions on 2-D inputs
 (x is already centred by b_dec; W_enc and W_dec are (d_sae, d_in)):
 
     encode_topk(x, W_enc, b_enc, k)              -> values, indices          (N, k)
     encode_threshold(x, W_enc, b_enc, threshold) -> values, indices          (N, w)
-    encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau     (N, w)
+    encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau     (N, w), tau the batch threshold ()
     decode(values, indices, W_dec, b_dec)        -> x_hat                    (N, d_in)
+
+and the two in-place updates of training (a Triton kernel each on CUDA):
+
+    adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, rows)
+        Adam with bias correction; rows=True keeps param's rows unit-norm (the decoder constraint)
+    resample_rows(latents, directions, W_dec, W_enc, b_enc, encoder_scale, state)
+        dead latents' rows rewritten from new unit directions, their Adam moments zeroed
+
+`backend_for(device)` gives the module in force; `use_backend(name)` switches all of them at once.
+
+`decode` here is the checked entry point for latents that come from outside (a user's SparseLatents):
+it refuses indices outside [0, d_sae) once, for every backend (the Triton gather would read another
+row or out of bounds). Latents the encoders produce are valid by construction and skip the check,
+which costs a host sync.
 """
 
 from __future__ import annotations
@@ -82,3 +96,16 @@ def _module(name: str) -> ModuleType:
 
 def backend_for(device: torch.device) -> ModuleType:
     return _module(get_backend(device))
+
+
+def decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """values, indices (N, w), W_dec (d_sae, d_in), b_dec (d_in,) -> (N, d_in), after checking the indices."""
+    if indices.dtype not in (torch.int64, torch.int32) or indices.shape != values.shape or indices.dim() != 2:
+        raise ValueError(f"decode: indices must be int64 of the values' shape {tuple(values.shape)} (N, w), "
+                         f"got {indices.dtype} {tuple(indices.shape)}")
+    d_sae = W_dec.shape[0]
+    if indices.numel():
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < 0 or high >= d_sae:
+            raise ValueError(f"decode: latent indices must be in [0, d_sae={d_sae}), got values in [{low}, {high}]")
+    return backend_for(values.device).decode(values, indices.long(), W_dec, b_dec)

@@ -1,7 +1,8 @@
 """The sparse encoder's autograd, shared by the torch and Triton backends.
 
-Forward: a backend `select(x, W_enc, b_enc) -> values, indices` (N, w) that
-never keeps the (N, d_sae) pre-activations. Backward: the activation's
+Forward: a backend `select(x, W_enc, b_enc) -> values, indices (N, w), *extra`
+that never keeps the (N, d_sae) pre-activations; extra outputs (BatchTopK's batch
+threshold) leave the Function as values, without gradient. Backward: the activation's
 gradient is zero wherever a latent is off (value 0, padding included), so
 
     g        = grad_values · 1[value > 0]                       (N, w)
@@ -32,14 +33,14 @@ class SparsePrims:
 class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Callable, prims: SparsePrims):
-        values, indices = select(x, W_enc, b_enc)
-        ctx.mark_non_differentiable(indices)
+        values, indices, *extra = select(x, W_enc, b_enc)
+        ctx.mark_non_differentiable(indices, *extra)
         ctx.save_for_backward(x, W_enc, values, indices)
         ctx.prims = prims
-        return values, indices
+        return (values, indices, *extra)
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices):
+    def backward(ctx, grad_values: Tensor, *_grad_rest):
         x, W_enc, values, indices = ctx.saved_tensors
         g = grad_values * (values > 0)
         grad_x = grad_W = grad_b = None

@@ -46,3 +46,33 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     z = SparseLatents(values.double(), indices, W_dec.shape[0]).to_dense()  # (N, d_sae)
     return (z @ W_dec.double() + b_dec.double()).to(values.dtype)
+
+
+def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
+              beta1: float, beta2: float, eps: float, rows: bool = False) -> None:
+    """Adam with bias correction in float64, in place; rows=True keeps param's rows unit-norm (the gradient's
+    component along each row removed before the update, the row renormalised after it). One cast on store."""
+    w, g = param.double(), grad.double()
+    if rows:
+        g = g - (g * w).sum(1, keepdim=True) * w
+    m = exp_avg.double() + (1.0 - beta1) * (g - exp_avg.double())
+    v = beta2 * exp_avg_sq.double() + (1.0 - beta2) * g * g
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
+    w = w - lr / bc1 * m / (v.sqrt() / bc2**0.5 + eps)
+    if rows:
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    param.copy_(w)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def resample_rows(latents: Tensor, directions: Tensor, W_dec: Tensor, W_enc: Tensor | None, b_enc: Tensor,
+                  encoder_scale: float, state: dict[str, Tensor] | None = None) -> None:
+    """Dead latents' rows rewritten (resampling): W_dec[i] = u, W_enc[i] = encoder_scale · u (float64), b_enc[i]
+    = 0, and every Adam moment of those rows 0."""
+    W_dec[latents] = directions.double().to(W_dec.dtype)
+    if W_enc is not None:
+        W_enc[latents] = (directions.double() * encoder_scale).to(W_enc.dtype)
+    b_enc[latents] = 0
+    for t in (state or {}).values():
+        t[latents] = 0

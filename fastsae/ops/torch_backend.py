@@ -78,7 +78,7 @@ PRIMS = SparsePrims(
 def _dense_select(select: Callable) -> Callable:
     """select(pre) -> a backend select(x, W, b) that goes through the dense pre-activations."""
 
-    def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+    def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, ...]:
         pre = F.linear(x, W_enc, b_enc)  # (N, d_sae), the one dense tensor of this backend
         return select(pre)
 
@@ -94,18 +94,15 @@ def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor 
     return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_active(pre, pre > theta)), PRIMS)
 
 
+def _select_batchtopk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    pre = pre.relu_()
+    tau = torch.topk(pre.reshape(-1), min(k * pre.shape[0], pre.numel())).values[-1]
+    # active iff >= tau and > 0: the same rule as the reference, robust to ties
+    return (*_select_active(pre, (pre >= tau) & (pre > 0)), tau.float())
+
+
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    taus = []
-
-    def select(pre: Tensor) -> tuple[Tensor, Tensor]:
-        pre = pre.relu_()
-        tau = torch.topk(pre.reshape(-1), min(k * pre.shape[0], pre.numel())).values[-1]
-        taus.append(tau.float())
-        # active iff >= tau and > 0: the same rule as the reference, robust to ties
-        return _select_active(pre, (pre >= tau) & (pre > 0))
-
-    values, indices = SparseEncode.apply(x, W_enc, b_enc, _dense_select(select), PRIMS)
-    return values, indices, taus[0]
+    return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_batchtopk(pre, k)), PRIMS)
 
 
 # Rows per chunk of the value gradient's gather: bounds its workspace to ~4M elements.
@@ -143,3 +140,42 @@ def decode_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     return decode_rows(values, indices, W_dec) + b_dec
+
+
+# ---- the optimizer step and resampling -------------------------------------------------------------
+
+
+def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
+              beta1: float, beta2: float, eps: float, rows: bool = False) -> None:
+    """The fused kernel's arithmetic (kernels/adam.py) as in-place PyTorch ops, in torch.optim.Adam's own order."""
+    w = param
+    g = grad.float() if grad.dtype != torch.float32 else grad
+    if rows:
+        g = g - (g * w.float()).sum(1, keepdim=True) * w.float()
+    fp32_state = exp_avg.dtype == torch.float32
+    m32 = exp_avg if fp32_state else exp_avg.float()
+    v32 = exp_avg_sq if fp32_state else exp_avg_sq.float()
+    m32.lerp_(g, 1.0 - beta1)
+    v32.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
+    denom = (v32.sqrt() / bc2**0.5).add_(eps)
+    if w.dtype == torch.float32:
+        w.addcdiv_(m32, denom, value=-lr / bc1)
+    else:
+        w.copy_(w.float().addcdiv_(m32, denom, value=-lr / bc1))
+    if not fp32_state:
+        exp_avg.copy_(m32)
+        exp_avg_sq.copy_(v32)
+    if rows:
+        w.div_(w.float().norm(dim=1, keepdim=True).clamp_min(1e-30).to(w.dtype))
+
+
+def resample_rows(latents: Tensor, directions: Tensor, W_dec: Tensor, W_enc: Tensor | None, b_enc: Tensor,
+                  encoder_scale: float, state: dict[str, Tensor] | None = None) -> None:
+    """The writes of kernels/resample.py: W_dec[i] = u, W_enc[i] = encoder_scale · u, b_enc[i] = 0, moments 0."""
+    W_dec[latents] = directions.to(W_dec.dtype)
+    if W_enc is not None:
+        W_enc[latents] = (directions * encoder_scale).to(W_enc.dtype)
+    b_enc[latents] = 0
+    for t in (state or {}).values():
+        t[latents] = 0

@@ -1,8 +1,8 @@
 """The Triton backend: fused kernels from `fastsae.kernels`, default on CUDA.
 
-- TopK: the fused encoder keeps per-row top-k candidates in registers; the
-  (N, d_sae) pre-activations never exist. k above the kernel's register budget
-  (kernels.encoder_topk.MAX_K) falls back to the dense torch path.
+- TopK: the fused encoder filters each tile by a per-row threshold and keeps
+  short candidate lists; the (N, d_sae) pre-activations never exist. k above
+  kernels.encoder_topk.MAX_K (256) falls back to the dense torch path.
 - ReLU / JumpReLU: the fused encoder writes active latents into a compact
   buffer of `capacity` slots per (row, slice). If a row has more, the exact
   answer comes from a second pass with the capacity the first pass measured.
@@ -12,6 +12,12 @@
   doubled and the batch redone.
 - Decode and every backward: gathers over active rows and a latent-sorted
   segment reduction; deterministic.
+- fp32 SAEs: the encoder GEMMs run in TF32 on the tensor cores (about 1e-3
+  relative error on a pre-activation); `set_fp32_matmul("ieee")` or
+  FASTSAE_FP32_MATMUL=ieee asks for exact fp32. 16-bit SAEs are unaffected.
+- Tiles: each encoder's tile config is autotuned once per shape
+  (kernels/_autotune.py); every candidate is compiled for sm_80 and sm_90 by
+  tests/test_compile.py.
 
 `STATS` counts which path each call took, for the trainer to log.
 """
@@ -24,11 +30,13 @@ import torch
 import triton
 from torch import Tensor
 
+from ..kernels import adam as _adam
 from ..kernels import encoder_threshold as _thr
 from ..kernels import encoder_topk as _topk
+from ..kernels import resample as _resample
 from ..kernels import segment_reduce as _seg
 from ..kernels import sparse_decode as _dec
-from ..kernels._common import interpreting
+from ..kernels._common import interpreting, next_pow2, set_fp32_matmul  # noqa: F401 (re-exported)
 from . import torch_backend
 from ._autograd import SparseEncode, SparsePrims
 
@@ -120,10 +128,9 @@ class _TooWide(Exception):
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     _check_device(x, W_enc, b_enc)
     N, d_sae = x.shape[0], W_enc.shape[0]
-    taus: list[Tensor] = []
 
-    def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
-        cap = min(d_sae, _topk.next_pow2(2 * k))
+    def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cap = min(d_sae, next_pow2(2 * k))
         while True:
             if cap > _topk.MAX_K:
                 raise _TooWide
@@ -136,18 +143,16 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
             STATS["batchtopk_wider_candidates"] += 1
             cap = min(d_sae, 2 * cap)
         STATS["batchtopk_fused"] += 1
-        taus.append(tau.float())
         active = (row_val >= tau) & (row_val > 0)
         width = max(1, int(active.sum(1).max()))
         values = torch.where(active, row_val, 0.0)[:, :width]  # sorted: the active ones come first
-        return values.to(x.dtype), cand_idx.gather(1, slot[:, :width]).long()
+        return values.to(x.dtype), cand_idx.gather(1, slot[:, :width]).long(), tau.float()
 
     try:
-        values, indices = SparseEncode.apply(x, W_enc, b_enc, select, PRIMS)
+        return SparseEncode.apply(x, W_enc, b_enc, select, PRIMS)
     except _TooWide:
         STATS["batchtopk_dense_fallback"] += 1
         return torch_backend.encode_batchtopk(x, W_enc, b_enc, k)
-    return values, indices, taus[0]
 
 
 # ---- decode -----------------------------------------------------------------------------------------
@@ -175,3 +180,19 @@ class _SparseDecode(torch.autograd.Function):
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     _check_device(values, W_dec)
     return _SparseDecode.apply(values, indices, W_dec, b_dec)
+
+
+# ---- the optimizer step and resampling -------------------------------------------------------------
+
+
+def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
+              beta1: float, beta2: float, eps: float, rows: bool = False) -> None:
+    _check_device(param, grad, exp_avg, exp_avg_sq)
+    _adam.adam_step(param, grad.contiguous(), exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, rows=rows)
+
+
+def resample_rows(latents: Tensor, directions: Tensor, W_dec: Tensor, W_enc: Tensor | None, b_enc: Tensor,
+                  encoder_scale: float, state: dict[str, Tensor] | None = None) -> None:
+    _check_device(latents, directions, W_dec, b_enc)
+    _resample.resample_rows(latents, directions, W_dec, W_enc, b_enc, encoder_scale, state)

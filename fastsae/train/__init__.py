@@ -1,6 +1,9 @@
 """Training: the trainer loop, schedules, the fused optimizer, dead latents, checkpoints."""
 
+from ..losses import fvu
+from .config import CheckpointConfig, DeadLatentConfig, LoggingConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from .optim import SAEAdam
-from .trainer import TrainConfig, Trainer, TrainResult, fvu, train
+from .trainer import Trainer, TrainResult, build_optimizer, train
 
-__all__ = ["SAEAdam", "TrainConfig", "Trainer", "TrainResult", "fvu", "train"]
+__all__ = ["CheckpointConfig", "DeadLatentConfig", "LoggingConfig", "OptimizerConfig", "SAEAdam", "ScheduleConfig",
+           "TrainConfig", "Trainer", "TrainResult", "build_optimizer", "fvu", "train"]

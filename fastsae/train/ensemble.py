@@ -1,4 +1,4 @@
-"""Training an `SAEEnsemble`: every member on the same batches, one set of kernels per step.
+"""Training an `SAEEnsemble`: every member on the same batches, one optimizer pass per step.
 
 The schedules, the fused optimizer and the decoder constraint are the
 single-SAE trainer's; each member's loss is its own (its L1 coefficient or k),
@@ -17,12 +17,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..ensemble import SAEEnsemble
+from ..losses import fvu
 from ..sae import SAE
+from .config import TrainConfig
 from .optim import SAEAdam
-from .trainer import TrainConfig, fvu, l1_warmup, lr_scale
+from .trainer import l1_warmup, lr_scale, record_batch_threshold_
 
-_UNSUPPORTED = {"resample_every": None, "auxk_coefficient": 0.0, "kl_coefficient": 0.0, "checkpoint_every": None,
-                "mixed_precision": None}
+# (concern, field) -> the only value train_ensemble supports yet
+_UNSUPPORTED = {("dead_latents", "resample_every"): None, ("dead_latents", "auxk_coefficient"): 0.0,
+                (None, "kl_coefficient"): 0.0, ("checkpoints", "every"): None,
+                ("optimizer", "mixed_precision"): None}
 
 
 @dataclass
@@ -34,41 +38,44 @@ class EnsembleResult:
 def train_ensemble(members: list[SAE], batches: Iterable[Tensor], cfg: TrainConfig | None = None) -> EnsembleResult:
     """Train members (same shape; their l1_coefficient, k and initial weights may differ) together.
     The ensemble always uses SAEAdam (its stacked decoder rows need the fused constraint); on CPU each
-    member equals a solo run with TrainConfig(optimizer="fused")."""
+    member equals a solo run with OptimizerConfig(kind="fused")."""
     cfg = cfg or TrainConfig()
-    for name, allowed in _UNSUPPORTED.items():
-        if getattr(cfg, name) != allowed:
-            raise ValueError(f"train_ensemble does not support TrainConfig.{name}={getattr(cfg, name)!r} yet")
+    for (part, name), allowed in _UNSUPPORTED.items():
+        value = getattr(cfg if part is None else getattr(cfg, part), name)
+        if value != allowed:
+            where = "TrainConfig" if part is None else type(getattr(cfg, part)).__name__
+            raise ValueError(f"train_ensemble does not support {where}.{name}={value!r} yet")
     ens = SAEEnsemble(members)
-    opt = SAEAdam(ens, lr=cfg.lr, betas=cfg.adam_betas, state_dtype=getattr(torch, cfg.optimizer_state_dtype))
-    total = cfg.total_steps or (len(batches) if hasattr(batches, "__len__") else None)
+    opt = SAEAdam(ens, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
+                  state_dtype=getattr(torch, cfg.optimizer.state_dtype))
+    total = cfg.schedule.total_steps or (len(batches) if hasattr(batches, "__len__") else None)
     history, start, tokens = [], time.perf_counter(), 0
-    bar = tqdm(total=total, disable=not cfg.progress, desc=f"train x{ens.n}", unit="step")
+    bar = tqdm(total=total, disable=not cfg.logging.progress, desc=f"train x{ens.n}", unit="step")
     for step, x in enumerate(batches):
         if total is not None and step >= total:
             break
         ens.train()
         x = x.reshape(-1, ens.d_in).to(ens.W_dec.dtype)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_scale(step, total, cfg)
-        out = ens(x)
-        loss = out.mse
-        if out.l1 is not None:
-            # coefficient · warm-up in Python floats first, as the single-SAE trainer computes it
-            warm = l1_warmup(step, total, cfg)
-            loss = loss + torch.tensor([c * warm for c in ens.l1_coefficients], dtype=out.l1.dtype) * out.l1
+            group["lr"] = cfg.optimizer.lr * lr_scale(step, total, cfg.schedule)
+        # coefficient · warm-up in Python floats, as the single-SAE trainer computes it
+        warm = l1_warmup(step, total, cfg.schedule)
+        out = ens(x, l1_coefficients=[c * warm for c in ens.l1_coefficients])
         opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        out.loss.sum().backward()
         opt.step()
+        if out.threshold is not None:
+            for e in range(ens.n):
+                record_batch_threshold_(ens.threshold[e], out.threshold[e])
         tokens += x.shape[0]
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total:
             with torch.no_grad():
                 history.append({
-                    "step": step + 1, "tokens": tokens, "loss": loss.tolist(), "mse": out.mse.tolist(),
+                    "step": step + 1, "tokens": tokens, "loss": out.loss.tolist(), "mse": out.mse.tolist(),
                     "l1": None if out.l1 is None else out.l1.tolist(),
                     "l0": (out.values > 0).sum(-1).float().mean(-1).tolist(),
-                    "fvu": [fvu(x, out.x_hat[e]).item() for e in range(ens.n)],
+                    "fvu": [fvu(x, out.x_hat[e]) for e in range(ens.n)],
                     "tokens_per_s": tokens / (time.perf_counter() - start),
                 })
     bar.close()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import kl_div
 from ..model import hook_site, resolve
 
 
@@ -51,7 +52,7 @@ class SpliceKL:
 
         with hook_site(self.model, self.site, splice):
             spliced = F.log_softmax(self._logits(input_ids, attention_mask), dim=-1)
-        per_position = (clean_logprobs.exp() * (clean_logprobs - spliced)).sum(-1)  # (B, T)
+        per_position = kl_div(clean_logprobs, spliced)  # (B, T)
         if attention_mask is None:
             return per_position.mean()
         mask = attention_mask.to(per_position.dtype)

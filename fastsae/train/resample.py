@@ -10,8 +10,8 @@
 5. Its encoder bias becomes 0, and its Adam moments (encoder row, decoder row,
    bias entry) are reset to 0.
 
-Step 5's rewrite runs as one Triton kernel on CUDA (kernels/resample.py) and
-as plain PyTorch elsewhere; both do the same writes.
+Steps 3-5's rewrite is `fastsae.ops`' resample_rows, dispatched like every op:
+one Triton kernel on CUDA, plain PyTorch elsewhere; both do the same writes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops import backend_for
 from ..sae import SAE
 
 ENCODER_SCALE = 0.2  # Towards Monosemanticity, "Neuron Resampling"
@@ -67,10 +68,8 @@ def adam_state_rows(optimizer: torch.optim.Optimizer | None, sae: SAE) -> dict[s
 
 @torch.no_grad()
 def resample_dead_latents(sae: SAE, dead: Tensor, pool: Tensor, optimizer: torch.optim.Optimizer | None = None,
-                          generator: torch.Generator | None = None, use_kernel: bool | None = None) -> int:
-    """Resample every latent where dead (d_sae,) is True from the inputs in pool (P, d_in). Returns how many.
-
-    use_kernel: the Triton rewrite (default on CUDA) or the PyTorch one."""
+                          generator: torch.Generator | None = None) -> int:
+    """Resample every latent where dead (d_sae,) is True from the inputs in pool (P, d_in). Returns how many."""
     if dead.shape != (sae.cfg.d_sae,) or dead.dtype != torch.bool:
         raise ValueError(f"dead must be a bool tensor of shape ({sae.cfg.d_sae},), "
                          f"got {dead.dtype} {tuple(dead.shape)}")
@@ -88,22 +87,7 @@ def resample_dead_latents(sae: SAE, dead: Tensor, pool: Tensor, optimizer: torch
     scale = ENCODER_SCALE * alive_norm
     W_enc = None if sae.cfg.tied else sae.W_enc
     state = adam_state_rows(optimizer, sae)
-    if sae.W_dec.is_cuda if use_kernel is None else use_kernel:
-        from ..kernels.resample import resample_rows
-
-        resample_rows(latents, directions, sae.W_dec.data, None if W_enc is None else W_enc.data, sae.b_enc.data,
-                      scale, state)
-    else:
-        _resample_rows_torch(latents, directions, sae.W_dec.data, None if W_enc is None else W_enc.data,
-                             sae.b_enc.data, scale, state)
+    backend_for(sae.device).resample_rows(latents, directions, sae.W_dec.data,
+                                          None if W_enc is None else W_enc.data, sae.b_enc.data, scale, state)
     return n
 
-
-def _resample_rows_torch(latents, directions, W_dec, W_enc, b_enc, scale, state) -> None:
-    """The PyTorch twin of kernels.resample.resample_rows."""
-    W_dec[latents] = directions.to(W_dec.dtype)
-    if W_enc is not None:
-        W_enc[latents] = (directions * scale).to(W_enc.dtype)
-    b_enc[latents] = 0
-    for t in (state or {}).values():
-        t[latents] = 0

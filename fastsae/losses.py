@@ -1,0 +1,106 @@
+"""The loss an SAE trains on, and the measures of fit training and evaluation share: each written once, here.
+
+    loss = mse + l1_coefficient · l1 + auxk_coefficient · auxk + kl_coefficient · kl
+    mse  = mean over rows of Σ_d (x - x_hat)²
+    l1   = mean over rows of Σ_i z_i · w_i, w_i = ||W_dec[i]|| (Anthropic, April 2024) or 1     relu/jumprelu
+    auxk = mse of the top k_aux dead latents' reconstruction of the residual x - x_hat            topk/batchtopk
+           (Gao et al. 2024; `SAE` computes it, it needs the encoder)
+    kl   = mean over positions of KL(p_clean || p_spliced), the model's next-token distributions
+    fvu  = Σ||x - x_hat||² / Σ||x - mean(x)||²  (fraction of variance unexplained; 1 - explained variance)
+
+`SAE.forward`, `SAEEnsemble` and the trainers all build their loss with `loss_terms`, so
+`SAEOutput.loss` is the loss that is trained (the trainer passes its warmed-up coefficients).
+Sums accumulate in fp32 (fp64 for float64 inputs, as the reference backend uses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossCoefficients:
+    l1: float = 0.0
+    auxk: float = 0.0
+    kl: float = 0.0
+
+    def __post_init__(self):
+        for name in ("l1", "auxk", "kl"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < math.inf):
+                raise ValueError(f"LossCoefficients.{name} must be finite and >= 0, got {value!r}")
+
+
+@dataclass
+class LossTerms:
+    mse: Tensor  # scalar
+    l1: Tensor | None  # scalar (relu/jumprelu)
+    auxk: Tensor | None  # scalar (topk/batchtopk trained with AuxK)
+    kl: Tensor | None  # scalar (training through a spliced model)
+    loss: Tensor  # the weighted sum above
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for the float64 reference."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over rows of Σ_d (x - x_hat)²; x, x_hat (N, d)."""
+    acc = accumulation_dtype(x.dtype)
+    return (x_hat.to(acc) - x.to(acc)).pow(2).sum(-1).mean()
+
+
+def l1_penalty(values: Tensor, indices: Tensor, W_dec: Tensor | None = None) -> Tensor:
+    """Mean over rows of Σ_j z_j · ||W_dec[idx_j]|| (values, indices (N, w) of the compact latents);
+    W_dec None weighs every latent 1."""
+    acc = accumulation_dtype(values.dtype)
+    z = values.to(acc)
+    if W_dec is not None:
+        z = z * W_dec.to(acc).norm(dim=1)[indices]
+    return z.sum(-1).mean()
+
+
+def loss_terms(x: Tensor, x_hat: Tensor, coefficients: LossCoefficients, *, l1: Tensor | None = None,
+               auxk: Tensor | None = None, kl: Callable[[Tensor], Tensor] | Tensor | None = None) -> LossTerms:
+    """The terms and their weighted sum for one SAE on x (N, d_in). A term left None is not in the loss;
+    kl may be a function of x_hat that returns the KL term (what `SpliceKL` gives)."""
+    rec = mse(x, x_hat)
+    loss = rec
+    if l1 is not None:
+        loss = loss + coefficients.l1 * l1
+    if auxk is not None:
+        loss = loss + coefficients.auxk * auxk
+    if callable(kl):
+        kl = kl(x_hat)
+    if kl is not None:
+        loss = loss + coefficients.kl * kl
+    return LossTerms(rec, l1, auxk, kl, loss)
+
+
+def kl_div(clean_logprobs: Tensor, logprobs: Tensor) -> Tensor:
+    """KL(p_clean || p) per position: (..., vocab) log-probabilities -> (...)."""
+    return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+
+
+def variance_unexplained(sq_resid: float, sq_norm: float, sum_x: Tensor, n: int) -> float:
+    """FVU from float64 sums over n rows: Σ||x - x_hat||², Σ||x||², Σx. The centred variance
+    Σ||x||² - ||Σx||²/n is taken in float64, so a large common offset (a residual stream) costs no precision
+    worth counting. A constant x (no variance) gives 0 when it is reconstructed exactly, else 1."""
+    variance = sq_norm / n - float((sum_x.double() / n).square().sum())
+    mean_sq_resid = sq_resid / n
+    if variance > 1e-12:
+        return mean_sq_resid / variance
+    return float(mean_sq_resid >= 1e-12)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained over the rows of one batch (x, x_hat (..., d))."""
+    x = x.detach().reshape(-1, x.shape[-1]).double()
+    x_hat = x_hat.detach().reshape(-1, x.shape[-1]).double()
+    return variance_unexplained(float((x - x_hat).square().sum()), float(x.square().sum()), x.sum(0), x.shape[0])

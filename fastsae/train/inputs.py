@@ -1,0 +1,37 @@
+"""What the trainer takes from its batches, checked before anything is changed.
+
+A bad batch must leave the caller's SAE as it was: `init_b_dec_mean_` checks the first batch (type,
+width, finiteness) before it writes b_dec, so a NaN batch refused by the forward does not leave a NaN
+b_dec behind.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..sae import SAE
+
+
+def check_batch(batch: object, step: int) -> Tensor:
+    """batch as a Tensor, or a TypeError naming the batches argument and what was expected."""
+    if not isinstance(batch, Tensor):
+        hint = " (wrap numpy arrays with torch.from_numpy)" if type(batch).__module__ == "numpy" else ""
+        raise TypeError(f"batches must yield torch.Tensor activations (..., d_in) or token ids, got "
+                        f"{type(batch).__module__}.{type(batch).__name__} at step {step}{hint}")
+    return batch
+
+
+@torch.no_grad()
+def init_b_dec_mean_(sae: SAE, batch: Tensor, rows_mean=lambda rows: rows.double().mean(0)) -> None:
+    """b_dec = the batch's mean row (TrainConfig b_dec_init='mean'), in float64; the SAE is untouched
+    unless the batch is a finite (..., d_in) tensor. rows_mean: (rows, d_in) -> (d_in,) float64 (the
+    data-parallel trainer averages over every rank's rows)."""
+    d_in = sae.cfg.d_in
+    if batch.dim() < 1 or batch.shape[-1] != d_in or batch.numel() == 0:
+        raise ValueError(f"b_dec_init='mean': the first batch must have shape (..., d_in={d_in}), "
+                         f"got {tuple(batch.shape)}")
+    mean = rows_mean(batch.reshape(-1, d_in))  # (d_in,)
+    if not torch.isfinite(mean).all():
+        raise ValueError("b_dec_init='mean': the first batch contains NaN or Inf values; b_dec is left as it was")
+    sae.b_dec.copy_(mean.to(sae.b_dec.dtype))

@@ -1,0 +1,167 @@
+"""Bad arguments are refused by name, and a refused call leaves the caller's objects as they were."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from fastsae import SAE, SAEConfig, SparseLatents, ops, use_backend
+from fastsae.harvest import ActivationStore, ShuffledLoader, StoreWriter
+from fastsae.train import TrainConfig, Trainer, train
+
+from conftest import make_sae
+
+BACKENDS = ["reference", "torch", "triton"]
+
+
+# ---- decode ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [37, 40, -1])
+def test_decode_refuses_an_index_outside_d_sae_on_every_backend(backend, bad):
+    sae = make_sae(13, 37, "topk", k=3)
+    latents = sae.encode(torch.randn(5, 13))
+    latents.indices[2, 1] = bad
+    with use_backend(backend), pytest.raises(ValueError, match=rf"indices must be in \[0, d_sae=37\).*{bad}"):
+        sae.decode(latents)
+    with use_backend(backend), pytest.raises(ValueError, match=r"indices must be in \[0, d_sae=37\)"):
+        ops.decode(latents.values, latents.indices, sae.W_dec, sae.b_dec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_of_dense_latents_with_negative_entries_is_exact(backend):
+    sae = make_sae(13, 37)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 37, generator=gen) * (torch.rand(6, 37, generator=gen) < 0.3)  # signed, sparse
+    z[4] = 0  # a row with nothing active decodes to b_dec
+    expected = z.double() @ sae.W_dec.double() + sae.b_dec.double()
+    with use_backend(backend):
+        got = sae.decode(z)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+        z2 = z.clone().requires_grad_(True)  # and differentiable in z: the gradient is g @ W_decᵀ
+        sae.decode(z2).sum().backward()
+    torch.testing.assert_close(z2.grad, sae.W_dec.detach().sum(1).expand(6, 37), atol=2e-5, rtol=2e-5)
+
+
+def test_fire_counts_refuses_an_index_outside_d_sae():
+    values = torch.ones(2, 2)
+    with pytest.raises(ValueError, match=r"fire_counts: latent indices must be in \[0, d_sae=5\), got one of 5"):
+        SparseLatents(values, torch.tensor([[0, 5], [1, 2]]), 5).fire_counts()
+    with pytest.raises(ValueError, match=r"fire_counts: latent indices must be in \[0, d_sae=5\)"):
+        SparseLatents(values, torch.tensor([[0, -1], [1, 2]]), 5).fire_counts()
+    assert SparseLatents(values, torch.tensor([[0, 4], [1, 4]]), 5).fire_counts().tolist() == [1, 1, 0, 0, 2]
+
+
+@pytest.mark.parametrize("k_aux", [0, -1, 38, True, 2.0])
+def test_k_aux_out_of_range_is_named(k_aux):
+    sae = make_sae(13, 37, "topk", k=3)
+    dead = torch.ones(37, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"k_aux must be None or an int in \[1, d_sae=37\]"):
+        sae(torch.randn(4, 13), dead_mask=dead, k_aux=k_aux)
+    assert sae(torch.randn(4, 13), dead_mask=dead, k_aux=37).auxk is not None
+    with pytest.raises(ValueError, match=r"DeadLatentConfig.auxk_k must be <= d_sae=37, got 38"):
+        Trainer(sae, TrainConfig.flat(auxk_coefficient=0.1, auxk_k=38))
+
+
+# ---- what train() takes ---------------------------------------------------------------------------------
+
+
+def test_numpy_batches_are_refused_by_name():
+    sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
+    with pytest.raises(TypeError, match=r"batches must yield torch.Tensor .* got numpy.ndarray at step 0 "
+                                        r"\(wrap numpy arrays with torch.from_numpy\)"):
+        train(sae, [np.zeros((4, 8), dtype=np.float32)], TrainConfig.flat(progress=False))
+
+
+def test_b_dec_mean_init_with_a_bad_first_batch_leaves_the_sae_as_it_was():
+    sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    nan_batch = torch.randn(16, 8)
+    nan_batch[3, 2] = float("nan")
+    cfg = TrainConfig.flat(b_dec_init="mean", progress=False)
+    with pytest.raises(ValueError, match="b_dec_init='mean': the first batch contains NaN or Inf"):
+        train(sae, [nan_batch], cfg)
+    with pytest.raises(ValueError, match=r"b_dec_init='mean': the first batch must have shape \(..., d_in=8\), "
+                                         r"got \(16, 7\)"):
+        train(sae, [torch.randn(16, 7)], cfg)
+    for name, value in sae.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+
+
+def test_mixed_precision_training_leaves_the_callers_sae_taking_fp32():
+    sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
+    batches = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    result = train(sae, batches, TrainConfig.flat(mixed_precision="bfloat16", progress=False))
+    assert result.sae is sae and sae.dtype == torch.float32 and sae.compute_dtype is None
+    assert sae(torch.randn(3, 8)).x_hat.dtype == torch.float32
+
+
+def test_resuming_into_a_run_of_another_optimizer_is_named(tmp_path):
+    """(see also tests/test_checkpoint.py) the fused SAEAdam's state and torch's Adam's are not interchangeable."""
+    sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
+    batches = [torch.randn(32, 8) for _ in range(2)]
+    train(sae, batches, TrainConfig.flat(optimizer="fused", checkpoint_every=1, progress=False), run_dir=tmp_path)
+    other = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"optimizer is 'fused'.*gives 'torch'.*OptimizerConfig\(kind='fused'\)"):
+        train(other, batches, TrainConfig.flat(optimizer="torch", checkpoint_every=1, progress=False),
+              run_dir=tmp_path, resume=True)
+    for name, value in other.state_dict().items():  # refused before the checkpoint's weights were copied in
+        assert torch.equal(value, before[name]), f"{name} changed"
+
+
+# ---- the loader -----------------------------------------------------------------------------------------
+
+
+def _within(seconds, fn):
+    """fn() run with a deadline: a hang fails the test instead of blocking the suite."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (a hang)"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _store(path, rows):
+    with StoreWriter(path, model="m", sites={"s": 4}, dtype=torch.float32, context_size=rows or 1,
+                     excluded_token_ids=[]) as writer:
+        if rows:
+            writer.add({"s": torch.randn(1, rows, 4)}, torch.ones(1, rows, dtype=torch.int64),
+                       torch.ones(1, rows, dtype=torch.bool), 0)
+            writer.flush()
+    return ActivationStore(path)
+
+
+@pytest.mark.parametrize("rows,batch_size,drop_last", [(10, 16, True), (0, 4, False)])
+def test_loader_batches_refuse_an_epoch_without_a_batch(tmp_path, rows, batch_size, drop_last):
+    loader = ShuffledLoader(_store(tmp_path, rows), "s", batch_size, drop_last=drop_last)
+    with pytest.raises(ValueError, match=rf"an epoch of .* yields no batch: the store has {rows} rows, "
+                                         rf"batch_size is {batch_size}"):
+        _within(30, lambda: next(iter(loader.batches(3))))
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+
+def test_evaluate_on_windows_where_every_token_is_excluded_is_named():
+    from fastsae.evaluation import evaluate
+    from fastsae.model import random_causal_lm
+
+    model, _ = random_causal_lm()
+    windows = torch.full((2, 6), 5, dtype=torch.int64)
+    windows[:, -1] = 6  # the last position predicts nothing: still nothing to score
+    with pytest.raises(ValueError, match=r"evaluate: every token of windows \(2, 6\) is excluded "
+                                         r"\(exclude_token_ids=\[5\]\)"):
+        evaluate(model, "resid_post.0", windows, {"sae": make_sae(32, 64)}, exclude_token_ids=[5], progress=False)
