@@ -38,6 +38,10 @@ def test_fastsae_patch_writes_the_curves_and_their_plot(tmp_path, capsys):
     assert set(report["results"]["resid_post.0"]["curves"]) == {"sae", "pca", "neurons"}
     assert (tmp_path / "out" / "patch.png").stat().st_size > 1000
     assert "| resid_post.1 | sae |" in capsys.readouterr().out
+    first = (tmp_path / "out" / "patch.json").read_text()
+    assert main(["patch", "--model", str(tmp_path / "lm"), "--sae", str(tmp_path / "sae1"), str(tmp_path / "sae0"),
+                 "--prompts", "6", "--max-m", "3", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "patch.json").read_text() == first  # resumed: every site was there already
 
 
 def test_fastsae_circuit_and_steer(tmp_path, capsys):
