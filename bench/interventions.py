@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--max-m", type=int, default=64)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64], help="erasure: directions ablated")
-    parser.add_argument("--erasure-windows", type=int, default=96, help="64-token windows: half fit, half evaluate")
+    parser.add_argument("--erasure-windows", type=int, default=96,
+                        help="64-token windows with the concept: half fit, half evaluate")
     parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
     parser.add_argument("--skip", nargs="*", default=[], choices=("patch", "erasure", "circuit", "steer"))
     parser.add_argument("--out", help="default bench/results/interventions-cpu-<date>")
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     windows = token_windows(tokenizer, read_documents("english-classics:test"), 64, seed=1)
     concept = erasure.token_ids(tokenizer, erasure.PRONOUNS)
     if "erasure" not in args.skip:
-        chosen = windows[:args.erasure_windows]
+        # windows where the concept occurs at least twice, so that ~5% of positions are targets, not ~1%
+        rich = erasure.next_token_mask(windows, concept).sum(1) >= 2
+        chosen = windows[rich][:args.erasure_windows]
         target = erasure.next_token_mask(chosen, concept)
         result = erasure.erasure(model, site, saes[site], chosen, target, counts=args.counts,
                                  fit_windows=args.erasure_windows // 2)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## Circuit", "", "```", circuits.describe(graph), "```", f"({graph['seconds']:.0f} s)", ""]
     if "steer" not in args.skip:
         result = steering.steer(model, tokenizer, top_site, saes[top_site], latent,
-                                "The old man walked into the room, and", alphas=(0.0, 10.0, 30.0, 100.0))
+                                "The old man walked into the room, and", alphas=(0.0, 2.0, 5.0, 10.0, 20.0))
         result["env"] = env
         io.write_json(out / "steer.json", result)
         steering.plot(result, out / "steer.png")

@@ -5,7 +5,10 @@ import json
 import pytest
 
 from fastsae.analysis import ioi
+from fastsae.analysis.features import FeatureConfig, collect_features
+from fastsae.analysis.sources import ModelSource
 from fastsae.cli import main
+from fastsae.harvest import token_windows
 from fastsae.model import capture
 
 from conftest import make_sae
@@ -35,6 +38,10 @@ def test_fastsae_patch_writes_the_curves_and_their_plot(tmp_path, capsys):
     assert set(report["results"]["resid_post.0"]["curves"]) == {"sae", "pca", "neurons"}
     assert (tmp_path / "out" / "patch.png").stat().st_size > 1000
     assert "| resid_post.1 | sae |" in capsys.readouterr().out
+    first = (tmp_path / "out" / "patch.json").read_text()
+    assert main(["patch", "--model", str(tmp_path / "lm"), "--sae", str(tmp_path / "sae1"), str(tmp_path / "sae0"),
+                 "--prompts", "6", "--max-m", "3", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "patch.json").read_text() == first  # resumed: every site was there already
 
 
 def test_fastsae_circuit_and_steer(tmp_path, capsys):
@@ -53,6 +60,19 @@ def test_fastsae_circuit_and_steer(tmp_path, capsys):
     assert graph["root"] == f"1_{int(fires)}" and len(graph["edges"]) == 2
     assert (tmp_path / "circuit" / "circuit.png").is_file() and (tmp_path / "circuit" / "circuit.svg").is_file()
     assert "circuit of 1_" in capsys.readouterr().out
+    # contexts from a feature cache (fastsae features), the circuit written into its browser annotations
+    windows = token_windows(tok, [corpus.read_text()], 16, 512)
+    cfg = FeatureConfig(top=4, samples=2, quantiles=2, before=5, after=2, token_sample=8, random_contexts=2)
+    collect_features(sae1, ModelSource(model, "resid_post.1", windows), tmp_path / "cache", cfg, progress=False)
+    assert main(["circuit", "--model", str(tmp_path / "lm"), "--sae", str(tmp_path / "sae0"), str(tmp_path / "sae1"),
+                 "--latent", str(int(fires)), "--feature-cache", str(tmp_path / "cache"), "--depth", "1",
+                 "--keep", "1", "--candidates", "2", "--annotate", f"resid_post.1={tmp_path / 'cache'}",
+                 "--out", str(tmp_path / "circuit2")]) == 0
+    graph = json.loads((tmp_path / "circuit2" / "circuit.json").read_text())
+    assert graph["contexts"] == 4 and len(graph["edges"]) == 1
+    notes = json.loads((tmp_path / "cache" / "annotations" / "circuit.json").read_text())["features"]
+    assert notes[str(int(fires))]["text"].startswith("In the circuit of 1_")
+    capsys.readouterr()
     assert main(["steer", "--model", str(tmp_path / "lm"), "--sae", str(tmp_path / "sae0"), "--latent", "3",
                  "--prompt", "the cat", "--alphas", "0", "5", "--max-new-tokens", "4",
                  "--out", str(tmp_path / "steer")]) == 0

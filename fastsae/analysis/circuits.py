@@ -312,10 +312,8 @@ def run(model_name: str, sae_paths: Sequence[str], latent: int, out, *, sites: S
     if root_site not in saes:
         raise ValueError(f"--root-site {root_site!r}: no SAE there; SAEs are at {list(saes)}")
     if feature_cache:
-        try:
-            from .features import FeatureCache  # the feature cache of `fastsae features`
-        except ImportError as err:
-            raise ImportError("--feature-cache needs fastsae.analysis.features (fastsae features)") from err
+        from .cache import FeatureCache  # the feature cache of `fastsae features`
+
         contexts = as_batch(FeatureCache.load(feature_cache).top(latent)[:n_contexts], tokenizer)
     else:
         windows = token_windows(tokenizer, read_documents(corpus), context_size, tokens)

@@ -6,6 +6,7 @@ fitted on the same activations.
     prompts = ioi.generate(tokenizer, n=100)
     result = compare(model, "resid_post.6", sae, prompts, max_m=64)       # SAE vs PCA vs neurons
     result["curves"]["sae"]["fraction"][m - 1]   # fraction of the clean logit difference with m latents patched
+    write_report(model, tokenizer, {"resid_post.5": sae5, "resid_post.6": sae6}, "runs/patch")   # a layer sweep
 
 For each dictionary at the site:
   1. Choose the order of its latents. "attribution" (default; 2 forwards and 1 backward for any M): a latent's
@@ -31,16 +32,20 @@ a key-value cache of the corrupted prefix (the numbers of full forwards to float
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import platform
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .. import io
 from ..evaluation import baselines
 from ..model import hook_site, hook_sites, special_token_ids
 from .interventions import Intervention, as_dictionary
-from .ioi import IOIPrompts, logit_diff
+from .ioi import IOIPrompts, generate, logit_diff
 from .prompts import PromptBatch, last_logits, widen
 
 SELECTIONS = ("attribution", "greedy")
@@ -224,14 +229,6 @@ def _active_latents(codes, keep: Tensor) -> set[int]:
     return set(codes.indices[keep][codes.values[keep] > 0].unique().tolist())
 
 
-def layer_sweep(model: nn.Module, saes: Mapping[str, object], prompts: IOIPrompts, *,
-                ms: Sequence[int] | None = None, full_site: str | None = None, **kwargs) -> dict:
-    """compare() at every site of saes ({site: sae}), measured at ms (default every m), except at full_site
-    (every m there: the detailed curve of a cheaper sweep)."""
-    return {site: compare(model, site, sae, prompts, ms=None if site == full_site else ms, **kwargs)
-            for site, sae in saes.items()}
-
-
 def plot(results: Mapping[str, dict], path) -> None:
     """One column per site: fraction of the clean logit difference restored against m (top) and the edit's
     relative size against m (bottom), the SAE beside PCA and the neuron basis."""
@@ -282,7 +279,7 @@ def summary(results: Mapping[str, dict], ms: Sequence[int] = (1, 4, 16, 64)) -> 
 
 def run(model_name: str, sae_paths: Sequence[str], out, *, sites: Sequence[str] | None = None,
         device: str = "cpu", **kwargs) -> dict:
-    """`fastsae patch`: load the model and the SAEs (one per site: a layer sweep), then write_report()."""
+    """`fastsae patch`: load the model and the SAEs (one per site), then write_report()."""
     from ..model import load
     from .saes import load_saes
 
@@ -295,30 +292,41 @@ def write_report(model: nn.Module, tokenizer, saes: Mapping[str, object], out, *
                  seed: int = 0, max_m: int = 64, select: str = "attribution", pool: int | None = None,
                  against: Sequence[str] = ("pca", "neurons"), ms: Sequence[int] | None = None,
                  full_site: str | None = None) -> dict:
-    """The IOI patching curves of saes ({site: sae}) against the baselines on n generated prompts (at ms, every m
-    at full_site: see layer_sweep), written as out/patch.json (with the environment) and out/patch.png."""
-    import datetime as dt
-    import platform
-    from pathlib import Path
-
-    from .. import io
-    from . import ioi as ioi_prompts
-
+    """The IOI patching curves of saes ({site: sae}: a layer sweep) against the baselines on n generated prompts,
+    measured at ms (default every m) except at full_site (every m there: the detailed curve of a cheaper sweep),
+    written as out/patch.json (with the environment) and out/patch.png.
+    Resumable: patch.json is rewritten after every site, and a site already there with the same settings and
+    the same SAE is not measured again."""
     out = Path(out)
-    prompts = ioi_prompts.generate(tokenizer, n=n, seed=seed)
-    start = time.perf_counter()
-    results = layer_sweep(model, saes, prompts, max_m=max_m, select=select, pool=pool, against=against, ms=ms,
-                          full_site=full_site)
-    meta = {"model": model_name, "saes": {site: str(getattr(sae, "path", "")) for site, sae in saes.items()},
-            "prompts": n, "seed": seed, "max_m": max_m, "select": select, "against": list(against),
-            "ms": None if ms is None else list(ms), "full_site": full_site,
-            "seconds": time.perf_counter() - start, "device": str(next(model.parameters()).device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": dt.date.today().isoformat(), "example_prompt": prompts.texts[0],
-            "example_corrupted": prompts.corrupted_texts[0]}
-    report = {"meta": meta, "summary": summary(results, [m for m in (1, 4, 16, 64) if m <= max_m]),
-              "results": results}
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": model_name, "prompts": n, "seed": seed, "max_m": max_m, "select": select, "pool": pool,
+                "against": list(against), "ms": None if ms is None else list(ms), "full_site": full_site}
+    paths = {site: str(getattr(sae, "path", "")) for site, sae in saes.items()}
+    done = {}
+    if (out / "patch.json").is_file():
+        old = io.read_json(out / "patch.json")
+        if old.get("meta", {}).get("settings") == settings:
+            done = {site: r for site, r in old["results"].items() if old["meta"]["saes"].get(site) == paths.get(site)}
+    prompts = generate(tokenizer, n=n, seed=seed)
+    results = {}
+    for site, sae in saes.items():
+        if site in done:
+            results[site] = done[site]
+            continue
+        results[site] = compare(model, site, sae, prompts, max_m=max_m, select=select, pool=pool, against=against,
+                                ms=None if site == full_site else ms)
+        report = _report(results, settings, paths, model, prompts, max_m)
+        io.write_json(out / "patch.json", report)
+    report = _report(results, settings, paths, model, prompts, max_m)
     io.write_json(out / "patch.json", report)
     plot(results, out / "patch.png")
     return report
+
+
+def _report(results: dict, settings: dict, paths: dict, model: nn.Module, prompts: IOIPrompts, max_m: int) -> dict:
+    meta = {"settings": settings, **settings, "saes": {site: paths[site] for site in results},
+            "seconds": sum(r["seconds"] for r in results.values()), "device": str(next(model.parameters()).device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": dt.date.today().isoformat(), "example_prompt": prompts.texts[0],
+            "example_corrupted": prompts.corrupted_texts[0]}
+    return {"meta": meta, "summary": summary(results, [m for m in (1, 4, 16, 64) if m <= max_m]), "results": results}

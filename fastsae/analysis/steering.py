@@ -1,7 +1,7 @@
 """Steering: generate with one latent's decoder direction added at a site, for a list of strengths α, and see how
 the next-token distribution moves.
 
-    result = steer(model, tokenizer, "resid_post.6", sae, 1234, "I think that", alphas=(0, 20, 60))
+    result = steer(model, tokenizer, "resid_post.6", sae, 1234, "I think that", alphas=(0, 5, 20))
     print(format_result(result))
 
 α is in the latent's own units (z_i -> z_i + α, i.e. x -> x + α W_dec[i] at every real non-BOS position, the
@@ -31,7 +31,7 @@ def _decode(tokenizer, ids) -> str:
 
 @torch.no_grad()
 def steer(model: nn.Module, tokenizer, site: str, sae, latent: int, prompt: str, *,
-          alphas: Sequence[float] = (0.0, 10.0, 30.0, 100.0), max_new_tokens: int = 24, top: int = 5) -> dict:
+          alphas: Sequence[float] = (0.0, 2.0, 5.0, 10.0, 20.0), max_new_tokens: int = 24, top: int = 5) -> dict:
     """Steered continuations and next-token shifts of prompt for every α (see the module docstring)."""
     if not 0 <= latent < sae.cfg.d_sae:
         raise ValueError(f"latent must be in [0, {sae.cfg.d_sae}), got {latent}")
@@ -107,7 +107,7 @@ def plot(result: dict, path: str | Path) -> None:
 
 
 def run(model_name: str, sae_path: str, latent: int, prompt: str, out, *, site: str | None = None,
-        alphas: Sequence[float] = (0.0, 10.0, 30.0, 100.0), max_new_tokens: int = 24, device: str = "cpu") -> dict:
+        alphas: Sequence[float] = (0.0, 2.0, 5.0, 10.0, 20.0), max_new_tokens: int = 24, device: str = "cpu") -> dict:
     """`fastsae steer`: steer() with an SAE from its directory; writes out/steer.json and out/steer.png."""
     from .. import io
     from ..model import load

@@ -13,8 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("--site", help="its site, if it does not record one")
     p.add_argument("--latent", type=int, required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 10.0, 30.0, 100.0],
-                   help="strengths in the latent's units (default 0 10 30 100)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 2.0, 5.0, 10.0, 20.0],
+                   help="strengths in the latent's units (default 0 2 5 10 20; see its max on the prompt)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/steer", help="output directory (default runs/steer)")
