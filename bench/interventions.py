@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                               for name, c in result["curves"].items())
             lines.append(f"- {where}: LD clean {result['clean_logit_diff']:.2f}, corrupted "
                          f"{result['corrupted_logit_diff']:.2f}; SAE with all {result['all_latents']} active latents "
-                         f"patched: {result['all_latents_fraction']:.3f}; curves (M={args.max_m}): {times}")
+                         f"patched: {result['all_latents_fraction']:.3f}, its error term alone: "
+                         f"{result['error_only_fraction']:.3f}; curves (M={args.max_m}): {times}")
         lines.append("")
 
     windows = token_windows(tokenizer, read_documents("english-classics:test"), 64, seed=1)

@@ -376,6 +376,18 @@ def test_sae_and_baselines_through_the_feature_cache(tmp_path, capsys):
     assert {n.split("/")[0] for n in report["features"]} == {"sae", "pca"}
     notes = json.loads((cache_dir / "annotations" / "autointerp.json").read_text())
     assert len(notes["features"]) == 2
+    # the main job's cache beside the SAE (<run>/features) is found and gets the annotations
+    from fastsae import SAE
+    from fastsae.analysis.features import StoreSource, collect_features, write_vocab
+    from fastsae.harvest import ActivationStore
+    from fastsae.model import load
+
+    store = ActivationStore(tmp_path / "store")
+    cache = collect_features(SAE.load(sae), StoreSource(store, "resid_post.1"), tmp_path / "features", progress=False,
+                             meta={"sae": str(sae.resolve())})
+    write_vocab(cache.path, load(str(tmp_path / "lm"))[1])
+    _, found, _ = from_sae(sae, "2", (), out=tmp_path / "ai2", progress=False)
+    assert found == tmp_path / "features"
 
 
 def test_explanations_are_cleaned_and_copies_flagged():

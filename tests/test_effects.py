@@ -185,3 +185,14 @@ def test_interrupted_measuring_resumes_without_redoing_latents(tiny, tmp_path, m
     for key, value in full.items():
         torch.testing.assert_close(resumed[key], value, equal_nan=True, rtol=0, atol=0)
     assert not (tmp_path / "cache" / "effects.partial.safetensors").exists()
+
+
+def test_direct_effect_scale_free_summary(tiny):
+    directions = torch.randn(5, 32)
+    effects = direct_logit_effects(tiny, directions, k=3)
+    doubled = direct_logit_effects(tiny, 2 * directions, k=3)
+    torch.testing.assert_close(doubled["top_values"], 2 * effects["top_values"])
+    z = (effects["top_values"] - effects["mean"][:, None]) / effects["std"][:, None]
+    z2 = (doubled["top_values"] - doubled["mean"][:, None]) / doubled["std"][:, None]
+    torch.testing.assert_close(z, z2)  # the browser's z-scores do not depend on the decoder's norm
+    assert (z[:, 0] > 0).all() and effects["mean"].shape == (5,)

@@ -146,4 +146,12 @@ def test_compare_reports_sae_pca_and_neurons_side_by_side(lm, prompts):
     result = patching.compare(model, SITE, make_sae(32, 96, "topk", k=8), prompts, max_m=3)
     assert set(result["curves"]) == {"sae", "pca", "neurons"}
     assert all(len(c["fraction"]) == 3 for c in result["curves"].values())
-    assert result["all_latents"] > 3 and "all_latents_fraction" in result
+    assert result["all_latents"] > 3 and "all_latents_fraction" in result and "error_only_fraction" in result
+
+
+def test_every_sae_latent_and_its_error_restore_the_clean_run(lm, prompts):
+    model, tok = lm
+    sae = make_sae(32, 96, "topk", k=8)
+    state = patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    ld, size = patching.Patcher(model, state, patching.as_dictionary(sae), prompts, True)(range(96), patch_error=True)
+    assert ld == pytest.approx(state.clean_ld, abs=1e-5) and size > 0

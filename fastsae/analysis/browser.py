@@ -139,10 +139,13 @@ def _shard(cache: FeatureCache, effects: dict | None, annotations: list[dict], l
                 rows.append(row)
             f[key] = rows
         if effects is not None and "logits.top_ids" in effects:
-            for key, name in (("lp", "top"), ("ln", "bottom")):
-                f[key] = [[int(i), round(float(v), 4)] for i, v in zip(effects[f"logits.{name}_ids"][j].tolist(),
-                                                                     effects[f"logits.{name}_values"][j].tolist(),
-                                                                     strict=True)]
+            summary = "logits.mean" in effects  # not in caches measured before the z-scores were kept
+            mean = float(effects["logits.mean"][j]) if summary else 0.0
+            std = max(float(effects["logits.std"][j]), 1e-30) if summary else math.nan
+            for key, name in (("lp", "top"), ("ln", "bottom")):  # [token, logit change, its z-score or null]
+                f[key] = [[int(i), float(f"{v:.4g}"), round((v - mean) / std, 2) if summary else None]
+                          for i, v in zip(effects[f"logits.{name}_ids"][j].tolist(),
+                                          effects[f"logits.{name}_values"][j].tolist(), strict=True)]
         f["nb"] = [[i, round(c, 4)] for i, c in cache.neighbours(j)]
         f["ann"] = [{"title": a["title"], **a["features"][str(j)]} for a in annotations if str(j) in a["features"]]
         features[str(j)] = f

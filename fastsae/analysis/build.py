@@ -8,7 +8,7 @@ The model and site default to what the SAE recorded; the activations come from i
 (with the harvested windows rebuilt from the store's corpus settings, so contexts show BOS/EOS and effects
 see each context's whole prefix), or from a corpus through the model when no store is given. Ablation and
 attribution run the model once per feature, so they are measured for `effects` features (the best by the
-one-token score; None: all), the direct logit effect for all.
+one-token score, ranking.py; None: all), the direct logit effect for all.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .features import (
     store_windows,
     write_vocab,
 )
-from .ranking import one_token_score, top_features_table
+from .ranking import ranked_latents, top_features_table
 
 
 def build_feature_cache(sae_path: str | Path, out: str | Path, *, store: str | Path | None = None,
@@ -66,11 +66,11 @@ def build_feature_cache(sae_path: str | Path, out: str | Path, *, store: str | P
     write_vocab(cache.path, tokenizer)
     cache = FeatureCache.load(cache.path)
     chosen = None
-    if effects is not None:
-        score, _ = one_token_score(cache)
+    if effects is not None:  # the best-looking first (the ones the table shows), then the most frequent
+        ranked = ranked_latents(cache)
         count = cache.tensors["count"]
-        ranked = sorted(range(cache.d_sae), key=lambda j: (-float(score[j].nan_to_num(-1.0)), -int(count[j]), j))
-        chosen = sorted(ranked[:effects])
+        rest = sorted(set(range(cache.d_sae)) - set(ranked), key=lambda j: (-int(count[j]), j))
+        chosen = sorted((ranked + rest)[:effects])
     measure_effects(cache, lm, site, sae, windows, chosen, exclude_token_ids=excluded, progress=progress)
     measured = load_effects(cache.path)
     logit_ids = None

@@ -3,6 +3,7 @@
     effects.safetensors
         logits.top_ids, logits.top_values          (d_sae, k)   direct effect: most promoted tokens
         logits.bottom_ids, logits.bottom_values    (d_sae, k)   ... and most suppressed (logits.py)
+        logits.mean, logits.std                    (d_sae,)     over the vocabulary: the browser shows z-scores
         measured.latent                            (m,)         latents whose contexts were measured
         ablation                                   (m, n, W)    Δ log p of each token of each top context when
                                                                 the latent is removed upstream (logits.py)

@@ -55,7 +55,9 @@ def norm_gain(norm: nn.Module, d: int) -> tuple[Tensor, bool]:
 @torch.no_grad()
 def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, block: int = 512) -> dict[str, Tensor]:
     """Top-k promoted and suppressed tokens of each direction (width, d): {"top_ids", "top_values",
-    "bottom_ids", "bottom_values"}, each (width, k), the largest first / the most negative first."""
+    "bottom_ids", "bottom_values"}, each (width, k), the largest first / the most negative first, and the
+    mean and std over the vocabulary of each direction's logit changes, "mean" and "std" (width,): the
+    values' scale depends on the decoder's norm and the final norm's gain, (value - mean) / std does not."""
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise ValueError(f"{type(model).__name__} has no unembedding (an encoder?): no direct logit effect")
@@ -65,7 +67,8 @@ def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, bloc
                          f"the direct effect needs a residual-stream site (not mlp_hidden)")
     gain, centres = norm_gain(final_norm(model), W_U.shape[1])
     k = min(k, W_U.shape[0])
-    out: dict[str, list[Tensor]] = {"top_ids": [], "top_values": [], "bottom_ids": [], "bottom_values": []}
+    out: dict[str, list[Tensor]] = {"top_ids": [], "top_values": [], "bottom_ids": [], "bottom_values": [],
+                                    "mean": [], "std": []}
     for first in range(0, directions.shape[0], block):
         d = directions[first:first + block].to(W_U)
         if centres:
@@ -76,6 +79,8 @@ def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, bloc
         out["top_values"].append(top.values.cpu())
         out["bottom_ids"].append(bottom.indices.int().cpu())
         out["bottom_values"].append(bottom.values.cpu())
+        out["mean"].append(logits.mean(dim=1).cpu())
+        out["std"].append(logits.std(dim=1).cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

@@ -21,7 +21,7 @@ For each dictionary at the site:
   3. The edit's size: ||Δx||_F / ||x_corrupted||_F over the patched positions.
 Patching every direction of PCA or the neuron basis restores the clean run exactly (fraction 1); patching every
 latent of an SAE restores x̂_clean + error_corrupted, short of 1 by what the SAE does not reconstruct
-(reported as "all_latents_fraction").
+(reported as "all_latents_fraction"; "error_only_fraction" patches the SAE's error term x - x̂ alone).
 
 Positions before the first token where clean and corrupted differ have identical activations, so their edit is
 zero: with reuse_prefix (default) the forwards of step 2 run only from that column on, reading the rest from
@@ -105,10 +105,10 @@ class Patcher:
         self.batch = batch
 
     @torch.no_grad()
-    def __call__(self, latents: Sequence[int]) -> tuple[float, float]:
-        """Mean LD with latents patched, and the edit's relative size."""
+    def __call__(self, latents: Sequence[int], patch_error: bool = False) -> tuple[float, float]:
+        """Mean LD with latents (and with patch_error the error term) patched, and the edit's relative size."""
         s, state, batch = self.start, self.state, self.batch
-        iv = Intervention(self.dictionary, patch=list(latents), source=state.clean_x[:, s:],
+        iv = Intervention(self.dictionary, patch=list(latents), source=state.clean_x[:, s:], patch_error=patch_error,
                           positions=state.keep[:, s:], record=True)
         iv.source_codes = _columns(self.clean_codes, s)
         with hook_sites(self.model, {state.site: iv}):
@@ -207,12 +207,15 @@ def compare(model: nn.Module, site: str, sae, prompts: IOIPrompts, *, max_m: int
     with torch.no_grad():
         clean_codes, corrupted_codes = sae_dict.codes(state.clean_x), sae_dict.codes(state.corrupted_x)
     active = _active_latents(clean_codes, state.keep) | _active_latents(corrupted_codes, state.keep)
-    everything, _ = Patcher(model, state, sae_dict, prompts, reuse_prefix)(sorted(active))
+    patcher = Patcher(model, state, sae_dict, prompts, reuse_prefix)
+    everything, _ = patcher(sorted(active))
+    error_only, error_size = patcher([], patch_error=True)
     gap = state.clean_ld - state.corrupted_ld
-    forwards = state.forwards + sum(c["forwards"] for c in curves.values()) + 2
+    forwards = state.forwards + sum(c["forwards"] for c in curves.values()) + patcher.forwards
     return {"site": site, "prompts": len(prompts), "forwards": forwards, "clean_logit_diff": state.clean_ld,
             "corrupted_logit_diff": state.corrupted_ld, "all_latents_fraction": (everything - state.corrupted_ld) / gap,
-            "all_latents": len(active), "curves": curves, "seconds": time.perf_counter() - start}
+            "all_latents": len(active), "error_only_fraction": (error_only - state.corrupted_ld) / gap,
+            "error_only_relative_edit": error_size, "curves": curves, "seconds": time.perf_counter() - start}
 
 
 def _active_latents(codes, keep: Tensor) -> set[int]:
@@ -247,6 +250,8 @@ def plot(results: Mapping[str, dict], path) -> None:
             bottom.plot(curve["m"], curve["relative_edit"], "-", color=f"C{i}", label=name)
         top.axhline(result["all_latents_fraction"], color="C0", linestyle=":", linewidth=1,
                     label=f"sae: all {result['all_latents']} active latents")
+        top.axhline(result["error_only_fraction"], color="C0", linestyle="-.", linewidth=1,
+                    label="sae: its error term alone")
         top.axhline(1.0, color="0.5", linewidth=0.8)
         top.set_title(f"{site}  (LD clean {result['clean_logit_diff']:.2f}, corrupted "
                       f"{result['corrupted_logit_diff']:.2f})", fontsize=9)

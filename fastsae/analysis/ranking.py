@@ -4,7 +4,9 @@ one-token score: the fraction of a latent's top-context activation mass (the sum
 that falls on its most common peak-token class, a class being the token's text stripped of whitespace and
 lower-cased (" The" and "the" are one class). 1.0: every top context peaks on the same word. It favours
 single-token features over contextual ones, which is why it is only a proxy: it is cheap and it finds
-features a reader can check at a glance. Latents with fewer than n top contexts get NaN.
+features a reader can check at a glance. Latents with fewer than n top contexts get NaN. The ranking
+(`ranked_latents`) breaks the many ties at 1.0 toward the sparser feature, and leaves out latents that fire
+fewer than 2n times. `fastsae run` prints its first five; `build_feature_cache` measures effects on them.
 """
 
 from __future__ import annotations
@@ -44,15 +46,24 @@ def one_token_score(cache: FeatureCache) -> tuple[Tensor, list[str]]:
     return score, dominant
 
 
-def top_features_table(cache: FeatureCache, k: int = 5, browser_dir=None) -> str:
-    """A markdown table of the k latents with the highest one-token score (ties: the more frequent first)."""
-    score, dominant = one_token_score(cache)
+def ranked_latents(cache: FeatureCache) -> list[int]:
+    """Latents by one-token score, highest first; ties (many reach 1.0) go to the sparser feature, a specific
+    word before the newline that 30% of tokens fire. Only latents firing at least twice per top context
+    (2n times) are ranked: fewer firings make a score of chance."""
+    score, _ = one_token_score(cache)
     count = cache.tensors["count"]
-    eligible = (~torch.isnan(score)).nonzero().squeeze(1).tolist()
-    eligible.sort(key=lambda j: (-float(score[j]), -int(count[j]), j))
+    n = cache.tensors["top.sequence"].shape[1]
+    eligible = ((~torch.isnan(score)) & (count >= 2 * n)).nonzero().squeeze(1).tolist()
+    return sorted(eligible, key=lambda j: (-float(score[j]), int(count[j]), j))
+
+
+def top_features_table(cache: FeatureCache, k: int = 5, browser_dir=None) -> str:
+    """A markdown table of the k best latents by `ranked_latents`."""
+    score, dominant = one_token_score(cache)
+    ranked = ranked_latents(cache)
     lines = ["| latent | one-token score | peak token | density | max act | a top context |",
              "|---:|---:|---|---:|---:|---|"]
-    for j in eligible[:k]:
+    for j in ranked[:k]:
         top = cache.top(j)[0]
         peak = top.meta["position"] - top.start
         text = "".join(f"[{tok}]" if i == peak else tok for i, tok in enumerate(top.tokens))
@@ -61,6 +72,6 @@ def top_features_table(cache: FeatureCache, k: int = 5, browser_dir=None) -> str
         stats = cache.stats(j)
         lines.append(f"| {j}{link} | {float(score[j]):.2f} | {dominant[j]!r} | {stats['density']:.2e} | "
                      f"{stats['max_activation']:.3g} | {text} |")
-    if not eligible:
+    if not ranked:
         lines.append("| – | no latent has a full set of top contexts | | | | |")
     return "\n".join(lines)

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     src.add_argument("--sae", help="an SAE directory: its features' contexts come from its feature cache")
     src.add_argument("--examples", help="a JSON file of contexts per feature (autointerp.sources.save_examples)")
     p.add_argument("--feature-cache", help="the SAE's feature cache (fastsae features --out …): its browser shows "
-                                           "the explanations; with --sae the default is one built in <out>/features")
+                                           "the explanations; with --sae the default is the main job's "
+                                           "(<run>/features beside <run>/train/sae), else one built in <out>/features")
     p.add_argument("--fit-tokens", type=int, default=32_768, help="activations the baselines are fitted on")
     p.add_argument("--features", default="50", help="how many features per kind (drawn at random), ids like "
                                                     "3,17,42 (one id: 42,), or 'all' (default 50)")

@@ -55,7 +55,7 @@
     const box = $("histogram"), legend = $("legend");
     box.replaceChildren(); legend.replaceChildren();
     if (!f.h.length) { box.textContent = "never fired"; return; }
-    const W = 560, H = 170, padL = 40, padB = 22, n = f.h.length, bw = (W - padL) / n;
+    const W = 470, H = 170, padL = 40, padB = 22, n = f.h.length, bw = (W - padL) / n;
     const log = $("logscale").checked, scale = v => (log ? Math.log10(1 + v) : v);
     const top = Math.max(...f.h.map(scale)) || 1;
     const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
@@ -114,10 +114,11 @@
       const ol = $(id);
       ol.replaceChildren();
       if (!list) { ol.appendChild(F.el("li", { class: "muted" }, "not computed")); continue; }
-      for (const [tok, v] of list) {
-        const li = F.el("li", { "data-token": tok });
+      for (const [tok, v, z] of list) {
+        const li = F.el("li", { "data-token": tok, title: `logit change ${F.fmt(v)} at unit final-norm scale` });
         li.appendChild(F.el("span", { class: "tokens" }, JSON.stringify(F.show(F.token(tok)))));
-        li.appendChild(F.el("span", { class: "val" }, (v > 0 ? "+" : "") + F.fmt(v)));
+        const shown = z === null ? F.fmt(v) : F.fmt(z, 2) + "\u03C3";
+        li.appendChild(F.el("span", { class: "val" }, ((z === null ? v : z) > 0 ? "+" : "") + shown));
         ol.appendChild(li);
       }
     }

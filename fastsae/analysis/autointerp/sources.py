@@ -123,8 +123,9 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     both signs as features (`SplitSigns`: a direction's negative side is a feature as much as its positive).
     Caches of an earlier run for the same SAE and settings are reused, without fitting the baselines again.
 
-    feature_cache: an existing cache of this SAE (its browser then shows the explanations); default: one is
-    built (resumably) in <out>/features/sae. Returns (features, the SAE's cache directory, provenance)."""
+    feature_cache: an existing cache of this SAE (its browser then shows the explanations); default: the
+    main job's (`fastsae run` leaves <run>/features beside <run>/train/sae) when it is this SAE's, else one
+    is built (resumably) in <out>/features/sae. Returns (features, the SAE's cache directory, provenance)."""
     from ...evaluation import baselines as fit_baselines
     from ...evaluation.evaluate import matched_k
     from ...harvest.store import ActivationStore
@@ -176,6 +177,11 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
         write_vocab(cache.path, tokenizer)
         return FeatureCache.load(cache.path)
 
+    if feature_cache is None:  # the main job's cache beside the SAE (<run>/features for <run>/train/sae)
+        beside = Path(sae_path).resolve().parent.parent / "features"
+        if (beside / "features.json").is_file() and \
+                io.read_json(beside / "features.json").get("meta", {}).get("sae") == str(Path(sae_path).resolve()):
+            feature_cache = beside
     sae_dir = Path(feature_cache) if feature_cache is not None else out / "features" / "sae"
     if feature_cache is not None:
         sae_cache = FeatureCache.load(sae_dir)
