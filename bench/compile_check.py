@@ -196,9 +196,10 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     text = table(rows)
     bad = [r for r in rows if r["problems"]]
+    cached = sum(bool(r["result"].get("cached")) for r in rows)
     header = (f"Compiled ahead of time with triton {triton.__version__} (ptxas from its wheel), "
               f"{len(rows)} kernel variants x targets in {wall:.0f} s on {os.cpu_count()} cores "
-              f"({platform.machine()}); {len(bad)} fail.\n\n")
+              f"({platform.machine()}; {cached} results from the cache); {len(bad)} fail.\n\n")
     print(header + text)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)

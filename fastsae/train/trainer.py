@@ -319,7 +319,7 @@ class Trainer:
         naming this one) and first removes what killed writers left half-written there."""
         self.sae.compute_dtype = self._train_compute_dtype
         try:
-            if self.run_dir is None:
+            if self.run_dir is None or not self.is_main:  # only the writing rank holds the run's lock
                 return self._fit(batches, resume)
             with io.DirectoryLock(self.run_dir, "training"):
                 ckpt.remove_stale_temporaries(self.run_dir)
