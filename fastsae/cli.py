@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--b-dec-init", choices=("zeros", "mean"),
                     help="'mean': start b_dec at the first batch's mean (residual streams have a large offset)")
     tr.add_argument("--no-progress", action="store_true")
-    tr.add_argument("--shard-latents", type=int, nargs="?", const=0, metavar="N",
+    tr.add_argument("--shard-latents", "--latent-shards", type=int, nargs="?", const=0, metavar="N",
                     help="under torchrun: split the latents over every rank (or over N ranks, the others being data "
                          "replicas); without it, torchrun trains data parallel")
     tr.set_defaults(func=_train)

@@ -81,7 +81,17 @@ def init_from_env(timeout_s: float | None = None) -> torch.device:
     return device
 
 
+def leave() -> None:
+    """End this rank's part in the job after its work succeeded: wait for every rank (gloo aborts the
+    process with "terminate called without an active exception" when one rank tears its connections down
+    while a peer is still using them), then destroy the process group. A no-op without one."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _leave() -> None:
+    """At exit after a failure: destroy what is left, without waiting on peers that may be gone."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

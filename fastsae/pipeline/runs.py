@@ -83,8 +83,9 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     """Train an SAE into the run directory out and return it, saved in out/sae taking raw activations.
     resume=True continues from out's newest checkpoint with out's own run.json (settings are then unused).
     Under torchrun every rank calls it: data parallel, or with shard_latents (0: every rank; N: N shards
-    × world/N replicas) the latents split (train/distributed.py); it then returns this rank's ShardedSAE."""
-    from ..ops.distributed import ProcessGrid, launched_by_torchrun
+    × world/N replicas) the latents split (train/distributed.py); it then returns this rank's ShardedSAE,
+    and leaves the process group once every rank is done."""
+    from ..ops.distributed import ProcessGrid, launched_by_torchrun, leave
 
     grid, device = ProcessGrid(), None
     if launched_by_torchrun():
@@ -97,7 +98,10 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     # the run directory's writer lock before run.json is touched: a second writer into it is refused, naming
     # this one, and cannot replace this run's configuration (the lock is re-entrant: the trainer takes it too)
     with io.DirectoryLock(out, "fastsae train") if grid.is_main else contextlib.nullcontext():
-        return _train_locked(out, settings, resume, progress, grid, device)
+        sae = _train_locked(out, settings, resume, progress, grid, device)
+    if launched_by_torchrun():
+        leave()  # every rank done: the process group goes
+    return sae
 
 
 def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progress: bool, grid, device) -> SAE:
@@ -149,7 +153,7 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
     the ActivationStore. Under torchrun each rank harvests its range of the windows (harvest/parallel.py)."""
     from ..harvest import ActivationStore, harvest_corpus, is_store
     from ..model import load, resolve
-    from ..ops.distributed import init_from_env, launched_by_torchrun
+    from ..ops.distributed import init_from_env, launched_by_torchrun, leave
 
     rank, world = 0, 1
     if launched_by_torchrun():
@@ -168,6 +172,8 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
                            resume=resume, model_name=model, progress=progress and rank == 0, rank=rank,
                            world_size=world)
     seconds = time.perf_counter() - start
+    if launched_by_torchrun():
+        leave()  # every rank done: the process group goes
     if rank != 0:
         return store
     described = ", ".join(f"{s}: d={d}" for s, d in store.sites.items())

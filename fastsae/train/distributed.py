@@ -40,7 +40,6 @@ for a rank that hangs; torchrun then stops the job, and `--resume` continues fro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -245,19 +244,28 @@ class DistributedTrainer(Trainer):
         torch.set_rng_state(replicated["torch_rng"])
 
     def resume(self) -> bool:
-        """Collective: the newest checkpoint (rank 0 finds it and tidies metrics.jsonl)."""
+        """Collective: the newest intact checkpoint (rank 0 finds and verifies it, and tidies metrics.jsonl)."""
         path = None
         if self.is_main and self.run_dir is not None:
-            path = ckpt.latest_checkpoint(self.run_dir)
+            path = ckpt.resume_checkpoint(self.run_dir)
         path = _broadcast_path(path)
         if path is None:
             return False
         self.load_checkpoint(path)
-        log = self.run_dir / "metrics.jsonl"
-        if self.is_main and log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step_count]
-            io.atomic_write(log, lambda p: Path(p).write_text("".join(f"{line}\n" for line in kept)))
+        if self.is_main:
+            ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.step_count)
         return True
+
+    def fit(self, batches: Iterable[Tensor], resume: bool = False):
+        """`Trainer.fit`; rank 0 alone holds the run directory's writer lock and tidies what killed writers
+        left there (before any rank reads a checkpoint: they wait for rank 0's resume)."""
+        if self.is_main:
+            return super().fit(batches, resume)
+        self.sae.compute_dtype = self._train_compute_dtype
+        try:
+            return self._fit(batches, resume)
+        finally:
+            self.sae.compute_dtype = self._caller_compute_dtype
 
 
 def _broadcast_path(path: Path | None) -> Path | None:
