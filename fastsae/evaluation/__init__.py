@@ -1,9 +1,11 @@
 """Evaluation: reconstruction and sparsity metrics, the model's loss with an SAE spliced in, baselines."""
 
 from . import baselines
-from .evaluate import activation_mean, evaluate, evaluate_with_baselines, is_causal_lm, matched_k
+from .evaluate import evaluate, evaluate_with_baselines, is_causal_lm, matched_k
 from .metrics import ReconstructionMetrics, density_histogram
+from .reference import activation_mean, evaluate_reference
 from .report import pareto_frontier, write_report
 
 __all__ = ["ReconstructionMetrics", "activation_mean", "baselines", "density_histogram", "evaluate",
-           "evaluate_with_baselines", "is_causal_lm", "matched_k", "pareto_frontier", "write_report"]
+           "evaluate_reference", "evaluate_with_baselines", "is_causal_lm", "matched_k", "pareto_frontier",
+           "write_report"]

@@ -6,6 +6,8 @@ from .loading import cache_dir, load, random_causal_lm
 from .sites import KINDS, Site, available_sites, n_layers, resolve
 from .splice import Splice, splice
 from .tokens import keep_mask, special_token_ids
+from .upper import Lower, lm_head_logits, run_from_site, run_to_site, supports_site_runs
 
-__all__ = ["KINDS", "Site", "Splice", "available_sites", "cache_dir", "capture", "hook_site", "hook_sites",
-           "keep_mask", "load", "n_layers", "random_causal_lm", "resolve", "special_token_ids", "splice"]
+__all__ = ["KINDS", "Lower", "Site", "Splice", "available_sites", "cache_dir", "capture", "hook_site", "hook_sites",
+           "keep_mask", "lm_head_logits", "load", "n_layers", "random_causal_lm", "resolve", "run_from_site",
+           "run_to_site", "special_token_ids", "splice", "supports_site_runs"]
