@@ -24,6 +24,7 @@ attention-masked mean of the final hidden states (sentence-transformers' pooling
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,7 @@ def _head_sums(model: nn.Module, hidden: Tensor, ids: Tensor, mask: Tensor, vari
 @torch.no_grad()
 def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict, *, batch_size: int = 8,
              exclude_token_ids: list[int] | None = None, no_error_check: tuple[str, ...] = (),
-             progress: bool = True, head_rows: int = HEAD_ROWS) -> dict[str, dict]:
+             progress: bool = True, head_rows: int = HEAD_ROWS, reference: bool = False) -> dict[str, dict]:
     """Metrics for every decomposition (name -> SAE or baseline) on windows (S, T) at site. Returns
     {name: metrics} plus the shared numbers under "model".
     no_error_check: names whose error-term forward (the splice self-check) is skipped, to save time.
@@ -154,8 +155,10 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     mean for mean ablation); every variant (clean, ablations, each decomposition with and without its
     error term) runs only the blocks from the site up, all in one batched run, and the LM head is
     applied a chunk of scored positions at a time. The same numbers as the straightforward evaluation
-    (fastsae.evaluation.reference, one whole forward per variant) to float tolerance (tests/test_evaluation.py)."""
-    if not supports_site_runs(model):  # a family whose blocks we do not know: one whole forward per variant
+    (fastsae.evaluation.reference, one whole forward per variant) to float tolerance (tests/test_eval_fast.py).
+    reference=True takes that straightforward path (benchmarks); so does a family fastsae.model.upper does
+    not know."""
+    if reference or not supports_site_runs(model):
         from .reference import evaluate_reference
 
         return evaluate_reference(model, site, windows, decompositions, batch_size=batch_size,
@@ -217,11 +220,14 @@ def matched_k(sae, x: Tensor) -> int:
 
 
 def evaluate_with_baselines(model: nn.Module, site: str, windows: Tensor, saes: dict, fit_x: Tensor | None,
-                            kinds: tuple[str, ...] = ("pca", "ica", "neurons", "random"), **kwargs) -> dict:
+                            kinds: tuple[str, ...] = ("pca", "ica", "neurons", "random"),
+                            seconds: dict | None = None, **kwargs) -> dict:
     """evaluate() on the SAEs plus baselines fitted on fit_x (N, d) with the first SAE's width and L0.
-    A baseline that cannot be fitted (ICA without scikit-learn) is reported under "skipped"."""
+    A baseline that cannot be fitted (ICA without scikit-learn) is reported under "skipped".
+    seconds: a dict that receives the wall time of fitting the baselines and of evaluating."""
     from . import baselines
 
+    start = time.perf_counter()
     decompositions = dict(saes)
     skipped = {}
     if kinds:
@@ -234,7 +240,10 @@ def evaluate_with_baselines(model: nn.Module, site: str, windows: Tensor, saes: 
                 decompositions[kind] = baselines.fit(kind, fit_x, n=first.cfg.d_sae, k=k)
             except ImportError as err:
                 skipped[kind] = str(err)
+    fitted = time.perf_counter()
     results = evaluate(model, site, windows, decompositions, no_error_check=tuple(kinds), **kwargs)
+    if seconds is not None:
+        seconds.update(fit_baselines=fitted - start, evaluate=time.perf_counter() - fitted)
     for kind in kinds:
         if kind in decompositions:
             results[kind]["n_directions"] = decompositions[kind].d_codes

@@ -8,6 +8,7 @@ manifest), and the eval windows are the last of the others: held out from traini
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -68,7 +69,9 @@ def trained_windows(sae: SAE) -> dict | None:
 def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None = None, site: str | None = None,
              corpus: str | None = None, tokens: int = 16_384, context_size: int | None = None,
              baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), fit_tokens: int = 32_768,
-             batch_size: int = 4, device: str = "cpu", progress: bool = True) -> dict:
+             batch_size: int = 4, device: str = "cpu", progress: bool = True, reference: bool = False) -> dict:
+    """Evaluate the SAEs at sae_paths against baselines and write the report to out (module docstring).
+    reference: the straightforward evaluation, one whole forward per variant (for benchmarks)."""
     from ..model import capture, keep_mask, load, special_token_ids
 
     paths = find_saes(sae_paths)
@@ -101,6 +104,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     windows = all_windows[held_out]
     excluded = store.meta["excluded_token_ids"] if store else special_token_ids(lm, tokenizer)
     fit_x = None
+    start = time.perf_counter()
     if baselines:
         if store is not None and site in store.sites:
             rows, n = [], 0
@@ -116,12 +120,15 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
             fit_x = torch.cat([capture(lm, [site], input_ids=fit_windows[i:i + batch_size].to(device))[site]
                                [keep[i:i + batch_size].to(device)].float().cpu()
                                for i in range(0, fit_windows.shape[0], batch_size)])
-    results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines),
-                                      batch_size=batch_size, exclude_token_ids=excluded, progress=progress)
+    seconds = {"baseline_activations": time.perf_counter() - start}
+    results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines), batch_size=batch_size,
+                                      exclude_token_ids=excluded, progress=progress, reference=reference,
+                                      seconds=seconds)
     meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
             "eval_window_ranges": _ranges(held_out.tolist()), "window_seed": seed, "overlap_windows": overlap,
             "context_size": context_size, "saes": {n: str(p) for n, p in paths.items()},
-            "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0]}
+            "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0],
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     files = write_report(out, results, meta, baselines=tuple(baselines))
     print(format_table(results))
     print("report: " + ", ".join(str(Path(f).resolve()) for f in files))
