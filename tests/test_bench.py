@@ -90,3 +90,25 @@ def test_data_path_throughput_report(tmp_path, capsys):
     (report,) = tmp_path.glob("harvest-*.json")
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_eval_speed_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """bench.eval_speed on a tiny model's SAE: both paths run, the metrics agree, the tables are saved."""
+    import json
+
+    from bench.eval_speed import main as eval_speed
+    from fastsae.cli import main
+
+    from helpers import tiny_causal_lm
+
+    tiny_causal_lm(tmp_path / "lm")
+    (tmp_path / "book.txt").write_text("It is a truth universally acknowledged, that a single man. " * 60)
+    assert main(["harvest", "--model", str(tmp_path / "lm"), "--corpus", str(tmp_path / "book.txt"), "--sites",
+                 "resid_post.0", "--tokens", "1024", "--context-size", "32", "--dtype", "float32", "--out",
+                 str(tmp_path / "store"), "--no-progress"]) == 0
+    assert main(["train", "--data", str(tmp_path / "store"), "--activation", "topk", "--k", "4", "--d-sae", "64",
+                 "--steps", "4", "--batch-size", "64", "--out", str(tmp_path / "sae"), "--no-progress"]) == 0
+    assert eval_speed(["--sae", str(tmp_path / "sae" / "sae"), "--tokens", "256", "--out", str(tmp_path)]) == 0
+    saved = json.loads(next(tmp_path.glob("eval-speed-*.json")).read_text())
+    assert saved["summary"]["metrics_agree"] and saved["meta"]["variants"] == 9
+    assert {"reference", "fastsae"} == set(saved["runs"]) and next(tmp_path.glob("eval-speed-*.md")).stat().st_size
