@@ -98,15 +98,16 @@ def _results(sums: dict[str, float], count: int, recon: dict[str, Reconstruction
 
 def _variants(decompositions: dict, mean: Tensor, no_error_check: tuple[str, ...], causal: bool
               ) -> list[tuple[str, str | None, Splice | None]]:
-    """(loss key, KL key or None, splice or None for the clean model) of every forward the metrics need."""
+    """(loss key, KL key or None, splice or None for the clean model) of every forward the metrics need:
+    the clean model first, then those with a KL term (contiguous, so the head takes them as one slice)."""
     if causal:
         out = [("ce_loss_without_sae", None, None),
                ("ce_loss_with_ablation", "kl_div_with_ablation", Splice(None, "zero", False, False)),
                ("ce_loss_with_mean_ablation", "kl_div_with_mean_ablation", Splice(None, mean, False, False))]
-        for name, dec in decompositions.items():
-            out.append((f"{name}/ce_loss_with_sae", f"{name}/kl_div_with_sae", Splice(dec, None, False, True)))
-            if name not in no_error_check:
-                out.append((f"{name}/ce_loss_with_sae_and_error", None, Splice(dec, None, True, False)))
+        out += [(f"{name}/ce_loss_with_sae", f"{name}/kl_div_with_sae", Splice(dec, None, False, True))
+                for name, dec in decompositions.items()]
+        out += [(f"{name}/ce_loss_with_sae_and_error", None, Splice(dec, None, True, False))
+                for name, dec in decompositions.items() if name not in no_error_check]
         return out
     out = [("", None, None), ("embedding_cossim_with_ablation", None, Splice(None, "zero", False, False)),
            ("embedding_cossim_with_mean_ablation", None, Splice(None, mean, False, False))]
@@ -127,19 +128,22 @@ def _head_sums(model: nn.Module, hidden: Tensor, ids: Tensor, mask: Tensor, vari
     targets = ids[:, 1:][mask]  # (P,)
     n, positions = h.shape[0], h.shape[1]
     step = max(1, head_rows // n)
-    kl_rows = [i for i, v in enumerate(variants) if v[1] is not None]
+    n_kl = sum(v[1] is not None for v in variants)
+    if [v[1] is not None for v in variants] != [False] + [True] * n_kl + [False] * (n - 1 - n_kl):
+        raise ValueError("variants must be the clean model, then those with a KL term, then the others")
     for first in range(0, positions, step):
         logp = F.log_softmax(lm_head_logits(model, h[:, first:first + step]).float(), dim=-1)  # (n, c, V)
         target = targets[first:first + step]
         ce = -logp.gather(-1, target.expand(n, -1)[..., None])[..., 0]  # (n, c)
         for i, (ce_key, _, _) in enumerate(variants):
             add(ce_key, ce[i])
-        if kl_rows:
+        if n_kl:
             clean = logp[0]
-            # KL(p_clean || p) = Σ p_clean (log p_clean - log p), the terms of fastsae.losses.kl_div in its order
-            kl = torch.sub(clean, logp[kl_rows]).mul_(clean.exp()).sum(-1)  # (len(kl_rows), c)
-            for row, i in enumerate(kl_rows):
-                add(variants[i][1], kl[row])
+            # KL(p_clean || p) = Σ p_clean (log p_clean - log p): fastsae.losses.kl_div's terms, negated twice
+            # (exact in floating point) so that it runs in place on the variants' log-probabilities
+            kl = logp[1:1 + n_kl].sub_(clean).mul_(clean.exp()).sum(-1).neg_()  # (n_kl, c)
+            for row in range(n_kl):
+                add(variants[1 + row][1], kl[row])
         del logp
 
 
