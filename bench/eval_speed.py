@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                "max_relative_difference": worst, "at": where, "metrics_agree": not bad, "outside_tolerance": bad}
     lines = [f"# Evaluation phase of the main job, {name} ({info['threads']} threads), {info['date']}", "",
              f"{info['model']} at {info['site']}, {info['windows']} windows × {info['context_size']} tokens "
-             f"({info['eval_tokens']:,} scored), batch {args.batch_size}; the SAE, PCA, ICA, neuron and random "
+             f"({info['eval_tokens']:,} kept tokens), batch {args.batch_size}; the SAE, PCA, ICA, neuron and random "
              f"baselines: {n_variants} variants per batch.", "",
              "| path | eval phase (s) | evaluate (s) | fit baselines (s) | baseline activations (s) |",
              "|---|---:|---:|---:|---:|"]
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['speedup_eval_phase']:.2f}×. The LM head's GEMMs alone ({n_variants} variants × "
               f"≈{scored:,} positions × vocabulary) take {head_s:.1f} s: "
               f"{100 * head_s / new['evaluate_s']:.0f}% of fastsae's evaluate.",
-              f"Metrics: largest relative difference {worst:.2g} ({where}); "
+              f"Metrics: largest relative difference {worst:.2g} ({where or 'every metric bitwise equal'}); "
               + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}."]
     table = "\n".join(lines)
     print(table)
