@@ -151,7 +151,7 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
                 resume: bool = False, progress: bool = True):
     """Harvest tokens of corpus at sites of model into the store out (resume=True continues it); returns
     the ActivationStore. Under torchrun each rank harvests its range of the windows (harvest/parallel.py)."""
-    from ..harvest import ActivationStore, harvest_corpus, is_store
+    from ..harvest import ActivationStore, check_harvest, harvest_corpus, is_store
     from ..model import load, resolve
     from ..ops.distributed import init_from_env, launched_by_torchrun, leave
 
@@ -161,6 +161,7 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 
         rank_device = str(init_from_env())
         rank, world, device = dist.get_rank(), dist.get_world_size(), device or rank_device
+    check_harvest(out, tokens, context_size, resume or rank != 0)  # before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm, tokenizer = load(model, dtype=getattr(torch, model_dtype), device=device)
     for site in sites:
