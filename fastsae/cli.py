@@ -19,7 +19,7 @@ import traceback
 # one of them is reported against the flag, e.g. "fastsae train: --steps: ScheduleConfig.total_steps must be
 # an int >= 1 or None, got -1".
 TRAIN_FLAGS = {
-    "--data": ("DataConfig.source",), "--site": ("DataConfig.site",), "--model": ("DataConfig.model",),
+    "--data": ("DataConfig.source",), "--site": ("DataConfig.site", "site"), "--model": ("DataConfig.model", "model"),
     "--corpus": ("DataConfig.corpus",), "--tokens": ("DataConfig.tokens",),
     "--context-size": ("DataConfig.context_size",), "--batch-size": ("DataConfig.batch_size",),
     "--d-sae": ("SAEConfig.d_sae",), "--k": ("SAEConfig.k",), "--l1": ("SAEConfig.l1_coefficient",),
