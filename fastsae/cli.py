@@ -136,7 +136,8 @@ def _train(args: argparse.Namespace) -> int:
         data=given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": args.site,
                     "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
                     "context_size": args.context_size}))
-    train_run(args.out, settings, resume=args.resume, progress=not args.no_progress, shard_latents=args.shard_latents)
+    train_run(args.out, settings, resume=args.resume, progress=not args.no_progress, shard_latents=args.shard_latents,
+              total_steps=args.steps)  # --resume --steps N: the run's new length
     return 0
 
 
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                      'names, or nested by concern with "format_version": 2, as in a run.json); '
                                      'flags override it')
     tr.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
-    tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint, "
+                                                          "with its run.json (--steps still sets the run's length)")
     tr.add_argument("--d-sae", type=int)
     tr.add_argument("--activation", choices=("relu", "topk", "batchtopk", "jumprelu"))
     tr.add_argument("--k", type=int)

@@ -139,3 +139,18 @@ def test_an_unknown_site_is_named_where_it_is_resolved(corpus_and_model, data, c
         hf_logging.enable_progress_bar()
     assert "--site" in line and "resid_post.9" in line and "resid_post.0" in line and "d_in" not in line
     assert not (d / "x" / "run.json").exists()
+
+
+def test_train_resume_with_more_steps_extends_the_run(tmp_path, capsys):
+    """`--resume --steps N` sets the run's new length (the rest of run.json is kept); fewer steps than the
+    checkpoint's is one line, exit 2."""
+    args = ["train", "--out", str(tmp_path), "--batch-size", "16", "--checkpoint-every", "2", "--no-progress"]
+    assert main(args + ["--steps", "4"]) == 0
+    assert main(args + ["--steps", "6", "--resume", "--lr", "0.5"]) == 0  # --lr: run.json's is kept
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and steps == sorted(set(steps))
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["train"]["schedule"]["total_steps"] == 6 and run["train"]["optimizer"]["lr"] != 0.5
+    line = cli_error(capsys, args + ["--steps", "3", "--resume"])
+    assert "--steps: " in line and "total_steps=3 is less than the checkpoint's step 6" in line, line
+    assert json.loads((tmp_path / "run.json").read_text()) == run  # refused before run.json was touched

@@ -92,6 +92,20 @@ def l1_warmup(step: int, total_steps: int | None, cfg: ScheduleConfig) -> float:
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
+def resumed_total_steps(wanted: int | None, step: int, saved_total: int | None, path: Path) -> int | None:
+    """The run's length after resuming from the checkpoint at path, of `step`, that planned `saved_total`
+    steps: `wanted` (this run's ScheduleConfig.total_steps) when given (larger extends the run; smaller than
+    `step` is an error), else the checkpoint's. The LR and L1 schedules are functions of (step, total_steps),
+    so the steps after the resume follow the schedule of a run planned with the new total from the start:
+    the warm-up is not repeated, and a run whose LR had decayed towards 0 goes back to the plateau at once."""
+    if wanted is None:
+        return saved_total
+    if wanted < step:
+        raise ValueError(f"{path}: ScheduleConfig.total_steps={wanted} is less than the checkpoint's step {step}: "
+                         f"a resumed run cannot end before where it already is (pass total_steps >= {step})")
+    return wanted
+
+
 @torch.no_grad()
 def record_batch_threshold_(threshold: Tensor, tau: Tensor) -> None:
     """Fold one training batch's BatchTopK threshold tau into the inference threshold (in place): the first
@@ -342,19 +356,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"])
 
     def resumed_total_steps(self, step: int, saved_total: int | None, path: Path) -> int | None:
-        """The run's length after resuming from a checkpoint of `step` that planned `saved_total` steps:
-        this run's ScheduleConfig.total_steps when given (larger extends the run, smaller than `step` is an
-        error), else the checkpoint's. The LR and L1 schedules are functions of (step, total_steps), so the
-        steps after the resume follow the schedule of a run planned with the new total from the start; the
-        warm-up is not repeated, and a run whose LR had decayed towards 0 goes back to the plateau at once."""
-        wanted = self.cfg.schedule.total_steps
-        if wanted is None:
-            return saved_total
-        if wanted < step:
-            raise ValueError(f"{path}: ScheduleConfig.total_steps={wanted} is less than the checkpoint's step "
-                             f"{step}: a resumed run cannot end before where it already is (pass total_steps "
-                             f">= {step})")
-        return wanted
+        return resumed_total_steps(self.cfg.schedule.total_steps, step, saved_total, path)
 
     def resume(self) -> bool:
         """Load the newest intact checkpoint of run_dir, if any (a damaged newer one is skipped with a
