@@ -198,8 +198,10 @@ def _run_cfg(**settings):
     return TrainConfig.flat(**{"progress": False, "log_every": 1, **settings})
 
 
-def test_a_non_finite_loss_at_the_first_step_leaves_the_sae_as_it_was(tmp_path):
-    """Finite activations at |x| ≈ 3e19 square to more than float32 holds (3.4e38): the first loss is inf."""
+@pytest.mark.parametrize("b_dec_init", ["zeros", "mean"])
+def test_a_non_finite_loss_at_the_first_step_leaves_the_sae_as_it_was(tmp_path, b_dec_init):
+    """Finite activations at |x| ≈ 3e19 square to more than float32 holds (3.4e38): the first loss is inf.
+    With b_dec_init='mean' the b_dec set from the first batch is given back too."""
     from fastsae.train import TrainingDivergedError
 
     sae = make_sae(8, 16, "topk", k=2)
@@ -207,7 +209,7 @@ def test_a_non_finite_loss_at_the_first_step_leaves_the_sae_as_it_was(tmp_path):
     batches = [3e19 * torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     assert all(torch.isfinite(b).all() for b in batches)
     with pytest.raises(TrainingDivergedError, match=r"loss at step 1 is (inf|nan).*no checkpoint was written") as err:
-        train(sae, batches, _run_cfg(checkpoint_every=1), run_dir=tmp_path)
+        train(sae, batches, _run_cfg(checkpoint_every=1, b_dec_init=b_dec_init), run_dir=tmp_path)
     assert err.value.step == 1 and err.value.checkpoint is None
     assert not (tmp_path / "checkpoints").exists()
     for name, value in sae.state_dict().items():

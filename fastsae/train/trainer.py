@@ -199,7 +199,9 @@ class Trainer:
         sae, cfg, dead_cfg = self.sae, self.cfg, self.cfg.dead_latents
         sae.train()
         check_batch(batch, self.step_count)
+        b_dec_before = None  # given back if the first step diverges: the caller's SAE ends as it began
         if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
+            b_dec_before = sae.b_dec.detach().clone()
             init_b_dec_mean_(sae, batch, self._rows_mean)
         kl = None  # the KL term as a function of x_hat, for SAE.forward's loss
         if self.kl is not None:
@@ -217,6 +219,9 @@ class Trainer:
         out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
                   coefficients=coefficients, kl=kl)
         if sae.check_finite and not torch.isfinite(out.loss):  # one host sync, as the input check is
+            if b_dec_before is not None:
+                with torch.no_grad():
+                    sae.b_dec.copy_(b_dec_before)
             self._diverged(out.loss.item())
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
