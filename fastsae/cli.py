@@ -49,10 +49,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user can fix from the command line: bad values and types, files (missing, unreadable, damaged:
-    CorruptFileError is a ValueError), a directory another writer holds, a run that diverged."""
+    CorruptFileError is a ValueError), a directory another writer holds, a run that diverged, an optional
+    package not installed (`pip install 'fastsae[models]'`)."""
     from .io import DirectoryLockedError
 
-    return ValueError, TypeError, OSError, FloatingPointError, DirectoryLockedError
+    return ValueError, TypeError, OSError, FloatingPointError, DirectoryLockedError, ImportError
 
 
 def _one_line(text: str) -> str:

@@ -181,6 +181,17 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "fastsae demo: interrupted\n"
 
 
+def test_a_missing_optional_package_is_one_line(tmp_path, capsys, monkeypatch):
+    import fastsae.demo
+
+    def needs(out):
+        raise ImportError("model 'gemma-3-270m' needs the package 'gguf': pip install 'fastsae[models]'")
+
+    monkeypatch.setattr(fastsae.demo, "run_recovery", needs)
+    line = cli_error(capsys, ["demo", "--out", str(tmp_path)])
+    assert line == "fastsae demo: model 'gemma-3-270m' needs the package 'gguf': pip install 'fastsae[models]'"
+
+
 def test_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastsae", "train", "--steps", "-1", "--out", str(tmp_path / "r"),
                            "--no-progress"], capture_output=True, text=True, timeout=120)
