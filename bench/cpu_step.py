@@ -86,6 +86,18 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int)
     return times
 
 
+def top_ops(step: Callable[[], object], steps: int, rows: int = 12) -> list[dict]:
+    """Where a step's time goes: torch.profiler's operators by self CPU time, ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in ops]
+
+
 def environment() -> dict:
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "fastsae": fastsae.__version__ if hasattr(fastsae, "__version__") else None,
@@ -118,6 +130,7 @@ def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int) -> dic
     if theirs is not None:
         fns["sparsify"] = theirs
     times = interleaved(fns, repeats, warmup)
+    profile = top_ops(fns["fastsae"], steps=3)
     median = {name: statistics.median(t) for name, t in times.items()}
     floor = median["floor: GEMM"] + median["floor: Adam"]
     rows = [{"impl": "floor", "ms": floor}]
@@ -129,7 +142,7 @@ def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int) -> dic
     if "sparsify" in median:
         rows[[r["impl"] for r in rows].index("fastsae")]["speedup_vs_sparsify"] = median["sparsify"] / median["fastsae"]
     return {"env": environment(), "shape": {"n": n, "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32"},
-            "repeats": repeats, "warmup": warmup, "rows": rows}
+            "repeats": repeats, "warmup": warmup, "rows": rows, "fastsae_top_ops": profile}
 
 
 def markdown(result: dict) -> str:
@@ -144,6 +157,10 @@ def markdown(result: dict) -> str:
         speedup = f"{r['speedup_vs_sparsify']:.2f}× vs sparsify" if "speedup_vs_sparsify" in r else ""
         low = f"{r['min_ms']:.1f}" if "min_ms" in r else ""
         lines.append(f"| {r['impl']} | {r['ms']:.1f} | {low} | {x_floor} | {speedup} |")
+    lines += ["", "fastsae's step by operator (torch.profiler, self CPU time, 3 steps):", "",
+              "| operator | ms per step | calls per step |", "|---|---:|---:|"]
+    lines += [f"| {o['op']} | {o['self_ms_per_step']:.1f} | {o['calls_per_step']:g} |"
+              for o in result["fastsae_top_ops"]]
     return "\n".join(lines) + "\n"
 
 
