@@ -86,15 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
         io.write_json(out / "erasure.json", result)
         erasure.plot(result, out / "erasure.png")
-        lines = sections["erasure"] = []
-        lines += [f"## Concept erasure at {site}: next token a gendered pronoun ({result['target_positions']} target "
-                  f"and {result['other_positions']} other positions; clean loss {result['clean_loss_target']:.3f} / "
-                  f"{result['clean_loss_other']:.3f})", "",
-                  "| method | n | Δloss target | Δloss other | selectivity |", "|---|---:|---:|---:|---:|"]
-        for r in result["rows"]:
-            sel = f"{r['selectivity']:.1f}" if r["selectivity"] is not None else ""
-            lines.append(f"| {r['method']} | {r['n']} | {r['delta_target']:.3f} | {r['delta_other']:.4f} | {sel} |")
-        lines.append("")
+        sections["erasure"] = erasure_section(result)
 
     top_site = list(saes)[-1]
     if {"circuit", "steer"} - set(args.skip):
@@ -119,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     print(write_summary(out, header, sections))
     print(f"results in {out}")
     return 0
+
+
+def erasure_section(result: dict) -> list[str]:
+    lines = [f"## Concept erasure at {result['site']}: next token a gendered pronoun ({result['target_positions']} "
+             f"target and {result['other_positions']} other positions; clean loss {result['clean_loss_target']:.3f} / "
+             f"{result['clean_loss_other']:.3f})", "",
+             "| method | n | Δloss target | Δloss other | selectivity (Δtarget / Δother) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        sel = f"{r['selectivity']:.1f}" if r["selectivity"] is not None else "other tokens' loss did not rise"
+        lines.append(f"| {r['method']} | {r['n']} | {r['delta_target']:.3f} | {r['delta_other']:.4f} | {sel} |")
+    return lines + [""]
 
 
 def write_summary(out: Path, header: str, sections: dict[str, list[str]]) -> str:
