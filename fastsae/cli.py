@@ -1,9 +1,111 @@
-"""`fastsae` on the command line."""
+"""`fastsae` on the command line.
+
+Every subcommand runs under one handler (`main`): an error the user can fix (a bad flag value, a missing or
+damaged file, a directory another run holds, a diverged run) prints one line, `fastsae <command>: <message>`,
+naming the flag where the message names the setting it feeds, and exits 2, as argparse's own usage errors
+do; anything else is a bug: one line saying where the full traceback was written, exit 1. `--debug` prints
+the traceback instead. Ctrl-C prints one line and exits 130 (128 + SIGINT, what shells expect).
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import tempfile
+import traceback
+
+# The names the library gives the values a flag sets (config fields, function arguments): an error naming
+# one of them is reported against the flag, e.g. "fastsae train: --steps: ScheduleConfig.total_steps must be
+# an int >= 1 or None, got -1".
+TRAIN_FLAGS = {
+    "--data": ("DataConfig.source",), "--site": ("DataConfig.site", "site"), "--model": ("DataConfig.model", "model"),
+    "--corpus": ("DataConfig.corpus",), "--tokens": ("DataConfig.tokens",),
+    "--context-size": ("DataConfig.context_size",), "--batch-size": ("DataConfig.batch_size",),
+    "--d-sae": ("SAEConfig.d_sae",), "--k": ("SAEConfig.k",), "--l1": ("SAEConfig.l1_coefficient",),
+    "--dtype": ("SAEConfig.dtype",), "--lr": ("OptimizerConfig.lr",), "--steps": ("ScheduleConfig.total_steps",),
+    "--checkpoint-every": ("CheckpointConfig.every",), "--resample-every": ("DeadLatentConfig.resample_every",),
+    "--auxk": ("DeadLatentConfig.auxk_coefficient",), "--shard-latents": ("shard_latents",),
+    "--config": ("run settings",),
+}
+HARVEST_FLAGS = {"--model": ("model",), "--sites": ("site", "sites"), "--corpus": ("corpus",), "--tokens": ("tokens",),
+                 "--context-size": ("context_size",), "--batch-size": ("batch_size",), "--resume": ("resume",)}
+EVAL_FLAGS = {"--model": ("model",), "--site": ("site",), "--corpus": ("corpus",), "--tokens": ("tokens",),
+              "--context-size": ("context_size",), "--fit-tokens": ("fit_tokens",), "--batch-size": ("batch_size",)}
+RUN_FLAGS = {"--model": ("model",), "--site": ("site",), "--corpus": ("corpus",), "--tokens": ("tokens",),
+             "--d-sae": ("SAEConfig.d_sae", "d_sae"), "--k": ("SAEConfig.k", "k"),
+             "--steps": ("ScheduleConfig.total_steps", "steps"), "--lr": ("OptimizerConfig.lr", "lr"),
+             "--batch-size": ("DataConfig.batch_size", "batch_size"), "--eval-tokens": ("eval_tokens",),
+             "--effects": ("effects",)}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (`fastsae train: argument --steps: invalid int value: 'x'`,
+    exit 2); subcommand parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can fix from the command line: bad values and types, files (missing, unreadable, damaged:
+    CorruptFileError is a ValueError), a directory another writer holds, a run that diverged, an optional
+    package not installed (`pip install 'fastsae[models]'`)."""
+    from .io import DirectoryLockedError
+
+    return ValueError, TypeError, OSError, FloatingPointError, DirectoryLockedError, ImportError
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or "(no message)"
+
+
+def _name_the_flag(message: str, flags: dict[str, tuple[str, ...]]) -> str:
+    """message with the flag whose setting it names first put in front, unless it names a flag already."""
+    if re.search(r"(?<![\w-])--[a-z]", message):
+        return message
+    found = []
+    for flag, names in flags.items():
+        for name in names:  # a whole name, not part of a path or of a longer name
+            hit = re.search(rf"(?<![\w./-]){re.escape(name)}(?![\w/])", message)
+            if hit:
+                found.append((hit.start(), flag))
+    return f"{min(found)[1]}: {message}" if found else message
+
+
+def _handle(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the subcommand; every error ends here as one line on stderr (see the module docstring)."""
+    command = f"fastsae {args.command}"
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as stop:  # a subcommand's own exit: a message (one line, exit 2) or a status
+        if isinstance(stop.code, str):
+            print(f"{command}: {_one_line(stop.code)}", file=sys.stderr)
+            return 2
+        raise
+    except BaseException as err:  # noqa: BLE001 - the one top-level handler
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, _user_errors()):
+            message = _one_line(str(err))
+            if not isinstance(err, FloatingPointError):  # a diverged run: no one flag is to blame
+                message = _name_the_flag(message, getattr(args, "flag_names", {}))
+            print(f"{command}: {message}", file=sys.stderr)
+            return 2
+        where = "printed above" if debug else f"in {_write_traceback(args.command, argv)}; --debug prints it"
+        print(f"{command}: unexpected error {type(err).__name__}: {_one_line(str(err))} (a bug: the full traceback "
+              f"is {where})", file=sys.stderr)
+        return 1
+
+
+def _write_traceback(command: str, argv: list[str]) -> str:
+    with tempfile.NamedTemporaryFile("w", prefix=f"fastsae-{command}-", suffix=".txt", delete=False) as f:
+        f.write(f"fastsae {' '.join(argv)}\n\n{traceback.format_exc()}")
+    return f.name
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,7 +137,8 @@ def _train(args: argparse.Namespace) -> int:
         data=given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": args.site,
                     "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
                     "context_size": args.context_size}))
-    train_run(args.out, settings, resume=args.resume, progress=not args.no_progress, shard_latents=args.shard_latents)
+    train_run(args.out, settings, resume=args.resume, progress=not args.no_progress, shard_latents=args.shard_latents,
+              total_steps=args.steps)  # --resume --steps N: the run's new length
     return 0
 
 
@@ -83,7 +186,8 @@ def _register_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastsae", description=__doc__)
+    parser = _Parser(prog="fastsae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     rn = sub.add_parser("run", help="the main job: harvest Gemma 3 270M on the built-in corpus, train an SAE, "
                                     "evaluate it (resumable)")
@@ -102,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("--device", help="default: cuda when available, else cpu")
     rn.add_argument("--out", default="runs/gemma")
     rn.add_argument("--no-progress", action="store_true")
-    rn.set_defaults(func=_run)
+    rn.set_defaults(func=_run, flag_names=RUN_FLAGS)
 
     demo = sub.add_parser("demo", help="ground-truth recovery on a toy dictionary (synthetic data, ~1.5 min)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -126,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     hv.add_argument("--seed", type=int, default=0, help="window shuffle seed")
     hv.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
     hv.add_argument("--no-progress", action="store_true")
-    hv.set_defaults(func=_harvest)
+    hv.set_defaults(func=_harvest, flag_names=HARVEST_FLAGS)
 
     tr = sub.add_parser("train", help="train an SAE on activations (an .npy/.safetensors array, or the toy)")
     tr.add_argument("--data", help="'toy' (default), an activation store directory (fastsae harvest), "
@@ -145,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                      'names, or nested by concern with "format_version": 2, as in a run.json); '
                                      'flags override it')
     tr.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
-    tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint, "
+                                                          "with its run.json (--steps still sets the run's length)")
     tr.add_argument("--d-sae", type=int)
     tr.add_argument("--activation", choices=("relu", "topk", "batchtopk", "jumprelu"))
     tr.add_argument("--k", type=int)
@@ -164,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--shard-latents", "--latent-shards", type=int, nargs="?", const=0, metavar="N",
                     help="under torchrun: split the latents over every rank (or over N ranks, the others being data "
                          "replicas); without it, torchrun trains data parallel")
-    tr.set_defaults(func=_train)
+    tr.set_defaults(func=_train, flag_names=TRAIN_FLAGS)
     ev = sub.add_parser("eval", help="metrics.json and plots for trained SAEs (a sweep) against baselines")
     ev.add_argument("--sae", nargs="+", required=True, help="SAE directories, or sweep directories holding them")
     ev.add_argument("--model", help="default: the model recorded with the SAE")
@@ -179,10 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--device", help="default: cuda when available, else cpu")
     ev.add_argument("--out", default="runs/eval", help="report directory (default: runs/eval)")
     ev.add_argument("--no-progress", action="store_true")
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(func=_eval, flag_names=EVAL_FLAGS)
     _register_commands(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    for command in sub.choices.values():  # --debug after the subcommand too; SUPPRESS keeps the top level's
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the full traceback of an error")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a usage error already printed on one line (2)
+        return stop.code if isinstance(stop.code, int) else 2
+    return _handle(args, argv)
 
 
 if __name__ == "__main__":

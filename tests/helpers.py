@@ -92,3 +92,15 @@ def word_level_lm(words, hidden_size=32, num_layers=3, seed=0):
                           num_attention_heads=4, intermediate_size=2 * hidden_size, bos_token_id=1, eos_token_id=2,
                           pad_token_id=0, max_position_embeddings=128)
     return T.GPTNeoXForCausalLM(cfg).eval(), tokenizer
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """`fastsae.cli.main(argv)` refused with exit status 2 and one line on stderr, no traceback: that line."""
+    from fastsae.cli import main
+
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()

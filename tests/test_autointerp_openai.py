@@ -3,6 +3,7 @@ each test): retries on 429/5xx and timeouts, the concurrency bound, clear 401/40
 out of every message and file, the cache (a second run asks nothing), and resuming after a kill."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -171,18 +172,20 @@ def test_resume_after_a_kill_and_the_key_is_in_no_file(tmp_path, monkeypatch, ca
     assert (out / "summary.md").is_file() and (out / "scores.png").is_file()
 
 
-def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from fastsae.cli import main
 
     examples = tmp_path / "examples.json"
     save_examples(examples, {"sae/1": cat_feature()})
     with StubServer() as server:
-        with pytest.raises(SystemExit, match="autointerp: 404 .*no model 'gpt-x'"):
-            main(["autointerp", "--examples", str(examples), "--backend", f"openai:{server.url}", "--model", "gpt-x",
-                  "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--no-progress", "--retries", "0"])
-    with pytest.raises(ValueError, match="--features"):
-        main(["autointerp", "--examples", str(examples), "--features", "7,", "--out", str(tmp_path / "o"),
-              "--no-progress"])
+        capsys.readouterr()
+        assert main(["autointerp", "--examples", str(examples), "--backend", f"openai:{server.url}", "--model",
+                     "gpt-x", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--no-progress",
+                     "--retries", "0"]) == 2
+        assert re.match(r"fastsae autointerp: 404 .*no model 'gpt-x'", capsys.readouterr().err)
+    assert main(["autointerp", "--examples", str(examples), "--features", "7,", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "--features" in capsys.readouterr().err
 
 
 def test_examples_file_round_trips(tmp_path):

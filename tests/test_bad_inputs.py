@@ -165,3 +165,114 @@ def test_evaluate_on_windows_where_every_token_is_excluded_is_named():
     with pytest.raises(ValueError, match=r"evaluate: every token of windows \(2, 6\) is excluded "
                                          r"\(exclude_token_ids=\[5\]\)"):
         evaluate(model, "resid_post.0", windows, {"sae": make_sae(32, 64)}, exclude_token_ids=[5], progress=False)
+
+
+# ---- the trainer: hyper-parameters, divergence, runs that end early, resumes that extend ----------------
+
+
+@pytest.mark.parametrize(("name", "value", "field"), [
+    ("lr", -1.0, "OptimizerConfig.lr"), ("lr", 0.0, "OptimizerConfig.lr"), ("lr", float("inf"), "OptimizerConfig.lr"),
+    ("lr", float("nan"), "OptimizerConfig.lr"), ("lr", True, "OptimizerConfig.lr"),
+    ("lr", "1e-3", "OptimizerConfig.lr"),
+    ("adam_betas", (0.9, 1.0), "OptimizerConfig.betas"), ("adam_betas", (-0.1, 0.9), "OptimizerConfig.betas"),
+    ("adam_betas", (float("nan"), 0.9), "OptimizerConfig.betas"), ("adam_betas", (0.9,), "OptimizerConfig.betas"),
+    ("total_steps", 0, "ScheduleConfig.total_steps"), ("total_steps", -1, "ScheduleConfig.total_steps"),
+    ("total_steps", 2.5, "ScheduleConfig.total_steps"), ("total_steps", True, "ScheduleConfig.total_steps"),
+    ("checkpoint_every", 0, "CheckpointConfig.every"), ("keep_checkpoints", 0, "CheckpointConfig.keep"),
+    ("lr_warmup_fraction", -0.1, "ScheduleConfig.lr_warmup_fraction"),
+    ("lr_decay_fraction", 1.5, "ScheduleConfig.lr_decay_fraction"),
+    ("l1_warmup_fraction", float("nan"), "ScheduleConfig.l1_warmup_fraction"),
+    ("l1_warmup_fraction", True, "ScheduleConfig.l1_warmup_fraction"),
+    ("auxk_coefficient", -1.0, "DeadLatentConfig.auxk_coefficient"),
+    ("auxk_coefficient", float("inf"), "DeadLatentConfig.auxk_coefficient"),
+    ("kl_coefficient", float("nan"), "TrainConfig.kl_coefficient"),
+    ("resample_every", 0, "DeadLatentConfig.resample_every"),
+    ("dead_window_tokens", 0, "DeadLatentConfig.window_tokens"), ("log_every", 0, "LoggingConfig.log_every"),
+])
+def test_training_hyper_parameters_are_refused_naming_field_and_value(name, value, field):
+    with pytest.raises(ValueError, match=rf"{field} must be .*got {__import__('re').escape(repr(value))}"):
+        TrainConfig.flat(**{name: value})
+
+
+def _run_cfg(**settings):
+    return TrainConfig.flat(**{"progress": False, "log_every": 1, **settings})
+
+
+@pytest.mark.parametrize("b_dec_init", ["zeros", "mean"])
+def test_a_non_finite_loss_at_the_first_step_leaves_the_sae_as_it_was(tmp_path, b_dec_init):
+    """Finite activations at |x| ≈ 3e19 square to more than float32 holds (3.4e38): the first loss is inf.
+    With b_dec_init='mean' the b_dec set from the first batch is given back too."""
+    from fastsae.train import TrainingDivergedError
+
+    sae = make_sae(8, 16, "topk", k=2)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    batches = [3e19 * torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    assert all(torch.isfinite(b).all() for b in batches)
+    with pytest.raises(TrainingDivergedError, match=r"loss at step 1 is (inf|nan).*no checkpoint was written") as err:
+        train(sae, batches, _run_cfg(checkpoint_every=1, b_dec_init=b_dec_init), run_dir=tmp_path)
+    assert err.value.step == 1 and err.value.checkpoint is None
+    assert not (tmp_path / "checkpoints").exists()
+    for name, value in sae.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+
+
+def test_a_huge_lr_stops_at_the_step_that_diverges_naming_the_newest_checkpoint_left_intact(tmp_path):
+    from fastsae.train import TrainingDivergedError
+    from fastsae.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    sae = make_sae(8, 16, "topk", k=2)
+    batches = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    with pytest.raises(TrainingDivergedError, match=r"loss at step (\d+) is .*not finite.*newest checkpoint is .*"
+                                                    r"step-\d+ \(left as it was\).*OptimizerConfig.lr \(now 1e\+30\)") \
+            as err:
+        train(sae, batches, _run_cfg(lr=1e30, checkpoint_every=1), run_dir=tmp_path)
+    step = err.value.step
+    assert 1 < step < 10 and err.value.checkpoint == latest_checkpoint(tmp_path)
+    assert err.value.checkpoint.name == f"step-{step - 1:08d}"  # nothing of the diverged step was written
+    verify_checkpoint(err.value.checkpoint)
+    saved = SAE.load(err.value.checkpoint / "sae")
+    for name, value in sae.state_dict().items():  # the caller's SAE: the weights after the last finite step
+        assert torch.equal(value, saved.state_dict()[name]), name
+
+
+def test_batches_that_yield_nothing_are_an_error_and_batches_that_run_out_warn(tmp_path):
+    """train(sae, []) used to return after 0 steps, and total_steps=10 with 3 batches to stop after 3,
+    both without a word."""
+    sae = make_sae(8, 16, "topk", k=2)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    with pytest.raises(ValueError, match=r"batches yielded no batch: no training step was taken"):
+        train(sae, [], _run_cfg())
+    assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
+    batches = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.warns(RuntimeWarning, match=r"batches ran out after step 3 of total_steps=10"):
+        result = train(sae, batches, _run_cfg(total_steps=10))
+    assert [m["step"] for m in result.history] == [1, 2, 3]
+    train(make_sae(8, 16, "topk", k=2), iter(batches), _run_cfg())  # no total, no length: the batches are the run
+    # a resumed run whose batches end before its checkpoint: nothing to train on
+    train(make_sae(8, 16, "topk", k=2), batches, _run_cfg(total_steps=3, checkpoint_every=3), run_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"no batch after skipping the 3 a resumed run had consumed"):
+        train(make_sae(8, 16, "topk", k=2), batches, _run_cfg(total_steps=6, checkpoint_every=3), run_dir=tmp_path,
+              resume=True)
+
+
+def test_resuming_with_a_larger_total_steps_extends_the_run_and_a_smaller_one_is_refused(tmp_path):
+    batches = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    first = train(make_sae(8, 16, "topk", k=2), batches[:10], _run_cfg(total_steps=10, checkpoint_every=5),
+                  run_dir=tmp_path)
+    assert first.history[-1]["step"] == 10
+    sae = make_sae(8, 16, "topk", k=2, seed=1)
+    with pytest.raises(ValueError, match=r"step-00000010: ScheduleConfig.total_steps=7 is less than the "
+                                         r"checkpoint's step 10"):
+        train(sae, batches, _run_cfg(total_steps=7, checkpoint_every=5), run_dir=tmp_path, resume=True)
+    cfg = _run_cfg(total_steps=20, checkpoint_every=5)
+    result = train(sae, batches, cfg, run_dir=tmp_path, resume=True)
+    assert [m["step"] for m in result.history] == list(range(11, 21))  # 10 more steps
+    # the LR schedule is that of a 20-step run: full LR after the resume, decayed over the last 20% (4 steps)
+    from fastsae.train.trainer import lr_scale
+
+    assert [m["lr"] for m in result.history] == pytest.approx([4e-4 * lr_scale(s - 1, 20, cfg.schedule)
+                                                               for s in range(11, 21)])
+    assert result.history[0]["lr"] == pytest.approx(4e-4) and result.history[-1]["lr"] < 4e-4
+    import json
+
+    assert json.loads((tmp_path / "checkpoints" / "step-00000020" / "trainer.json").read_text())["total_steps"] == 20

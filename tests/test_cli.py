@@ -1,6 +1,7 @@
 """`fastsae harvest` and `fastsae train` on a store, end to end on a tiny saved model."""
 
 import json
+import re
 
 import pytest
 
@@ -8,7 +9,7 @@ from fastsae import SAE
 from fastsae.cli import main
 from fastsae.harvest import ActivationStore
 
-from helpers import tiny_causal_lm
+from helpers import cli_error, tiny_causal_lm
 
 pytest.importorskip("transformers")
 
@@ -36,13 +37,12 @@ def test_harvest_then_train_on_the_store(corpus_and_model, capsys):
     assert store.tokens == 32 * 31  # 32 windows of 32, BOS dropped (the text has no unknown characters)
     assert store.meta["source"]["corpus"] == str(d / "book.txt") and store.meta["excluded_token_ids"] == [0, 1, 2, 3]
     assert main(args + ["--resume"]) == 0  # a finished harvest resumes to itself
-    with pytest.raises(FileExistsError):
-        main(args)
-    with pytest.raises(ValueError, match=r"DataConfig\.site: the store .* holds \['mlp_hidden\.1', 'resid_post\.0'\]"):
-        main(["train", "--data", str(d / "store"), "--out", str(d / "run"), "--steps", "3", "--no-progress"])
-    with pytest.raises(ValueError, match=r"'resid_post\.7' is not in the store .* \['mlp_hidden\.1', 'resid_post"):
-        main(["train", "--data", str(d / "store"), "--site", "resid_post.7", "--out", str(d / "run"), "--steps", "3",
-              "--no-progress"])
+    assert "already holds a store" in cli_error(capsys, args)
+    assert re.search(r"DataConfig\.site: the store .* holds \['mlp_hidden\.1', 'resid_post\.0'\]", cli_error(
+        capsys, ["train", "--data", str(d / "store"), "--out", str(d / "run"), "--steps", "3", "--no-progress"]))
+    assert re.search(r"'resid_post\.7' is not in the store .* \['mlp_hidden\.1', 'resid_post", cli_error(
+        capsys, ["train", "--data", str(d / "store"), "--site", "resid_post.7", "--out", str(d / "run"), "--steps",
+                 "3", "--no-progress"]))
     assert main(["train", "--data", str(d / "store"), "--site", "resid_post.0", "--activation", "topk", "--k", "4",
                  "--d-sae", "64", "--steps", "6", "--batch-size", "64", "--out", str(d / "run"),
                  "--no-progress"]) == 0
@@ -105,7 +105,7 @@ def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
     assert again["topk k=4 64"]["fvu"] == first["topk k=4 64"]["fvu"]
 
 
-def test_train_streaming_straight_from_the_model(corpus_and_model):
+def test_train_streaming_straight_from_the_model(corpus_and_model, capsys):
     d = corpus_and_model
     args = ["train", "--data", "stream", "--model", str(d / "lm"), "--site", "resid_post.0", "--corpus",
             str(d / "book.txt"), "--tokens", "2048", "--context-size", "32", "--activation", "topk", "--k", "4",
@@ -116,21 +116,41 @@ def test_train_streaming_straight_from_the_model(corpus_and_model):
     assert sae.metadata["site"] == "resid_post.0" and run["data"]["norm_scale"] > 0
     assert sae.metadata["input_scale_folded"] == pytest.approx(run["data"]["norm_scale"])
     assert sae.metadata["windows"]["ranges"] == [[0, 2048 // 32]] and run["windows"] == sae.metadata["windows"]
-    with pytest.raises(ValueError, match=r"DataConfig\.model must be given"):
-        main(["train", "--data", "stream", "--site", "resid_post.0", "--out", str(d / "x"), "--no-progress"])
+    assert "--model: DataConfig.model must be given" in cli_error(
+        capsys, ["train", "--data", "stream", "--site", "resid_post.0", "--out", str(d / "x"), "--no-progress"])
 
 
 @pytest.mark.parametrize("data", ["store", "stream"])
-def test_an_unknown_site_is_named_where_it_is_resolved(corpus_and_model, data):
+def test_an_unknown_site_is_named_where_it_is_resolved(corpus_and_model, data, capsys):
     """Never "d_in must be a positive int, got 0": the train path resolves the site before building anything."""
     d = corpus_and_model
     if data == "store":
         assert main(["harvest", "--model", str(d / "lm"), "--corpus", str(d / "book.txt"), "--sites", "resid_post.0",
                      "--tokens", "256", "--context-size", "32", "--out", str(d / "store"), "--no-progress"]) == 0
     source = str(d / "store") if data == "store" else "stream"
-    with pytest.raises(ValueError, match=r"resid_post\.9") as err:
-        main(["train", "--data", source, "--model", str(d / "lm"), "--site", "resid_post.9", "--corpus",
-              str(d / "book.txt"), "--tokens", "256", "--context-size", "32", "--steps", "2", "--out", str(d / "x"),
-              "--no-progress"])
-    assert "resid_post.0" in str(err.value) and "d_in" not in str(err.value)
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weights' loading bar on stderr
+    try:
+        line = cli_error(capsys, ["train", "--data", source, "--model", str(d / "lm"), "--site", "resid_post.9",
+                                  "--corpus", str(d / "book.txt"), "--tokens", "256", "--context-size", "32",
+                                  "--steps", "2", "--out", str(d / "x"), "--no-progress"])
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "--site" in line and "resid_post.9" in line and "resid_post.0" in line and "d_in" not in line
     assert not (d / "x" / "run.json").exists()
+
+
+def test_train_resume_with_more_steps_extends_the_run(tmp_path, capsys):
+    """`--resume --steps N` sets the run's new length (the rest of run.json is kept); fewer steps than the
+    checkpoint's is one line, exit 2."""
+    args = ["train", "--out", str(tmp_path), "--batch-size", "16", "--checkpoint-every", "2", "--no-progress"]
+    assert main(args + ["--steps", "4"]) == 0
+    assert main(args + ["--steps", "6", "--resume", "--lr", "0.5"]) == 0  # --lr: run.json's is kept
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and steps == sorted(set(steps))
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["train"]["schedule"]["total_steps"] == 6 and run["train"]["optimizer"]["lr"] != 0.5
+    line = cli_error(capsys, args + ["--steps", "3", "--resume"])
+    assert "--steps: " in line and "total_steps=3 is less than the checkpoint's step 6" in line, line
+    assert json.loads((tmp_path / "run.json").read_text()) == run  # refused before run.json was touched

@@ -182,7 +182,7 @@ def test_compare_command_writes_json_histogram_splits_and_annotations(tiny_store
     assert len(list((tmp_path / "cb" / "annotations").glob("compare-*.json"))) == 1
 
 
-def test_compare_command_against_pca_and_the_toy(tiny_store, tmp_path):
+def test_compare_command_against_pca_and_the_toy(tiny_store, tmp_path, capsys):
     import json
 
     from fastsae.cli import main
@@ -198,8 +198,9 @@ def test_compare_command_against_pca_and_the_toy(tiny_store, tmp_path):
     toy.save(tmp_path / "t")
     assert main(["compare", "toy:3", str(tmp_path / "t"), "--out", str(tmp_path / "o2")]) == 0
     assert json.loads((tmp_path / "o2" / "comparison.json").read_text())["summary"]["n_a"] == 512
-    with pytest.raises(ValueError, match="not an SAE directory"):
-        main(["compare", str(tmp_path / "nothing"), "toy", "--out", str(tmp_path / "o3")])
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "nothing"), "toy", "--out", str(tmp_path / "o3")]) == 2
+    assert "not an SAE directory" in capsys.readouterr().err
 
 
 def test_bench_compare_runs_and_saves(tmp_path, capsys):

@@ -250,7 +250,7 @@ def test_linear_substitution_moves_only_the_substituted_features(tiny):
     assert doubled == pytest.approx(total / count, abs=1e-5)
 
 
-def test_connect_command_writes_the_report(tiny, tmp_path):
+def test_connect_command_writes_the_report(tiny, tmp_path, capsys):
     import json
 
     from fastsae.cli import main
@@ -279,6 +279,7 @@ def test_connect_command_writes_the_report(tiny, tmp_path):
     assert "](../in-browser/feature.html#" in table
     notes = json.loads((tmp_path / "cache" / "annotations" / "connect.json").read_text())
     assert notes["features"] and all(v["text"].startswith("OF ") for v in notes["features"].values())
-    with pytest.raises(ValueError, match="harvest both sites"):
-        main(["connect", "--sae-in", str(tmp_path / "in"), "--sae-out", str(tmp_path / "out"), "--store",
-              str(d / "store"), "--site-out", "mlp_out.1", "--out", str(out), "--no-progress"])
+    capsys.readouterr()
+    assert main(["connect", "--sae-in", str(tmp_path / "in"), "--sae-out", str(tmp_path / "out"), "--store",
+                 str(d / "store"), "--site-out", "mlp_out.1", "--out", str(out), "--no-progress"]) == 2
+    assert "harvest both sites" in capsys.readouterr().err

@@ -6,6 +6,7 @@ counterpart is tests/test_checkpoint.py::test_sigkill_during_training_resumes_cl
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from fastsae import SAE, io
 from fastsae.harvest import ActivationStore, StoreWriter, harvest
 
 from conftest import make_sae
+from helpers import cli_error
 
 KILL_AT = str(Path(__file__).with_name("kill_at.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -134,17 +136,17 @@ def test_the_faults_table_is_current():
     table = (here / "FAULTS.md").read_text()
     named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", table))
     defined = {}
-    for file in {f for f, _ in named} | {"test_bad_inputs.py", "test_integrity.py", "test_faults.py"}:
+    fault_files = ("test_bad_inputs.py", "test_integrity.py", "test_faults.py", "test_cli_errors.py")
+    for file in {f for f, _ in named} | set(fault_files):
         tree = ast.parse((here / file).read_text())
         defined[file] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
     assert [f"{f}::{t}" for f, t in sorted(named) if t not in defined[f]] == []
-    unlisted = [f"{f}::{t}" for f in ("test_bad_inputs.py", "test_integrity.py", "test_faults.py")
+    unlisted = [f"{f}::{t}" for f in fault_files
                 for t in sorted(defined[f]) if (f, t) not in named and t != "test_the_faults_table_is_current"]
     assert unlisted == []
 
 
-def test_a_second_fastsae_train_into_a_run_directory_leaves_its_configuration_alone(tmp_path):
-    from fastsae.cli import main
+def test_a_second_fastsae_train_into_a_run_directory_leaves_its_configuration_alone(tmp_path, capsys):
 
     (tmp_path / "run.json").write_text('{"mine": true}\n')
     holder = subprocess.Popen([sys.executable, "-c", "import time; from fastsae.io import DirectoryLock; "
@@ -152,8 +154,9 @@ def test_a_second_fastsae_train_into_a_run_directory_leaves_its_configuration_al
                                "flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(io.DirectoryLockedError, match=rf"pid {holder.pid} on host .*fastsae train"):
-            main(["train", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--no-progress"])
+        line = cli_error(capsys, ["train", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8",
+                                  "--no-progress"])
+        assert re.search(rf"^fastsae train: .*pid {holder.pid} on host .*fastsae train", line), line
     finally:
         holder.kill()
         holder.wait()

@@ -39,5 +39,6 @@ def test_features_then_browse_on_the_sae_store(tmp_path, capsys):
     index = tmp_path / "features" / "browser" / "index.html"
     assert f"feature browser: {index.resolve()}" in printed and "| latent | one-token score |" in printed
     assert (tmp_path / "features" / "browser" / "data" / "shard-00000.js").is_file()
-    with pytest.raises(SystemExit, match="--effects"):
-        main(["features", "--sae", str(tmp_path / "run" / "sae"), "--effects", "some", "--out", str(tmp_path / "f2")])
+    assert main(["features", "--sae", str(tmp_path / "run" / "sae"), "--effects", "some", "--out",
+                 str(tmp_path / "f2")]) == 2
+    assert capsys.readouterr().err == "fastsae features: --effects must be a count or 'all', got 'some'\n"

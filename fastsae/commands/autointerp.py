@@ -19,7 +19,7 @@ def _handler(args: argparse.Namespace) -> int:
                    chat=args.api == "chat", price_in=args.price_in, price_out=args.price_out,
                    device=args.device or "cpu", seed=args.seed, progress=not args.no_progress)
     except BackendError as err:
-        raise SystemExit(f"autointerp: {err}") from None
+        raise SystemExit(str(err)) from None  # one line, "fastsae autointerp: <err>" (fastsae.cli's handler)
     return 0
 
 

@@ -33,11 +33,8 @@ def register(subparsers) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from ..train.plan import PlanConfig, report
 
-    try:
-        cfg = PlanConfig(args.d_in, args.d_sae, args.k, args.batch, args.gpus, args.latent_shards, args.weights,
-                         args.compute, "float32", args.backend, args.optimizer, args.tied, args.activation,
-                         args.resample_pool, args.dead_fraction)
-    except ValueError as err:
-        raise SystemExit(f"fastsae plan: {err}") from None
+    cfg = PlanConfig(args.d_in, args.d_sae, args.k, args.batch, args.gpus, args.latent_shards, args.weights,
+                     args.compute, "float32", args.backend, args.optimizer, args.tied, args.activation,
+                     args.resample_pool, args.dead_fraction)  # a bad value: one line, from fastsae.cli's handler
     print(report(cfg, args.gpu_memory))
     return 0

@@ -99,6 +99,10 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
         print(f"warning: the corpus has {all_windows.shape[0]} windows and the SAE trained on "
               f"{sum(b - a for a, b in used)}, so {overlap} of the {n_eval} used for evaluation overlap them")
     windows = all_windows[held_out]
+    width = capture(lm, [site], input_ids=windows[:1].to(device))[site].shape[-1]  # resolves the site, too
+    if width != first.cfg.d_in:
+        raise ValueError(f"the SAEs take d_in={first.cfg.d_in} but site {site!r} of model {model!r} has width "
+                         f"{width}: pass the --model and --site they were trained on")
     excluded = store.meta["excluded_token_ids"] if store else special_token_ids(lm, tokenizer)
     fit_x = None
     if baselines:

@@ -51,12 +51,28 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
     return ActivationStore(out)
 
 
+def check_harvest(out: str | Path, tokens: int | None, context_size: int, resume: bool = False) -> None:
+    """The settings of a harvest that can be checked before a model is loaded or a corpus read: the token
+    budget holds one window, and out is a store only when resuming it."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(context_size) or context_size < 2:
+        raise ValueError(f"context_size must be an int >= 2, got {context_size!r}")
+    if tokens is not None and (not is_int(tokens) or tokens < context_size):
+        raise ValueError(f"tokens must be an int >= context_size={context_size} (one window), got {tokens!r}")
+    if not resume and is_store(out):
+        raise FileExistsError(f"{out} already holds a store: pass resume=True, or another directory")
+
+
 def harvest_corpus(model: nn.Module, tokenizer, sites: list[str], corpus: str | Path, out: str | Path, *,
                    tokens: int, context_size: int = 128, text_field: str = "text", seed: int = 0,
                    rank: int = 0, world_size: int = 1, **kwargs) -> ActivationStore | None:
     """Tokenise corpus (see corpus.read_documents) into windows worth `tokens` tokens and harvest them.
     The corpus settings are recorded in the manifest; kwargs go to harvest(). With world_size > 1 this
     process harvests its rank's range of the windows into the one store (harvest/parallel.py)."""
+    # only rank 0 may find no store: the others start once it has made one
+    check_harvest(out, tokens, context_size, resume=kwargs.get("resume", False) or rank != 0)
     windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, tokens, seed=seed)
     # windows: the indices (into the seeded order of the whole corpus) that this store holds, so that
     # evaluation can hold out the others; a store harvested before the record resumes without it.

@@ -91,16 +91,29 @@ def random_causal_lm(hidden_size: int = 32, num_layers: int = 2, intermediate_si
     return T.GPTNeoXForCausalLM(cfg).eval(), tokenizer
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """A hub id is "name" or "owner/name"; anything else with a separator, or a leading . or ~, is a path."""
+    return name.startswith((".", "~", os.sep)) or name.endswith(os.sep) or name.count("/") > 1 or Path(name).exists()
+
+
 def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer) for a known name, a local directory or a cached hub id."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"model must be a name, a directory or a hub id, got {name!r}")
     if name in KNOWN:
         model, tokenizer = KNOWN[name](dtype)
     else:
+        expected = f"expected one of {sorted(KNOWN)}, a local model directory or a hub id in the local cache"
+        if _looks_like_a_path(name) and not Path(name).is_dir():
+            raise FileNotFoundError(f"model {name!r}: no such directory; {expected}")
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        except ValueError:  # not a causal LM: an encoder such as BERT
-            model = AutoModel.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            except ValueError:  # not a causal LM: an encoder such as BERT
+                model = AutoModel.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:  # transformers' word for "not found" (no config.json, not in the cache, ...)
+            raise FileNotFoundError(f"model {name!r}: {' '.join(str(err).split())[:300]}; {expected}") from err
     return model.to(device).eval(), tokenizer

@@ -139,9 +139,15 @@ def _array(cfg: DataConfig, dtype: torch.dtype) -> DataSource:
     if not Path(cfg.source).is_file():
         raise FileNotFoundError(f"DataConfig.source {cfg.source!r}: expected 'toy', 'stream', an activation store "
                                 f"directory (with manifest.json) or an .npy/.safetensors file")
-    array = load_array(cfg.source)
+    try:
+        array = load_array(cfg.source)
+    except ValueError as err:  # CorruptFileError, a wrong shape: say which setting named the file
+        raise ValueError(f"DataConfig.source: {err}") from err
+    except OSError as err:  # unreadable
+        raise type(err)(f"DataConfig.source {cfg.source}: {err.strerror or err}") from err
+    name = f"DataConfig.source {cfg.source}"
     return DataSource(cfg, array.shape[1], lambda steps: ArrayBatches(array, cfg.batch_size, steps, seed=cfg.seed,
-                                                                       dtype=dtype))
+                                                                       dtype=dtype, name=name))
 
 
 def _store(cfg: DataConfig, dtype: torch.dtype, rank: int = 0, world_size: int = 1,

@@ -79,9 +79,11 @@ def settings_from(config: str | Path | None = None, *, sae: dict | None = None, 
 
 
 def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: bool = False,
-              progress: bool = True, shard_latents: int | None = None) -> SAE:
+              progress: bool = True, shard_latents: int | None = None, total_steps: int | None = None) -> SAE:
     """Train an SAE into the run directory out and return it, saved in out/sae taking raw activations.
-    resume=True continues from out's newest checkpoint with out's own run.json (settings are then unused).
+    resume=True continues from out's newest checkpoint with out's own run.json (settings are then unused),
+    but for total_steps: given, it replaces the run's length (larger extends a run; see
+    Trainer.resumed_total_steps for the schedule).
     Under torchrun every rank calls it: data parallel, or with shard_latents (0: every rank; N: N shards
     × world/N replicas) the latents split (train/distributed.py); it then returns this rank's ShardedSAE,
     and leaves the process group once every rank is done."""
@@ -98,17 +100,27 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     # the run directory's writer lock before run.json is touched: a second writer into it is refused, naming
     # this one, and cannot replace this run's configuration (the lock is re-entrant: the trainer takes it too)
     with io.DirectoryLock(out, "fastsae train") if grid.is_main else contextlib.nullcontext():
-        sae = _train_locked(out, settings, resume, progress, grid, device)
+        sae = _train_locked(out, settings, resume, progress, grid, device, total_steps)
     if launched_by_torchrun():
         leave()  # every rank done: the process group goes
     return sae
 
 
-def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progress: bool, grid, device) -> SAE:
+def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progress: bool, grid, device,
+                  total_steps: int | None = None) -> SAE:
     from ..train import Trainer
 
     if resume and (out / RUN_FILE).is_file():
-        settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration
+        settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration, but for its length
+        if total_steps is not None:  # checked against the newest checkpoint before run.json is rewritten
+            from ..train import checkpoint as ckpt
+            from ..train.trainer import resumed_total_steps
+
+            newest = ckpt.latest_checkpoint(out)
+            if newest is not None:
+                meta = ckpt.read_trainer_meta(newest)
+                resumed_total_steps(total_steps, meta["step"], meta["total_steps"], newest)
+            settings.train = settings.train.replace(total_steps=total_steps)
     settings = settings or settings_from()
     dtype = DTYPES.get(settings.sae.get("dtype", "float32"))
     if dtype is None:
@@ -151,7 +163,7 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
                 resume: bool = False, progress: bool = True):
     """Harvest tokens of corpus at sites of model into the store out (resume=True continues it); returns
     the ActivationStore. Under torchrun each rank harvests its range of the windows (harvest/parallel.py)."""
-    from ..harvest import ActivationStore, harvest_corpus, is_store
+    from ..harvest import ActivationStore, check_harvest, harvest_corpus, is_store
     from ..model import load, resolve
     from ..ops.distributed import init_from_env, launched_by_torchrun, leave
 
@@ -161,6 +173,7 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 
         rank_device = str(init_from_env())
         rank, world, device = dist.get_rank(), dist.get_world_size(), device or rank_device
+    check_harvest(out, tokens, context_size, resume or rank != 0)  # before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm, tokenizer = load(model, dtype=getattr(torch, model_dtype), device=device)
     for site in sites:

@@ -3,7 +3,7 @@
 from ..losses import fvu
 from .config import CheckpointConfig, DeadLatentConfig, LoggingConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from .optim import SAEAdam
-from .trainer import Trainer, TrainResult, build_optimizer, train
+from .trainer import Trainer, TrainingDivergedError, TrainResult, build_optimizer, train
 
 __all__ = ["CheckpointConfig", "DeadLatentConfig", "LoggingConfig", "OptimizerConfig", "SAEAdam", "ScheduleConfig",
-           "TrainConfig", "Trainer", "TrainResult", "build_optimizer", "fvu", "train"]
+           "TrainConfig", "Trainer", "TrainingDivergedError", "TrainResult", "build_optimizer", "fvu", "train"]

@@ -31,6 +31,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_or_none(cls: str, obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -46,7 +50,7 @@ def _positive(cls: str, obj, *names: str) -> None:
 def _non_negative(cls: str, obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < math.inf
+        ok = _is_number(value) and 0.0 <= value < math.inf
         _check(cls, name, ok, "a finite number >= 0", value)
 
 
@@ -65,10 +69,10 @@ class OptimizerConfig:
 
     def __post_init__(self):
         c = "OptimizerConfig"
-        _check(c, "lr", isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf, "a finite number > 0", self.lr)
+        _check(c, "lr", _is_number(self.lr) and 0 < self.lr < math.inf, "a finite number > 0", self.lr)
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
         _check(c, "betas", isinstance(betas, tuple) and len(betas) == 2 and all(
-            isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)", self.betas)
+            _is_number(b) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)", self.betas)
         self.betas = betas
         _check(c, "kind", self.kind in ("auto", "fused", "torch"), "'auto', 'fused' or 'torch'", self.kind)
         _check(c, "state_dtype", self.state_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'",
@@ -95,7 +99,7 @@ class ScheduleConfig:
         _positive_or_none(c, self, "total_steps")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction"):
             value = getattr(self, name)
-            _check(c, name, isinstance(value, (int, float)) and 0.0 <= value <= 1.0, "in [0, 1]", value)
+            _check(c, name, _is_number(value) and 0.0 <= value <= 1.0, "a number in [0, 1]", value)
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1.0:
             raise ValueError(f"ScheduleConfig.lr_warmup_fraction + lr_decay_fraction must be <= 1, got "
                              f"{self.lr_warmup_fraction} + {self.lr_decay_fraction}")

@@ -15,7 +15,17 @@ def load_array(path: str | Path) -> np.ndarray | torch.Tensor:
     """(N, d_in) activations from .npy (memory-mapped) or .safetensors (its only tensor, or 'activations')."""
     path = Path(path)
     if path.suffix == ".npy":
-        data = np.load(path, mmap_mode="r")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # np.load would take it for a pickle, which it refuses without saying why
+            raise io.CorruptFileError(path, "not an .npy array (no NUMPY header)")
+        try:
+            data = np.load(path, mmap_mode="r")  # never allow_pickle
+        except ValueError as err:  # object arrays: pickled Python objects
+            raise io.CorruptFileError(path, f"holds pickled Python objects, which fastsae never loads ({err})") \
+                from err
+        if data.dtype.kind not in "fiu":
+            raise io.CorruptFileError(path, f"expected numbers, got dtype {data.dtype}")
     elif path.suffix == ".safetensors":
         tensors = io.read_tensors(path)
         if len(tensors) != 1 and "activations" not in tensors:
@@ -33,10 +43,11 @@ class ArrayBatches:
     so a resumed run skips exactly the batches it consumed."""
 
     def __init__(self, data: np.ndarray | torch.Tensor, batch_size: int, steps: int, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", name: str = "the array"):
         if batch_size < 1 or steps < 1:
             raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
         self.data, self.batch_size, self.steps, self.seed = data, batch_size, steps, seed
+        self.name = name  # what errors call the array (its file)
         self.dtype, self.device = dtype, torch.device(device)
 
     def __len__(self) -> int:
@@ -56,4 +67,7 @@ class ArrayBatches:
                 pos += step
             rows = torch.cat(take).sort().values.numpy()  # sorted: sequential reads from a memmap
             batch = torch.as_tensor(np.asarray(self.data[rows]))
+            if batch.is_floating_point() and not torch.isfinite(batch).all():  # name the rows, not "x"
+                bad = rows[(~torch.isfinite(batch)).any(-1).numpy()]
+                raise ValueError(f"{self.name}: row {bad[0]} holds NaN or Inf")
             yield batch.to(device=self.device, dtype=self.dtype)

@@ -223,6 +223,7 @@ class DistributedTrainer(Trainer):
         saved = SAEConfig.from_dict(meta["sae"])
         if saved != model.cfg:
             raise ValueError(f"{path}: checkpoint SAE config {saved} differs from this run's {model.cfg}")
+        total_steps = self.resumed_total_steps(meta["step"], meta["total_steps"], path)
         with torch.no_grad():
             for name, t in model.state_dict().items():
                 t.copy_(rows[name] if name in model.row_tensors else replicated[name])
@@ -237,7 +238,7 @@ class DistributedTrainer(Trainer):
             name, field = key.rsplit(".", 1)
             state.setdefault(index[name], {})[field] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
+        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], total_steps
         self.tokens_since_fired = rows["tokens_since_fired"].to(model.device)
         self.pool = replicated["pool"].to(model.device)
         self.generator.set_state(replicated["generator"])

@@ -13,6 +13,13 @@ With a run directory the trainer logs metrics as JSON lines
 `resume=True` continues from the newest checkpoint so that the final weights
 equal those of an uninterrupted run (bit-for-bit on CPU), provided the batches
 are the same sequence (the trainer skips the ones already consumed).
+
+Nothing ends silently. A non-finite loss stops the run with `TrainingDivergedError`
+(before the step's update, so the SAE holds the weights of the last finite step and no
+checkpoint is written over); batches that yield nothing raise `ValueError`; batches that
+run out before `total_steps` warn (the LR decay planned for the end never ran). A
+resumed run takes `ScheduleConfig.total_steps` when it is given, so a larger total
+extends the run (see `Trainer.load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +56,16 @@ BATCHTOPK_THRESHOLD_EMA = 0.99
 _METRICS = ("step", "tokens", "loss", "mse", "l1", "auxk", "kl", "l1_coefficient", "l0", "fvu", "dead_fraction", "lr")
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or Inf (a learning rate too large, activations too large for the
+    dtype): raised before that step's update, naming the step and the newest checkpoint."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step  # the step whose loss was not finite (1-based, as logged)
+        self.checkpoint = checkpoint  # the newest checkpoint of the run, None when there is none
+
+
 @dataclass
 class TrainResult:
     sae: SAE
@@ -72,6 +90,20 @@ def l1_warmup(step: int, total_steps: int | None, cfg: ScheduleConfig) -> float:
     """The fraction of the full L1 coefficient in force at step (linear over l1_warmup_fraction)."""
     warmup = math.ceil(cfg.l1_warmup_fraction * total_steps) if total_steps else 0
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def resumed_total_steps(wanted: int | None, step: int, saved_total: int | None, path: Path) -> int | None:
+    """The run's length after resuming from the checkpoint at path, of `step`, that planned `saved_total`
+    steps: `wanted` (this run's ScheduleConfig.total_steps) when given (larger extends the run; smaller than
+    `step` is an error), else the checkpoint's. The LR and L1 schedules are functions of (step, total_steps),
+    so the steps after the resume follow the schedule of a run planned with the new total from the start:
+    the warm-up is not repeated, and a run whose LR had decayed towards 0 goes back to the plateau at once."""
+    if wanted is None:
+        return saved_total
+    if wanted < step:
+        raise ValueError(f"{path}: ScheduleConfig.total_steps={wanted} is less than the checkpoint's step {step}: "
+                         f"a resumed run cannot end before where it already is (pass total_steps >= {step})")
+    return wanted
 
 
 @torch.no_grad()
@@ -167,7 +199,9 @@ class Trainer:
         sae, cfg, dead_cfg = self.sae, self.cfg, self.cfg.dead_latents
         sae.train()
         check_batch(batch, self.step_count)
+        b_dec_before = None  # given back if the first step diverges: the caller's SAE ends as it began
         if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
+            b_dec_before = sae.b_dec.detach().clone()
             init_b_dec_mean_(sae, batch, self._rows_mean)
         kl = None  # the KL term as a function of x_hat, for SAE.forward's loss
         if self.kl is not None:
@@ -184,6 +218,11 @@ class Trainer:
         coefficients = self.coefficients(self.step_count)
         out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
                   coefficients=coefficients, kl=kl)
+        if sae.check_finite and not torch.isfinite(out.loss):  # one host sync, as the input check is
+            if b_dec_before is not None:
+                with torch.no_grad():
+                    sae.b_dec.copy_(b_dec_before)
+            self._diverged(out.loss.item())
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._after_backward()
@@ -223,6 +262,18 @@ class Trainer:
                 self.tokens_since_fired[dead] = 0  # a fresh window to prove themselves
             return logged
 
+    def _diverged(self, loss: float, what: str | None = None) -> None:
+        """Stop: the loss of the coming step is not finite (nothing of that step has been applied), or what
+        else says so."""
+        step = self.step_count + 1 if what is None else self.step_count
+        what = what or f"the loss at step {step} is {loss} (not finite); the SAE holds the weights after step " \
+                        f"{self.step_count}"
+        newest = ckpt.latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        where = f"the newest checkpoint is {newest} (left as it was)" if newest else "no checkpoint was written"
+        raise TrainingDivergedError(
+            f"training diverged: {what}; {where}. Lower OptimizerConfig.lr (now {self.cfg.optimizer.lr:g}) or "
+            f"scale the activations (a store's normalize=True)", step, newest)
+
     # ---- seams: train/distributed.py's DistributedTrainer overrides these for several ranks ----------
 
     def _after_backward(self) -> None:
@@ -261,6 +312,12 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """Write the trainer's state as the checkpoint of this step; weights that are no longer finite (a
+        finite loss, then an update too large for the dtype) raise TrainingDivergedError instead, so the
+        newest checkpoint stays the last one worth resuming from."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.sae.parameters()):
+            self._diverged(math.nan, f"the SAE's weights after step {self.step_count} are not finite")
+
         def write(tmp: Path) -> None:
             self._checkpoint_sae().save(tmp / "sae")
             tensors, meta = ckpt.optimizer_to_files(self.optimizer)
@@ -289,18 +346,22 @@ class Trainer:
                              f"gives {ours!r}: resume with OptimizerConfig(kind={kind!r})")
         state = ckpt.read_trainer_state(path)
         meta = ckpt.read_trainer_meta(path)
+        total_steps = self.resumed_total_steps(meta["step"], meta["total_steps"], path)
         with torch.no_grad():
             mine = self.sae.state_dict()
             for name, t in sae.state_dict().items():
                 mine[name].copy_(t)
         self.optimizer.load_state_dict(optimizer_state)
-        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], meta["total_steps"]
+        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], total_steps
         self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device)
         self.pool = state["pool"].to(self.sae.device)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
+
+    def resumed_total_steps(self, step: int, saved_total: int | None, path: Path) -> int | None:
+        return resumed_total_steps(self.cfg.schedule.total_steps, step, saved_total, path)
 
     def resume(self) -> bool:
         """Load the newest intact checkpoint of run_dir, if any (a damaged newer one is skipped with a
@@ -338,7 +399,7 @@ class Trainer:
         log, every = self.cfg.logging, self.cfg.checkpoints.every
         sinks = MetricSinks(self.run_dir, log.tensorboard, log.wandb_project, self.cfg.to_dict()) if self.is_main \
             else MetricSinks(None)
-        start, start_tokens = time.perf_counter(), self.tokens_seen
+        start, start_step, start_tokens = time.perf_counter(), self.step_count, self.tokens_seen
         bar = tqdm(total=self.total_steps, initial=self.step_count, disable=not log.progress or not self.is_main,
                    desc="train", unit="step")
         try:
@@ -363,7 +424,24 @@ class Trainer:
         finally:
             bar.close()
             sinks.close()
+        self._say_how_it_ended(start_step)
         return TrainResult(self.sae, history, self.run_dir)
+
+    def _say_how_it_ended(self, start_step: int) -> None:
+        """A run that took no step at all is an error (nothing was trained: the batches were empty, or a
+        resumed run's batches ended before its checkpoint); one whose batches ran out before total_steps
+        warns, since its trained SAE is usable but the LR decay planned for the end never ran."""
+        total, taken = self.total_steps, self.step_count - start_step
+        if total is not None and self.step_count >= total and self.step_count > 0:
+            return  # complete (a finished run resumed takes no step, rightly)
+        if taken == 0:
+            skipped = f" after skipping the {start_step} a resumed run had consumed" if start_step else ""
+            raise ValueError(f"batches yielded no batch{skipped}: no training step was taken (expected "
+                             f"{f'{total} batches' if total else 'at least one batch'})")
+        if total is not None:
+            warnings.warn(f"batches ran out after step {self.step_count} of total_steps={total}: the run stopped "
+                          f"early, and the LR schedule planned for {total} steps never reached its decay",
+                          RuntimeWarning, stacklevel=3)
 
 
 def train(sae: SAE, batches: Iterable[Tensor], cfg: TrainConfig | None = None,
