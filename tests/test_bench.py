@@ -90,3 +90,16 @@ def test_data_path_throughput_report(tmp_path, capsys):
     (report,) = tmp_path.glob("harvest-*.json")
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_interventions_summary_keeps_the_parts_run_separately(tmp_path):
+    from bench.interventions import write_summary
+
+    write_summary(tmp_path, "# header", {"patch": ["## IOI patching", "curve"]})
+    write_summary(tmp_path, "# header", {"circuit": ["## Circuit", "graph"], "erasure": ["## Concept erasure"]})
+    text = (tmp_path / "summary.md").read_text()
+    assert text.count("# header") == 1
+    assert text.index("## IOI patching") < text.index("## Concept erasure") < text.index("## Circuit")
+    write_summary(tmp_path, "# header", {"patch": ["## IOI patching", "new curve"]})
+    text = (tmp_path / "summary.md").read_text()
+    assert "new curve" in text and "## Circuit" in text
