@@ -53,10 +53,12 @@ def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str, keep
         if device == "cuda":
             torch.cuda.synchronize()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    state = FeaturePass(d_sae, cfg, source.context_size, source.n_sequences, "meta").state_dict()
-    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the pass's state as it starts (its size is fixed by d_sae and n), built on the CPU after the peak is
+    # read: the meta device cannot run it (mix32 checks its input's values)
+    state = FeaturePass(d_sae, cfg, source.context_size, source.n_sequences, "cpu").state_dict()
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     return {"tokens_per_s": opened.tokens / seconds, "tokens_per_cpu_s": opened.tokens / cpu, "seconds": seconds,
             "peak_bytes": peak, "state_bytes": state_bytes}
 
@@ -65,8 +67,10 @@ def run_pass(store: Path, site: str, d_sae: int, k: int, device: str, keep: Path
     keep = None if keep is None else str(keep)
     code = ("import json, sys; from bench.features import pass_in_process; "
             f"print(json.dumps(pass_in_process({str(store)!r}, {site!r}, {d_sae}, {k}, {device!r}, {keep!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0:  # the child's traceback, not only its exit status
+        raise RuntimeError(f"the feature pass (d_sae {d_sae}) failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -9,7 +9,8 @@ Writes bench/results/interventions-<device>-<date>/ (or --out):
                                 tokens vs all others, SAE latents vs PCA directions chosen the same way
     circuit.json/.png/.svg      the circuit of the top SAE's latent most associated with the concept
     steer.json, steer.png       steering with that latent
-    summary.md                  the numbers, with the environment
+    summary.md                  the numbers, with the environment: the parts' sections (summary-<part>.md)
+                                in order, so that parts run one at a time (--skip) add up to one summary
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fastsae.model import capture, keep_mask, load, special_token_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64)
+PARTS = ("patch", "erasure", "circuit", "steer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--erasure-windows", type=int, default=96,
                         help="64-token windows with the concept: half fit, half evaluate")
     parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("patch", "erasure", "circuit", "steer"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     parser.add_argument("--out", help="default bench/results/interventions-cpu-<date>")
     args = parser.parse_args(argv)
     out = Path(args.out or RESULTS / f"interventions-cpu-{dt.date.today().isoformat()}")
@@ -53,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
            "python": platform.python_version(), "machine": platform.machine(), "date": dt.date.today().isoformat()}
     model, tokenizer = load(args.model)
     saes = load_saes(args.sae)
-    lines = [f"# Features as actions on {args.model} ({env['device']}, {env['threads']} threads, {env['date']})", ""]
+    header = f"# Features as actions on {args.model} ({env['device']}, {env['threads']} threads, {env['date']})"
+    sections = {}
 
     site = args.site
     if "patch" not in args.skip:
+        lines = sections["patch"] = []
         # every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid of m
         report = patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
                                        max_m=args.max_m, ms=SWEEP_MS, full_site=site)
@@ -82,17 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
         io.write_json(out / "erasure.json", result)
         erasure.plot(result, out / "erasure.png")
-        lines += [f"## Concept erasure at {site}: next token a gendered pronoun ({result['target_positions']} target "
-                  f"and {result['other_positions']} other positions; clean loss {result['clean_loss_target']:.3f} / "
-                  f"{result['clean_loss_other']:.3f})", "",
-                  "| method | n | Δloss target | Δloss other | selectivity |", "|---|---:|---:|---:|---:|"]
-        for r in result["rows"]:
-            sel = f"{r['selectivity']:.1f}" if r["selectivity"] is not None else ""
-            lines.append(f"| {r['method']} | {r['n']} | {r['delta_target']:.3f} | {r['delta_other']:.4f} | {sel} |")
-        lines.append("")
+        sections["erasure"] = erasure_section(result)
 
     top_site = list(saes)[-1]
-    latent = _concept_latent(model, tokenizer, top_site, saes[top_site], windows[-args.circuit_tokens // 64:], concept)
+    if {"circuit", "steer"} - set(args.skip):
+        latent = _concept_latent(model, tokenizer, top_site, saes[top_site], windows[-args.circuit_tokens // 64:],
+                                 concept)
     if "circuit" not in args.skip:
         start = time.perf_counter()
         contexts = circuits.top_contexts(model, top_site, saes[top_site], latent, windows[-args.circuit_tokens // 64:])
@@ -100,18 +99,41 @@ def main(argv: list[str] | None = None) -> int:
         graph.update(model=args.model, seconds=time.perf_counter() - start, env=env)
         circuits.save(graph, out / "circuit.json")
         circuits.draw(graph, out / "circuit.png")
-        lines += ["## Circuit", "", "```", circuits.describe(graph), "```", f"({graph['seconds']:.0f} s)", ""]
+        sections["circuit"] = ["## Circuit", "", "```", circuits.describe(graph), "```", f"({graph['seconds']:.0f} s)",
+                               ""]
     if "steer" not in args.skip:
         result = steering.steer(model, tokenizer, top_site, saes[top_site], latent,
                                 "The old man walked into the room, and", alphas=(0.0, 2.0, 5.0, 10.0, 20.0))
         result["env"] = env
         io.write_json(out / "steer.json", result)
         steering.plot(result, out / "steer.png")
-        lines += ["## Steering", "", "```", steering.format_result(result), "```", ""]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        sections["steer"] = ["## Steering", "", "```", steering.format_result(result), "```", ""]
+    print(write_summary(out, header, sections))
     print(f"results in {out}")
     return 0
+
+
+def erasure_section(result: dict) -> list[str]:
+    lines = [f"## Concept erasure at {result['site']}: next token a gendered pronoun ({result['target_positions']} "
+             f"target and {result['other_positions']} other positions; clean loss {result['clean_loss_target']:.3f} / "
+             f"{result['clean_loss_other']:.3f})", "",
+             "| method | n | Δloss target | Δloss other | selectivity (Δtarget / Δother) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        sel = f"{r['selectivity']:.1f}" if r["selectivity"] is not None else "other tokens' loss did not rise"
+        lines.append(f"| {r['method']} | {r['n']} | {r['delta_target']:.3f} | {r['delta_other']:.4f} | {sel} |")
+    return lines + [""]
+
+
+def write_summary(out: Path, header: str, sections: dict[str, list[str]]) -> str:
+    """Save each part's section as out/summary-<part>.md and assemble out/summary.md from every part's section
+    on disk, in PARTS order: a part run on its own (--skip the others) replaces its section and keeps theirs."""
+    for part, lines in sections.items():
+        io.atomic_write(out / f"summary-{part}.md", lambda tmp, lines=lines: Path(tmp).write_text("\n".join(lines)))
+    text = "\n".join([header, ""] + [(out / f"summary-{p}.md").read_text() for p in PARTS
+                                     if (out / f"summary-{p}.md").is_file()]) + "\n"
+    io.atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    return text
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from fastsae.train import TrainConfig, Trainer
 from fastsae.train.resample import resample_dead_latents
 
 OPS = ("encode", "encoder", "decode", "optimizer", "resample", "step")
-IMPLEMENTATIONS = ("naive", "naive_compile", "fastsae_torch", "fastsae_triton", "saelens")
+IMPLEMENTATIONS = ("naive", "naive_compile", "fastsae_torch", "fastsae_triton", "saelens", "sparsify")
 # How many x @ W_enc^T GEMMs (of N rows) each op needs at least; resample scores a pool of 4N rows.
 GEMMS = {"encode": 1, "encoder": 1, "step": 1, "resample": 4}
 
@@ -186,6 +187,8 @@ def build(case: Case, impl: str, device: torch.device, dtype: torch.dtype) -> Ca
         return _build_naive(case, x, compiled=impl == "naive_compile")
     if impl == "saelens":
         return _build_saelens(case, x)
+    if impl == "sparsify":
+        return _build_sparsify(case, x)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -316,6 +319,46 @@ def _build_saelens(case: Case, x: torch.Tensor):
         (lens(x) - x).pow(2).sum(-1).mean().backward()
         opt.step()
     return step
+
+
+def sparsify_coder(d_in: int, d_sae: int, k: int, device, dtype):
+    """EleutherAI sparsify's SparseCoder (eai-sparsify), or None when it is not installed. Off CUDA its
+    eager decoder (SPARSIFY_DISABLE_TRITON=1): its Triton one needs a GPU driver."""
+    if torch.device(device).type != "cuda":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    return SparseCoder(d_in, SparseCoderConfig(k=k, num_latents=d_sae), device=device, dtype=dtype)
+
+
+def sparsify_train_step(coder, x: torch.Tensor, lr: float = 1e-4) -> Callable[[], object]:
+    """One step as sparsify's Trainer takes it: FVU loss, backward, the decoder-parallel gradient removed,
+    torch.optim.Adam (its choice without bitsandbytes), decoder rows renormalised."""
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+
+    def step():
+        coder(x).fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        coder.set_decoder_norm_to_unit_norm()
+    return step
+
+
+def _build_sparsify(case: Case, x: torch.Tensor):
+    if case.activation != "topk" or case.op not in ("encode", "step"):
+        return None
+    coder = sparsify_coder(case.d_in, case.d_sae, case.k, x.device, x.dtype)
+    if coder is None:
+        return None
+    if case.op == "encode":
+        def encode():
+            with torch.no_grad():
+                return coder.encode(x)
+        return encode
+    return sparsify_train_step(coder, x)
 
 
 # ---- one case ---------------------------------------------------------------------------------------

@@ -229,13 +229,18 @@ class SAE(nn.Module):
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit norm."""
         W = self.W_dec
-        W.div_(W.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).to(W.dtype))
+        norms = torch.linalg.vector_norm(W, dim=1, keepdim=True, dtype=torch.float32)  # (d_sae, 1), no fp32 copy
+        W.div_(norms.clamp_min_(torch.finfo(torch.float32).tiny).to(W.dtype))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad_(self) -> None:
         """Drop the component of each decoder row's gradient along that (unit) row, so Adam moves it on the sphere."""
         W, g = self.W_dec, self.W_dec.grad
         if g is None:
+            return
+        if g.dtype == W.dtype == torch.float32:  # one dot per row and one in-place pass, no (d_sae, d_in) temporary
+            parallel = torch.linalg.vecdot(g, W, dim=1).unsqueeze(1)  # (d_sae, 1)
+            g.addcmul_(parallel, W, value=-1.0)
             return
         parallel = (g.float() * W.float()).sum(1, keepdim=True)  # (d_sae, 1)
         g.sub_((parallel * W.float()).to(g.dtype))

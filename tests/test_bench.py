@@ -112,3 +112,16 @@ def test_eval_speed_runs_end_to_end_on_a_tiny_model(tmp_path):
     saved = json.loads(next(tmp_path.glob("eval-speed-*.json")).read_text())
     assert saved["summary"]["metrics_agree"] and saved["meta"]["variants"] == 9
     assert {"reference", "fastsae"} == set(saved["runs"]) and next(tmp_path.glob("eval-speed-*.md")).stat().st_size
+
+
+def test_interventions_summary_keeps_the_parts_run_separately(tmp_path):
+    from bench.interventions import write_summary
+
+    write_summary(tmp_path, "# header", {"patch": ["## IOI patching", "curve"]})
+    write_summary(tmp_path, "# header", {"circuit": ["## Circuit", "graph"], "erasure": ["## Concept erasure"]})
+    text = (tmp_path / "summary.md").read_text()
+    assert text.count("# header") == 1
+    assert text.index("## IOI patching") < text.index("## Concept erasure") < text.index("## Circuit")
+    write_summary(tmp_path, "# header", {"patch": ["## IOI patching", "new curve"]})
+    text = (tmp_path / "summary.md").read_text()
+    assert "new curve" in text and "## Circuit" in text

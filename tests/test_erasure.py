@@ -63,3 +63,11 @@ def test_erasure_reports_the_loss_of_the_ablated_model():
     assert row["loss_other"] == pytest.approx(float(ce[~target[3:, :-1] & keep[:, :-1]].mean()), abs=1e-5)
     assert row["delta_target"] == pytest.approx(row["loss_target"] - result["clean_loss_target"])
     assert result["target_positions"] == int(tgt.sum())
+
+
+def test_selectivity_is_undefined_when_the_other_tokens_do_not_lose():
+    # an edit that raises the target loss and lowers the others' is the most selective: never a negative ratio
+    assert erasure.selectivity(0.04, -0.001) is None
+    assert erasure.selectivity(0.04, 0.0) is None
+    assert erasure.selectivity(0.3, 0.1) == pytest.approx(3.0)
+    assert erasure.selectivity(-0.05, 0.2) == pytest.approx(-0.25)

@@ -15,7 +15,9 @@ gendered pronouns, the built-in example) or every position of labelled prompts. 
   2. Ablation on the remaining windows: the chosen latents are zeroed (a PCA coefficient set to that of the
      mean) at every real non-BOS position, the error term kept (fastsae.analysis.interventions), and the
      next-token cross-entropy compared with the clean model's, separately on target positions and on the
-     rest. selectivity = Δloss_target / Δloss_other: high when the edit removes the concept and little else.
+     rest. selectivity = Δloss_target / Δloss_other: high when the edit removes the concept and little else;
+     None when the other tokens' loss does not rise (Δloss_other <= 0: the edit costs the rest nothing, which
+     no ratio expresses; a negative ratio would rank that best case below every positive one).
 """
 
 from __future__ import annotations
@@ -146,11 +148,16 @@ def erasure(model: nn.Module, site: str, sae, windows: Tensor, target: Tensor, *
             dt, do = loss_target - base_target, loss_other - base_other
             rows.append({"method": name, "n": n, "latents": chosen, "association": [float(scores[i]) for i in chosen],
                          "loss_target": loss_target, "loss_other": loss_other, "delta_target": dt, "delta_other": do,
-                         "selectivity": dt / do if abs(do) > 1e-12 else None})
+                         "selectivity": selectivity(dt, do)})
     return {"site": site, "fit_windows": fit_windows, "eval_windows": int(eval_windows.shape[0]),
             "target_positions": int(eval_target.sum()), "other_positions": int(eval_other.sum()),
             "clean_loss_target": base_target, "clean_loss_other": base_other, "rows": rows,
             "seconds": time.perf_counter() - start}
+
+
+def selectivity(delta_target: float, delta_other: float) -> float | None:
+    """Δloss_target / Δloss_other when the other tokens' loss rises, else None (see the module docstring)."""
+    return delta_target / delta_other if delta_other > 1e-12 else None
 
 
 def plot(result: dict, path) -> None:

@@ -1,20 +1,27 @@
 """Sparse-aware plain PyTorch: fast on CPU and any GPU, no Triton needed.
 
 The encoder forward builds the (N, d_sae) pre-activations (the Triton backend
-removes them); nothing of that size is built in decode or in any backward:
+removes them); nothing of that size is built in decode or in any backward, and
+every sparse reduction is one of two fused CPU kernels, `F.embedding_bag`
+(a weighted gather-sum of rows, multi-threaded over bags) and its per-sample
+weight gradient (a dot product per entry), so no (N·k, d_in) intermediate is
+ever written:
 
 - decode is `F.embedding_bag` over the active decoder rows; its backward
   gives the value gradients as dot products and the decoder gradient only for
-  rows that fired, as the same latent-sorted segment sum as the encoder's;
+  rows that fired, as a latent-sorted segment sum;
 - the encoder backward masks the value gradient by "fired", gathers `grad_x`
-  with another `embedding_bag`, and forms the encoder weight gradient as a
-  CSR matrix (latents × rows, sorted by latent) times x: a segment reduction
-  with no atomics and no (N·k, d_in) intermediate.
+  with another `embedding_bag`, and forms the encoder weight gradient as the
+  same segment sum over x: entries sorted by latent, one bag per latent,
+  summed in a fixed order (no atomics, the same bits whatever the thread count).
+
+At N 2048, d_in 768, d_sae 16384, k 32 on 2 CPU cores the two segment sums take
+~30 ms together with their sort, against ~150 ms for a sparse CSR matmul and
+~400 ms with the sort it needs (bench/cpu_step.py).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,24 +31,45 @@ from torch import Tensor
 from ._autograd import SparseEncode, SparsePrims
 
 
-def segment_rows_sum(indices: Tensor, coef: Tensor, y: Tensor, num_segments: int) -> Tensor:
-    """out[i] = Σ_{(n, j): indices[n, j] = i} coef[n, j] · y[n], in fp32.
+def latent_segments(indices: Tensor, coef: Tensor, num_segments: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries of (N, w) indices with coef != 0, grouped by latent, as embedding_bag bags.
 
-    indices, coef: (N, w); y: (N, d) → (num_segments, d). Entries with coef 0
-    (padding, latents that did not fire) are dropped before the reduction.
+    Returns rows (E,) int64 (the batch row of each entry, latent-major, batch order within a latent),
+    their coefficients (E,), and offsets (num_segments + 1,) int64 (latent i's entries are
+    offsets[i]:offsets[i + 1]). Padding and latents that did not fire (coef 0) are dropped.
     """
-    N, w = indices.shape
+    w = indices.shape[1]
     flat_coef = coef.reshape(-1)
     keep = (flat_coef != 0).nonzero().squeeze(1)
     seg = indices.reshape(-1)[keep]
-    order = torch.argsort(seg, stable=True)  # sort by latent: one contiguous segment per latent
-    crow = torch.zeros(num_segments + 1, dtype=torch.int64, device=y.device)
-    crow[1:] = torch.cumsum(torch.bincount(seg, minlength=num_segments), 0)
-    cols = keep[order] // w
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        G = torch.sparse_csr_tensor(crow, cols, flat_coef[keep][order].float(), size=(num_segments, N))
-        return G @ y.float()
+    order = torch.argsort(seg, stable=True)  # one contiguous run per latent, batch order inside it
+    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=indices.device)
+    offsets[1:] = torch.cumsum(torch.bincount(seg, minlength=num_segments), 0)
+    return keep[order] // w, flat_coef[keep][order], offsets
+
+
+def segment_rows_sum(indices: Tensor, coef: Tensor, y: Tensor, num_segments: int) -> Tensor:
+    """out[i] = Σ_{(n, j): indices[n, j] = i} coef[n, j] · y[n], in fp32.
+
+    indices, coef: (N, w); y: (N, d) → (num_segments, d). One embedding_bag bag per latent over the rows of
+    y; entries with coef 0 (padding, latents that did not fire) are dropped before the reduction.
+    """
+    rows, c, offsets = latent_segments(indices, coef, num_segments)
+    return F.embedding_bag(rows, y.float(), offsets, mode="sum", per_sample_weights=c.float(),
+                           include_last_offset=True)
+
+
+def rows_dot(grad: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """out[n, j] = <grad[n], W[indices[n, j]]>: (N, d), (N, w), (d_sae, d) -> (N, w) in W's dtype.
+
+    embedding_bag's per-sample-weight gradient is exactly this, one dot per entry with no (N, w, d) gather
+    (5x faster than gathering the rows for a bmm at N 2048, k 32, d 768)."""
+    n, w = indices.shape
+    flat = indices.reshape(-1)
+    offsets = torch.arange(0, n * w, w, device=indices.device)
+    bag_of_entry = torch.arange(n, device=indices.device).repeat_interleave(w)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad.to(W.dtype).contiguous(), W, flat, offsets, bag_of_entry, 0, -1).view(n, w)
 
 
 def _select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -105,10 +133,6 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
     return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_batchtopk(pre, k)), PRIMS)
 
 
-# Rows per chunk of the value gradient's gather: bounds its workspace to ~4M elements.
-_GATHER_ELEMENTS = 1 << 22
-
-
 class _DecodeRows(torch.autograd.Function):
     """Σ_j v[n, j] · W[idx[n, j]] with a backward whose reductions do not depend on the rest of the batch:
     the weight gradient is the latent-sorted segment sum (no embedding_bag backward, whose order does)."""
@@ -122,12 +146,8 @@ class _DecodeRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         values, indices, W = ctx.saved_tensors
         grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:  # <grad[n], W[idx[n, j]]>, gathered a chunk of rows at a time
-            n, w = indices.shape
-            rows = max(1, _GATHER_ELEMENTS // max(1, w * W.shape[1]))
-            grad_values = torch.cat([
-                torch.bmm(W[indices[i:i + rows]], grad[i:i + rows, :, None].to(W.dtype)).squeeze(-1)
-                for i in range(0, n, rows)]).to(values.dtype)
+        if ctx.needs_input_grad[0]:  # <grad[n], W[idx[n, j]]>
+            grad_values = rows_dot(grad, indices, W).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = segment_rows_sum(indices, values, grad, W.shape[0]).to(W.dtype)
         return grad_values, None, grad_W

@@ -1,0 +1,189 @@
+"""One TopK training step on CPU, fastsae against its floor and EleutherAI's sparsify, side by side in one run.
+
+    OMP_NUM_THREADS=2 flock /work/heavy.lock python -m bench.cpu_step          # N 2048, d_in 768, d_sae 16384, k 32
+    python -m bench.cpu_step --n 256 --d-sae 2048 --repeats 3                  # a quick look
+
+Each repetition runs every implementation once, in a rotating order, so that a slow minute of the
+machine (2 shared cores here) lands on all of them alike; the table gives each one's median over the
+repetitions (and its minimum). Rows:
+
+- floor: the encoder GEMM x @ W_enc^T (N × d_in by d_in × d_sae, as F.linear computes it) plus one Adam
+  step over every parameter (torch.optim.Adam(fused=True), the fastest Adam torch has on CPU) with the
+  gradients already there: what DESIGN.md says a step should cost. Its two parts are timed as rows of
+  their own (floor: GEMM, floor: Adam), and the floor is their sum.
+- fastsae: `Trainer.step(x, metrics=False)` with the trainer's defaults on this device (torch backend):
+  forward, loss, backward, Adam, the unit-norm decoder constraint, dead-latent bookkeeping.
+- sparsify: `SparseCoder` (eai-sparsify, its eager CPU path: SPARSIFY_DISABLE_TRITON=1) stepped as its
+  Trainer does: forward (FVU loss), backward, removal of the decoder-parallel gradient, torch.optim.Adam
+  (what its Trainer builds without bitsandbytes), decoder renormalisation.
+
+No AuxK in either library (no latent is dead within a few steps; both skip it then). Results go to
+bench/results/cpu-step-<date>.json and .md with the machine, versions, date and torch's thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastsae
+from bench.suite import sparsify_coder, sparsify_train_step
+from fastsae import SAE, SAEConfig
+from fastsae.train import TrainConfig, Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LR = 1e-4
+
+
+def fastsae_step(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], object]:
+    sae = SAE(SAEConfig(x.shape[1], d_sae, activation="topk", k=k), seed=0)
+    sae.check_finite = False  # the floor and sparsify do not check their inputs either
+    trainer = Trainer(sae, TrainConfig.flat(lr=LR, progress=False))
+    return lambda: trainer.step(x, metrics=False)
+
+
+def sparsify_step(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], object] | None:
+    torch.manual_seed(0)
+    coder = sparsify_coder(x.shape[1], d_sae, k, x.device, x.dtype)
+    return None if coder is None else sparsify_train_step(coder, x, LR)
+
+
+def floor_parts(x: torch.Tensor, d_sae: int) -> dict[str, Callable[[], object]]:
+    d_in = x.shape[1]
+    W_enc = torch.randn(d_sae, d_in) / d_in**0.5
+    b_enc = torch.zeros(d_sae)
+    params = [torch.nn.Parameter(t) for t in (torch.randn(d_sae, d_in), torch.randn(d_sae, d_in),
+                                              torch.zeros(d_sae), torch.zeros(d_in))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adam = torch.optim.Adam(params, lr=LR, fused=True)
+    return {"floor: GEMM": lambda: F.linear(x, W_enc, b_enc), "floor: Adam": adam.step}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """ms per call of each fn: warmup calls each, then repeats rounds, each calling every fn once."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def top_ops(step: Callable[[], object], steps: int, rows: int = 12) -> list[dict]:
+    """Where a step's time goes: torch.profiler's operators by self CPU time, ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in ops]
+
+
+def environment() -> dict:
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+           "fastsae": fastsae.__version__ if hasattr(fastsae, "__version__") else None,
+           "python": platform.python_version(), "device": _cpu_name(), "cores": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        from importlib.metadata import version
+
+        env["sparsify"] = version("eai-sparsify")
+    except Exception:  # not installed
+        env["sparsify"] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(n, d_in)
+    fns = {**floor_parts(x, d_sae), "fastsae": fastsae_step(x, d_sae, k)}
+    theirs = sparsify_step(x, d_sae, k)
+    if theirs is not None:
+        fns["sparsify"] = theirs
+    times = interleaved(fns, repeats, warmup)
+    profile = top_ops(fns["fastsae"], steps=3)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    floor = median["floor: GEMM"] + median["floor: Adam"]
+    rows = [{"impl": "floor", "ms": floor}]
+    for name, t in times.items():
+        row = {"impl": name, "ms": median[name], "min_ms": min(t), "times_ms": t}
+        if not name.startswith("floor"):
+            row["x_floor"] = median[name] / floor
+        rows.append(row)
+    if "sparsify" in median:
+        rows[[r["impl"] for r in rows].index("fastsae")]["speedup_vs_sparsify"] = median["sparsify"] / median["fastsae"]
+    return {"env": environment(), "shape": {"n": n, "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32"},
+            "repeats": repeats, "warmup": warmup, "rows": rows, "fastsae_top_ops": profile}
+
+
+def markdown(result: dict) -> str:
+    env, s = result["env"], result["shape"]
+    lines = [f"### CPU TopK training step · N {s['n']} · d_in {s['d_in']} · d_sae {s['d_sae']} · k {s['k']} · "
+             f"{s['dtype']}",
+             f"{env['device']} ({env['cores']} cores, torch threads {env['torch_threads']}) · torch {env['torch']} · "
+             f"sparsify {env['sparsify']} · {env['date']} · median of {result['repeats']} interleaved repetitions",
+             "", "| step | ms (median) | ms (min) | × floor | fastsae speed-up |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        x_floor = f"{r['x_floor']:.2f}" if "x_floor" in r else ""
+        speedup = f"{r['speedup_vs_sparsify']:.2f}× vs sparsify" if "speedup_vs_sparsify" in r else ""
+        low = f"{r['min_ms']:.1f}" if "min_ms" in r else ""
+        lines.append(f"| {r['impl']} | {r['ms']:.1f} | {low} | {x_floor} | {speedup} |")
+    lines += ["", "fastsae's step by operator (torch.profiler, self CPU time, 3 steps):", "",
+              "| operator | ms per step | calls per step |", "|---|---:|---:|"]
+    lines += [f"| {o['op']} | {o['self_ms_per_step']:.1f} | {o['calls_per_step']:g} |"
+              for o in result["fastsae_top_ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--d-in", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown")
+    args = parser.parse_args(argv)
+    result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup)
+    table = markdown(result)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cpu-step-{result['env']['date'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(f"saved {stem}.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""bench/cpu_step.py and the sparsify peer of the suite run end to end on tiny CPU shapes (no timing assertions)."""
+
+import json
+
+import pytest
+import torch
+
+from bench import cpu_step
+from bench.suite import Case, run_case
+
+
+def test_cpu_step_measures_every_peer_in_one_run_and_saves_json_and_markdown(tmp_path):
+    assert cpu_step.main(["--n", "16", "--d-in", "8", "--d-sae", "32", "--k", "4", "--repeats", "2", "--warmup", "1",
+                          "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("cpu-step-*.json")
+    result = json.loads(path.read_text())
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert {"floor", "floor: GEMM", "floor: Adam", "fastsae"} <= set(rows)
+    assert rows["floor"]["ms"] == pytest.approx(rows["floor: GEMM"]["ms"] + rows["floor: Adam"]["ms"])
+    assert len(rows["fastsae"]["times_ms"]) == 2 and rows["fastsae"]["x_floor"] > 0
+    assert result["env"]["torch_threads"] == torch.get_num_threads()
+    if result["env"]["sparsify"] is not None:
+        assert rows["fastsae"]["speedup_vs_sparsify"] > 0 and "x_floor" in rows["sparsify"]
+    assert "| fastsae |" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("op", ["encode", "step"])
+def test_sparsify_is_a_peer_of_the_suite(op):
+    pytest.importorskip("sparsify")
+    rows = run_case(Case(op, "topk", 64, 16, 128, 4), ("sparsify",), torch.device("cpu"), torch.float32, repeats=1,
+                    bandwidth=1e10)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["sparsify"]["status"] == "ok" and by_impl["sparsify"]["x_floor"] > 0
+    assert run_case(Case(op, "relu", 64, 16, 128, density=0.1), ("sparsify",), torch.device("cpu"), torch.float32,
+                    repeats=1, bandwidth=1e10)[1:] == []  # TopK only

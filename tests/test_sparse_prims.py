@@ -1,0 +1,84 @@
+"""The torch backend's sparse primitives (embedding_bag segment sums and per-entry dots) against float64
+dense arithmetic on odd shapes, with repeated latents, padding and latents that never fire."""
+
+import copy
+
+import pytest
+import torch
+
+from fastsae.ops.torch_backend import latent_segments, rows_dot, segment_rows_sum
+from fastsae.train import TrainConfig, Trainer
+
+from conftest import make_sae
+
+SHAPES = [(1, 1, 5, 1), (7, 3, 11, 13), (33, 5, 37, 24), (130, 9, 301, 17)]  # (N, w, d_sae, d)
+
+
+def _entries(n, w, d_sae, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, d_sae, (n, w), generator=gen)
+    indices[:, -1] = indices[:, 0]  # a latent twice in one row (the compact form's padding repeats index 0)
+    coef = torch.randn(n, w, generator=gen)
+    coef[::3, -1] = 0  # padding / latents that did not fire
+    return indices, coef
+
+
+def _dense(indices, coef, d_sae):
+    """(N, d_sae) float64 with coef summed at each row's indices."""
+    return torch.zeros(indices.shape[0], d_sae, dtype=torch.float64).index_put_(
+        (torch.arange(indices.shape[0])[:, None].expand_as(indices), indices), coef.double(), accumulate=True)
+
+
+@pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
+def test_segment_rows_sum_matches_dense_float64(n, w, d_sae, d):
+    indices, coef = _entries(n, w, d_sae)
+    y = torch.randn(n, d)
+    out = segment_rows_sum(indices, coef, y, d_sae)
+    assert out.shape == (d_sae, d) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _dense(indices, coef, d_sae).T @ y.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
+def test_latent_segments_group_entries_by_latent_in_batch_order(n, w, d_sae, d):
+    indices, coef = _entries(n, w, d_sae, seed=1)
+    rows, c, offsets = latent_segments(indices, coef, d_sae)
+    assert offsets[0] == 0 and offsets[-1] == rows.numel() == int((coef != 0).sum())
+    for i in range(d_sae):
+        seg = slice(int(offsets[i]), int(offsets[i + 1]))
+        hit = (indices == i) & (coef != 0)
+        expect_rows = hit.nonzero()[:, 0]  # row-major: batch order
+        assert torch.equal(rows[seg], expect_rows)
+        assert torch.equal(c[seg], coef[hit])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
+def test_rows_dot_matches_float64(n, w, d_sae, d, dtype, tol):
+    indices, _ = _entries(n, w, d_sae, seed=2)
+    grad, W = torch.randn(n, d), torch.randn(d_sae, d).to(dtype)
+    out = rows_dot(grad, indices, W)
+    assert out.shape == (n, w) and out.dtype == dtype
+    expect = torch.einsum("nd,nwd->nw", grad.to(dtype).double(), W.double()[indices])
+    torch.testing.assert_close(out.double(), expect, atol=tol * d**0.5, rtol=tol)
+
+
+def test_empty_segments():
+    indices, coef = torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2)
+    out = segment_rows_sum(indices, coef, torch.randn(4, 3), 6)
+    assert torch.equal(out, torch.zeros(6, 3))
+
+
+def test_cpu_trainer_uses_torch_fused_adam_and_matches_the_per_tensor_loop():
+    """auto on CPU: torch.optim.Adam(fused=True); the same arithmetic as torch's default Adam."""
+    sae = make_sae(13, 37, "topk", 4)
+    other = copy.deepcopy(sae)
+    trainer = Trainer(sae, TrainConfig.flat(lr=1e-2, progress=False))
+    assert trainer.optimizer.defaults["fused"] is True
+    slow = Trainer(other, TrainConfig.flat(lr=1e-2, progress=False))
+    slow.optimizer = torch.optim.Adam([p for p in other.parameters() if p.requires_grad], lr=1e-2, fused=False)
+    for _ in range(4):
+        x = torch.randn(20, 13)
+        trainer.step(x)
+        slow.step(x)
+    for (name, a), b in zip(sae.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
