@@ -39,6 +39,8 @@ def built(tmp_path_factory):
     store = harvest(model, [SITE], windows, root / "store", batch_size=4, dtype=torch.float32, shard_rows=40,
                     progress=False)
     sae = make_sae(d_in=32, d_sae=D_SAE)
+    with torch.no_grad():
+        sae.b_enc[D_SAE - 1] = -1e4  # the last latent never fires: its page has no histogram or contexts
     cfg = FeatureConfig(top=4, samples=3, before=5, after=2, token_sample=32, random_contexts=4)
     cache = collect_features(sae, StoreSource(store, SITE, windows), root / "cache", cfg, progress=False)
     measure_effects(cache, model, SITE, sae, windows, [0, 1, 2, 3, 9], attribution_contexts=2, progress=False)
@@ -176,6 +178,17 @@ def test_feature_page_renders_contexts_histogram_and_annotations_in_chromium(bui
     only_local_files(page, index.parent)
     shards = {url.rsplit("/", 1)[1] for url in page.requests if "shard-" in url}
     assert shards == {f"shard-{j // SHARD:05d}.js", f"shard-{far // SHARD:05d}.js"}  # lazily, one shard each
+
+
+def test_a_latent_that_never_fired_renders_and_says_so_in_chromium(built, chrome):
+    cache, index = built
+    assert cache.stats(D_SAE - 1)["count"] == 0
+    page = chrome.open(index.parent.joinpath("feature.html").as_uri() + f"#{D_SAE - 1}",
+                       ready="document.body.dataset.readyMs")  # set after the first render, fired or not
+    assert page.errors == []
+    assert page.evaluate("document.getElementById('title').textContent") == f"Latent {D_SAE - 1}"
+    assert page.evaluate("document.getElementById('histogram').textContent") == "never fired"
+    assert page.evaluate("document.querySelectorAll('#contexts .context').length") == 0
 
 
 def test_the_driver_sees_errors_and_requests(chrome, tmp_path):

@@ -34,6 +34,8 @@
     neighbours(f);
     contexts(f.top, $("contexts"), f, true);
     contexts(f.smp, $("samples"), f, false);
+    // for tests and the benchmark: when the page (dead latents included) finished its first render
+    if (!document.body.dataset.readyMs) document.body.dataset.readyMs = String(Math.round(performance.now()));
   }
 
   function annotations(f) {
