@@ -185,10 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "model": model_name,
-            "tokens": args.tokens, "note": "a machine shared with other jobs: rates are lower bounds"}
+            "tokens": args.tokens}
     lines = [f"# Feature pass throughput and memory, {name} ({meta['threads']} threads), {meta['date']}", "",
-             f"Measured on a machine shared with other jobs (up to 8 helpers on 2 cores): wall-clock rates are "
-             f"lower bounds that depend on the load; tokens per CPU-second (process time, all threads) do not, "
+             f"Wall-clock rates depend on what else runs on the machine; tokens per CPU-second (process time, all threads) do not, "
              f"and their ratio to the harvest's is what to read. A {args.tokens:,}-token store of english-classics; "
              f"peak memory is the pass's process (resident set on CPU, allocated on CUDA).", "",
              "| stage | tokens/s (wall) | × harvest | tokens/CPU-s | × harvest | peak memory (MB) | pass state (MB) |",
