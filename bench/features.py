@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "model": model_name,
             "tokens": args.tokens}
     lines = [f"# Feature pass throughput and memory, {name} ({meta['threads']} threads), {meta['date']}", "",
-             f"Wall-clock rates depend on what else runs on the machine; tokens per CPU-second (process time, all threads) do not, "
+             "Wall-clock rates depend on what else runs on the machine; tokens per CPU-second "
+             "(process time, all threads) do not, "
              f"and their ratio to the harvest's is what to read. A {args.tokens:,}-token store of english-classics; "
              f"peak memory is the pass's process (resident set on CPU, allocated on CUDA).", "",
              "| stage | tokens/s (wall) | × harvest | tokens/CPU-s | × harvest | peak memory (MB) | pass state (MB) |",
