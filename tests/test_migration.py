@@ -1,5 +1,7 @@
 """Runs saved before the configs were split by concern (format 1, tests/data/v1, written by that code)
-stay readable, and a resumed one ends where the old code ended, bit for bit."""
+stay readable, and a resumed one ends where the old code ended (to float rounding: the CPU step's sums have
+since changed order, fused Adam and per-latent segment sums, which moves weights by ~1e-8; a setting lost
+in the migration moves them by ~lr = 4e-4 per step)."""
 
 import json
 import shutil
@@ -25,7 +27,7 @@ def test_an_old_run_resumes_to_the_old_codes_result(tmp_path):
     expected, resumed = SAE.load(V1 / "run-toy-final-sae"), SAE.load(run / "sae")
     assert resumed.cfg == expected.cfg
     for name, t in expected.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], t), name
+        torch.testing.assert_close(resumed.state_dict()[name], t, rtol=0, atol=1e-6, msg=name)
     saved = json.loads((run / "run.json").read_text())  # rewritten in the new format, same settings
     assert saved["format_version"] == 2 and saved["train"]["dead_latents"]["resample_every"] == 2
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
