@@ -15,14 +15,11 @@ import argparse
 import datetime as dt
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-from fastsae import io
+from bench.saving import RESULTS, save_report
 from fastsae.analysis.compare import BLOCK, max_cosines
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _sync(device: str) -> None:
@@ -94,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               for r in rows]
     table = "\n".join(lines)
     print(table)
-    stem = Path(args.out) / f"compare-{name.replace(' ', '_')}-{meta['date']}"
-    io.write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
-    io.atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    print(f"saved {stem}.json and .md")
+    save_report(args.out, f"compare-{name.replace(' ', '_')}-{meta['date']}", {"meta": meta, "rows": rows}, table)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -38,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 import fastsae
+from bench.saving import RESULTS, save_report
 from bench.suite import sparsify_coder, sparsify_train_step
 from fastsae import SAE, SAEConfig
 from fastsae.train import TrainConfig, Trainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LR = 1e-4
 
 
@@ -177,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup)
     table = markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cpu-step-{result['env']['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(f"saved {stem}.json and .md", file=sys.stderr)
+    save_report(args.out, f"cpu-step-{result['env']['date'][:10]}", result, table)
     return 0
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.saving import RESULTS, save_report
 
 
 def _wchar() -> int:
@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['computed_mib']:.2f} | {r['payload_mib']:.2f} | {r['sent_mib']:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    stem = args.out / f"distributed-cpu-{env['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(f"saved {stem}.json and .md", file=sys.stderr)
+    save_report(args.out, f"distributed-cpu-{env['date'][:10]}", {"env": env, "rows": rows}, table)
     return 0
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from bench.saving import RESULTS, save_report
 from fastsae import io
 from fastsae.evaluation import baselines
 from fastsae.evaluation.evaluate import HEAD_ROWS
 from fastsae.evaluation.run import run_eval
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RTOL, ATOL = 1e-5, 1e-6  # what tests/test_eval_fast.py asks of the two paths
 
 
@@ -141,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}."]
     table = "\n".join(lines)
     print(table)
-    stem = Path(args.out) / f"eval-speed-{name.replace(' ', '_')}-{info['date']}"
-    io.write_json(stem.with_suffix(".json"), {"meta": info, "runs": runs, "summary": summary})
-    io.atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    print(f"saved {stem}.json and .md")
+    save_report(args.out, f"eval-speed-{name.replace(' ', '_')}-{info['date']}",
+                {"meta": info, "runs": runs, "summary": summary}, table)
     return 0 if not bad else 1
 
 

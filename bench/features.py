@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from fastsae import SAE, SAEConfig, io
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.saving import RESULTS, save_report
+from fastsae import SAE, SAEConfig
 
 
 def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str, keep: str | None = None) -> dict:
@@ -208,10 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"rendered, data parsing included)."]
     table = "\n".join(lines)
     print(table)
-    stem = Path(args.out) / f"features-{name.replace(' ', '_')}-{meta['date']}"
-    io.write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows, "browser": browser})
-    io.atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    print(f"saved {stem}.json and .md")
+    save_report(args.out, f"features-{name.replace(' ', '_')}-{meta['date']}",
+                {"meta": meta, "rows": rows, "browser": browser}, table)
     return 0
 
 

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from fastsae import SAE, SAEConfig, io
+from bench.saving import RESULTS, save_report
+from fastsae import SAE, SAEConfig
 from fastsae.harvest import ShuffledLoader, harvest_corpus
 from fastsae.model import load, random_causal_lm
 from fastsae.train import TrainConfig, Trainer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_model(name: str, device: str):
@@ -104,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['what']} | {r['tokens_per_s']:,.0f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
-    stem = Path(args.out) / f"harvest-{name.replace(' ', '_')}-{meta['date']}"
-    io.write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
-    io.atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
-    print(f"saved {stem}.json and .md")
+    save_report(args.out, f"harvest-{name.replace(' ', '_')}-{meta['date']}", {"meta": meta, "rows": rows}, table)
     return 0
 
 

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.saving import RESULTS, save_report
+
 # (d_in, d_sae, batch, k, processes, latent shards)
 POINTS = [
     (256, 16_384, 1024, 32, 1, 1),
@@ -135,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * r['error']:+.1f}% |")
     table = "\n".join(lines) + "\n"
     print(table)
-    stem = args.out / f"plan-check-cpu-{env['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(f"saved {stem}.json and .md", file=sys.stderr)
+    save_report(args.out, f"plan-check-cpu-{env['date'][:10]}", {"env": env, "rows": rows}, table)
     return 0
 
 

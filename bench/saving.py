@@ -1,0 +1,20 @@
+"""Where benchmark results go, and how: a JSON of the numbers and a markdown table beside it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fastsae import io
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_report(out: str | Path, stem: str, payload: dict, table: str) -> Path:
+    """Write <out>/<stem>.json (payload) and <out>/<stem>.md (table), each atomically; returns the stem path."""
+    path = Path(out) / stem
+    io.write_json(path.with_suffix(".json"), payload)
+    text = table if table.endswith("\n") else table + "\n"
+    io.atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
+    print(f"saved {path}.json and .md", file=sys.stderr)
+    return path
