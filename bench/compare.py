@@ -12,13 +12,11 @@ Prints a table and saves JSON + markdown under bench/results/compare-<device>-<d
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import time
 
 import torch
 
-from bench.saving import RESULTS, save_report
+from bench.saving import RESULTS, run_environment, save_report
 from fastsae.analysis.compare import BLOCK, max_cosines
 
 
@@ -79,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         row["matmul_gflop_per_s"] = matmul_rate(d, min(args.block, n), device)
         rows.append(row)
         print(row)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "dtype": "float32"}
+    meta = run_environment(device, dtype="float32")
+    name = meta["device"]
     lines = [f"# Dictionary comparison (best matches both ways), {name} ({meta['threads']} threads), "
              f"{meta['date']}", "",
              "| A | B | block | seconds | GFLOP/s | one-tile matmul GFLOP/s | dense cos matrix would be |",

@@ -17,16 +17,14 @@ Prints a table and saves JSON + markdown under bench/results/eval-speed-<device>
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.saving import RESULTS, save_report
+from bench.saving import RESULTS, run_environment, save_report
 from fastsae import io
 from fastsae.evaluation import baselines
 from fastsae.evaluation.evaluate import HEAD_ROWS
@@ -113,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     n_variants = 3 + 2 + 4  # clean, zero, mean; the SAE with and without its error term; 4 baselines
     scored = shared["tokens"] - meta["eval_windows"]  # ≈ scored positions: a window's last predicts nothing
     head_s = head_gemm_seconds(meta["model"], device, n_variants * scored)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    info = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "model": meta["model"],
-            "site": meta["site"], "sae": str(args.sae), "eval_tokens": shared["tokens"],
-            "windows": meta["eval_windows"], "context_size": meta["context_size"], "batch_size": args.batch_size,
-            "variants": n_variants, "head_rows": HEAD_ROWS, "rtol": RTOL, "atol": ATOL}
+    info = run_environment(device, model=meta["model"], site=meta["site"], sae=str(args.sae),
+                           eval_tokens=shared["tokens"], windows=meta["eval_windows"],
+                           context_size=meta["context_size"], batch_size=args.batch_size, variants=n_variants,
+                           head_rows=HEAD_ROWS, rtol=RTOL, atol=ATOL)
+    name = info["device"]
     ref, new = runs["reference"], runs["fastsae"]
     summary = {"speedup_eval_phase": ref["eval_phase_s"] / new["eval_phase_s"],
                "speedup_evaluate": ref["evaluate_s"] / new["evaluate_s"], "head_gemm_s": head_s,

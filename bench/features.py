@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.saving import RESULTS, save_report
+from bench.saving import RESULTS, run_environment, save_report
 from fastsae import SAE, SAEConfig
 
 
@@ -145,19 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         path = screenshot(browser_dir, latent, Path(args.out) / name)
         print(f"saved {path}")
         return 0
-    from bench.harvest import load_model
+    from bench.harvest import bench_model
     from fastsae.harvest import harvest_corpus
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model, tokenizer = load_model(args.model, device)
-        model_name = args.model
-    except ImportError as err:
-        print(f"{err}; measuring with a tiny random 8-layer GPT-NeoX (d 640) instead")
-        model, tokenizer = load_model("tiny", device)
-        model_name = "tiny random GPT-NeoX (8 layers, d 640)"
-    if args.model == "tiny":
-        model_name = "tiny random GPT-NeoX (8 layers, d 640)"
+    model, tokenizer, model_name = bench_model(args.model, device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu = time.perf_counter(), time.process_time()
@@ -181,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"what": f"effects: ablation (20 contexts) + attribution (5 contexts), d_sae {args.d_sae[0]:,}",
                      "features_per_min": rate})
         browser = browser_timing(Path(tmp) / "widest", widest)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "model": model_name,
-            "tokens": args.tokens}
+    meta = run_environment(device, model=model_name, tokens=args.tokens)
+    name = meta["device"]
     lines = [f"# Feature pass throughput and memory, {name} ({meta['threads']} threads), {meta['date']}", "",
              "Wall-clock rates depend on what else runs on the machine; tokens per CPU-second "
              "(process time, all threads) do not, "

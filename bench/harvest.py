@@ -10,15 +10,13 @@ Prints a table and saves JSON + markdown under bench/results/harvest-<device>-<d
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.saving import RESULTS, save_report
+from bench.saving import RESULTS, run_environment, save_report
 from fastsae import SAE, SAEConfig
 from fastsae.harvest import ShuffledLoader, harvest_corpus
 from fastsae.model import load, random_causal_lm
@@ -30,6 +28,18 @@ def load_model(name: str, device: str):
         return load(name, device=device)
     model, tokenizer = random_causal_lm(hidden_size=640, num_layers=8, intermediate_size=2048, num_heads=8)
     return model.to(device), tokenizer
+
+
+TINY = "tiny random GPT-NeoX (8 layers, d 640)"
+
+
+def bench_model(name: str, device: str):
+    """(model, tokenizer, its name in the results): name, or the tiny model where the models extra is missing."""
+    try:
+        return *load_model(name, device), TINY if name == "tiny" else name
+    except ImportError as err:
+        print(f"{err}; measuring with a {TINY} instead")
+        return *load_model("tiny", device), TINY
 
 
 def loader_rate(store, site: str, batch_size: int, device: str, min_seconds: float = 3.0) -> float:
@@ -73,13 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model, tokenizer = load_model(args.model, device)
-        model_name = args.model
-    except ImportError as err:
-        print(f"{err}; measuring with a tiny random 8-layer GPT-NeoX (d 640) instead")
-        model, tokenizer = load_model("tiny", device)
-        model_name = "tiny random GPT-NeoX (8 layers, d 640)"
+    model, tokenizer, model_name = bench_model(args.model, device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -94,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for d_sae in (4096, 16_384):
         rows.append({"what": f"trainer: TopK k=32, d_in {d}, d_sae {d_sae}, batch {args.batch_size}",
                      "tokens_per_s": trainer_rate(d, d_sae, 32, args.batch_size, device, args.trainer_steps)})
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), "model": model_name,
-            "tokens": args.tokens}
+    meta = run_environment(device, model=model_name, tokens=args.tokens)
+    name = meta["device"]
     lines = [f"# Data-path throughput, {name} ({meta['threads']} threads), {meta['date']}", "",
              "| stage | tokens/s |", "|---|---:|"]
     lines += [f"| {r['what']} | {r['tokens_per_s']:,.0f} |" for r in rows]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import platform
 import sys
 from pathlib import Path
+
+import torch
 
 from fastsae import io
 
@@ -18,3 +22,10 @@ def save_report(out: str | Path, stem: str, payload: dict, table: str) -> Path:
     io.atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
     print(f"saved {path}.json and .md", file=sys.stderr)
     return path
+
+
+def run_environment(device: str, **extra) -> dict:
+    """What a result was measured on: device name, torch, python, threads, date, plus extra."""
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "date": dt.date.today().isoformat(), **extra}
