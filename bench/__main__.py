@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bench.saving import RESULTS
 from bench.suite import (
     IMPLEMENTATIONS,
     OPS,
@@ -27,7 +28,6 @@ from bench.suite import (
     run_case,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 COLORS = {impl: f"C{i}" for i, impl in enumerate(("floor", *IMPLEMENTATIONS))}  # one colour per implementation
 
 

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
+from bench.saving import RESULTS
 from fastsae import io
 from fastsae.analysis.autointerp.run import autointerp
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.saving import RESULTS
 from fastsae import io
 from fastsae.analysis import circuits, erasure, patching, steering
 from fastsae.analysis.interventions import SAEDictionary
@@ -30,7 +31,6 @@ from fastsae.analysis.saes import load_saes
 from fastsae.harvest import read_documents, token_windows
 from fastsae.model import capture, keep_mask, load, special_token_ids
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64)
 PARTS = ("patch", "erasure", "circuit", "steer")
 
