@@ -192,8 +192,7 @@ def one_to_one(a: Tensor, b: Tensor, absolute: bool = False, device=None) -> tup
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError as err:
-        raise ImportError("one_to_one matching needs scipy (it comes with scikit-learn): "
-                          "pip install 'fastsae[eval]'") from err
+        raise ImportError("one_to_one matching needs scipy: pip install 'fastsae[eval]'") from err
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cos = (a.to(device, torch.float32) @ b.to(device, torch.float32).T).cpu().double()  # (n_a, n_b)
     score = cos.abs() if absolute else cos

@@ -1,5 +1,6 @@
 """Baseline decompositions of the same activations, as in the seed paper (Cunningham et al. 2023):
-PCA, ICA (scikit-learn's FastICA), the neuron basis, and random directions.
+PCA, ICA (FastICA: scikit-learn's algorithm in PyTorch, fastsae.evaluation.ica), the neuron basis, and random
+directions. Each is fitted on x's device.
 
 Each is a dictionary of unit directions D (n, d) with an analysis map A (n, d) (coefficients
 c = A (x - μ)) and a sparsity rule matched to the SAE: keep the k coefficients of largest
@@ -65,20 +66,18 @@ def fit(kind: str, x: Tensor, n: int, k: int, seed: int = 0) -> Decomposition:
         n = min(n, d)
         # the n neurons of largest variance (all d when n >= d); coefficients are the centred neuron values
         order = xc.var(0).argsort(descending=True)[:n].sort().values
-        D = torch.eye(d, dtype=x.dtype)[order]
+        D = torch.eye(d, dtype=x.dtype, device=x.device)[order]
         return Decomposition("neurons", D, D, mu, min(k, n))
     if kind == "random":
         gen = torch.Generator().manual_seed(seed)
-        D, _ = _unit_rows(torch.randn(n, d, generator=gen, dtype=x.dtype))
+        D, _ = _unit_rows(torch.randn(n, d, generator=gen, dtype=x.dtype).to(x.device))  # the same draw anywhere
         return Decomposition("random", D, torch.linalg.pinv(D.T), mu, min(k, n))
-    try:
-        from sklearn.decomposition import FastICA
-    except ImportError as err:
-        raise ImportError("the ICA baseline needs scikit-learn: pip install scikit-learn") from err
+    from .ica import fast_ica
+
     n = min(n, d, N)
-    ica = FastICA(n_components=n, whiten="unit-variance", random_state=seed, max_iter=400, tol=1e-3)
-    ica.fit(xc.numpy())
-    mixing = torch.from_numpy(ica.mixing_).to(x.dtype).T  # (n, d): x ≈ μ + sᵀ mixing
+    # scikit-learn's FastICA(n, whiten="unit-variance", random_state=seed, max_iter=400, tol=1e-3), on x's device
+    ica = fast_ica(xc, n, seed=seed, max_iter=400, tol=1e-3)
+    mixing = ica.mixing.T  # (n, d): x ≈ μ + sᵀ mixing
     D, norms = _unit_rows(mixing)  # unit directions; coefficients rescaled so that x̂ is unchanged
     unmixing = torch.linalg.pinv(mixing.T)  # (n, d): s = unmixing (x - μ)
     return Decomposition("ica", D, unmixing * norms, mu, min(k, n))

@@ -227,31 +227,25 @@ def evaluate_with_baselines(model: nn.Module, site: str, windows: Tensor, saes: 
                             kinds: tuple[str, ...] = ("pca", "ica", "neurons", "random"),
                             seconds: dict | None = None, **kwargs) -> dict:
     """evaluate() on the SAEs plus baselines fitted on fit_x (N, d) with the first SAE's width and L0.
-    A baseline that cannot be fitted (ICA without scikit-learn) is reported under "skipped".
+    The baselines are fitted on the model's device (ICA's fit is GEMMs: fastsae.evaluation.ica).
     seconds: a dict that receives the wall time of fitting the baselines and of evaluating."""
     from . import baselines
 
     start = time.perf_counter()
     decompositions = dict(saes)
-    skipped = {}
     if kinds:
         if fit_x is None:
             raise ValueError("baselines need fit_x, activations to fit them on")
+        fit_x = fit_x.to(next(model.parameters()).device)
         first = next(iter(saes.values()))
         k = matched_k(first, fit_x)
         for kind in kinds:
-            try:
-                decompositions[kind] = baselines.fit(kind, fit_x, n=first.cfg.d_sae, k=k)
-            except ImportError as err:
-                skipped[kind] = str(err)
+            decompositions[kind] = baselines.fit(kind, fit_x, n=first.cfg.d_sae, k=k)
     fitted = time.perf_counter()
     results = evaluate(model, site, windows, decompositions, no_error_check=tuple(kinds), **kwargs)
     if seconds is not None:
         seconds.update(fit_baselines=fitted - start, evaluate=time.perf_counter() - fitted)
     for kind in kinds:
-        if kind in decompositions:
-            results[kind]["n_directions"] = decompositions[kind].d_codes
-            results[kind]["k"] = decompositions[kind].k
-    if skipped:
-        results["model"]["skipped_baselines"] = skipped
+        results[kind]["n_directions"] = decompositions[kind].d_codes
+        results[kind]["k"] = decompositions[kind].k
     return results
