@@ -101,3 +101,23 @@ def test_seeded_and_dtype_kept():
 def test_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fast_ica(*args, **kwargs)
+
+
+@pytest.mark.optional
+def test_bench_runs_in_steps_on_small_activations(tmp_path):
+    pytest.importorskip("sklearn")
+    from bench import ica as bench_ica
+    from fastsae import io
+
+    work = tmp_path / "work"
+    work.mkdir()
+    io.write_tensors(work / "activations.safetensors", {"x": mixed_sources(500).float()})  # no model to load
+    args = ["--work", str(work), "--tokens", "400", "--held-out", "100", "--iterations", "3", "--k", "4",
+            "--out", str(tmp_path)]
+    assert bench_ica.main(args + ["--only", "fastsae"]) == 0 and not list(tmp_path.glob("ica-*"))
+    assert bench_ica.main(args + ["--only", "scikit-learn"]) == 0  # the step that completes the pair
+    report = io.read_json(next(tmp_path.glob("ica-*-3-iterations.json")))
+    assert report["summary"]["components"] < RTOL and report["summary"]["mixing"] < RTOL
+    assert set(report["runs"]) == {"scikit-learn", "fastsae"}
+    for run in report["runs"].values():
+        assert run["iterations"] == 3 and 0 < run["heldout_fvu"] < 1 and run["fit_s"] > 0  # times: tiny, noisy

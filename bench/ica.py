@@ -1,0 +1,190 @@
+"""The ICA baseline's fit at the main job's shape, scikit-learn's FastICA against fastsae.evaluation.ica (the
+same algorithm in PyTorch): time, and how far apart the two results are after the same iterations.
+
+The main job fits FastICA(640 components, whiten="unit-variance", max_iter=400, tol=1e-3) on 32,768 float64
+activations of Gemma 3 270M at resid_post.6 (d 640); it does not converge, so every fit is 400 iterations.
+Both fits here start from the same activations (the first 32,768 kept tokens of the corpus's windows) and
+are then applied, with the main job's L0, to the next --held-out tokens to give the baseline's FVU.
+
+    python -m bench.ica --work /tmp/ica                          # 20 iterations of each: time per iteration
+    python -m bench.ica --work /tmp/ica --iterations 400 --only scikit-learn    # one full fit per step
+    python -m bench.ica --work /tmp/ica --iterations 400 --only fastsae         # then the table of both
+
+Each step keeps what it computed under --work (the activations, each fit's matrices and times), so a long
+comparison splits into short steps; a fit of 1 iteration is run too, to separate the setup (centring,
+whitening by SVD, the start) from the time per iteration: "400 iterations" is setup + 400 × that, measured
+when --iterations is 400. Prints a table and saves JSON + markdown under bench/results/ica-<device>-<date>.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench.saving import RESULTS, run_environment, save_report
+from fastsae import io
+from fastsae.evaluation import baselines
+from fastsae.evaluation.ica import fast_ica
+
+IMPLEMENTATIONS = ("scikit-learn", "fastsae")
+FULL = 400  # baselines.fit's max_iter
+TOL = 1e-3  # baselines.fit's tol
+
+
+def activations(work: Path, model: str, site: str, corpus: str, tokens: int, device: str) -> torch.Tensor:
+    """(tokens, d) float32 activations at site over the corpus's windows of 128 (special tokens dropped, as
+    run_eval's fit), captured once and kept in work/activations.safetensors."""
+    path = work / "activations.safetensors"
+    if path.exists():
+        x = io.read_tensors(path)["x"]
+        if x.shape[0] >= tokens:
+            return x[:tokens]
+    from fastsae.harvest import read_documents, token_windows
+    from fastsae.model import capture, keep_mask, load, special_token_ids
+
+    lm, tokenizer = load(model, device=device)
+    windows = token_windows(tokenizer, read_documents(corpus), 128, seed=0)
+    keep = keep_mask(windows, special_token_ids(lm, tokenizer))
+    rows, n = [], 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 8):
+            acts = capture(lm, [site], input_ids=windows[i:i + 8].to(device))[site]
+            rows.append(acts[keep[i:i + 8].to(device)].float().cpu())
+            n += rows[-1].shape[0]
+            if n >= tokens:
+                break
+    x = torch.cat(rows)[:tokens]
+    if x.shape[0] < tokens:
+        raise ValueError(f"corpus {corpus!r} gives only {x.shape[0]} kept tokens; asked for {tokens}")
+    io.write_tensors(path, {"x": x.contiguous()}, {"model": model, "site": site, "corpus": corpus})
+    return x
+
+
+def fit(implementation: str, xc: torch.Tensor, n: int, iterations: int) -> tuple[dict, int, float]:
+    """One fit of xc (N, d) float64, centred: ({"mixing": (d, n), "components": (n, d)}, n_iter, seconds)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both warn that 400 iterations do not converge: n_iter says so
+        start = time.perf_counter()
+        if implementation == "fastsae":
+            r = fast_ica(xc, n, seed=0, max_iter=iterations, tol=TOL)
+            out, n_iter = {"mixing": r.mixing, "components": r.components}, r.n_iter
+        else:
+            from sklearn.decomposition import FastICA
+
+            r = FastICA(n_components=n, whiten="unit-variance", random_state=0, max_iter=iterations, tol=TOL)
+            r.fit(xc.numpy())
+            out = {"mixing": torch.from_numpy(r.mixing_), "components": torch.from_numpy(r.components_)}
+            n_iter = r.n_iter_
+        seconds = time.perf_counter() - start
+    return out, n_iter, seconds
+
+
+def cached_fit(work: Path, implementation: str, xc: torch.Tensor, n: int, iterations: int) -> dict:
+    """fit(), or the result an earlier step kept in work/fit-<implementation>-<iterations>.*"""
+    stem = work / f"fit-{implementation}-{iterations}"
+    if not stem.with_suffix(".json").exists():
+        matrices, n_iter, seconds = fit(implementation, xc, n, iterations)
+        io.write_tensors(stem.with_suffix(".safetensors"), {k: v.contiguous() for k, v in matrices.items()})
+        io.write_json(stem.with_suffix(".json"), {"n_iter": n_iter, "seconds": seconds,
+                                                  "threads": torch.get_num_threads()})
+        print(f"{implementation}: {n_iter} iterations in {seconds:.1f} s", flush=True)
+    return {**io.read_json(stem.with_suffix(".json")), **io.read_tensors(stem.with_suffix(".safetensors"))}
+
+
+def ica_fvu(mixing: torch.Tensor, mu: torch.Tensor, k: int, x: torch.Tensor) -> float:
+    """FVU on x (M, d) of the ICA baseline built from mixing (d, n) as baselines.fit builds it."""
+    m = mixing.T  # (n, d)
+    norms = m.norm(dim=1, keepdim=True)
+    dec = baselines.Decomposition("ica", m / norms, torch.linalg.pinv(m.T) * norms, mu, k)
+    resid = x - dec.decode(dec.encode(x))
+    return float(resid.double().square().sum() / (x.double() - x.double().mean(0)).square().sum())
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True,
+                        help="directory kept between steps (activations, fits): one per model, site and corpus")
+    parser.add_argument("--iterations", type=int, default=20, help="iterations of each fit (the main job: 400)")
+    parser.add_argument("--only", choices=IMPLEMENTATIONS, help="fit only this one in this step")
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--site", default="resid_post.6")
+    parser.add_argument("--corpus", default="english:train")
+    parser.add_argument("--tokens", type=int, default=32_768, help="activations to fit on (the main job: 32,768)")
+    parser.add_argument("--held-out", type=int, default=4_096, help="the next tokens, for the baseline's FVU")
+    parser.add_argument("--k", type=int, default=32, help="coefficients kept per token (the main job's L0: 32)")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
+    args = parser.parse_args(argv)
+    if args.iterations < 2:
+        parser.error("--iterations must be >= 2 (a 1-iteration fit is the setup measurement)")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cpu"  # scikit-learn runs on the CPU; fastsae.evaluation.ica on a GPU is another comparison
+    x = activations(work, args.model, args.site, args.corpus, args.tokens + args.held_out, device)
+    fit_x, held_out = x[:args.tokens], x[args.tokens:]
+    xd = fit_x.double()
+    mu = xd.mean(0)
+    xc = xd - mu  # what baselines.fit gives FastICA
+    n = xc.shape[1]
+    fits = {}
+    for impl in (args.only,) if args.only else IMPLEMENTATIONS:
+        fit(impl, xc[:256, :8].clone(), 8, 2)  # warm-up, untimed: imports, first-call allocations
+        fits[impl] = {i: cached_fit(work, impl, xc, n, i) for i in (1, args.iterations)}
+    for impl in IMPLEMENTATIONS:  # an earlier step's fits of the other implementation
+        if impl not in fits and all((work / f"fit-{impl}-{i}.json").exists() for i in (1, args.iterations)):
+            fits[impl] = {i: cached_fit(work, impl, xc, n, i) for i in (1, args.iterations)}
+    if len(fits) < 2:
+        print(f"kept {', '.join(fits)} under {work}; run the other with --only to compare")
+        return 0
+
+    iters = args.iterations
+    runs = {}
+    for impl, by in fits.items():
+        one, cut = by[1], by[iters]
+        per_iteration = (cut["seconds"] - one["seconds"]) / max(1, cut["n_iter"] - 1)
+        setup = one["seconds"] - per_iteration
+        runs[impl] = {"iterations": cut["n_iter"], "converged": cut["n_iter"] < iters, "fit_s": cut["seconds"],
+                      "setup_s": setup, "per_iteration_s": per_iteration, "full_fit_s": setup + FULL * per_iteration,
+                      "full_fit_measured": cut["n_iter"] == FULL, "threads": cut["threads"],
+                      "heldout_fvu": ica_fvu(cut["mixing"].to(torch.float64), mu, args.k, held_out)}
+    sk, ours = fits["scikit-learn"][iters], fits["fastsae"][iters]
+    agreement = {"components": relative_difference(ours["components"], sk["components"]),
+                 "mixing": relative_difference(ours["mixing"], sk["mixing"]),
+                 "heldout_fvu_difference": runs["fastsae"]["heldout_fvu"] - runs["scikit-learn"]["heldout_fvu"]}
+    info = run_environment(device, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens,
+                           held_out=args.held_out, k=args.k, components=n, tol=TOL, iterations=iters)
+    summary = {"speedup_per_iteration": runs["scikit-learn"]["per_iteration_s"] / runs["fastsae"]["per_iteration_s"],
+               "speedup_full_fit": runs["scikit-learn"]["full_fit_s"] / runs["fastsae"]["full_fit_s"], **agreement}
+    measured = "measured" if iters == FULL else f"extrapolated from {iters}"
+    lines = [f"# FastICA at the main job's baseline shape, {info['device']} ({info['threads']} threads), "
+             f"{info['date']}", "",
+             f"{args.tokens:,} float64 activations of {args.model} at {args.site} ({args.corpus}) × d {n}, "
+             f"{n} components, unit-variance whitening, tol {TOL:g}; each fit cut at {iters} iterations. FVU: the ICA "
+             f"baseline (top {args.k} coefficients) on the next {args.held_out:,} tokens.", "",
+             f"| implementation | iterations | setup (s) | per iteration (s) | {FULL} iterations (s, {measured}) | "
+             f"held-out FVU after {iters} |", "|---|---:|---:|---:|---:|---:|"]
+    for impl in IMPLEMENTATIONS:
+        r = runs[impl]
+        lines.append(f"| {impl} | {r['iterations']}{' (converged)' if r['converged'] else ''} | {r['setup_s']:.2f} | "
+                     f"{r['per_iteration_s']:.3f} | {r['full_fit_s']:.1f} | {r['heldout_fvu']:.6f} |")
+    lines += ["", f"Speedup: {summary['speedup_per_iteration']:.2f}× per iteration, {summary['speedup_full_fit']:.2f}× "
+              f"for the {FULL}-iteration fit. After {iters} iterations the two differ by {agreement['components']:.2g} "
+              f"(components) and {agreement['mixing']:.2g} (mixing) of their largest entry; held-out FVU "
+              f"{agreement['heldout_fvu_difference']:+.2g}."]
+    table = "\n".join(lines)
+    print(table)
+    save_report(args.out, f"ica-{info['device'].replace(' ', '_')}-{info['date']}"
+                + ("" if iters == FULL else f"-{iters}-iterations"),
+                {"meta": info, "runs": runs, "summary": summary}, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
