@@ -8,9 +8,11 @@ are compared.
     python -m bench.eval_speed --sae runs/gemma/train/sae --tokens 1024    # fewer windows: the same ratio
 
 The baselines (PCA, ICA, neurons, random) are fitted once (in the first run) and reused by the second;
-the fitting time (the ICA fit is minutes on 2 CPU cores) is charged to both. Also times the LM head's GEMMs alone (every
-variant's logits at every scored position), the part no exact evaluation can skip: the cross-entropy
-and the KL need each variant's full log-softmax.
+the fitting time is charged to both. The ICA fit (fastsae.evaluation.ica, on the model's device: the GPU
+where there is one) is 400 iterations of two 640 × 640 × 32,768 float64 GEMMs, minutes on 2 CPU cores
+(bench/ica.py times it alone). Also times the LM head's GEMMs alone (every variant's logits at every
+scored position), the part no exact evaluation can skip: the cross-entropy and the KL need each variant's
+full log-softmax.
 Prints a table and saves JSON + markdown under bench/results/eval-speed-<device>-<date>.*
 """
 
