@@ -178,13 +178,13 @@ def test_evaluate_with_baselines_reports_each_side_by_side():
 
     fit_x = capture(model, ["resid_post.0"], input_ids=windows(20, 12))["resid_post.0"].reshape(-1, 32)
     sae = SAE(SAEConfig(32, 64, activation="topk", k=3), seed=0)
-    r = evaluate_with_baselines(model, "resid_post.0", ids, {"sae": sae}, fit_x, kinds=("pca", "neurons", "random"),
-                                progress=False)
-    assert set(r) == {"model", "sae", "pca", "neurons", "random"}
-    for kind in ("pca", "neurons", "random"):
+    kinds = ("pca", "ica", "neurons", "random")
+    r = evaluate_with_baselines(model, "resid_post.0", ids, {"sae": sae}, fit_x, kinds=kinds, progress=False)
+    assert set(r) == {"model", "sae", *kinds}
+    for kind in kinds:
         assert r[kind]["k"] == 3 and r[kind]["l0"] == pytest.approx(3)
         assert 0 < r[kind]["fvu"] < 1.5 and not math.isnan(r[kind]["ce_loss_recovered"])
-    assert r["random"]["n_directions"] == 64 and r["pca"]["n_directions"] == 32
+    assert r["random"]["n_directions"] == 64 and r["pca"]["n_directions"] == r["ica"]["n_directions"] == 32
 
 
 def test_pareto_frontier():
