@@ -36,6 +36,7 @@ class ICAResult:
     converged: bool
 
 
+@torch.no_grad()
 def fast_ica(x: Tensor, n_components: int, seed: int = 0, max_iter: int = 200, tol: float = 1e-4) -> ICAResult:
     """FastICA of x (N, d) into n_components sources, as scikit-learn's FastICA(n_components,
     whiten="unit-variance", random_state=seed, max_iter, tol) with its other defaults. Runs on x's device
