@@ -2,18 +2,22 @@
 same algorithm in PyTorch): time, and how far apart the two results are after the same iterations.
 
 The main job fits FastICA(640 components, whiten="unit-variance", max_iter=400, tol=1e-3) on 32,768 float64
-activations of Gemma 3 270M at resid_post.6 (d 640); it does not converge, so every fit is 400 iterations.
+activations of Gemma 3 270M at resid_post.6 (d 640); its fit did not converge (bench/results/main-job-*/run.log
+warns), so it ran all 400 iterations.
 Both fits here start from the same activations (the first 32,768 kept tokens of the corpus's windows) and
-are then applied, with the main job's L0, to the next --held-out tokens to give the baseline's FVU.
+are then applied, with the main job's L0, to the next --held-out tokens to give the baseline's FVU. The
+activations are rounded to bfloat16 first, as the main job's activation store keeps them (--dtype).
 
     python -m bench.ica --work /tmp/ica                          # 20 iterations of each: time per iteration
     python -m bench.ica --work /tmp/ica --iterations 400 --only scikit-learn    # one full fit per step
     python -m bench.ica --work /tmp/ica --iterations 400 --only fastsae         # then the table of both
+    python -m bench.ica --work /tmp/ica --only scikit-learn-permuted            # and rounding's yardstick
 
 Each step keeps what it computed under --work (the activations, each fit's matrices and times), so a long
 comparison splits into short steps; a fit of 1 iteration is run too, to separate the setup (centring,
-whitening by SVD, the start) from the time per iteration: "400 iterations" is setup + 400 × that, measured
-when --iterations is 400. Prints a table and saves JSON + markdown under bench/results/ica-<device>-<date>.*
+whitening by SVD, the start) from the time per iteration: "400 iterations" is setup + 400 × that where a fit
+stopped earlier (converged or cut short). Prints a table and saves JSON + markdown under
+bench/results/ica-<device>-<date>-<dtype>-<iterations>-iterations.*
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from fastsae.evaluation import baselines
 from fastsae.evaluation.ica import fast_ica
 
 IMPLEMENTATIONS = ("scikit-learn", "fastsae")
+# scikit-learn on the same rows in another order: the same fit in exact arithmetic, so how far it lands from
+# scikit-learn's own is how far float64 rounding alone moves the result (the yardstick for fastsae's distance)
+PERMUTED = "scikit-learn-permuted"
 FULL = 400  # baselines.fit's max_iter
 TOL = 1e-3  # baselines.fit's tol
 
@@ -67,7 +74,9 @@ def activations(work: Path, model: str, site: str, corpus: str, tokens: int, dev
 def fit(implementation: str, xc: torch.Tensor, n: int, iterations: int) -> tuple[dict, int, float]:
     """One fit of xc (N, d) float64, centred: ({"mixing": (d, n), "components": (n, d)}, n_iter, seconds)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # both warn that 400 iterations do not converge: n_iter says so
+        warnings.simplefilter("ignore")  # both warn when max_iter is reached: n_iter says so
+        if implementation == PERMUTED:
+            xc = xc[torch.randperm(xc.shape[0], generator=torch.Generator().manual_seed(0))]
         start = time.perf_counter()
         if implementation == "fastsae":
             r = fast_ica(xc, n, seed=0, max_iter=iterations, tol=TOL)
@@ -83,9 +92,9 @@ def fit(implementation: str, xc: torch.Tensor, n: int, iterations: int) -> tuple
     return out, n_iter, seconds
 
 
-def cached_fit(work: Path, implementation: str, xc: torch.Tensor, n: int, iterations: int) -> dict:
-    """fit(), or the result an earlier step kept in work/fit-<implementation>-<iterations>.*"""
-    stem = work / f"fit-{implementation}-{iterations}"
+def cached_fit(stem: Path, implementation: str, xc: torch.Tensor, n: int, iterations: int) -> dict:
+    """fit(), or the result an earlier step kept in <stem>-<implementation>-<iterations>.*"""
+    stem = stem.with_name(f"{stem.name}-{implementation}-{iterations}")
     if not stem.with_suffix(".json").exists():
         matrices, n_iter, seconds = fit(implementation, xc, n, iterations)
         io.write_tensors(stem.with_suffix(".safetensors"), {k: v.contiguous() for k, v in matrices.items()})
@@ -113,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True,
                         help="directory kept between steps (activations, fits): one per model, site and corpus")
     parser.add_argument("--iterations", type=int, default=20, help="iterations of each fit (the main job: 400)")
-    parser.add_argument("--only", choices=IMPLEMENTATIONS, help="fit only this one in this step")
+    parser.add_argument("--only", choices=(*IMPLEMENTATIONS, PERMUTED), help="fit only this one in this step")
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--site", default="resid_post.6")
     parser.add_argument("--corpus", default="english:train")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="activations rounded to this first (the main job's store: bfloat16)")
     parser.add_argument("--tokens", type=int, default=32_768, help="activations to fit on (the main job: 32,768)")
     parser.add_argument("--held-out", type=int, default=4_096, help="the next tokens, for the baseline's FVU")
     parser.add_argument("--k", type=int, default=32, help="coefficients kept per token (the main job's L0: 32)")
@@ -128,23 +139,29 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     device = "cpu"  # scikit-learn runs on the CPU; fastsae.evaluation.ica on a GPU is another comparison
     x = activations(work, args.model, args.site, args.corpus, args.tokens + args.held_out, device)
+    x = x.to(getattr(torch, args.dtype)).float()
     fit_x, held_out = x[:args.tokens], x[args.tokens:]
     xd = fit_x.double()
     mu = xd.mean(0)
     xc = xd - mu  # what baselines.fit gives FastICA
-    n = xc.shape[1]
+    n, iters = xc.shape[1], args.iterations
+    stem = work / f"fit-{args.dtype}-{args.tokens}"
+
+    def done(impl):
+        return all(stem.with_name(f"{stem.name}-{impl}-{i}.json").exists() for i in (1, iters))
+
     fits = {}
     for impl in (args.only,) if args.only else IMPLEMENTATIONS:
-        fit(impl, xc[:256, :8].clone(), 8, 2)  # warm-up, untimed: imports, first-call allocations
-        fits[impl] = {i: cached_fit(work, impl, xc, n, i) for i in (1, args.iterations)}
-    for impl in IMPLEMENTATIONS:  # an earlier step's fits of the other implementation
-        if impl not in fits and all((work / f"fit-{impl}-{i}.json").exists() for i in (1, args.iterations)):
-            fits[impl] = {i: cached_fit(work, impl, xc, n, i) for i in (1, args.iterations)}
-    if len(fits) < 2:
+        if not done(impl):
+            fit(impl, xc[:256, :8].clone(), 8, 2)  # warm-up, untimed: imports, first-call allocations
+        fits[impl] = {i: cached_fit(stem, impl, xc, n, i) for i in (1, iters)}
+    for impl in (*IMPLEMENTATIONS, PERMUTED):  # what earlier steps fitted
+        if impl not in fits and done(impl):
+            fits[impl] = {i: cached_fit(stem, impl, xc, n, i) for i in (1, iters)}
+    if not all(impl in fits for impl in IMPLEMENTATIONS):
         print(f"kept {', '.join(fits)} under {work}; run the other with --only to compare")
         return 0
 
-    iters = args.iterations
     runs = {}
     for impl, by in fits.items():
         one, cut = by[1], by[iters]
@@ -154,34 +171,41 @@ def main(argv: list[str] | None = None) -> int:
                       "setup_s": setup, "per_iteration_s": per_iteration, "full_fit_s": setup + FULL * per_iteration,
                       "full_fit_measured": cut["n_iter"] == FULL, "threads": cut["threads"],
                       "heldout_fvu": ica_fvu(cut["mixing"].to(torch.float64), mu, args.k, held_out)}
-    sk, ours = fits["scikit-learn"][iters], fits["fastsae"][iters]
-    agreement = {"components": relative_difference(ours["components"], sk["components"]),
-                 "mixing": relative_difference(ours["mixing"], sk["mixing"]),
-                 "heldout_fvu_difference": runs["fastsae"]["heldout_fvu"] - runs["scikit-learn"]["heldout_fvu"]}
-    info = run_environment(device, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens,
-                           held_out=args.held_out, k=args.k, components=n, tol=TOL, iterations=iters)
+    sk = fits["scikit-learn"][iters]
+    agreement = {impl: {"components": relative_difference(fits[impl][iters]["components"], sk["components"]),
+                        "mixing": relative_difference(fits[impl][iters]["mixing"], sk["mixing"]),
+                        "heldout_fvu": runs[impl]["heldout_fvu"] - runs["scikit-learn"]["heldout_fvu"]}
+                 for impl in fits if impl != "scikit-learn"}
+    info = run_environment(device, model=args.model, site=args.site, corpus=args.corpus, dtype=args.dtype,
+                           tokens=args.tokens, held_out=args.held_out, k=args.k, components=n, tol=TOL,
+                           iterations=iters)
+    threads = sorted({r["threads"] for r in runs.values()})  # the fits' own (a step may run with other settings)
+    info["threads"] = threads[0] if len(threads) == 1 else threads
     summary = {"speedup_per_iteration": runs["scikit-learn"]["per_iteration_s"] / runs["fastsae"]["per_iteration_s"],
-               "speedup_full_fit": runs["scikit-learn"]["full_fit_s"] / runs["fastsae"]["full_fit_s"], **agreement}
-    measured = "measured" if iters == FULL else f"extrapolated from {iters}"
+               "speedup_full_fit": runs["scikit-learn"]["full_fit_s"] / runs["fastsae"]["full_fit_s"],
+               "difference_to_scikit_learn": agreement}
     lines = [f"# FastICA at the main job's baseline shape, {info['device']} ({info['threads']} threads), "
              f"{info['date']}", "",
-             f"{args.tokens:,} float64 activations of {args.model} at {args.site} ({args.corpus}) × d {n}, "
-             f"{n} components, unit-variance whitening, tol {TOL:g}; each fit cut at {iters} iterations. FVU: the ICA "
-             f"baseline (top {args.k} coefficients) on the next {args.held_out:,} tokens.", "",
-             f"| implementation | iterations | setup (s) | per iteration (s) | {FULL} iterations (s, {measured}) | "
-             f"held-out FVU after {iters} |", "|---|---:|---:|---:|---:|---:|"]
-    for impl in IMPLEMENTATIONS:
-        r = runs[impl]
+             f"{args.tokens:,} activations of {args.model} at {args.site} ({args.corpus}, rounded to {args.dtype}, "
+             f"fitted in float64) × d {n}, {n} components, unit-variance whitening, tol {TOL:g}, max_iter {iters}. "
+             f"FVU: the ICA baseline (top {args.k} coefficients) on the next {args.held_out:,} tokens. "
+             f"{FULL} iterations: measured where a fit ran them, else setup + {FULL} × per iteration (≈).", "",
+             f"| implementation | iterations | setup (s) | per iteration (s) | {FULL} iterations (s) | held-out FVU | "
+             "components vs scikit-learn | mixing vs scikit-learn |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for impl in runs:
+        r, a = runs[impl], agreement.get(impl)
+        full = f"{r['fit_s']:.1f}" if r["full_fit_measured"] else f"≈{r['full_fit_s']:.1f}"
         lines.append(f"| {impl} | {r['iterations']}{' (converged)' if r['converged'] else ''} | {r['setup_s']:.2f} | "
-                     f"{r['per_iteration_s']:.3f} | {r['full_fit_s']:.1f} | {r['heldout_fvu']:.6f} |")
+                     f"{r['per_iteration_s']:.3f} | {full} | {r['heldout_fvu']:.9f} | "
+                     + (f"{a['components']:.2g} | {a['mixing']:.2g} |" if a else "– | – |"))
     lines += ["", f"Speedup: {summary['speedup_per_iteration']:.2f}× per iteration, {summary['speedup_full_fit']:.2f}× "
-              f"for the {FULL}-iteration fit. After {iters} iterations the two differ by {agreement['components']:.2g} "
-              f"(components) and {agreement['mixing']:.2g} (mixing) of their largest entry; held-out FVU "
-              f"{agreement['heldout_fvu_difference']:+.2g}."]
+              f"for the {FULL}-iteration fit. Differences: the largest |difference| over the largest |entry| of "
+              f"scikit-learn's matrix after the same iterations"
+              + (f"; {PERMUTED} is scikit-learn on the rows in another order, what float64 rounding alone moves."
+                 if PERMUTED in runs else ".")]
     table = "\n".join(lines)
     print(table)
-    save_report(args.out, f"ica-{info['device'].replace(' ', '_')}-{info['date']}"
-                + ("" if iters == FULL else f"-{iters}-iterations"),
+    save_report(args.out, f"ica-{info['device'].replace(' ', '_')}-{info['date']}-{args.dtype}-{iters}-iterations",
                 {"meta": info, "runs": runs, "summary": summary}, table)
     return 0
 
