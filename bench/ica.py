@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kept {', '.join(fits)} under {work}; run the other with --only to compare")
         return 0
 
+    fits = {impl: fits[impl] for impl in (*IMPLEMENTATIONS, PERMUTED) if impl in fits}  # the table's order
     runs = {}
     for impl, by in fits.items():
         one, cut = by[1], by[iters]
