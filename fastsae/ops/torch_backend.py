@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._autograd import SparseEncode, SparsePrims
+from .workspace import scratch
 
 
 def latent_segments(indices: Tensor, coef: Tensor, num_segments: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,8 +158,10 @@ def _dense_select(select: Callable) -> Callable:
     """select(pre) -> a backend select(x, W, b) that goes through the dense pre-activations."""
 
     def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, ...]:
-        pre = F.linear(x, W_enc, b_enc)  # (N, d_sae), the one dense tensor of this backend
-        return select(pre)
+        # (N, d_sae), the one dense tensor of this backend: F.linear's addmm, into the active workspace's
+        # memory when a trainer keeps one (ops/workspace.py); select copies out what it keeps
+        pre = scratch((x.shape[0], W_enc.shape[0]), torch.result_type(x, W_enc), x.device)
+        return select(torch.addmm(b_enc, x, W_enc.t(), out=pre))
 
     return run
 
