@@ -1,5 +1,6 @@
 """fastsae: sparse autoencoders on language-model activations, with fused Triton kernels."""
 
+from . import _hugepages  # noqa: F401  (first: before anything imports torch)
 from .config import SAEConfig
 from .ensemble import SAEEnsemble
 from .latents import SparseLatents

@@ -9,7 +9,8 @@ from conftest import make_sae
 from helpers import assert_close, assert_valid_topk, float64_copy, run
 
 ACTS = [("relu", None), ("jumprelu", None), ("topk", 1), ("topk", 5), ("batchtopk", 3)]
-SHAPES = [(1, 7, 23), (5, 13, 37), (33, 24, 100), (2, 16, 16)]  # (rows, d_in, d_sae), never block multiples
+# (rows, d_in, d_sae), never block multiples; d_sae 640 (20 groups of TOPK_GROUP) takes the two-level top-k
+SHAPES = [(1, 7, 23), (5, 13, 37), (33, 24, 100), (2, 16, 16), (9, 13, 640)]
 
 
 @pytest.mark.parametrize("activation,k", ACTS)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from fastsae.ops.torch_backend import latent_segments, rows_dot, segment_rows_sum
+from fastsae.ops.torch_backend import TOPK_GROUP, latent_segments, rows_dot, segment_rows_sum, topk_rows, two_level_topk
 from fastsae.train import TrainConfig, Trainer
 
 from conftest import make_sae
@@ -60,6 +60,63 @@ def test_rows_dot_matches_float64(n, w, d_sae, d, dtype, tol):
     assert out.shape == (n, w) and out.dtype == dtype
     expect = torch.einsum("nd,nwd->nw", grad.to(dtype).double(), W.double()[indices])
     torch.testing.assert_close(out.double(), expect, atol=tol * d**0.5, rtol=tol)
+
+
+TOPK_SHAPES = [(1, 128, 1, 32), (7, 640, 5, 32), (33, 1024, 7, 16), (130, 4096, 32, 32), (9, 96, 3, 8)]
+
+
+def _check_topk(pre, k, values, indices):
+    """values are torch.topk's exactly; indices are k distinct columns holding them."""
+    expect = torch.topk(pre, k, dim=1).values
+    torch.testing.assert_close(values, expect, rtol=0, atol=0, equal_nan=True)
+    assert indices.dtype == torch.int64 and indices.shape == (pre.shape[0], k)
+    torch.testing.assert_close(pre.gather(1, indices), values, rtol=0, atol=0, equal_nan=True)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+@pytest.mark.parametrize("n,d,k,group", TOPK_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_topk_is_torch_topk(n, d, k, group, dtype):
+    pre = torch.randn(n, d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    values, indices = two_level_topk(pre, k, group)
+    _check_topk(pre, k, values, indices)
+    if dtype == torch.float32:  # distinct values: the very same entries, in the same order
+        assert torch.equal(indices, torch.topk(pre, k, dim=1).indices)
+
+
+@pytest.mark.parametrize("case", ["ties", "one hot group", "minus inf", "nan"])
+def test_two_level_topk_edge_cases(case):
+    gen = torch.Generator().manual_seed(3)
+    n, d, k, group = 6, 512, 8, 16
+    if case == "ties":  # few distinct values: many groups share the k-th maximum
+        pre = torch.randint(0, 3, (n, d), generator=gen).float()
+    else:
+        pre = torch.randn(n, d, generator=gen)
+    if case == "one hot group":  # every top entry in one group, the other groups far below
+        pre[:, 32:48] += 100
+    if case == "minus inf":  # a row with fewer finite entries than k, and one all -inf
+        pre[0] = float("-inf")
+        pre[1, 3:] = float("-inf")
+    if case == "nan":
+        pre[2, 7] = float("nan")
+    values, indices = two_level_topk(pre, k, group)
+    if case == "minus inf":  # which -inf columns fill the row is free
+        torch.testing.assert_close(values, torch.topk(pre, k, dim=1).values, rtol=0, atol=0)
+        assert all(len(set(row.tolist())) == k for row in indices)
+    else:
+        _check_topk(pre, k, values, indices)
+
+
+def test_topk_rows_goes_two_level_only_where_it_pays(monkeypatch):
+    calls = []
+    monkeypatch.setattr("fastsae.ops.torch_backend.two_level_topk",
+                        lambda pre, k, group: calls.append(pre.shape) or torch.topk(pre, k, dim=1))
+    for shape, k in [((4, 16 * TOPK_GROUP), 4), ((4, 16 * TOPK_GROUP), 5), ((4, 16 * TOPK_GROUP + 1), 2)]:
+        _check_topk(pre := torch.randn(shape), k, *topk_rows(pre, k))
+    assert calls == [(4, 16 * TOPK_GROUP)]  # not with fewer than 4k groups, nor d off the group size
+    pre = torch.randn(8, 32 * TOPK_GROUP).T.contiguous().T  # not contiguous
+    _check_topk(pre, 2, *topk_rows(pre, 2))
+    assert len(calls) == 1
 
 
 def test_empty_segments():
