@@ -87,7 +87,8 @@ def test_seeded_and_dtype_kept():
 
 
 @pytest.mark.parametrize("args, kwargs, match", [
-    ((torch.ones(10, 3, dtype=torch.int64), 2), {}, "floating-point"),
+    ((torch.ones(10, 3, dtype=torch.int64), 2), {}, "float32 or float64"),
+    ((torch.randn(10, 3).bfloat16(), 2), {}, "float32 or float64 .* torch.bfloat16"),
     ((torch.randn(10), 1), {}, "2-D"),
     ((torch.randn(1, 4), 1), {}, "at least 2 rows"),
     ((torch.randn(10, 4), 5), {}, "n_components must be an int in \\[1, min\\(N, d\\) = 4\\]"),

@@ -40,9 +40,10 @@ class ICAResult:
 def fast_ica(x: Tensor, n_components: int, seed: int = 0, max_iter: int = 200, tol: float = 1e-4) -> ICAResult:
     """FastICA of x (N, d) into n_components sources, as scikit-learn's FastICA(n_components,
     whiten="unit-variance", random_state=seed, max_iter, tol) with its other defaults. Runs on x's device
-    in x's (floating) dtype. Warns (RuntimeWarning) when max_iter iterations do not reach tol."""
-    if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a 2-D floating-point tensor (N, d), got "
+    in x's dtype (float32 or float64). Warns (RuntimeWarning) when max_iter iterations do not reach tol."""
+    if not isinstance(x, Tensor) or x.ndim != 2 or x.dtype not in (torch.float32, torch.float64):
+        # as scikit-learn's; torch.linalg has no SVD or eigh in 16-bit types
+        raise ValueError(f"x must be a 2-D float32 or float64 tensor (N, d), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
                          f"{' ' + str(x.dtype) if isinstance(x, Tensor) else ''}")
     N, d = x.shape
@@ -68,7 +69,7 @@ def fast_ica(x: Tensor, n_components: int, seed: int = 0, max_iter: int = 200, t
     del x1
     if not converged:
         warnings.warn(f"FastICA did not converge in {max_iter} iterations (tol {tol:g}); consider a larger "
-                      f"tol or max_iter", RuntimeWarning, stacklevel=2)
+                      f"tol or max_iter", RuntimeWarning, stacklevel=3)  # past no_grad's wrapper
     # whiten="unit-variance": rescale each source to unit variance over x (scikit-learn's S_std, ddof 0)
     s_std = (xc @ (w @ k).T).std(0, correction=0)  # (n,) std of S = xc (W K)ᵀ, (N, n)
     components = (w / s_std[:, None]) @ k  # (n, d)
