@@ -38,3 +38,22 @@ def test_members_must_share_a_shape():
         train_ensemble([SAE(SAEConfig(8, 16)), SAE(SAEConfig(8, 32))], [])
     with pytest.raises(ValueError, match="resample_every"):
         train_ensemble([SAE(SAEConfig(8, 16))], [], TrainConfig.flat(resample_every=5))
+
+
+def test_a_diverging_member_stops_the_ensemble_before_its_update():
+    """A member whose loss goes non-finite stops the run before that step's update (as the single-SAE trainer
+    does), naming the member and handing back every member's weights after the last finite step."""
+    from fastsae.train import TrainingDivergedError
+
+    members = [SAE(SAEConfig(6, 12, activation="topk", k=2), seed=i) for i in range(3)]
+    with torch.no_grad():
+        members[1].W_dec[0] = float("inf")  # member 1 reconstructs with an infinite row from step 1
+    x = torch.randn(2, 8, 6)
+    with pytest.raises(TrainingDivergedError, match=r"member 1 at step 1 is not finite") as caught:
+        train_ensemble(members, x, TrainConfig.flat(lr=1e-2, progress=False))
+    assert caught.value.step == 1 and caught.value.checkpoint is None
+    for before, after in zip(members, caught.value.members, strict=True):  # no update was applied
+        for (name, a), b in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match="batches must yield torch.Tensor"):
+        train_ensemble(members[:1], [[1.0] * 6], TrainConfig.flat(progress=False))

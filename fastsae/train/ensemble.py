@@ -8,6 +8,7 @@ each member's own gradient.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from ..ensemble import SAEEnsemble
 from ..losses import fvu
 from ..sae import SAE
 from .config import TrainConfig
+from .inputs import check_batch
 from .optim import SAEAdam
-from .trainer import l1_warmup, lr_scale, record_batch_threshold_
+from .trainer import TrainingDivergedError, l1_warmup, lr_scale, record_batch_threshold_
 
 # (concern, field) -> the only value train_ensemble supports yet
 _UNSUPPORTED = {("dead_latents", "resample_every"): None, ("dead_latents", "auxk_coefficient"): 0.0,
@@ -55,12 +57,15 @@ def train_ensemble(members: list[SAE], batches: Iterable[Tensor], cfg: TrainConf
         if total is not None and step >= total:
             break
         ens.train()
-        x = x.reshape(-1, ens.d_in).to(ens.W_dec.dtype)
+        x = check_batch(x, step).reshape(-1, ens.d_in).to(ens.W_dec.dtype)
         for group in opt.param_groups:
             group["lr"] = cfg.optimizer.lr * lr_scale(step, total, cfg.schedule)
         # coefficient · warm-up in Python floats, as the single-SAE trainer computes it
         warm = l1_warmup(step, total, cfg.schedule)
         out = ens(x, l1_coefficients=[c * warm for c in ens.l1_coefficients])
+        if not torch.isfinite(out.loss).all():  # one host sync a step, as the single-SAE trainer's check
+            bar.close()
+            raise _diverged(ens, out.loss, step, cfg)
         opt.zero_grad(set_to_none=True)
         out.loss.sum().backward()
         opt.step()
@@ -80,3 +85,18 @@ def train_ensemble(members: list[SAE], batches: Iterable[Tensor], cfg: TrainConf
                 })
     bar.close()
     return EnsembleResult([ens.member(e) for e in range(ens.n)], history)
+
+
+def _diverged(ens: SAEEnsemble, loss: Tensor, step: int, cfg: TrainConfig) -> TrainingDivergedError:
+    """The error for a step whose loss is not finite for some member, raised before its update: it names the
+    members and carries all of them as they were after the last finite step (`.members`), since
+    train_ensemble writes no checkpoints and the caller's SAEs are not the ensemble's weights."""
+    bad = [e for e, value in enumerate(loss.tolist()) if not math.isfinite(value)]
+    err = TrainingDivergedError(
+        f"training diverged: the loss of member{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} at step "
+        f"{step + 1} is not finite; the error's .members hold every member's weights after step {step} "
+        f"(train_ensemble writes no checkpoints). Lower OptimizerConfig.lr (now {cfg.optimizer.lr:g}) for "
+        f"those members or scale the activations (a store's normalize=True)", step + 1, None)
+    err.members = [ens.member(e) for e in range(ens.n)]
+    return err
+
