@@ -1,15 +1,18 @@
 """Sparse-aware plain PyTorch: fast on CPU and any GPU, no Triton needed.
 
 The encoder forward builds the (N, d_sae) pre-activations (the Triton backend
-removes them); nothing of that size is built in decode or in any backward, and
+removes them), in a trainer's kept workspace (ops/workspace.py), and selects
+from them with a two-level top-k on CPU; nothing of that size is built in
+decode or in any backward, and
 every sparse reduction is one of two fused CPU kernels, `F.embedding_bag`
 (a weighted gather-sum of rows, multi-threaded over bags) and its per-sample
 weight gradient (a dot product per entry), so no (N·k, d_in) intermediate is
 ever written:
 
 - decode is `F.embedding_bag` over the active decoder rows; its backward
-  gives the value gradients as dot products and the decoder gradient only for
-  rows that fired, as a latent-sorted segment sum;
+  gives the value gradients as dot products, taken latent by latent so each
+  decoder row is read once, and the decoder gradient only for rows that fired,
+  as a latent-sorted segment sum;
 - the encoder backward masks the value gradient by "fired", gathers `grad_x`
   with another `embedding_bag`, and forms the encoder weight gradient as the
   same segment sum over x: entries sorted by latent, one bag per latent,
