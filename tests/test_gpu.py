@@ -123,3 +123,24 @@ def test_topk_every_k_pad_and_dtype_compiled(k, dtype):
     kth = torch.topk(pre, k, dim=1).values[:, -1]
     assert (picked.min(1).values >= kth - tol * (1 + kth.abs())).all()
     assert all(r.unique().numel() == k for r in indices)
+
+
+def test_ica_baseline_fits_on_the_gpu_as_on_the_cpu():
+    """The ICA baseline (fastsae.evaluation.ica) runs on the activations' device: on CUDA it gives the CPU's
+    result to float64 rounding, and the evaluation's baselines fit there (issue #18 part 5's GPU path)."""
+    from fastsae.evaluation import baselines
+    from fastsae.evaluation.ica import fast_ica
+
+    gen = torch.Generator().manual_seed(0)
+    sources = torch.cat([torch.rand(4000, 6, generator=gen) - 0.5,
+                         torch.distributions.Laplace(0.0, 1.0).sample((4000, 6))], 1).double()
+    x = sources @ torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    cpu, gpu = fast_ica(x, 12, seed=1, max_iter=300), fast_ica(x.cuda(), 12, seed=1, max_iter=300)
+    assert gpu.components.is_cuda and gpu.n_iter == cpu.n_iter
+    scale = cpu.components.abs().max()
+    torch.testing.assert_close(gpu.components.cpu(), cpu.components, atol=1e-8 * float(scale), rtol=0)
+    xf = x.float()
+    on_gpu, on_cpu = baselines.fit("ica", xf.cuda(), n=12, k=3), baselines.fit("ica", xf, n=12, k=3)
+    assert on_gpu.directions.is_cuda
+    torch.testing.assert_close(on_gpu.decode(on_gpu.encode(xf.cuda())).cpu(), on_cpu.decode(on_cpu.encode(xf)),
+                               atol=1e-4, rtol=1e-4)
