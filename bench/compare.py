@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['gflop_per_s']:.1f} | {r['matmul_gflop_per_s']:.1f} | {r['dense_matrix_gib']:.1f} GiB |"
               for r in rows]
     table = "\n".join(lines)
-    print(table)
     save_report(args.out, f"compare-{name.replace(' ', '_')}-{meta['date']}", {"meta": meta, "rows": rows}, table)
     return 0
 

@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup)
     table = markdown(result)
-    print(table)
     save_report(args.out, f"cpu-step-{result['env']['date'][:10]}", result, table)
     return 0
 

@@ -203,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['cpu_ms']:.0f} | {base_cpu / r['cpu_ms']:.2f} | "
                      f"{r['computed_mib']:.2f} | {r['payload_mib']:.2f} | {r['sent_mib']:.2f} |")
     table = "\n".join(lines) + "\n"
-    print(table)
     save_report(args.out, f"distributed-cpu-{env['date'][:10]}", {"env": env, "rows": rows}, table)
     return 0
 

@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
               f"Metrics: largest relative difference {worst:.2g} ({where or 'every metric bitwise equal'}); "
               + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}."]
     table = "\n".join(lines)
-    print(table)
     save_report(args.out, f"eval-speed-{name.replace(' ', '_')}-{info['date']}",
                 {"meta": info, "runs": runs, "summary": summary}, table)
     return 0 if not bad else 1

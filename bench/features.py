@@ -195,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{browser.get('feature_ready_ms', 'n/a')} ms in headless Chromium (navigation start to "
                       f"rendered, data parsing included)."]
     table = "\n".join(lines)
-    print(table)
     save_report(args.out, f"features-{name.replace(' ', '_')}-{meta['date']}",
                 {"meta": meta, "rows": rows, "browser": browser}, table)
     return 0

@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
              "| stage | tokens/s |", "|---|---:|"]
     lines += [f"| {r['what']} | {r['tokens_per_s']:,.0f} |" for r in rows]
     table = "\n".join(lines)
-    print(table)
     save_report(args.out, f"harvest-{name.replace(' ', '_')}-{meta['date']}", {"meta": meta, "rows": rows}, table)
     return 0
 

@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {PERMUTED} is scikit-learn on the rows in another order, what float64 rounding alone moves."
                  if PERMUTED in runs else ".")]
     table = "\n".join(lines)
-    print(table)
     save_report(args.out, f"ica-{info['device'].replace(' ', '_')}-{info['date']}-{args.dtype}-{iters}-iterations",
                 {"meta": info, "runs": runs, "summary": summary}, table)
     return 0

@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['latent_shards']} | {r['measured_mib']:.0f} | {r['planned_mib']:.0f} | "
                      f"{100 * r['error']:+.1f}% |")
     table = "\n".join(lines) + "\n"
-    print(table)
     save_report(args.out, f"plan-check-cpu-{env['date'][:10]}", {"env": env, "rows": rows}, table)
     return 0
 

@@ -15,7 +15,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def save_report(out: str | Path, stem: str, payload: dict, table: str) -> Path:
-    """Write <out>/<stem>.json (payload) and <out>/<stem>.md (table), each atomically; returns the stem path."""
+    """Print the table, and write <out>/<stem>.json (payload) and <out>/<stem>.md (table), each atomically;
+    returns the stem path."""
+    print(table)
     path = Path(out) / stem
     io.write_json(path.with_suffix(".json"), payload)
     text = table if table.endswith("\n") else table + "\n"
