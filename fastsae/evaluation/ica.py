@@ -3,7 +3,7 @@ whiten_solver="svd", fun="logcosh", algorithm="parallel")` step for step (Hyvär
 fixed-point algorithms for independent component analysis"; Hyvärinen, Karhunen & Oja 2001, table 8.4).
 
 Why not scikit-learn itself: it runs in numpy on the CPU, even when the activations are on a GPU, and its
-logcosh step applies tanh on one thread and averages g'(wᵀx) in a Python loop over the rows. On the main
+logcosh step averages g'(wᵀx) in a Python loop over the rows. On the main
 job's baseline (32,768 activations × d 640, 640 components, 400 iterations that do not converge) that fit
 was 317 s of a 392 s evaluation phase on 2 CPU cores (bench/results/eval-speed-cpu-2026-11-21.md). Here each
 iteration is two GEMMs, an in-place tanh and a small symmetric eigendecomposition, all on x's device; on a
