@@ -114,16 +114,24 @@ def two_level_topk(pre: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
     first = chosen + torch.arange(0, n * n_groups, n_groups, device=pre.device).unsqueeze(1)  # rows of groups
     candidates = groups.reshape(n * n_groups, group).index_select(0, first.view(-1)).view(n, k * group)
     rows, slots = (candidates >= floor).nonzero(as_tuple=True)  # row-major; >= k per row
-    # the survivors of each row side by side, padded with -inf: (N, width), width the most any row keeps
-    counts = torch.bincount(rows, minlength=n)
-    place = torch.arange(rows.numel(), device=pre.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    width = int(counts.max())
-    kept = pre.new_full((n, width), float("-inf"))
-    kept[rows, place] = candidates[rows, slots]
-    columns = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
-    columns[rows, place] = chosen[rows, slots // group] * group + slots % group
+    # the survivors side by side, padded with -inf so that they are never chosen over a survivor
+    kept, columns = _pack_rows(n, rows, candidates[rows, slots], chosen[rows, slots // group] * group + slots % group,
+                               float("-inf"))
     values, at = torch.topk(kept, k, dim=1)
     return values, columns.gather(1, at)
+
+
+def _pack_rows(n: int, rows: Tensor, values: Tensor, columns: Tensor, pad: float) -> tuple[Tensor, Tensor]:
+    """Entries (row, value, column), row-major, as (N, width) values and columns, each row's entries side by side
+    in their order: width = the most any row has (at least 1); the rest of a row is pad and column 0."""
+    counts = torch.bincount(rows, minlength=n)
+    width = max(1, int(counts.max())) if rows.numel() else 1
+    place = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    packed = values.new_full((n, width), pad)
+    packed[rows, place] = values
+    packed_columns = torch.zeros(n, width, dtype=torch.int64, device=rows.device)
+    packed_columns[rows, place] = columns
+    return packed, packed_columns
 
 
 def _select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -133,16 +141,8 @@ def _select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _select_active(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """Compact form of pre where active: width = the largest row count, padding 0, latent order."""
-    n = pre.shape[0]
     rows, cols = active.nonzero(as_tuple=True)  # row-major: each row's latents in order
-    counts = torch.bincount(rows, minlength=n)
-    width = max(1, int(counts.max())) if rows.numel() else 1
-    slot = torch.arange(rows.numel(), device=pre.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    values = pre.new_zeros(n, width)
-    indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
-    values[rows, slot] = pre[rows, cols]
-    indices[rows, slot] = cols
-    return values, indices
+    return _pack_rows(pre.shape[0], rows, pre[rows, cols], cols, 0.0)
 
 
 def _segment_sum(indices: Tensor, coef: Tensor, y: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
