@@ -106,9 +106,7 @@ def cached_fit(stem: Path, implementation: str, xc: torch.Tensor, n: int, iterat
 
 def ica_fvu(mixing: torch.Tensor, mu: torch.Tensor, k: int, x: torch.Tensor) -> float:
     """FVU on x (M, d) of the ICA baseline built from mixing (d, n) as baselines.fit builds it."""
-    m = mixing.T  # (n, d)
-    norms = m.norm(dim=1, keepdim=True)
-    dec = baselines.Decomposition("ica", m / norms, torch.linalg.pinv(m.T) * norms, mu, k)
+    dec = baselines.ica_decomposition(mixing, mu, k)
     resid = x - dec.decode(dec.encode(x))
     return float(resid.double().square().sum() / (x.double() - x.double().mean(0)).square().sum())
 

@@ -77,7 +77,12 @@ def fit(kind: str, x: Tensor, n: int, k: int, seed: int = 0) -> Decomposition:
     n = min(n, d, N)
     # scikit-learn's FastICA(n, whiten="unit-variance", random_state=seed, max_iter=400, tol=1e-3), on x's device
     ica = fast_ica(xc, n, seed=seed, max_iter=400, tol=1e-3)
-    mixing = ica.mixing.T  # (n, d): x ≈ μ + sᵀ mixing
-    D, norms = _unit_rows(mixing)  # unit directions; coefficients rescaled so that x̂ is unchanged
-    unmixing = torch.linalg.pinv(mixing.T)  # (n, d): s = unmixing (x - μ)
-    return Decomposition("ica", D, unmixing * norms, mu, min(k, n))
+    return ica_decomposition(ica.mixing, mu, min(k, n))
+
+
+def ica_decomposition(mixing: Tensor, mean: Tensor, k: int) -> Decomposition:
+    """The ICA baseline from a mixing matrix (d, n) (x ≈ mean + mixing s): unit directions, and coefficients
+    rescaled by each direction's norm so that x̂ is unchanged."""
+    D, norms = _unit_rows(mixing.T)  # (n, d)
+    unmixing = torch.linalg.pinv(mixing)  # (n, d): s = unmixing (x - mean)
+    return Decomposition("ica", D, unmixing * norms, mean, k)
