@@ -92,11 +92,8 @@ def _diverged(ens: SAEEnsemble, loss: Tensor, step: int, cfg: TrainConfig) -> Tr
     members and carries all of them as they were after the last finite step (`.members`), since
     train_ensemble writes no checkpoints and the caller's SAEs are not the ensemble's weights."""
     bad = [e for e, value in enumerate(loss.tolist()) if not math.isfinite(value)]
-    err = TrainingDivergedError(
-        f"training diverged: the loss of member{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} at step "
-        f"{step + 1} is not finite; the error's .members hold every member's weights after step {step} "
-        f"(train_ensemble writes no checkpoints). Lower OptimizerConfig.lr (now {cfg.optimizer.lr:g}) for "
-        f"those members or scale the activations (a store's normalize=True)", step + 1, None)
-    err.members = [ens.member(e) for e in range(ens.n)]
-    return err
+    return TrainingDivergedError(
+        f"the loss of member{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} at step {step + 1} is not "
+        f"finite; the error's .members hold every member's weights after step {step} (train_ensemble writes no "
+        f"checkpoints)", step + 1, None, cfg.optimizer.lr, members=[ens.member(e) for e in range(ens.n)])
 

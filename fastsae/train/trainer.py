@@ -59,12 +59,15 @@ _METRICS = ("step", "tokens", "loss", "mse", "l1", "auxk", "kl", "l1_coefficient
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or Inf (a learning rate too large, activations too large for the
-    dtype): raised before that step's update, naming the step and the newest checkpoint."""
+    dtype): raised before that step's update, naming the step and the newest checkpoint. The message ends
+    with what to try."""
 
-    def __init__(self, message: str, step: int, checkpoint: Path | None):
-        super().__init__(message)
+    def __init__(self, what: str, step: int, checkpoint: Path | None, lr: float, members: list | None = None):
+        super().__init__(f"training diverged: {what}. Lower OptimizerConfig.lr (now {lr:g}) or scale the "
+                         f"activations (a store's normalize=True)")
         self.step = step  # the step whose loss was not finite (1-based, as logged)
         self.checkpoint = checkpoint  # the newest checkpoint of the run, None when there is none
+        self.members = members  # train_ensemble: every member's SAE after the last finite step
 
 
 @dataclass
@@ -277,9 +280,7 @@ class Trainer:
                         f"{self.step_count}"
         newest = ckpt.latest_checkpoint(self.run_dir) if self.run_dir is not None else None
         where = f"the newest checkpoint is {newest} (left as it was)" if newest else "no checkpoint was written"
-        raise TrainingDivergedError(
-            f"training diverged: {what}; {where}. Lower OptimizerConfig.lr (now {self.cfg.optimizer.lr:g}) or "
-            f"scale the activations (a store's normalize=True)", step, newest)
+        raise TrainingDivergedError(f"{what}; {where}", step, newest, self.cfg.optimizer.lr)
 
     # ---- seams: train/distributed.py's DistributedTrainer overrides these for several ranks ----------
 
