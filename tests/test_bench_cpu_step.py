@@ -33,3 +33,15 @@ def test_sparsify_is_a_peer_of_the_suite(op):
     assert by_impl["sparsify"]["status"] == "ok" and by_impl["sparsify"]["x_floor"] > 0
     assert run_case(Case(op, "relu", 64, 16, 128, density=0.1), ("sparsify",), torch.device("cpu"), torch.float32,
                     repeats=1, bandwidth=1e10)[1:] == []  # TopK only
+
+
+def test_cpu_parts_times_each_replacement_beside_what_it_replaced(tmp_path):
+    from bench import cpu_parts
+
+    assert cpu_parts.main(["--n", "16", "--d-in", "8", "--d-sae", "256", "--k", "2", "--repeats", "2",
+                           "--warmup", "1", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("cpu-parts-*.json")
+    rows = {(r["part"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
+    assert {("weight gradient", "fresh, 4 kB pages"), ("top-k", "two-level"), ("decode backward dots", "latent order"),
+            ("decoder constraint", "blocks of rows"), ("tanh (640, 4096) float64", "numpy")} <= set(rows)
+    assert all(len(r["times_ms"]) == 2 and r["ms"] >= 0 for r in rows.values())

@@ -68,8 +68,8 @@ def rows_dot(grad: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
     embedding_bag's per-sample-weight gradient is exactly this, one dot per entry with no (N, w, d) gather
     (5x faster than gathering the rows for a bmm at N 2048, k 32, d 768). The entries go latent by latent,
-    so each row of W is read once for all the batch rows that use it while grad (N, d) stays in cache: 2.3x
-    faster than batch order, sort included (27 -> 11.5 ms on one core at that shape, bench/cpu_step.py).
+    so each row of W is read once for all the batch rows that use it while grad (N, d) stays in cache: 2.2x
+    faster than batch order, sort included (13.6 -> 6.2 ms on 2 cores at that shape, bench/cpu_parts.py).
     Every dot is the same sum in the same order whatever the entry order, so the result is too."""
     n, w = indices.shape
     flat = indices.reshape(-1)
@@ -101,8 +101,8 @@ def two_level_topk(pre: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
     The k groups of largest maximum hold every top-k entry: their maxima are k entries, so the k-th largest
     entry is >= the least of them, `floor`, and an entry >= floor lies in a group whose max is >= floor. So the
     top k of those k·group candidates, after dropping those below floor (~k are left on real data), are the
-    row's top k. torch.topk on CPU costs ~1.6 ns an entry; one pass of group maxima, a top-k over d/group of
-    them and a gather cost ~2x less at d 16384, k 32 (30 against 60 ms on one core, bench/cpu_step.py).
+    row's top k. One pass of group maxima, a top-k over d/group of them and a gather cost half of torch.topk's
+    pass over every entry at N 2048, d 16384, k 32 (14.9 against 27.8 ms on 2 cores, bench/cpu_parts.py).
     A row with NaN (torch.topk ranks it above everything) goes through torch.topk."""
     n, d = pre.shape
     n_groups = d // group
