@@ -11,11 +11,12 @@ repetitions (and its minimum). Rows:
   step over every parameter (torch.optim.Adam(fused=True), the fastest Adam torch has on CPU) with the
   gradients already there: what DESIGN.md says a step should cost. Its two parts are timed as rows of
   their own (floor: GEMM, floor: Adam), and the floor is their sum.
-- strict floor: the same with the GEMM written into an output kept from call to call (addmm out=), as
-  fastsae's trainer does (ops/workspace.py): F.linear's fresh (N, d_sae) output costs page faults and a
-  release every call, which a step need not pay.
+- strict floor: the same with the GEMM written into an output kept from call to call (addmm out=): what
+  F.linear's fresh (N, d_sae) output costs in page faults and release, the floor's only allocation.
 - fastsae: `Trainer.step(x, metrics=False)` with the trainer's defaults on this device (torch backend):
   forward, loss, backward, Adam, the unit-norm decoder constraint, dead-latent bookkeeping.
+- fastsae, fresh pre-activations: the same with the trainer's workspace off (ops/workspace.py), so that
+  its (N, d_sae) pre-activations are allocated afresh every step: what keeping them saves.
 - sparsify: `SparseCoder` (eai-sparsify, its eager CPU path: SPARSIFY_DISABLE_TRITON=1) stepped as its
   Trainer does: forward (FVU loss), backward, removal of the decoder-parallel gradient, torch.optim.Adam
   (what its Trainer builds without bitsandbytes), decoder renormalisation.
@@ -27,6 +28,7 @@ bench/results/cpu-step-<date>.json and .md with the machine, versions, date and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -48,10 +50,14 @@ from fastsae.train import TrainConfig, Trainer
 LR = 1e-4
 
 
-def fastsae_step(x: torch.Tensor, d_sae: int, k: int) -> Callable[[], object]:
+def fastsae_step(x: torch.Tensor, d_sae: int, k: int, keep_pre: bool = True) -> Callable[[], object]:
+    """keep_pre=False: the trainer allocates its (N, d_sae) pre-activations afresh every step instead of
+    keeping them in its workspace (ops/workspace.py), to measure what keeping them saves."""
     sae = SAE(SAEConfig(x.shape[1], d_sae, activation="topk", k=k), seed=0)
     sae.check_finite = False  # the floor and sparsify do not check their inputs either
     trainer = Trainer(sae, TrainConfig.flat(lr=LR, progress=False))
+    if not keep_pre:
+        trainer.workspace.active = contextlib.nullcontext
     return lambda: trainer.step(x, metrics=False)
 
 
@@ -129,7 +135,8 @@ def _cpu_name() -> str:
 def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
     x = torch.randn(n, d_in)
-    fns = {**floor_parts(x, d_sae), "fastsae": fastsae_step(x, d_sae, k)}
+    fns = {**floor_parts(x, d_sae), "fastsae": fastsae_step(x, d_sae, k),
+           "fastsae, fresh pre-activations": fastsae_step(x, d_sae, k, keep_pre=False)}
     theirs = sparsify_step(x, d_sae, k)
     if theirs is not None:
         fns["sparsify"] = theirs

@@ -1,11 +1,12 @@
 """Scratch memory a caller keeps from one call to the next: the torch backend's dense pre-activations.
 
 The torch backend's encoders build the (N, d_sae) pre-activations, read them once (top-k or threshold)
-and drop them. Allocated fresh, that buffer costs its page faults and its release every time: on 2 CPU
-cores at N 2048, d_sae 16384 (134 MB) ~40 ms of a 430 ms training step, with transparent huge pages on
-(bench/cpu_step.py). A `Workspace` keeps it: the trainer owns one and makes it the active workspace
-around each step (`with workspace.active():`), so the memory lives as long as the trainer and no longer;
-outside an active workspace every call allocates as before.
+and drop them. Allocated fresh, that buffer costs its page faults and its release every time: at N 2048,
+d_sae 16384 (134 MB) on 2 CPU cores, keeping it took the median training step from 442 to 408 ms in one run
+of bench/cpu_step.py (its "fresh pre-activations" row), with transparent huge pages on. A `Workspace` keeps
+it: the trainer owns one and makes it the active workspace around each step (`with workspace.active():`), so
+the memory lives as long as the trainer and no longer; outside an active workspace every call allocates as
+before.
 
 A buffer handed out by `scratch` is only used inside one backend call (the selections copy what they
 keep out of it), so one buffer per (dtype, device) serves every call of a step, AuxK's included.
