@@ -20,7 +20,6 @@ Results go to bench/results/cpu-parts-<date>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,8 +29,8 @@ import sys
 import numpy as np
 import torch
 
-from bench.cpu_step import interleaved
-from bench.saving import RESULTS, run_environment, save_report
+from bench.cpu_step import interleaved, step_arguments
+from bench.saving import run_environment, save_report
 from fastsae import SAE, SAEConfig
 from fastsae.ops.torch_backend import TOPK_GROUP, rows_dot, two_level_topk
 
@@ -109,15 +108,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cpu_parts", description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--d-in", type=int, default=768)
-    parser.add_argument("--d-sae", type=int, default=16384)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON and markdown")
-    args = parser.parse_args(argv)
+    args = step_arguments("python -m bench.cpu_parts", __doc__.splitlines()[0]).parse_args(argv)
     result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup)
     save_report(args.out, f"cpu-parts-{result['env']['date']}", result, markdown(result))
     return 0

@@ -179,8 +179,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cpu_step", description=__doc__.splitlines()[0])
+def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    """The issue's reference step (N 2048, d_in 768, d_sae 16384, k 32) as flags, with repetitions and --out."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--d-in", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=16384)
@@ -188,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = step_arguments("python -m bench.cpu_step", __doc__.splitlines()[0]).parse_args(argv)
     result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup)
     table = markdown(result)
     save_report(args.out, f"cpu-step-{result['env']['date'][:10]}", result, table)
