@@ -73,19 +73,27 @@ KNOWN = {"gemma-3-270m": _gemma, "minilm-l6": _minilm}
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n-"
 
 
-def random_causal_lm(hidden_size: int = 32, num_layers: int = 2, intermediate_size: int = 64, num_heads: int = 4,
-                     seed: int = 0) -> tuple[nn.Module, object]:
-    """A randomly initialised GPT-NeoX with a character-level tokenizer (pad 0, BOS 1, EOS 2, unk 3):
-    a real model to test and benchmark the pipeline with, offline and without weights to load."""
+def char_tokenizer():
+    """A character-level tokenizer over CHARS (pad 0, BOS 1, EOS 2, unk 3, then the characters): works
+    offline, and saves with save_pretrained where `load` finds it."""
     import transformers as T
     from tokenizers import Tokenizer
     from tokenizers.models import BPE
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                          bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                     bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def random_causal_lm(hidden_size: int = 32, num_layers: int = 2, intermediate_size: int = 64, num_heads: int = 4,
+                     seed: int = 0) -> tuple[nn.Module, object]:
+    """A randomly initialised GPT-NeoX with the character-level tokenizer (char_tokenizer): a real model to
+    test and benchmark the pipeline with, offline and without weights to load."""
+    import transformers as T
+
+    tokenizer = char_tokenizer()
     torch.manual_seed(seed)
-    cfg = T.GPTNeoXConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
+    cfg = T.GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                           num_attention_heads=num_heads, intermediate_size=intermediate_size, bos_token_id=1,
                           eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
     return T.GPTNeoXForCausalLM(cfg).eval(), tokenizer
