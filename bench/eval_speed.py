@@ -6,6 +6,14 @@ are compared.
 
     python -m bench.eval_speed --sae runs/gemma/train/sae                  # the main job's SAE and settings
     python -m bench.eval_speed --sae runs/gemma/train/sae --tokens 1024    # fewer windows: the same ratio
+    python -m bench.eval_speed --random-model gemma-3-270m                 # no weights, no trained SAE
+
+--random-model builds, in a temporary directory, a randomly initialised model of Gemma 3 270M's exact
+architecture (RANDOM_MODELS) with fastsae's character-level tokenizer, and a random TopK SAE of the main job's
+shape at its site, whose metadata records the main job's training windows: the same work as the main job's
+eval phase (the windows, variants, LM head and baseline fits have the same shapes), so the timings are
+representative, while the metric values mean nothing. It needs no download, for a GPU machine offline.
+--layers, --vocab and --width shrink that model for a quick test.
 
 The baselines (PCA, ICA, neurons, random) are fitted once (in the first run) and reused by the second;
 the fitting time is charged to both. The ICA fit (fastsae.evaluation.ica, on the model's device: the GPU
@@ -27,12 +35,59 @@ from pathlib import Path
 import torch
 
 from bench.saving import RESULTS, run_environment, save_report
-from fastsae import io
+from fastsae import SAE, SAEConfig, io
 from fastsae.evaluation import baselines
 from fastsae.evaluation.evaluate import HEAD_ROWS
 from fastsae.evaluation.run import run_eval
+from fastsae.harvest.corpus import window_record
 
 RTOL, ATOL = 1e-5, 1e-6  # what tests/test_eval_fast.py asks of the two paths
+# Gemma 3 270M's architecture: `fastsae.model.load("gemma-3-270m")[0].config` (the models extra's GGUF as
+# transformers 5.23 reads it; the values of google/gemma-3-270m's config.json). The layer types are the
+# config's default for any depth: every 6th layer global attention, the others a 512-token sliding window.
+# transformers 4.x has no rope_parameters but defaults to these two thetas (rope_theta, rope_local_base_freq).
+RANDOM_MODELS = {"gemma-3-270m": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+    "vocab_size": 262_144, "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 32_768, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 512,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})}
+# The main job's SAE and what it trained on (fastsae.pipeline.runs.main_job: a TopK SAE, d_sae 4096, k 32, at
+# resid_post.6, on 262,144 harvested tokens of english:train in windows of 128, the store's default)
+MAIN_JOB_SAE, MAIN_JOB_SITE = {"activation": "topk", "d_sae": 4096, "k": 32}, "resid_post.6"
+MAIN_JOB_WINDOWS = window_record("english:train", "text", 128, 0, [[0, 262_144 // 128]])
+
+
+def random_model(name: str, path: Path, *, layers: int | None = None, vocab: int | None = None,
+                 width: int | None = None, seed: int = 0) -> Path:
+    """A randomly initialised model of name's architecture (RANDOM_MODELS; layers, vocab and width override
+    its depth, vocabulary and d_model) with fastsae's character-level tokenizer, saved under path where
+    fastsae.model.load finds it."""
+    import transformers as T
+
+    from fastsae.model.loading import char_tokenizer
+
+    config_class, model_class, shape = RANDOM_MODELS[name]
+    tokenizer = char_tokenizer()
+    for key, value in (("num_hidden_layers", layers), ("vocab_size", vocab), ("hidden_size", width)):
+        shape = shape if value is None else {**shape, key: value}
+    if shape["vocab_size"] < len(tokenizer):
+        raise ValueError(f"--vocab must be at least the tokenizer's {len(tokenizer)} tokens, got {vocab}")
+    torch.manual_seed(seed)
+    cfg = getattr(T, config_class)(**shape, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    getattr(T, model_class)(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_sae(model: Path, site: str, d_in: int, path: Path, seed: int = 0) -> Path:
+    """A randomly initialised SAE of the main job's shape, whose metadata names model and site and the main
+    job's training windows (run_eval evaluates on the windows after them), saved under path."""
+    sae = SAE(SAEConfig(d_in=d_in, **MAIN_JOB_SAE), seed=seed)
+    sae.metadata.update(model=str(model), site=site, windows=MAIN_JOB_WINDOWS)
+    return sae.save(path)
 
 
 def compare(fast: dict, ref: dict) -> tuple[float, str, list[str]]:
@@ -87,8 +142,17 @@ class FitOnce:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", required=True, help="a trained SAE directory (its metadata names model and site)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sae", help="a trained SAE directory (its metadata names model and site)")
+    what.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
+                      help="a random model of this architecture and a random SAE of the main job's shape")
+    parser.add_argument("--layers", type=int, help="the random model's depth (default: the real model's)")
+    parser.add_argument("--vocab", type=int, help="the random model's vocabulary (default: the real model's)")
+    parser.add_argument("--width", type=int, help="the random model's d_model (default: the real model's)")
+    parser.add_argument("--site", default=MAIN_JOB_SITE, help="the random SAE's site (default: the main job's)")
     parser.add_argument("--tokens", type=int, default=4096, help="eval tokens (the main job's eval_tokens: 4096)")
+    parser.add_argument("--fit-tokens", type=int, default=32_768,
+                        help="activations the baselines are fitted on (run_eval's default, the main job's: 32,768)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per batch (run_eval's default)")
     parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
     args = parser.parse_args(argv)
@@ -96,27 +160,40 @@ def main(argv: list[str] | None = None) -> int:
     runs, results = {}, {}
     baselines.fit = FitOnce(baselines.fit)
     with tempfile.TemporaryDirectory() as tmp:
+        sae = args.sae
+        if args.random_model:
+            model = random_model(args.random_model, Path(tmp) / "model", layers=args.layers, vocab=args.vocab,
+                                 width=args.width)
+            shape = io.read_json(model / "config.json")
+            sae = random_sae(model, args.site, shape["hidden_size"], Path(tmp) / "sae")
+            print(f"random {args.random_model}: {shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, "
+                  f"vocabulary {shape['vocab_size']:,}; random SAE {MAIN_JOB_SAE} at {args.site}", flush=True)
         for path in ("fastsae", "reference"):  # fastsae's first: it fits the baselines, the reference reuses them
             start = time.perf_counter()
-            results[path] = run_eval([args.sae], Path(tmp) / path, tokens=args.tokens, batch_size=args.batch_size,
-                                     device=device, progress=False, reference=path == "reference")
+            results[path] = run_eval([sae], Path(tmp) / path, tokens=args.tokens, fit_tokens=args.fit_tokens,
+                                     batch_size=args.batch_size, device=device, progress=False,
+                                     reference=path == "reference")
             total = time.perf_counter() - start
             meta = io.read_json(Path(tmp) / path / "metrics.json")["meta"]
             runs[path] = {"eval_phase_s": total, **{f"{k}_s": v for k, v in meta["seconds"].items()}}
             print(f"{path}: eval phase {total:.1f} s ({meta['seconds']})", flush=True)
+        n_variants = 3 + 2 + 4  # clean, zero, mean; the SAE with and without its error term; 4 baselines
+        scored = results["fastsae"]["model"]["tokens"] - meta["eval_windows"]  # ≈ scored positions: a window's
+        head_s = head_gemm_seconds(meta["model"], device, n_variants * scored)  # last token predicts nothing
     # the reference run reused the fastsae run's baselines: charge it the same fitting time
     ref = runs["reference"]
     ref["eval_phase_s"] += runs["fastsae"]["fit_baselines_s"] - ref["fit_baselines_s"]
     ref["fit_baselines_s"] = runs["fastsae"]["fit_baselines_s"]
     worst, where, bad = compare(results["fastsae"], results["reference"])
     shared = results["fastsae"]["model"]
-    n_variants = 3 + 2 + 4  # clean, zero, mean; the SAE with and without its error term; 4 baselines
-    scored = shared["tokens"] - meta["eval_windows"]  # ≈ scored positions: a window's last predicts nothing
-    head_s = head_gemm_seconds(meta["model"], device, n_variants * scored)
-    info = run_environment(device, model=meta["model"], site=meta["site"], sae=str(args.sae),
+    model_name = meta["model"] if not args.random_model else f"{args.random_model}, randomly initialised"
+    info = run_environment(device, model=model_name, site=meta["site"], sae=str(args.sae or "random"),
                            eval_tokens=shared["tokens"], windows=meta["eval_windows"],
                            context_size=meta["context_size"], batch_size=args.batch_size, variants=n_variants,
-                           head_rows=HEAD_ROWS, rtol=RTOL, atol=ATOL)
+                           head_rows=HEAD_ROWS, rtol=RTOL, atol=ATOL, fit_tokens=meta["baseline_fit_tokens"],
+                           random_model=args.random_model and {"layers": shape["num_hidden_layers"],
+                                                               "d_model": shape["hidden_size"],
+                                                               "vocab": shape["vocab_size"]})
     name = info["device"]
     ref, new = runs["reference"], runs["fastsae"]
     summary = {"speedup_eval_phase": ref["eval_phase_s"] / new["eval_phase_s"],
@@ -138,8 +215,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * head_s / new['evaluate_s']:.0f}% of fastsae's evaluate.",
               f"Metrics: largest relative difference {worst:.2g} ({where or 'every metric bitwise equal'}); "
               + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}."]
+    if args.random_model:
+        lines += ["", f"The model is randomly initialised with {args.random_model}'s architecture "
+                  f"({shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, vocabulary "
+                  f"{shape['vocab_size']:,}) and the SAE is random: the timings are representative, the metric "
+                  f"values mean nothing."]
     table = "\n".join(lines)
-    save_report(args.out, f"eval-speed-{name.replace(' ', '_')}-{info['date']}",
+    kind = "eval-speed-random" if args.random_model else "eval-speed"
+    save_report(args.out, f"{kind}-{name.replace(' ', '_')}-{info['date']}",
                 {"meta": info, "runs": runs, "summary": summary}, table)
     return 0 if not bad else 1
 
