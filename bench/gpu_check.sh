@@ -3,7 +3,9 @@
 # tests/test_gpu.py), the ahead-of-time compile check of every kernel variant with this
 # machine's triton (tests/test_compile.py, bench/compile_check.py), then the quick benchmark
 # and the kernels issue's targets at N 8192, d_in 2048, d_sae 65,536, k 64, bf16:
-# TopK forward + backward <= 1.5x the encoder GEMM, the training step <= 1.3x GEMM + Adam.
+# TopK forward + backward <= 1.5x the encoder GEMM, the training step <= 1.3x GEMM + Adam;
+# last, the main job's eval phase along both paths (bench/eval_speed.py) on a randomly
+# initialised Gemma 3 270M and SAE of the main job's shape: no weights to carry (needs transformers).
 #
 #   bash bench/gpu_check.sh            # results land in bench/results/ (or $OUT), named by device
 #
@@ -55,4 +57,5 @@ for name, ratio, limit in checks:
     print(f"| {name} | {ratio:.2f} | {limit} | {'yes' if ratio <= limit else 'NO'} |")
 sys.exit(0 if all(r <= lim for _, r, lim in checks) else 1)
 PY
+"$PY" -m bench.eval_speed --random-model gemma-3-270m --out "$OUT" || status=1
 exit "$status"
