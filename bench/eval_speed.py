@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"The model is randomly initialised with {args.random_model}'s architecture "
                   f"({shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, vocabulary "
                   f"{shape['vocab_size']:,}) and the SAE is random: the timings are representative, the metric "
-                  f"values mean nothing."]
+                  f"values mean nothing. With no store, the baselines' fit activations are captured from the model "
+                  f"(the main job reads them from its store)."]
     table = "\n".join(lines)
     kind = "eval-speed-random" if args.random_model else "eval-speed"
     save_report(args.out, f"{kind}-{name.replace(' ', '_')}-{info['date']}",
