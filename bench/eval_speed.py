@@ -11,7 +11,8 @@ are compared.
 --random-model builds, in a temporary directory, a randomly initialised model of Gemma 3 270M's exact
 architecture (RANDOM_MODELS) with fastsae's character-level tokenizer, and a random TopK SAE of the main job's
 shape at its site, whose metadata records the main job's training windows: the same work as the main job's
-eval phase (the windows, variants, LM head and baseline fits have the same shapes), so the timings are
+eval phase (the windows, variants, LM head and baseline fits have the same shapes; with no store, the fit
+activations are captured from the model: the "baseline activations" column), so the timings are
 representative, while the metric values mean nothing. It needs no download, for a GPU machine offline.
 --layers, --vocab and --width shrink that model for a quick test.
 
