@@ -22,7 +22,8 @@ where there is one) is 400 iterations of two 640 × 640 × 32,768 float64 GEMMs,
 (bench/ica.py times it alone). Also times the LM head's GEMMs alone (every variant's logits at every
 scored position), the part no exact evaluation can skip: the cross-entropy and the KL need each variant's
 full log-softmax.
-Prints a table and saves JSON + markdown under bench/results/eval-speed-<device>-<date>.*
+Prints a table and saves JSON + markdown under bench/results/eval-speed-<device>-<date>.* (eval-speed-random-…
+with --random-model)
 """
 
 from __future__ import annotations
