@@ -74,6 +74,7 @@ def test_eval_end_to_end_on_a_tiny_model(corpus_and_model, capsys):
     assert set(report["results"]) == {"model", "topk k=2 64", "topk k=8 64", "pca", "random"}
     assert report["meta"]["site"] == "resid_post.1" and report["meta"]["eval_windows"] == 16
     assert set(report["meta"]["seconds"]) == {"baseline_activations", "fit_baselines", "evaluate"}
+    assert report["meta"]["baseline_fit_source"] == "store"  # a float32 store: its rows as they are
     # held out by record: the store took the first 32 windows of the seeded order, eval the last 16 of the rest
     trained = SAE.load(d / "sweep" / "k2" / "sae").metadata["windows"]["ranges"]
     assert trained == [[0, 32]] and report["meta"]["overlap_windows"] == 0

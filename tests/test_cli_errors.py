@@ -118,6 +118,7 @@ def _harvest(files, tmp_path, *flags, **given):
 
 @pytest.mark.parametrize(("given", "flag", "words"), [
     ({"--model": "MISSING/"}, "--model", "no such directory"),
+    ({"--model": "no-such-owner/no-such-model"}, "--model", "a hub id in the local cache"),  # never downloaded
     ({"--sites": "bogus.1"}, "--sites", "unknown site 'bogus.1'"),
     ({"--tokens": "0"}, "--tokens", "tokens must be an int >= context_size=32 (one window), got 0"),
     ({"--corpus": "MISSING.txt"}, "--corpus", "expected a built-in name"),

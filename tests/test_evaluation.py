@@ -191,3 +191,29 @@ def test_pareto_frontier():
     pts = [(10, 0.5), (20, 0.3), (15, 0.6), (40, 0.1), (30, 0.2), (50, 0.15)]
     assert pareto_frontier(pts, higher_is_better=False) == [0, 1, 4, 3]
     assert pareto_frontier([(1, 0.2), (2, 0.9), (3, 0.5)], higher_is_better=True) == [0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_baselines_fit_on_full_precision_activations(tmp_path, dtype):
+    """A float32 store's rows are the fit activations as they are; a bfloat16 store's rounding would keep
+    FastICA from converging, so the model's float32 activations of the same windows are captured instead."""
+    from fastsae.evaluation.run import fit_activations
+    from fastsae.harvest import ActivationStore
+    from fastsae.harvest.harvester import harvest
+    from fastsae.model import capture
+
+    model, ids = tiny_pythia(), windows(12, 10)
+    harvest(model, ["resid_post.0"], ids, tmp_path / "store", batch_size=4, dtype=dtype, exclude_token_ids=[1],
+            shard_rows=40, progress=False)
+    store = ActivationStore(tmp_path / "store")
+    x, source = fit_activations(model, "resid_post.0", store, ids, [1], fit_tokens=50, batch_size=4, device="cpu")
+    every = capture(model, ["resid_post.0"], input_ids=ids)["resid_post.0"][:, 1:].reshape(-1, 32)  # BOS dropped
+    assert x.dtype == torch.float32 and x.shape == (50, 32)
+    if dtype == torch.float32:
+        assert source == "store" and torch.equal(x, every[:50])
+    else:
+        assert source == "model (the store keeps bfloat16)"
+        torch.testing.assert_close(x, every[:50], rtol=1e-6, atol=1e-6)  # not rounded
+        assert not torch.equal(x, every[:50].bfloat16().float())
+    x, source = fit_activations(model, "resid_post.0", None, ids, [1], fit_tokens=1000, batch_size=5, device="cpu")
+    assert source == "model" and torch.equal(x, every)  # fewer windows than fit_tokens: all of them

@@ -72,7 +72,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
              batch_size: int = 4, device: str = "cpu", progress: bool = True, reference: bool = False) -> dict:
     """Evaluate the SAEs at sae_paths against baselines and write the report to out (module docstring).
     reference: the straightforward evaluation, one whole forward per variant (for benchmarks)."""
-    from ..model import capture, keep_mask, load, special_token_ids
+    from ..model import capture, load, special_token_ids
 
     paths = find_saes(sae_paths)
     saes = {name: SAE.load(path, device=device) for name, path in paths.items()}
@@ -107,23 +107,10 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
         raise ValueError(f"the SAEs take d_in={first.cfg.d_in} but site {site!r} of model {model!r} has width "
                          f"{width}: pass the --model and --site they were trained on")
     excluded = store.meta["excluded_token_ids"] if store else special_token_ids(lm, tokenizer)
-    fit_x = None
     start = time.perf_counter()
+    fit_x, fit_source = None, None
     if baselines:
-        if store is not None and site in store.sites:
-            rows, n = [], 0
-            for i in range(len(store.shards)):
-                rows.append(store.load_shard(i, keys=(site,))[site])
-                n += rows[-1].shape[0]
-                if n >= fit_tokens:
-                    break
-            fit_x = torch.cat(rows)[:fit_tokens].float()
-        else:
-            fit_windows = all_windows[:max(1, fit_tokens // context_size)]
-            keep = keep_mask(fit_windows, excluded)
-            fit_x = torch.cat([capture(lm, [site], input_ids=fit_windows[i:i + batch_size].to(device))[site]
-                               [keep[i:i + batch_size].to(device)].float().cpu()
-                               for i in range(0, fit_windows.shape[0], batch_size)])
+        fit_x, fit_source = fit_activations(lm, site, store, all_windows, excluded, fit_tokens, batch_size, device)
     seconds = {"baseline_activations": time.perf_counter() - start}
     results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines), batch_size=batch_size,
                                       exclude_token_ids=excluded, progress=progress, reference=reference,
@@ -131,12 +118,43 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
             "eval_window_ranges": _ranges(held_out.tolist()), "window_seed": seed, "overlap_windows": overlap,
             "context_size": context_size, "saes": {n: str(p) for n, p in paths.items()},
-            "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0],
+            "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0], "baseline_fit_source": fit_source,
             "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     files = write_report(out, results, meta, baselines=tuple(baselines))
     print(format_table(results))
     print("report: " + ", ".join(str(Path(f).resolve()) for f in files))
     return results
+
+
+FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def fit_activations(lm, site: str, store: ActivationStore | None, windows: torch.Tensor, excluded: list[int],
+                    fit_tokens: int, batch_size: int, device: str) -> tuple[torch.Tensor, str]:
+    """(≤ fit_tokens, d) float32 activations at site to fit the baselines on, and where they came from: the
+    store's first rows where it keeps the site in full precision, else the model's own over the corpus's first
+    windows (the tokens a store harvests first). A store's bfloat16 rounding is too coarse for FastICA: on the
+    main job's 32,768 activations its fit ran all 400 iterations without converging (tol 1e-3), where the same
+    tokens in float32 converge after 106 and give a lower held-out FVU (bench/results/ica-cpu-2026-11-21-*)."""
+    from ..model import capture, keep_mask
+
+    rows, n = [], 0
+    if store is not None and site in store.sites and store.dtype in FULL_PRECISION:
+        for i in range(len(store.shards)):
+            if n >= fit_tokens:
+                break
+            rows.append(store.load_shard(i, keys=(site,))[site])
+            n += rows[-1].shape[0]
+        return torch.cat(rows)[:fit_tokens].float(), "store"
+    for i in range(0, windows.shape[0], batch_size):
+        if n >= fit_tokens:
+            break
+        batch = windows[i:i + batch_size]
+        rows.append(capture(lm, [site], input_ids=batch.to(device))[site][keep_mask(batch, excluded).to(device)]
+                    .float().cpu())
+        n += rows[-1].shape[0]
+    source = "model" if store is None or site not in store.sites else f"model (the store keeps {store.meta['dtype']})"
+    return torch.cat(rows)[:fit_tokens], source
 
 
 def _ranges(indices: list[int]) -> list[list[int]]:

@@ -116,12 +116,13 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         expected = f"expected one of {sorted(KNOWN)}, a local model directory or a hub id in the local cache"
         if _looks_like_a_path(name) and not Path(name).is_dir():
             raise FileNotFoundError(f"model {name!r}: no such directory; {expected}")
+        offline = {"local_files_only": True}  # a hub id from the cache only: no downloads, no network retries
         try:
             try:
-                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **offline)
             except ValueError:  # not a causal LM: an encoder such as BERT
-                model = AutoModel.from_pretrained(name, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name)
+                model = AutoModel.from_pretrained(name, dtype=dtype, **offline)
+            tokenizer = AutoTokenizer.from_pretrained(name, **offline)
         except OSError as err:  # transformers' word for "not found" (no config.json, not in the cache, ...)
             raise FileNotFoundError(f"model {name!r}: {' '.join(str(err).split())[:300]}; {expected}") from err
     return model.to(device).eval(), tokenizer
