@@ -11,9 +11,9 @@ are compared.
 --random-model builds, in a temporary directory, a randomly initialised model of Gemma 3 270M's exact
 architecture (RANDOM_MODELS) with fastsae's character-level tokenizer, and a random TopK SAE of the main job's
 shape at its site, whose metadata records the main job's training windows: the same work as the main job's
-eval phase (the windows, variants, LM head and baseline fits have the same shapes; with no store, the fit
-activations are captured from the model: the "baseline activations" column), so the timings are
-representative, while the metric values mean nothing. It needs no download, for a GPU machine offline.
+eval phase (the windows, variants, LM head and baseline fits have the same shapes, and the fit activations
+are captured from the model, as the main job does from its bfloat16 store: run.fit_activations), so the
+timings are representative, while the metric values mean nothing. It needs no download, for a GPU machine offline.
 --layers, --vocab and --width shrink that model for a quick test.
 
 The baselines (PCA, ICA, neurons, random) are fitted once (in the first run) and reused by the second;
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"The model is randomly initialised with {args.random_model}'s architecture "
                   f"({shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, vocabulary "
                   f"{shape['vocab_size']:,}) and the SAE is random: the timings are representative, the metric "
-                  f"values mean nothing. With no store, the baselines' fit activations are captured from the model "
-                  f"(the main job reads them from its store)."]
+                  f"values mean nothing."]
     table = "\n".join(lines)
     kind = "eval-speed-random" if args.random_model else "eval-speed"
     save_report(args.out, f"{kind}-{name.replace(' ', '_')}-{info['date']}",
