@@ -12,7 +12,7 @@ are compared.
 architecture (RANDOM_MODELS) with fastsae's character-level tokenizer, and a random TopK SAE of the main job's
 shape at its site, whose metadata records the main job's training windows: the same work as the main job's
 eval phase (the windows, variants, LM head and baseline fits have the same shapes, and the fit activations
-are captured from the model, as the main job does from its bfloat16 store: run.fit_activations), so the
+are captured from the model, as the main job's are: its store keeps bfloat16, run.fit_activations), so the
 timings are representative, while the metric values mean nothing. It needs no download, for a GPU machine offline.
 --layers, --vocab and --width shrink that model for a quick test.
 
