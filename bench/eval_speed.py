@@ -13,7 +13,9 @@ architecture (RANDOM_MODELS) with fastsae's character-level tokenizer, and a ran
 shape at its site, whose metadata records the main job's training windows: the same work as the main job's
 eval phase (the windows, variants, LM head and baseline fits have the same shapes, and the fit activations
 are captured from the model, as the main job's are: its store keeps bfloat16, run.fit_activations), so the
-timings are representative, while the metric values mean nothing. It needs no download, for a GPU machine offline.
+timings are representative, while the metric values mean nothing; but for the ICA fit, an upper bound: on the
+random model's activations it runs all 400 iterations, where the main job's converges after 106 (run.fit_activations).
+It needs no download, for a GPU machine offline.
 --layers, --vocab and --width shrink that model for a quick test.
 
 The baselines (PCA, ICA, neurons, random) are fitted once (in the first run) and reused by the second;
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"The model is randomly initialised with {args.random_model}'s architecture "
                   f"({shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, vocabulary "
                   f"{shape['vocab_size']:,}) and the SAE is random: the timings are representative, the metric "
-                  f"values mean nothing."]
+                  f"values mean nothing; the ICA fit runs all 400 iterations here, fewer on the real model's "
+                  f"activations."]
     table = "\n".join(lines)
     kind = "eval-speed-random" if args.random_model else "eval-speed"
     save_report(args.out, f"{kind}-{name.replace(' ', '_')}-{info['date']}",
