@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastsae.harvest import read_documents, token_windows
+from fastsae.harvest.corpus import TOKENIZE_BATCH
 
 
 class CharTokenizer:
@@ -15,6 +16,8 @@ class CharTokenizer:
     bos_token_id, eos_token_id = 1, 2
 
     def __call__(self, text, add_special_tokens=False, verbose=True):
+        if isinstance(text, list):  # a batch, as transformers' tokenizers take one
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
         return {"input_ids": [3 + (ord(c) % 200) for c in text]}
 
 
@@ -95,6 +98,11 @@ def test_windows_open_with_bos_end_documents_with_eos_and_keep_order_without_see
     assert w.dtype == torch.int64 and w.shape == (4, 4)
     assert (w[:, 0] == 1).all()
     assert w[:, 1:].reshape(-1).tolist() == stream
+    # documents go to the tokenizer in batches of TOKENIZE_BATCH: across batches, the same stream in order
+    docs = [chr(97 + i % 26) * (1 + i % 5) for i in range(2 * TOKENIZE_BATCH + 7)]
+    stream = [t for d in docs for t in [3 + ord(c) for c in d] + [2]]
+    w = token_windows(tok, iter(docs), context_size=4, seed=None)
+    assert w[:, 1:].reshape(-1).tolist() == stream[:len(stream) // 3 * 3]
 
 
 def test_windows_shuffle_by_seed_and_respect_the_token_budget():

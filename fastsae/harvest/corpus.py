@@ -26,6 +26,7 @@ whole corpus. BOS/EOS/pad positions are later excluded from the store by default
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import lzma
 import zlib
@@ -172,6 +173,9 @@ def _first_id(tokenizer, *names: str) -> int | None:
     return None
 
 
+TOKENIZE_BATCH = 64
+
+
 def token_windows(tokenizer, documents, context_size: int, max_tokens: int | None = None, *,
                   prepend_bos: bool = True, seed: int | None = 0) -> Tensor:
     """(S, context_size) int64 token ids from documents (an iterable of strings). max_tokens caps S *
@@ -183,11 +187,15 @@ def token_windows(tokenizer, documents, context_size: int, max_tokens: int | Non
     eos = _first_id(tokenizer, "eos_token_id", "sep_token_id")
     body = context_size - (bos is not None)
     stream: list[int] = []
-    for text in documents:
+    documents = iter(documents)
+    # TOKENIZE_BATCH documents per call: a fast tokenizer encodes a batch's texts in parallel (the english
+    # built-in's 497 documents: 4.6 s one at a time, 2.7 s in batches of 64 on 2 cores), in bounded memory
+    while batch := list(itertools.islice(documents, TOKENIZE_BATCH)):
         # verbose=False: a whole book is longer than the model's context, which is the point here
-        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(eos)
     n = len(stream) // body
     if n == 0:
         raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one window of {body}")
