@@ -1,11 +1,19 @@
-"""The main job's evaluation phase (`run_eval`: held-out windows, baselines, metrics, report) timed with the
-straightforward evaluation (one whole forward of the model per variant and batch) and with fastsae's (the
-blocks below the site once per batch, the blocks above it batched over the variants, the LM head a chunk
-of scored positions at a time), in one run on the same windows, SAE and baselines; the metrics of the two
-are compared.
+"""The main job's evaluation phase (`run_eval`: held-out windows, baselines, metrics, report) timed three ways
+in one run on the same windows and SAE, and their metrics compared:
+
+- before: the evaluation as it was before issue #18's part 5: one whole forward of the model per variant and
+  batch, the baselines fitted on the store's rows as stored (the main job's store keeps bfloat16, on which its
+  FastICA ran all 400 iterations without converging), the ICA baseline by scikit-learn's FastICA (fit_before);
+- reference: today's baselines (fitted once, shared with fastsae's path), the straightforward forwards;
+- fastsae: today's: the blocks below the site once per batch, the blocks above it batched over the variants,
+  the LM head a chunk of scored positions at a time; the baselines fitted on full-precision activations
+  (run.fit_activations), FastICA's iterations in float32 on a CPU (baselines.fit).
+
+fastsae and reference must agree on every metric (rtol 1e-5); fastsae and before on the model's and the SAE's
+(the baselines were refitted, so theirs move: the report lists them side by side).
 
     python -m bench.eval_speed --sae runs/gemma/train/sae                  # the main job's SAE and settings
-    python -m bench.eval_speed --sae runs/gemma/train/sae --tokens 1024    # fewer windows: the same ratio
+    python -m bench.eval_speed --sae runs/gemma/train/sae --tokens 1024    # fewer windows
     python -m bench.eval_speed --random-model gemma-3-270m                 # no weights, no trained SAE
 
 --random-model builds, in a temporary directory, a randomly initialised model of Gemma 3 270M's exact
@@ -15,13 +23,13 @@ eval phase (the windows, variants, LM head and baseline fits have the same shape
 are captured from the model, as the main job's are: its store keeps bfloat16, run.fit_activations), so the
 timings are representative, while the metric values mean nothing; but for the ICA fit, an upper bound: on the
 random model's activations it runs all 400 iterations, where the main job's converges after 106 (run.fit_activations).
-It needs no download, for a GPU machine offline.
+It needs no download, for a GPU machine offline. There is no store there, so the before path's baselines are
+fitted on the same captured activations (on a CPU, FastICA in float64 is all that differs).
 --layers, --vocab and --width shrink that model for a quick test.
 
-The baselines (PCA, ICA, neurons, random) are fitted once (in the first run) and reused by the second;
-the fitting time is charged to both. The ICA fit (fastsae.evaluation.ica, on the model's device: the GPU
-where there is one) is 400 iterations of two 640 × 640 × 32,768 float64 GEMMs, minutes on 2 CPU cores
-(bench/ica.py times it alone). Also times the LM head's GEMMs alone (every variant's logits at every
+The reference path reuses the fastsae path's baseline fits and is charged their time. Minutes of the before
+path go to its ICA fit (400 float64 iterations of two 640 × 640 × 32,768 GEMMs on 2 CPU cores; bench/ica.py
+times the fit alone). Also times the LM head's GEMMs alone (every variant's logits at every
 scored position), the part no exact evaluation can skip: the cross-entropy and the KL need each variant's
 full log-softmax.
 Prints a table and saves JSON + markdown under bench/results/eval-speed-<device>-<date>.* (eval-speed-random-…
@@ -31,16 +39,20 @@ with --random-model)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from bench.saving import RESULTS, run_environment, save_report
 from fastsae import SAE, SAEConfig, io
-from fastsae.evaluation import baselines
+from fastsae.evaluation import baselines, run
 from fastsae.evaluation.evaluate import HEAD_ROWS
 from fastsae.evaluation.run import run_eval
 from fastsae.harvest.corpus import window_record
@@ -144,6 +156,49 @@ class FitOnce:
         return self.done[key]
 
 
+FIT = baselines.fit
+
+
+def fit_before(kind: str, x: torch.Tensor, n: int, k: int, seed: int = 0) -> baselines.Decomposition:
+    """baselines.fit as it was when issue #18 was filed: the ICA baseline by scikit-learn's FastICA (float64,
+    numpy on the CPU; its ConvergenceWarning silenced), where scikit-learn is installed; else fastsae's
+    FastICA in float64 (the before path then understates the old fit's time: bench/ica.py has both)."""
+    if kind != "ica" or BEFORE_ICA != "scikit-learn":
+        return FIT(kind, x, n, k, seed)
+    from sklearn.decomposition import FastICA
+
+    x = x.double().cpu()
+    mu = x.mean(0)
+    n = min(n, *x.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ica = FastICA(n_components=n, whiten="unit-variance", random_state=seed, max_iter=400, tol=1e-3)
+        ica.fit((x - mu).numpy())
+    return baselines.ica_decomposition(torch.from_numpy(ica.mixing_), mu, min(k, n))
+
+
+BEFORE_ICA = "scikit-learn" if importlib.util.find_spec("sklearn") else "fastsae, float64"
+PATHS = ("fastsae", "reference", "before")  # fastsae's first: it fits the baselines, the reference reuses them
+
+
+@contextlib.contextmanager
+def pipeline(path: str):
+    """run_eval as of path. "before": the evaluation before issue #18 part 5 — the straightforward forwards,
+    the baselines fitted on the store's rows whatever their precision (the main job's keep bfloat16) and
+    the ICA baseline by scikit-learn (fit_before) — with its own baseline fits. Otherwise today's, the fits
+    shared (FitOnce)."""
+    if path != "before":
+        yield
+        return
+    saved = run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit
+    run.FULL_PRECISION = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    baselines.ICA_CPU_DATA_DTYPE, baselines.fit = None, FitOnce(fit_before)
+    try:
+        yield
+    finally:
+        run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
@@ -162,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs, results = {}, {}
-    baselines.fit = FitOnce(baselines.fit)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(baselines, "fit", FitOnce(FIT)):
         sae = args.sae
         if args.random_model:
             model = random_model(args.random_model, Path(tmp) / "model", layers=args.layers, vocab=args.vocab,
@@ -172,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             sae = random_sae(model, args.site, shape["hidden_size"], Path(tmp) / "sae")
             print(f"random {args.random_model}: {shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, "
                   f"vocabulary {shape['vocab_size']:,}; random SAE {MAIN_JOB_SAE} at {args.site}", flush=True)
-        for path in ("fastsae", "reference"):  # fastsae's first: it fits the baselines, the reference reuses them
+        for path in PATHS:
             start = time.perf_counter()
-            results[path] = run_eval([sae], Path(tmp) / path, tokens=args.tokens, fit_tokens=args.fit_tokens,
-                                     batch_size=args.batch_size, device=device, progress=False,
-                                     reference=path == "reference")
+            with pipeline(path):
+                results[path] = run_eval([sae], Path(tmp) / path, tokens=args.tokens, fit_tokens=args.fit_tokens,
+                                         batch_size=args.batch_size, device=device, progress=False,
+                                         reference=path != "fastsae")
             total = time.perf_counter() - start
             meta = io.read_json(Path(tmp) / path / "metrics.json")["meta"]
             runs[path] = {"eval_phase_s": total, **{f"{k}_s": v for k, v in meta["seconds"].items()}}
@@ -189,27 +244,38 @@ def main(argv: list[str] | None = None) -> int:
     ref["eval_phase_s"] += runs["fastsae"]["fit_baselines_s"] - ref["fit_baselines_s"]
     ref["fit_baselines_s"] = runs["fastsae"]["fit_baselines_s"]
     worst, where, bad = compare(results["fastsae"], results["reference"])
+    # the before path fitted its baselines on other activations: only the model's and the SAE's metrics must agree
+    evaluated = [name for name in results["before"] if name not in baselines.KINDS]
+    worst_before, where_before, bad_before = compare({n: results["fastsae"][n] for n in evaluated},
+                                                     {n: results["before"][n] for n in evaluated})
     shared = results["fastsae"]["model"]
     model_name = meta["model"] if not args.random_model else f"{args.random_model}, randomly initialised"
     info = run_environment(device, model=model_name, site=meta["site"], sae=str(args.sae or "random"),
                            eval_tokens=shared["tokens"], windows=meta["eval_windows"],
                            context_size=meta["context_size"], batch_size=args.batch_size, variants=n_variants,
                            head_rows=HEAD_ROWS, rtol=RTOL, atol=ATOL, fit_tokens=meta["baseline_fit_tokens"],
+                           before_ica=BEFORE_ICA,
                            random_model=args.random_model and {"layers": shape["num_hidden_layers"],
                                                                "d_model": shape["hidden_size"],
                                                                "vocab": shape["vocab_size"]})
     name = info["device"]
-    ref, new = runs["reference"], runs["fastsae"]
+    ref, new, old = runs["reference"], runs["fastsae"], runs["before"]
     summary = {"speedup_eval_phase": ref["eval_phase_s"] / new["eval_phase_s"],
                "speedup_evaluate": ref["evaluate_s"] / new["evaluate_s"], "head_gemm_s": head_s,
-               "max_relative_difference": worst, "at": where, "metrics_agree": not bad, "outside_tolerance": bad}
+               "max_relative_difference": worst, "at": where, "metrics_agree": not bad, "outside_tolerance": bad,
+               "speedup_eval_phase_vs_before": old["eval_phase_s"] / new["eval_phase_s"],
+               "before_max_relative_difference": worst_before, "before_at": where_before,
+               "before_metrics_agree": not bad_before, "before_outside_tolerance": bad_before,
+               "baselines_before_after": {kind: {key: [results[path][kind].get(key) for path in ("before", "fastsae")]
+                                                 for key in ("fvu", "ce_loss_recovered", "kl_div_with_sae")}
+                                          for kind in baselines.KINDS if kind in results["fastsae"]}}
     lines = [f"# Evaluation phase of the main job, {name} ({info['threads']} threads), {info['date']}", "",
              f"{info['model']} at {info['site']}, {info['windows']} windows × {info['context_size']} tokens "
              f"({info['eval_tokens']:,} kept tokens), batch {args.batch_size}; the SAE, PCA, ICA, neuron and random "
              f"baselines: {n_variants} variants per batch.", "",
              "| path | eval phase (s) | evaluate (s) | fit baselines (s) | baseline activations (s) |",
              "|---|---:|---:|---:|---:|"]
-    for path in ("reference", "fastsae"):
+    for path in ("before", "reference", "fastsae"):
         r = runs[path]
         lines.append(f"| {path} | {r['eval_phase_s']:.1f} | {r['evaluate_s']:.1f} | {r['fit_baselines_s']:.1f} | "
                      f"{r['baseline_activations_s']:.1f} |")
@@ -218,7 +284,19 @@ def main(argv: list[str] | None = None) -> int:
               f"≈{scored:,} positions × vocabulary) take {head_s:.1f} s: "
               f"{100 * head_s / new['evaluate_s']:.0f}% of fastsae's evaluate.",
               f"Metrics: largest relative difference {worst:.2g} ({where or 'every metric bitwise equal'}); "
-              + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}."]
+              + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}.", "",
+              f"Against before (the straightforward forwards, the baselines fitted on the store's rows as stored, "
+              f"the ICA baseline by {BEFORE_ICA}'s FastICA): whole eval phase "
+              f"{summary['speedup_eval_phase_vs_before']:.2f}×. "
+              f"The model's and the SAE's metrics: largest relative difference {worst_before:.2g} "
+              f"({where_before or 'every metric bitwise equal'}); "
+              + ("all within" if not bad_before else f"{len(bad_before)} outside") + " the same tolerance. "
+              "The baselines were fitted anew (on full-precision activations, FastICA's iterations in float32 on "
+              "a CPU), so theirs move:", "",
+              "| baseline | FVU before | FVU after | CE loss recovered before | after |", "|---|---:|---:|---:|---:|"]
+    for kind, pairs in summary["baselines_before_after"].items():
+        (fvu0, fvu1), (ce0, ce1) = pairs["fvu"], pairs["ce_loss_recovered"]
+        lines.append(f"| {kind} | {fvu0:.4f} | {fvu1:.4f} | {ce0:.4f} | {ce1:.4f} |")
     if args.random_model:
         lines += ["", f"The model is randomly initialised with {args.random_model}'s architecture "
                   f"({shape['num_hidden_layers']} layers, d_model {shape['hidden_size']}, vocabulary "
@@ -229,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = "eval-speed-random" if args.random_model else "eval-speed"
     save_report(args.out, f"{kind}-{name.replace(' ', '_')}-{info['date']}",
                 {"meta": info, "runs": runs, "summary": summary}, table)
-    return 0 if not bad else 1
+    return 0 if not bad and not bad_before else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 KINDS = ("pca", "ica", "neurons", "random")
+ICA_CPU_DATA_DTYPE = torch.float32  # the ICA fit's iterations on a CPU (see fit); None: float64 throughout
 
 
 class Decomposition:
@@ -78,7 +79,7 @@ def fit(kind: str, x: Tensor, n: int, k: int, seed: int = 0) -> Decomposition:
     # scikit-learn's FastICA(n, whiten="unit-variance", random_state=seed, max_iter=400, tol=1e-3), on x's device.
     # On a CPU its iterations' GEMMs run in float32 (whitening and W in float64): 1.67x faster, ~1e-7 from the
     # float64 fit. Not on CUDA, where a caller's TF32 setting would round them to 10 bits and float64 is fast.
-    data_dtype = torch.float32 if x.device.type == "cpu" else None
+    data_dtype = ICA_CPU_DATA_DTYPE if x.device.type == "cpu" else None
     ica = fast_ica(xc, n, seed=seed, max_iter=400, tol=1e-3, data_dtype=data_dtype)
     return ica_decomposition(ica.mixing, mu, min(k, n))
 
