@@ -3,9 +3,12 @@
     OMP_NUM_THREADS=2 flock /work/heavy.lock python -m bench.cpu_step          # N 2048, d_in 768, d_sae 16384, k 32
     python -m bench.cpu_step --n 256 --d-sae 2048 --repeats 3                  # a quick look
 
-Each repetition runs every implementation once, in a rotating order, so that a slow minute of the
-machine (2 shared cores here) lands on all of them alike; the table gives each one's median over the
-repetitions (and its minimum). Rows:
+Each row runs in a process of its own (as a user's training would: no other library's tensors in its
+heap), and the processes take turns: each repetition runs every row once, in a rotating order, one at a
+time, so that a slow minute of the machine (2 shared cores here) lands on all of them alike; the table gives
+each row's median over the repetitions (and its minimum). --one-process runs every row in this process
+instead, as this benchmark did before: there, the other rows' large allocations (sparsify's, the fresh
+(N, d_sae) pre-activations) fragment the heap that fastsae's step allocates its gradients from. Rows:
 
 - floor: the encoder GEMM x @ W_enc^T (N × d_in by d_in × d_sae, as F.linear computes it) plus one Adam
   step over every parameter (torch.optim.Adam(fused=True), the fastest Adam torch has on CPU) with the
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import multiprocessing
 import os
 import platform
 import statistics
@@ -81,18 +85,91 @@ def floor_parts(x: torch.Tensor, d_sae: int) -> dict[str, Callable[[], object]]:
             "floor: GEMM into a kept buffer": lambda: torch.addmm(b_enc, x, W_enc.t(), out=kept)}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """ms per call of each fn: warmup calls each, then repeats rounds, each calling every fn once."""
-    for fn in fns.values():
-        for _ in range(warmup):
+FRESH = "fastsae, fresh pre-activations"
+ROWS = ("floor: GEMM", "floor: Adam", "floor: GEMM into a kept buffer", "fastsae", FRESH, "sparsify")
+
+
+def build_row(row: str, n: int, d_in: int, d_sae: int, k: int) -> Callable[[], object] | None:
+    """The step a row times, on the benchmark's data (seed 0); None when its library is missing (sparsify)."""
+    torch.manual_seed(0)
+    x = torch.randn(n, d_in)
+    if row.startswith("floor"):
+        return floor_parts(x, d_sae)[row]
+    if row == "sparsify":
+        return sparsify_step(x, d_sae, k)
+    return fastsae_step(x, d_sae, k, keep_pre=row != FRESH)
+
+
+def _row_process(conn, row: str, shape: tuple[int, int, int, int], threads: int) -> None:
+    """A row's own process: build its step, then run it once per "run" received, answering the ms it took."""
+    torch.set_num_threads(threads)
+    try:
+        fn = build_row(row, *shape)
+        conn.send(fn is not None)
+        while conn.recv() == "run":
+            start = time.perf_counter()
             fn()
-    times = {name: [] for name in fns}
+            conn.send((time.perf_counter() - start) * 1e3)
+    except Exception as err:  # noqa: BLE001 (handed to the parent, which raises it)
+        conn.send(f"{row}: {type(err).__name__}: {err}")
+
+
+def interleaved_in_processes(rows: tuple[str, ...], shape: tuple[int, int, int, int], repeats: int,
+                             warmup: int) -> dict[str, list[float]]:
+    """interleaved() with each row in its own process (spawned), one running at a time; rows whose library is
+    missing are left out."""
+    spawn = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for row in rows:
+            here, there = spawn.Pipe()
+            process = spawn.Process(target=_row_process, args=(there, row, shape, torch.get_num_threads()),
+                                    daemon=True)
+            process.start()
+            workers[row] = (process, here)
+
+        def answer(row: str):
+            got = workers[row][1].recv()
+            if isinstance(got, str):
+                raise RuntimeError(got)
+            return got
+
+        present = [row for row in rows if answer(row)]
+
+        def call(row: str) -> float:
+            workers[row][1].send("run")
+            return answer(row)
+
+        return interleaved(dict.fromkeys(present), repeats, warmup, timer=call)
+    finally:
+        for process, conn in workers.values():
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                timer: Callable[[str], float] | None = None) -> dict[str, list[float]]:
+    """ms per call of each fn: warmup calls each, then repeats rounds, each calling every fn once. timer(name),
+    when given, makes the call and returns its ms as measured where it ran (another process)."""
+
+    def timed(name: str) -> float:
+        if timer is not None:
+            return timer(name)
+        start = time.perf_counter()
+        fns[name]()
+        return (time.perf_counter() - start) * 1e3
+
     names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            timed(name)
+    times = {name: [] for name in fns}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(timed(name))
     return times
 
 
@@ -132,16 +209,17 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int) -> dict:
-    torch.manual_seed(0)
-    x = torch.randn(n, d_in)
-    fns = {**floor_parts(x, d_sae), "fastsae": fastsae_step(x, d_sae, k),
-           "fastsae, fresh pre-activations": fastsae_step(x, d_sae, k, keep_pre=False)}
-    theirs = sparsify_step(x, d_sae, k)
-    if theirs is not None:
-        fns["sparsify"] = theirs
-    times = interleaved(fns, repeats, warmup)
-    profile = top_ops(fns["fastsae"], steps=3)
+def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int, one_process: bool = False) -> dict:
+    shape = (n, d_in, d_sae, k)
+    if one_process:
+        fns = {row: build_row(row, *shape) for row in ROWS}
+        times = interleaved({row: fn for row, fn in fns.items() if fn is not None}, repeats, warmup)
+    else:
+        times = interleaved_in_processes(ROWS, shape, repeats, warmup)
+    step = build_row("fastsae", *shape)
+    for _ in range(warmup):
+        step()
+    profile = top_ops(step, steps=3)  # in this process, on a trainer of its own
     median = {name: statistics.median(t) for name, t in times.items()}
     floor = median["floor: GEMM"] + median["floor: Adam"]
     strict = median["floor: GEMM into a kept buffer"] + median["floor: Adam"]
@@ -155,7 +233,8 @@ def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int) -> dic
     if "sparsify" in median:
         rows[[r["impl"] for r in rows].index("fastsae")]["speedup_vs_sparsify"] = median["sparsify"] / median["fastsae"]
     return {"env": environment(), "shape": {"n": n, "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32"},
-            "repeats": repeats, "warmup": warmup, "rows": rows, "fastsae_top_ops": profile}
+            "processes": "one" if one_process else "one per row", "repeats": repeats, "warmup": warmup, "rows": rows,
+            "fastsae_top_ops": profile}
 
 
 def markdown(result: dict) -> str:
@@ -163,7 +242,8 @@ def markdown(result: dict) -> str:
     lines = [f"### CPU TopK training step · N {s['n']} · d_in {s['d_in']} · d_sae {s['d_sae']} · k {s['k']} · "
              f"{s['dtype']}",
              f"{env['device']} ({env['cores']} cores, torch threads {env['torch_threads']}) · torch {env['torch']} · "
-             f"sparsify {env['sparsify']} · {env['date']} · median of {result['repeats']} interleaved repetitions",
+             f"sparsify {env['sparsify']} · {env['date']} · median of {result['repeats']} interleaved repetitions, "
+             f"{result.get('processes', 'one')} process{'es' if result.get('processes') == 'one per row' else ''}",
              "", "| step | ms (median) | ms (min) | × floor | × strict floor | fastsae speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -193,8 +273,12 @@ def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = step_arguments("python -m bench.cpu_step", __doc__.splitlines()[0]).parse_args(argv)
-    result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup)
+    parser = step_arguments("python -m bench.cpu_step", __doc__.splitlines()[0])
+    parser.add_argument("--one-process", action="store_true", help="every row in this process (see the docstring)")
+    # a fresh trainer's first ~5 steps take 1.3-2.6x a later one's (2 cores: 861, 469, 495, 443, 467, then 320-350 ms)
+    parser.set_defaults(warmup=6)
+    args = parser.parse_args(argv)
+    result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup, args.one_process)
     table = markdown(result)
     save_report(args.out, f"cpu-step-{result['env']['date'][:10]}", result, table)
     return 0

@@ -9,11 +9,14 @@ from bench import cpu_step
 from bench.suite import Case, run_case
 
 
-def test_cpu_step_measures_every_peer_in_one_run_and_saves_json_and_markdown(tmp_path):
+@pytest.mark.parametrize("processes", ["one per row", "one"])
+def test_cpu_step_measures_every_peer_in_one_run_and_saves_json_and_markdown(tmp_path, processes):
+    flags = ["--one-process"] if processes == "one" else []
     assert cpu_step.main(["--n", "16", "--d-in", "8", "--d-sae", "32", "--k", "4", "--repeats", "2", "--warmup", "1",
-                          "--out", str(tmp_path)]) == 0
+                          "--out", str(tmp_path), *flags]) == 0
     [path] = tmp_path.glob("cpu-step-*.json")
     result = json.loads(path.read_text())
+    assert result["processes"] == processes
     rows = {r["impl"]: r for r in result["rows"]}
     assert {"floor", "floor: GEMM", "floor: Adam", "fastsae"} <= set(rows)
     assert rows["floor"]["ms"] == pytest.approx(rows["floor: GEMM"]["ms"] + rows["floor: Adam"]["ms"])
