@@ -93,7 +93,7 @@ def test_data_path_throughput_report(tmp_path, capsys):
 
 
 def test_eval_speed_runs_end_to_end_on_a_tiny_model(tmp_path):
-    """bench.eval_speed on a tiny model's SAE: both paths run, the metrics agree, the tables are saved."""
+    """bench.eval_speed on a tiny model's SAE: the three paths run, the metrics agree, the tables are saved."""
     import json
 
     from bench.eval_speed import main as eval_speed
@@ -110,8 +110,10 @@ def test_eval_speed_runs_end_to_end_on_a_tiny_model(tmp_path):
                  "--steps", "4", "--batch-size", "64", "--out", str(tmp_path / "sae"), "--no-progress"]) == 0
     assert eval_speed(["--sae", str(tmp_path / "sae" / "sae"), "--tokens", "256", "--out", str(tmp_path)]) == 0
     saved = json.loads(next(tmp_path.glob("eval-speed-*.json")).read_text())
-    assert saved["summary"]["metrics_agree"] and saved["meta"]["variants"] == 9
-    assert {"reference", "fastsae"} == set(saved["runs"]) and next(tmp_path.glob("eval-speed-*.md")).stat().st_size
+    assert saved["summary"]["metrics_agree"] and saved["summary"]["before_metrics_agree"]
+    assert saved["meta"]["variants"] == 9
+    assert {"before", "reference", "fastsae"} == set(saved["runs"])
+    assert next(tmp_path.glob("eval-speed-*.md")).stat().st_size
 
 
 def test_interventions_summary_keeps_the_parts_run_separately(tmp_path):
