@@ -100,6 +100,8 @@ def test_run_is_the_whole_job_and_resumes(corpus_and_model, capsys):
     index = d / "job" / "features" / "browser" / "index.html"
     assert f"feature browser: {index.resolve()}" in printed and index.is_file()  # the job ends with the browser
     assert "| latent | one-token score |" in printed
+    run = json.loads((d / "job" / "train" / "run.json").read_text())
+    assert run["train"]["dead_latents"]["window_tokens"] == 8 * 64 // 4  # a quarter of the run: AuxK starts
     first = json.loads((d / "job" / "eval" / "metrics.json").read_text())["results"]
     assert set(first) >= {"model", "topk k=4 64", "pca", "neurons", "random"}
     assert main(args) == 0  # a finished job resumes each step and ends with the same report

@@ -217,8 +217,10 @@ def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", sit
     print(f"[2/4] train a TopK SAE (d_sae {d_sae}, k {k}) for {steps} steps")
     settings = settings_from(
         sae={"activation": "topk", "k": k, "d_sae": d_sae},
+        # AuxK revives latents dead for a quarter of the run: the default window (1M tokens) is the whole of a
+        # 1,000-step run of 1,024, so its AuxK never started and 11% of the latents ended dead
         train={"total_steps": steps, "lr": lr, "auxk_coefficient": 1 / 32, "b_dec_init": "mean",
-               "checkpoint_every": max(1, steps // 4)},
+               "dead_window_tokens": max(batch_size, steps * batch_size // 4), "checkpoint_every": max(1, steps // 4)},
         data={"source": str(out / "store"), "batch_size": batch_size})
     train_run(out / "train", settings, resume=True, progress=progress)
     print(f"[3/4] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
