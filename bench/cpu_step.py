@@ -115,7 +115,7 @@ def _row_process(conn, row: str, shape: tuple[int, int, int, int], threads: int)
 
 
 def interleaved_in_processes(rows: tuple[str, ...], shape: tuple[int, int, int, int], repeats: int,
-                             warmup: int) -> dict[str, list[float]]:
+                             warmup: int, warmup_ms: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """interleaved() with each row in its own process (spawned), one running at a time; rows whose library is
     missing are left out."""
     spawn = multiprocessing.get_context("spawn")
@@ -140,7 +140,7 @@ def interleaved_in_processes(rows: tuple[str, ...], shape: tuple[int, int, int, 
             workers[row][1].send("run")
             return answer(row)
 
-        return interleaved(dict.fromkeys(present), repeats, warmup, timer=call)
+        return interleaved(dict.fromkeys(present), repeats, warmup, timer=call, warmup_ms=warmup_ms)
     finally:
         for process, conn in workers.values():
             with contextlib.suppress(OSError):
@@ -151,9 +151,11 @@ def interleaved_in_processes(rows: tuple[str, ...], shape: tuple[int, int, int, 
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                timer: Callable[[str], float] | None = None) -> dict[str, list[float]]:
+                timer: Callable[[str], float] | None = None,
+                warmup_ms: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """ms per call of each fn: warmup calls each, then repeats rounds, each calling every fn once. timer(name),
-    when given, makes the call and returns its ms as measured where it ran (another process)."""
+    when given, makes the call and returns its ms as measured where it ran (another process); warmup_ms, when
+    given, receives the warm-up calls' ms."""
 
     def timed(name: str) -> float:
         if timer is not None:
@@ -164,8 +166,9 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
 
     names = list(fns)
     for name in names:
-        for _ in range(warmup):
-            timed(name)
+        warm = [timed(name) for _ in range(warmup)]
+        if warmup_ms is not None:
+            warmup_ms[name] = warm
     times = {name: [] for name in fns}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
@@ -210,12 +213,12 @@ def _cpu_name() -> str:
 
 
 def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int, one_process: bool = False) -> dict:
-    shape = (n, d_in, d_sae, k)
+    shape, warm = (n, d_in, d_sae, k), {}
     if one_process:
         fns = {row: build_row(row, *shape) for row in ROWS}
-        times = interleaved({row: fn for row, fn in fns.items() if fn is not None}, repeats, warmup)
+        times = interleaved({row: fn for row, fn in fns.items() if fn is not None}, repeats, warmup, warmup_ms=warm)
     else:
-        times = interleaved_in_processes(ROWS, shape, repeats, warmup)
+        times = interleaved_in_processes(ROWS, shape, repeats, warmup, warmup_ms=warm)
     step = build_row("fastsae", *shape)
     for _ in range(warmup):
         step()
@@ -225,7 +228,7 @@ def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int, one_pr
     strict = median["floor: GEMM into a kept buffer"] + median["floor: Adam"]
     rows = [{"impl": "floor", "ms": floor}, {"impl": "strict floor", "ms": strict}]
     for name, t in times.items():
-        row = {"impl": name, "ms": median[name], "min_ms": min(t), "times_ms": t}
+        row = {"impl": name, "ms": median[name], "min_ms": min(t), "times_ms": t, "warmup_ms": warm[name]}
         if not name.startswith("floor"):
             row["x_floor"] = median[name] / floor
             row["x_strict_floor"] = median[name] / strict
@@ -252,6 +255,10 @@ def markdown(result: dict) -> str:
         speedup = f"{r['speedup_vs_sparsify']:.2f}× vs sparsify" if "speedup_vs_sparsify" in r else ""
         low = f"{r['min_ms']:.1f}" if "min_ms" in r else ""
         lines.append(f"| {r['impl']} | {r['ms']:.1f} | {low} | {x_floor} | {x_strict} | {speedup} |")
+    warm = next((r["warmup_ms"] for r in result["rows"] if r["impl"] == "fastsae" and r.get("warmup_ms")), None)
+    if warm:
+        lines += ["", f"fastsae's {len(warm)} warm-up steps (not in the table), ms: "
+                  + ", ".join(f"{t:.0f}" for t in warm)]
     lines += ["", "fastsae's step by operator (torch.profiler, self CPU time, 3 steps):", "",
               "| operator | ms per step | calls per step |", "|---|---:|---:|"]
     lines += [f"| {o['op']} | {o['self_ms_per_step']:.1f} | {o['calls_per_step']:g} |"
@@ -275,7 +282,7 @@ def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = step_arguments("python -m bench.cpu_step", __doc__.splitlines()[0])
     parser.add_argument("--one-process", action="store_true", help="every row in this process (see the docstring)")
-    # a fresh trainer's first ~5 steps take 1.3-2.6x a later one's (2 cores: 861, 469, 495, 443, 467, then 320-350 ms)
+    # a fresh trainer's first steps are slower than its later ones (the results' warmup_ms)
     parser.set_defaults(warmup=6)
     args = parser.parse_args(argv)
     result = run(args.n, args.d_in, args.d_sae, args.k, args.repeats, args.warmup, args.one_process)

@@ -12,6 +12,7 @@ activations are rounded to bfloat16 first, as the main job's activation store ke
     python -m bench.ica --work /tmp/ica --iterations 400 --only scikit-learn    # one full fit per step
     python -m bench.ica --work /tmp/ica --iterations 400 --only fastsae         # then the table of both
     python -m bench.ica --work /tmp/ica --only scikit-learn-permuted            # and rounding's yardstick
+    python -m bench.ica --work /tmp/ica --only fastsae-float32-iterations       # what baselines.fit runs on a CPU
 
 Each step keeps what it computed under --work (the activations, each fit's matrices and times), so a long
 comparison splits into short steps; a fit of 1 iteration is run too, to separate the setup (centring,
@@ -38,6 +39,10 @@ IMPLEMENTATIONS = ("scikit-learn", "fastsae")
 # scikit-learn on the same rows in another order: the same fit in exact arithmetic, so how far it lands from
 # scikit-learn's own is how far float64 rounding alone moves the result (the yardstick for fastsae's distance)
 PERMUTED = "scikit-learn-permuted"
+# fastsae with its iterations' GEMMs and tanh in float32 (whitening and W in float64): what baselines.fit runs on
+# a CPU (fast_ica's data_dtype)
+FLOAT32 = "fastsae-float32-iterations"
+OPTIONAL = (FLOAT32, PERMUTED)
 FULL = 400  # baselines.fit's max_iter
 TOL = 1e-3  # baselines.fit's tol
 
@@ -78,8 +83,9 @@ def fit(implementation: str, xc: torch.Tensor, n: int, iterations: int) -> tuple
         if implementation == PERMUTED:
             xc = xc[torch.randperm(xc.shape[0], generator=torch.Generator().manual_seed(0))]
         start = time.perf_counter()
-        if implementation == "fastsae":
-            r = fast_ica(xc, n, seed=0, max_iter=iterations, tol=TOL)
+        if implementation in ("fastsae", FLOAT32):
+            data_dtype = torch.float32 if implementation == FLOAT32 else None
+            r = fast_ica(xc, n, seed=0, max_iter=iterations, tol=TOL, data_dtype=data_dtype)
             out, n_iter = {"mixing": r.mixing, "components": r.components}, r.n_iter
         else:
             from sklearn.decomposition import FastICA
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True,
                         help="directory kept between steps (activations, fits): one per model, site and corpus")
     parser.add_argument("--iterations", type=int, default=20, help="iterations of each fit (the main job: 400)")
-    parser.add_argument("--only", choices=(*IMPLEMENTATIONS, PERMUTED), help="fit only this one in this step")
+    parser.add_argument("--only", choices=(*IMPLEMENTATIONS, *OPTIONAL), help="fit only this one in this step")
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--site", default="resid_post.6")
     parser.add_argument("--corpus", default="english:train")
@@ -153,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         if not done(impl):
             fit(impl, xc[:256, :8].clone(), 8, 2)  # warm-up, untimed: imports, first-call allocations
         fits[impl] = {i: cached_fit(stem, impl, xc, n, i) for i in (1, iters)}
-    for impl in (*IMPLEMENTATIONS, PERMUTED):  # what earlier steps fitted
+    for impl in (*IMPLEMENTATIONS, *OPTIONAL):  # what earlier steps fitted
         if impl not in fits and done(impl):
             fits[impl] = {i: cached_fit(stem, impl, xc, n, i) for i in (1, iters)}
     if not all(impl in fits for impl in IMPLEMENTATIONS):
         print(f"kept {', '.join(fits)} under {work}; run the other with --only to compare")
         return 0
 
-    fits = {impl: fits[impl] for impl in (*IMPLEMENTATIONS, PERMUTED) if impl in fits}  # the table's order
+    fits = {impl: fits[impl] for impl in (*IMPLEMENTATIONS, *OPTIONAL) if impl in fits}  # the table's order
     runs = {}
     for impl, by in fits.items():
         one, cut = by[1], by[iters]

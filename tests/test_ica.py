@@ -139,3 +139,6 @@ def test_bench_runs_in_steps_on_small_activations(tmp_path):
     assert set(report["runs"]) == {"scikit-learn", "fastsae"}
     for run in report["runs"].values():
         assert run["iterations"] == 3 and 0 < run["heldout_fvu"] < 1 and run["fit_s"] > 0  # times: tiny, noisy
+    assert bench_ica.main(args + ["--only", bench_ica.FLOAT32]) == 0  # an optional row beside the pair
+    report = io.read_json(next(tmp_path.glob("ica-*-3-iterations.json")))
+    assert 1e-12 < report["summary"]["difference_to_scikit_learn"][bench_ica.FLOAT32]["components"] < 1e-4
