@@ -22,7 +22,7 @@ shape at its site, whose metadata records the main job's training windows: the s
 eval phase (the windows, variants, LM head and baseline fits have the same shapes, and the fit activations
 are captured from the model, as the main job's are: its store keeps bfloat16, run.fit_activations), so the
 timings are representative, while the metric values mean nothing; but for the ICA fit, an upper bound: on the
-random model's activations it runs all 400 iterations, where the main job's converges after 106 (run.fit_activations).
+random model's activations it runs all 400 iterations, where the main job's converges after ~110 (run.fit_activations).
 It needs no download, for a GPU machine offline. There is no store there, so the before path's baselines are
 fitted on the same captured activations (on a CPU, FastICA in float64 is all that differs).
 --layers, --vocab and --width shrink that model for a quick test.
