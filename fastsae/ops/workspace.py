@@ -2,9 +2,10 @@
 
 The torch backend's encoders build the (N, d_sae) pre-activations, read them once (top-k or threshold)
 and drop them. Allocated fresh, that buffer costs its page faults and its release every time: at N 2048,
-d_sae 16384 (134 MB) on 2 CPU cores, keeping it took the median training step from 369 to 362 ms in a process
-of its own, and from 396 to 381 ms in a process that other large allocations had fragmented (bench/cpu_step.py's
-"fresh pre-activations" row, bench/results/cpu-step-2026-11-21*.md), with transparent huge pages on. A `Workspace` keeps
+d_sae 16384 (134 MB) on 2 CPU cores, keeping it took the median training step from 405 to 383 ms in a process
+of its own (7 ms in another such run), and from 396 to 381 ms in a process that other large allocations had
+fragmented (bench/cpu_step.py's "fresh pre-activations" row, bench/results/cpu-step-2026-11-21*.md), with
+transparent huge pages on. A `Workspace` keeps
 it: the trainer owns one and makes it the active workspace around each step (`with workspace.active():`), so
 the memory lives as long as the trainer and no longer; outside an active workspace every call allocates as
 before.
