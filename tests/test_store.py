@@ -46,6 +46,11 @@ def test_store_holds_every_kept_token_with_its_activations(tmp_path):
             torch.testing.assert_close(shard[site], expected)
         assert torch.equal(shard["token_ids"], ids[shard["sequence"], shard["position"].long()])
         assert (shard["token_ids"] > 2).all()  # BOS/EOS/pad positions are not stored
+    every = torch.cat([store.load_shard(i, keys=("mlp_hidden.1",))["mlp_hidden.1"] for i in range(len(store.shards))])
+    assert torch.equal(store.first_rows("mlp_hidden.1", 25), every[:25])  # across the first shard's 20 rows
+    assert torch.equal(store.first_rows("mlp_hidden.1", 10**6), every)
+    with pytest.raises(ValueError, match="'bogus' is not in the store"):
+        store.first_rows("bogus", 5)
 
 
 def test_interrupted_harvest_resumes_to_the_same_store(tmp_path, monkeypatch):

@@ -74,14 +74,7 @@ def _baseline(kind: str, store_path: str, site: str | None, fit_tokens: int):
         if len(store.sites) != 1:
             raise ValueError(f"{kind}:{store_path} holds sites {sorted(store.sites)}: name one with --site")
         site = next(iter(store.sites))
-    rows, n = [], 0
-    for i in range(len(store.shards)):
-        rows.append(store.load_shard(i, keys=(site,))[site].float())
-        n += rows[-1].shape[0]
-        if n >= fit_tokens:
-            break
-    x = torch.cat(rows)[:fit_tokens]
-    return fit(kind, x, store.sites[site], 1)
+    return fit(kind, store.first_rows(site, fit_tokens).float(), store.sites[site], 1)
 
 
 def describe(spec: str, d) -> str:

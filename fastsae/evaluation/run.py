@@ -138,14 +138,9 @@ def fit_activations(lm, site: str, store: ActivationStore | None, windows: torch
     tokens in float32 converge after 106 and give a lower held-out FVU (bench/results/ica-cpu-2026-11-21-*)."""
     from ..model import capture, keep_mask
 
-    rows, n = [], 0
     if store is not None and site in store.sites and store.dtype in FULL_PRECISION:
-        for i in range(len(store.shards)):
-            if n >= fit_tokens:
-                break
-            rows.append(store.load_shard(i, keys=(site,))[site])
-            n += rows[-1].shape[0]
-        return torch.cat(rows)[:fit_tokens].float(), "store"
+        return store.first_rows(site, fit_tokens).float(), "store"
+    rows, n = [], 0
     for i in range(0, windows.shape[0], batch_size):
         if n >= fit_tokens:
             break

@@ -141,6 +141,17 @@ class ActivationStore:
                 raise CorruptShardError(path, f"{key!r} has {t.shape[0]} rows, the manifest says {shard.rows}")
         return tensors
 
+    def first_rows(self, site: str, n: int) -> Tensor:
+        """The store's first n vectors of site (all of them when it holds fewer), in its dtype; reads only the
+        shards it needs."""
+        rows, got = [], 0
+        for i in range(len(self.shards)):
+            if got >= n:
+                break
+            rows.append(self.load_shard(i, keys=(self._site(site),))[site])
+            got += rows[-1].shape[0]
+        return torch.cat(rows)[:n] if rows else torch.empty(0, self.sites[self._site(site)], dtype=self.dtype)
+
     def verify(self) -> None:
         """Check every shard; raises CorruptShardError naming the first bad one."""
         for i in range(len(self.shards)):

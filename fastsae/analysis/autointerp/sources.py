@@ -102,18 +102,6 @@ def alive(cache) -> list[int]:
     return [j for j, c in enumerate(cache.tensors["count"].tolist()) if c > 0]
 
 
-def _fit_rows(store, site: str, n: int):
-    import torch
-
-    rows, got = [], 0
-    for i in range(len(store.shards)):
-        rows.append(store.load_shard(i, keys=(site,))[site])
-        got += rows[-1].shape[0]
-        if got >= n:
-            break
-    return torch.cat(rows)[:n].float()
-
-
 def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[str, ...] = ("pca", "ica", "neurons"),
              *, feature_cache: str | Path | None = None, out: str | Path, fit_tokens: int = 32_768, seed: int = 0,
              device: str = "cpu", progress: bool = True) -> tuple[dict[str, FeatureExamples], Path, dict]:
@@ -197,7 +185,7 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
         cache = finished(directory)  # fitted and passed before for this SAE: ICA takes minutes to fit again
         if cache is None or any(cache.meta["meta"].get(key) != v for key, v in settings.items()):
             if x is None:
-                x = _fit_rows(store, site, fit_tokens)
+                x = store.first_rows(site, fit_tokens).float()
                 k = matched_k(sae, x.to(device))
             decomposition = fit_baselines.fit(kind, x, n=sae.cfg.d_sae, k=k, seed=seed)
             cache = cache_of(SplitSigns(decomposition), directory, {**settings, "k": k})
