@@ -236,8 +236,8 @@ def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int, one_pr
     if "sparsify" in median:
         rows[[r["impl"] for r in rows].index("fastsae")]["speedup_vs_sparsify"] = median["sparsify"] / median["fastsae"]
     return {"env": environment(), "shape": {"n": n, "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32"},
-            "processes": "one" if one_process else "one per row", "repeats": repeats, "warmup": warmup, "rows": rows,
-            "fastsae_top_ops": profile}
+            "processes": "one process" if one_process else "a process per row", "repeats": repeats, "warmup": warmup,
+            "rows": rows, "fastsae_top_ops": profile}
 
 
 def markdown(result: dict) -> str:
@@ -246,7 +246,7 @@ def markdown(result: dict) -> str:
              f"{s['dtype']}",
              f"{env['device']} ({env['cores']} cores, torch threads {env['torch_threads']}) · torch {env['torch']} · "
              f"sparsify {env['sparsify']} · {env['date']} · median of {result['repeats']} interleaved repetitions, "
-             f"{result.get('processes', 'one')} process{'es' if result.get('processes') == 'one per row' else ''}",
+             f"{result['processes']}",
              "", "| step | ms (median) | ms (min) | × floor | × strict floor | fastsae speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -255,10 +255,8 @@ def markdown(result: dict) -> str:
         speedup = f"{r['speedup_vs_sparsify']:.2f}× vs sparsify" if "speedup_vs_sparsify" in r else ""
         low = f"{r['min_ms']:.1f}" if "min_ms" in r else ""
         lines.append(f"| {r['impl']} | {r['ms']:.1f} | {low} | {x_floor} | {x_strict} | {speedup} |")
-    warm = next((r["warmup_ms"] for r in result["rows"] if r["impl"] == "fastsae" and r.get("warmup_ms")), None)
-    if warm:
-        lines += ["", f"fastsae's {len(warm)} warm-up steps (not in the table), ms: "
-                  + ", ".join(f"{t:.0f}" for t in warm)]
+    warm = next(r["warmup_ms"] for r in result["rows"] if r["impl"] == "fastsae")
+    lines += ["", f"fastsae's {len(warm)} warm-up steps (not in the table), ms: " + ", ".join(f"{t:.0f}" for t in warm)]
     lines += ["", "fastsae's step by operator (torch.profiler, self CPU time, 3 steps):", "",
               "| operator | ms per step | calls per step |", "|---|---:|---:|"]
     lines += [f"| {o['op']} | {o['self_ms_per_step']:.1f} | {o['calls_per_step']:g} |"

@@ -9,9 +9,9 @@ from bench import cpu_step
 from bench.suite import Case, run_case
 
 
-@pytest.mark.parametrize("processes", ["one per row", "one"])
+@pytest.mark.parametrize("processes", ["a process per row", "one process"])
 def test_cpu_step_measures_every_peer_in_one_run_and_saves_json_and_markdown(tmp_path, processes):
-    flags = ["--one-process"] if processes == "one" else []
+    flags = ["--one-process"] if processes == "one process" else []
     assert cpu_step.main(["--n", "16", "--d-in", "8", "--d-sae", "32", "--k", "4", "--repeats", "2", "--warmup", "1",
                           "--out", str(tmp_path), *flags]) == 0
     [path] = tmp_path.glob("cpu-step-*.json")
