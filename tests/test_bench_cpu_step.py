@@ -18,9 +18,11 @@ def test_cpu_step_measures_every_peer_in_one_run_and_saves_json_and_markdown(tmp
     result = json.loads(path.read_text())
     assert result["processes"] == processes
     rows = {r["impl"]: r for r in result["rows"]}
-    assert {"floor", "floor: GEMM", "floor: Adam", "fastsae"} <= set(rows)
+    assert {"floor", "oneDNN floor", "floor: GEMM", "floor: oneDNN GEMM", "floor: Adam", "fastsae"} <= set(rows)
     assert rows["floor"]["ms"] == pytest.approx(rows["floor: GEMM"]["ms"] + rows["floor: Adam"]["ms"])
+    assert rows["oneDNN floor"]["ms"] == pytest.approx(rows["floor: oneDNN GEMM"]["ms"] + rows["floor: Adam"]["ms"])
     assert len(rows["fastsae"]["times_ms"]) == 2 and rows["fastsae"]["x_floor"] > 0
+    assert rows["fastsae"]["x_onednn_floor"] > 0
     assert result["env"]["torch_threads"] == torch.get_num_threads()
     if result["env"]["sparsify"] is not None:
         assert rows["fastsae"]["speedup_vs_sparsify"] > 0 and "x_floor" in rows["sparsify"]
@@ -48,3 +50,13 @@ def test_cpu_parts_times_each_replacement_beside_what_it_replaced(tmp_path):
     assert {("weight gradient", "fresh, 4 kB pages"), ("top-k", "two-level"), ("decode backward dots", "latent order"),
             ("decoder constraint", "blocks of rows"), ("tanh (640, 4096) float64", "numpy")} <= set(rows)
     assert all(len(r["times_ms"]) == 2 and r["ms"] >= 0 for r in rows.values())
+
+
+def test_cpu_gemm_compares_both_gemms_and_saves_json_and_markdown(tmp_path):
+    from bench import cpu_gemm
+
+    assert cpu_gemm.main(["--small", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("cpu-gemm-*.json")
+    [row] = json.loads(path.read_text())["rows"]
+    assert row["f_linear_ms"] > 0 and row["onednn_ms"] > 0 and row["onednn_error"] < 1e-5
+    assert "| small |" in path.with_suffix(".md").read_text()

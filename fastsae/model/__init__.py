@@ -2,7 +2,7 @@
 special-token keep-mask. Everything that touches a `transformers` model goes through here."""
 
 from .hooks import capture, hook_site, hook_sites
-from .loading import cache_dir, load, random_causal_lm
+from .loading import cache_dir, load, random_causal_lm, with_cpu_gemm
 from .sites import KINDS, Site, available_sites, n_layers, resolve
 from .splice import Splice, splice
 from .tokens import keep_mask, special_token_ids
@@ -10,4 +10,4 @@ from .upper import Lower, lm_head_logits, run_from_site, run_to_site, supports_s
 
 __all__ = ["KINDS", "Lower", "Site", "Splice", "available_sites", "cache_dir", "capture", "hook_site", "hook_sites",
            "keep_mask", "lm_head_logits", "load", "n_layers", "random_causal_lm", "resolve", "run_from_site",
-           "run_to_site", "special_token_ids", "splice", "supports_site_runs"]
+           "run_to_site", "special_token_ids", "splice", "supports_site_runs", "with_cpu_gemm"]

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ops import cpu_gemm
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FASTSAE_CACHE", Path.home() / ".cache" / "fastsae"))
@@ -96,7 +98,7 @@ def random_causal_lm(hidden_size: int = 32, num_layers: int = 2, intermediate_si
     cfg = T.GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                           num_attention_heads=num_heads, intermediate_size=intermediate_size, bos_token_id=1,
                           eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
-    return T.GPTNeoXForCausalLM(cfg).eval(), tokenizer
+    return with_cpu_gemm(T.GPTNeoXForCausalLM(cfg).eval()), tokenizer
 
 
 def _looks_like_a_path(name: str) -> bool:
@@ -125,4 +127,20 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
             tokenizer = AutoTokenizer.from_pretrained(name, **offline)
         except OSError as err:  # transformers' word for "not found" (no config.json, not in the cache, ...)
             raise FileNotFoundError(f"model {name!r}: {' '.join(str(err).split())[:300]}; {expected}") from err
-    return model.to(device).eval(), tokenizer
+    return with_cpu_gemm(model.to(device).eval()), tokenizer
+
+
+class CPUGemmLinear(nn.Linear):
+    """nn.Linear, its fp32 product on CPU by oneDNN (fastsae.ops.cpu_gemm.linear): the same function, ~2x faster
+    than MKL's on AMD CPUs; F.linear wherever oneDNN does not apply (CUDA, bf16, a gradient asked for)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_gemm.linear(x, self.weight, self.bias)
+
+
+def with_cpu_gemm(model: nn.Module) -> nn.Module:
+    """model, its nn.Linear layers (exactly that class, not subclasses) now CPUGemmLinear, in place."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = CPUGemmLinear
+    return model

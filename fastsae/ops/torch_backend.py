@@ -1,7 +1,7 @@
 """Sparse-aware plain PyTorch: fast on CPU and any GPU, no Triton needed.
 
 The encoder forward builds the (N, d_sae) pre-activations (the Triton backend
-removes them), in a trainer's kept workspace (ops/workspace.py), and selects
+removes them), for fp32 on CPU with oneDNN's GEMM (ops/cpu_gemm.py), and selects
 from them with a two-level top-k on CPU; nothing of that size is built in
 decode or in any backward, and
 every sparse reduction is one of two fused CPU kernels, `F.embedding_bag`
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_gemm
 from ._autograd import SparseEncode, SparsePrims
-from .workspace import scratch
 
 
 def latent_segments(indices: Tensor, coef: Tensor, num_segments: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,10 +161,9 @@ def _dense_select(select: Callable) -> Callable:
     """select(pre) -> a backend select(x, W, b) that goes through the dense pre-activations."""
 
     def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, ...]:
-        # (N, d_sae), the one dense tensor of this backend: F.linear's addmm, into the active workspace's
-        # memory when a trainer keeps one (ops/workspace.py); select copies out what it keeps
-        pre = scratch((x.shape[0], W_enc.shape[0]), torch.result_type(x, W_enc), x.device)
-        return select(torch.addmm(b_enc, x, W_enc.t(), out=pre))
+        # (N, d_sae), the one dense tensor of this backend: fp32 on CPU by oneDNN's GEMM, ~2x MKL's there
+        # (ops/cpu_gemm.py), elsewhere F.linear's; select copies out what it keeps
+        return select(cpu_gemm.linear(x, W_enc, b_enc))
 
     return run
 

@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..losses import LossCoefficients, fvu
-from ..ops.workspace import Workspace
 from ..sae import SAE
 from . import checkpoint as ckpt
 from .config import FORMAT_VERSION, OptimizerConfig, ScheduleConfig, TrainConfig
@@ -173,8 +172,6 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=sae.device)
         # The last resample_pool input rows, for resampling.
         self.pool = torch.zeros(0, sae.cfg.d_in, dtype=sae.W_dec.dtype, device=sae.device)
-        # The torch backend's (N, d_sae) pre-activations, kept from step to step (ops/workspace.py)
-        self.workspace = Workspace()
 
     # ---- schedules ---------------------------------------------------------------------------------
 
@@ -225,9 +222,8 @@ class Trainer:
             group["lr"] = cfg.optimizer.lr * self.lr_scale(self.step_count)
         use_auxk = dead_cfg.auxk_coefficient > 0 and self.tokens_seen >= dead_cfg.window_tokens
         coefficients = self.coefficients(self.step_count)
-        with self.workspace.active():
-            out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
-                      coefficients=coefficients, kl=kl)
+        out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
+                  coefficients=coefficients, kl=kl)
         if sae.check_finite and not torch.isfinite(out.loss):  # one host sync, as the input check is
             if b_dec_before is not None:
                 with torch.no_grad():
