@@ -3,11 +3,13 @@ in one run on the same windows and SAE, and their metrics compared:
 
 - before: the evaluation as it was before issue #18's part 5: one whole forward of the model per variant and
   batch, the baselines fitted on the store's rows as stored (the main job's store keeps bfloat16, on which its
-  FastICA ran all 400 iterations without converging), the ICA baseline by scikit-learn's FastICA (fit_before);
-- reference: today's baselines (fitted once, shared with fastsae's path), the straightforward forwards;
+  FastICA ran all 400 iterations without converging), the ICA baseline by scikit-learn's FastICA (fit_before),
+  fp32 linears by PyTorch's default GEMM (MKL on x86; oneDNN's, fastsae.ops.cpu_gemm, switched off);
+- reference: today's baselines (fitted once, shared with fastsae's path) and GEMMs, the straightforward forwards;
 - fastsae: today's: the blocks below the site once per batch, the blocks above it batched over the variants,
   the LM head a chunk of scored positions at a time; the baselines fitted on full-precision activations
-  (run.fit_activations), FastICA's iterations in float32 on a CPU (baselines.fit).
+  (run.fit_activations), FastICA's iterations in float32 on a CPU (baselines.fit); fp32 linears on a CPU
+  by oneDNN (fastsae.ops.cpu_gemm).
 
 fastsae and reference must agree on every metric (rtol 1e-5); fastsae and before on the model's and the SAE's
 (the baselines were refitted, so theirs move: the report lists them side by side).
@@ -184,19 +186,21 @@ PATHS = ("fastsae", "reference", "before")  # fastsae's first: it fits the basel
 @contextlib.contextmanager
 def pipeline(path: str):
     """run_eval as of path. "before": the evaluation before issue #18 part 5 — the straightforward forwards,
-    the baselines fitted on the store's rows whatever their precision (the main job's keep bfloat16) and
-    the ICA baseline by scikit-learn (fit_before) — with its own baseline fits. Otherwise today's, the fits
-    shared (FitOnce)."""
+    the baselines fitted on the store's rows whatever their precision (the main job's keep bfloat16), the
+    ICA baseline by scikit-learn (fit_before) and every fp32 linear (the model's, the SAE encoder's) by
+    PyTorch's F.linear, MKL on x86, with oneDNN switched off (fastsae.ops.cpu_gemm) — with its own baseline
+    fits. Otherwise today's, the fits shared (FitOnce)."""
     if path != "before":
         yield
         return
-    saved = run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit
+    saved = run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled
     run.FULL_PRECISION = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     baselines.ICA_CPU_DATA_DTYPE, baselines.fit = None, FitOnce(fit_before)
+    torch.backends.mkldnn.enabled = False  # fp32 linears by F.linear (MKL), not oneDNN (fastsae.ops.cpu_gemm)
     try:
         yield
     finally:
-        run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit = saved
+        run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled = saved
 
 
 def main(argv: list[str] | None = None) -> int:

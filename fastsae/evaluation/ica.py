@@ -5,7 +5,7 @@ fixed-point algorithms for independent component analysis"; Hyvärinen, Karhunen
 Why not scikit-learn itself: it runs in numpy on the CPU, even when the activations are on a GPU, and its
 logcosh step averages g'(wᵀx) in a Python loop over the rows. On the main
 job's baseline (32,768 activations × d 640, 640 components, 400 iterations that do not converge) that fit
-was 317 s of a 392 s evaluation phase on 2 CPU cores (bench/results/eval-speed-cpu-2026-11-21.md). Here each
+was 306 s of a 380 s evaluation phase on 2 CPU cores (bench/results/eval-speed-cpu-2026-11-21.md). Here each
 iteration is two GEMMs, an in-place tanh and a small symmetric eigendecomposition, all on x's device; on a
 CPU the GEMMs are most of it (as they are of scikit-learn's), so the gain is there on a GPU.
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..ops import cpu_gemm
 
 
 @dataclass
@@ -44,12 +46,13 @@ def fast_ica(x: Tensor, n_components: int, seed: int = 0, max_iter: int = 200, t
     in x's dtype (float32 or float64). Warns (RuntimeWarning) when max_iter iterations do not reach tol.
 
     data_dtype=torch.float32 with float64 x: the iterations' two GEMMs over the whitened data and their tanh
-    run in float32, while the whitening and W, its update and decorrelation stay in float64: 0.361 against
-    0.600 s per iteration at the main job's 640 × 32,768 on 2 CPU cores (bench/ica.py). It is then no longer
-    scikit-learn's path to the last digits. On small problems it lands 1e-7 from the float64 fit
-    (tests/test_ica.py); at the main job's shape it converged (111 iterations against 106) to another of
-    FastICA's fixed points, as good a one (held-out FVU 0.20854 against 0.20877,
-    bench/results/ica-cpu-2026-11-21-float32-400-iterations.md)."""
+    run in float32 (the GEMMs by oneDNN on a CPU, ops/cpu_gemm.py), while the whitening and W, its update and
+    decorrelation stay in float64: 0.204 against 0.600 s per iteration at the main job's 640 × 32,768 on 2 CPU
+    cores (0.361 with MKL's GEMM; bench/ica.py). It is then no longer scikit-learn's path to the last digits.
+    On small problems it lands 1e-7 from the float64 fit (tests/test_ica.py); at the main job's shape it
+    converges (113 iterations against 106) to another of FastICA's fixed points, about as good a one
+    (held-out FVU 0.20939 against 0.20877; 0.20854 with MKL's GEMM after 111 iterations,
+    bench/results/ica-cpu-2026-11-21-float32-400-iterations*.md)."""
     if not isinstance(x, Tensor) or x.ndim != 2 or x.dtype not in (torch.float32, torch.float64):
         # as scikit-learn's; torch.linalg has no SVD or eigh in 16-bit types
         raise ValueError(f"x must be a 2-D float32 or float64 tensor (N, d), got "
@@ -128,11 +131,11 @@ def _ica_parallel(x1: Tensor, w_init: Tensor, max_iter: int, tol: float) -> tupl
     W (n, n) is kept in w_init's dtype; the products with x1 are in x1's."""
     N = x1.shape[1]
     w = _sym_decorrelation(w_init)
-    gx = torch.empty_like(x1)  # (n, N) reused by every iteration: 168 MB at the main job's 640 × 32,768
     for it in range(1, max_iter + 1):
-        _tanh_(torch.mm(w.to(x1.dtype), x1, out=gx))  # g(W x)
+        # the two (n, n) × (n, N) products as linears: by oneDNN when x1 is fp32 on CPU (ops/cpu_gemm.py)
+        gx = _tanh_(cpu_gemm.linear(w.to(x1.dtype), x1.T))  # g(W x) (n, N)
         g_prime = 1 - torch.einsum("ij,ij->i", gx, gx).to(w.dtype) / N  # (n,) E[1 - tanh²(W x)], no (n, N) temporary
-        w1 = _sym_decorrelation((gx @ x1.T).to(w.dtype) / N - g_prime[:, None] * w)
+        w1 = _sym_decorrelation(cpu_gemm.linear(gx, x1).to(w.dtype) / N - g_prime[:, None] * w)
         lim = float((w1 * w).sum(1).abs().sub_(1).abs_().max())
         w = w1
         if lim < tol:
