@@ -7,8 +7,8 @@ Each row runs in a process of its own (as a user's training would: no other libr
 heap), and the processes take turns: each repetition runs every row once, in a rotating order, one at a
 time, so that a slow minute of the machine (2 shared cores here) lands on all of them alike; the table gives
 each row's median over the repetitions (and its minimum). --one-process runs every row in this process
-instead, as this benchmark did before: there, the other rows' large allocations (sparsify's, the fresh
-(N, d_sae) pre-activations) fragment the heap that fastsae's step allocates its gradients from. Rows:
+instead, as this benchmark did before: there, the other rows' large allocations (sparsify's, the floor's
+(N, d_sae) outputs) fragment the heap that fastsae's step allocates its gradients from. Rows:
 
 - floor: the encoder GEMM x @ W_enc^T + b_enc (N × d_in by d_in × d_sae) as F.linear computes it (MKL's
   sgemm on x86) plus one Adam step over every parameter (torch.optim.Adam(fused=True), the fastest Adam
