@@ -1,6 +1,7 @@
 """fastsae: sparse autoencoders on language-model activations, with fused Triton kernels."""
 
-from . import _hugepages  # noqa: F401  (first: before anything imports torch)
+# first: _hugepages before anything imports torch; _kernel_package before .ops imports fastsae.kernels
+from . import _hugepages, _kernel_package  # noqa: F401
 from .config import SAEConfig
 from .ensemble import SAEEnsemble
 from .latents import SparseLatents
