@@ -106,6 +106,17 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith((".", "~", os.sep)) or name.endswith(os.sep) or name.count("/") > 1 or Path(name).exists()
 
 
+def _in_hub_cache(name: str) -> bool:
+    """Whether the hub id's config.json is in the local Hugging Face cache (transformers, asked for a name that
+    is not, may spend ~25 s on network retries first, even with local_files_only)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer) for a known name, a local directory or a cached hub id."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +129,9 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         expected = f"expected one of {sorted(KNOWN)}, a local model directory or a hub id in the local cache"
         if _looks_like_a_path(name) and not Path(name).is_dir():
             raise FileNotFoundError(f"model {name!r}: no such directory; {expected}")
+        if not Path(name).is_dir() and not _in_hub_cache(name):  # answer at once, with no network to try
+            raise FileNotFoundError(f"model {name!r}: not a directory, and not in the local Hugging Face cache; "
+                                    f"{expected}")
         offline = {"local_files_only": True}  # a hub id from the cache only: no downloads, no network retries
         try:
             try:
