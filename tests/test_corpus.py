@@ -55,12 +55,18 @@ def test_builtin_splits_partition_the_documents(name):
     assert set(read_documents("english:train")).isdisjoint(read_documents(f"{name}:test"))
 
 
-def test_disjoint_knows_only_built_in_splits():
-    from fastsae.harvest.corpus import disjoint
+def test_may_overlap_only_where_a_document_can_be_shared(tmp_path):
+    from fastsae.harvest.corpus import may_overlap
 
-    assert disjoint("english:train", "modern-prose:test") and disjoint("english-classics:test", "english:train")
-    assert not disjoint("english:train", "english") and not disjoint("english:train", "english:train")
-    assert not disjoint("english:train", "notes.txt")
+    assert not may_overlap("english:train", "modern-prose:test") and not may_overlap("english-classics:test",
+                                                                                       "english:train")
+    assert not may_overlap("english-classics:train", "modern-prose:train")  # no common file
+    assert may_overlap("english:train", "english") and may_overlap("english:train", "english:train")
+    assert may_overlap("modern-prose", "english:test")
+    notes = tmp_path / "notes.txt"
+    assert not may_overlap("english:train", str(notes)) and not may_overlap(str(notes), "english")
+    assert may_overlap(str(notes), str(tmp_path / "." / "notes.txt")) and may_overlap(str(tmp_path), str(notes))
+    assert not may_overlap(str(notes), str(tmp_path / "other.txt"))
 
 
 def test_text_directory_jsonl_and_compressed_jsonl(tmp_path):

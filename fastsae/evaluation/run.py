@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..harvest.corpus import disjoint, held_out_windows, read_documents, token_windows
+from ..harvest.corpus import held_out_windows, may_overlap, read_documents, token_windows
 from ..harvest.harvester import harvested_windows
 from ..harvest.store import ActivationStore, is_store
 from ..sae import CONFIG_FILE, SAE
@@ -93,7 +93,7 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     all_windows = token_windows(tokenizer, read_documents(corpus, text_field), context_size, seed=seed)
     n_eval = max(1, tokens // context_size)
     same_order = (trained.get("corpus"), trained.get("context_size")) == (str(corpus), context_size)
-    if trained and not same_order and not disjoint(trained["corpus"], corpus):
+    if trained and not same_order and may_overlap(trained["corpus"], corpus):
         print(f"warning: the SAE trained on windows of {trained['context_size']} tokens of {trained['corpus']}; "
               f"evaluating on windows of {context_size} of {corpus}, which may overlap them")
     used = trained.get("ranges", []) if same_order else []

@@ -103,11 +103,17 @@ def _text(value, source, field: str, line: int | None = None) -> str:
     return value
 
 
-def disjoint(a: str, b: str) -> bool:
-    """Whether two corpus sources provably share no document: built-in names whose splits differ
-    ("english:train" and "modern-prose:test"; the held-out documents are the same in every built-in name)."""
+def may_overlap(a: str, b: str) -> bool:
+    """Whether two corpus sources can share a document: built-in names that read a common file, unless one is
+    ":train" and the other ":test"; or two paths where one is, or holds, the other. A user's file and a
+    built-in name, or two unrelated paths, are different corpora."""
     split_a, split_b = (_builtin(str(x)) for x in (a, b))
-    return split_a is not None and split_b is not None and {split_a[1], split_b[1]} == {"train", "test"}
+    if split_a is not None and split_b is not None:
+        return bool(set(split_a[0]) & set(split_b[0])) and {split_a[1], split_b[1]} != {"train", "test"}
+    if split_a is not None or split_b is not None:
+        return False
+    path_a, path_b = Path(a).resolve(), Path(b).resolve()
+    return path_a == path_b or path_a in path_b.parents or path_b in path_a.parents
 
 
 def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
