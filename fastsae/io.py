@@ -3,7 +3,8 @@
 Writing: `atomic_write` (a file) and `replace_directory` (a directory, e.g. a saved SAE) build the new
 version under a temporary name beside the target, fsync it, then rename it into place, so an interrupted
 run leaves either the old version or the new one, never a mix. Temporaries are named
-`.<name>.<pid>-<token>.tmp` and created with mode 0666 & ~umask, like any other file.
+`.<name>.<pid>-<process tag><token>.tmp` (the tag tells a killed writer from a new process that got its pid)
+and created with mode 0666 & ~umask, like any other file.
 
 Reading: every reader raises `CorruptFileError` (a ValueError) naming the path, and the line where there
 is one, and what was wrong: truncated, binary, pickle or `torch.save` data, a wrong JSON type, a checksum
@@ -58,14 +59,31 @@ class DirectoryLockedError(RuntimeError):
 
 # ---- temporaries ---------------------------------------------------------------------------------------
 
-_TEMP = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
+_TEMP = re.compile(r"^\..+\.(\d+)-([0-9a-f]+)\.tmp$")
 # Names written by older versions (tempfile.mkstemp, checkpoint .tmp-<step>-<pid>): stale whenever found.
 _LEGACY_TEMP = re.compile(r"^(\..+\.[A-Za-z0-9_]{8}\.tmp|\.tmp-\d{8}-\d+)$")
 
 
+# A pid alone does not name a process: in a fresh container the resumed run often gets the pid of the run that
+# was killed, and took its half-written shard for one of its own. The tag, new in every process, tells them apart.
+_PROCESS_TAG = secrets.token_hex(4)
+
+
+def _new_process_tag() -> None:
+    global _PROCESS_TAG
+    _PROCESS_TAG = secrets.token_hex(4)
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
 def temp_name(name: str) -> str:
-    """A temporary name for name, tagged with this process: `.<name>.<pid>-<token>.tmp`."""
-    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    """A temporary name for name, tagged with this process: `.<name>.<pid>-<process tag><token>.tmp`."""
+    return f".{name}.{os.getpid()}-{_PROCESS_TAG}{secrets.token_hex(4)}.tmp"
+
+
+def _is_ours(match: re.Match) -> bool:
+    return int(match.group(1)) == os.getpid() and match.group(2).startswith(_PROCESS_TAG)
 
 
 def is_temporary(name: str) -> bool:
@@ -81,7 +99,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     removed = []
     for entry in sorted(directory.iterdir()):
         match = _TEMP.match(entry.name)
-        if match and int(match.group(1)) == os.getpid():
+        if match and _is_ours(match):
             continue  # one of ours, possibly being written right now
         if match or _LEGACY_TEMP.match(entry.name):
             if entry.is_dir() and not entry.is_symlink():
@@ -104,10 +122,12 @@ def _alive(pid: int) -> bool:
 
 def _remove_dead_siblings(path: Path) -> None:
     """The temporaries that dead processes left while replacing path (no lock needed: the pid says)."""
-    own = re.compile(re.escape(f".{path.name}.") + r"(\d+)-[0-9a-f]+\.tmp$")
+    own = re.compile(re.escape(f".{path.name}.") + r"(\d+)-([0-9a-f]+)\.tmp$")
     for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = own.match(entry.name)
-        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+        if not match or _is_ours(match):
+            continue
+        if int(match.group(1)) != os.getpid() and _alive(int(match.group(1))):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)

@@ -87,6 +87,19 @@ def test_sigkill_during_harvest_resumes_to_the_same_store_and_cleans_up(tmp_path
     b.verify()
 
 
+def test_a_resumed_harvest_removes_the_shard_a_killed_writer_with_its_pid_left(tmp_path):
+    """In a fresh container a resumed run often gets the pid of the run that was killed: the killed run's
+    half-written shard (its temporary carries that pid) is still not this process's, and goes."""
+    kw = dict(model="m", sites={"s": 4}, dtype=torch.float32, context_size=8, excluded_token_ids=[])
+    StoreWriter(tmp_path, **kw).close()
+    left = tmp_path / f".shard-00000.safetensors.{os.getpid()}-0123abcd4567cdef.tmp"
+    left.write_bytes(b"half a shard")
+    mine = tmp_path / io.temp_name("shard-00001.safetensors")
+    mine.write_bytes(b"being written")
+    StoreWriter(tmp_path, **kw, resume=True).close()
+    assert not left.exists() and mine.exists()
+
+
 def test_a_second_harvest_into_a_store_is_refused_naming_the_first(tmp_path):
     kw = dict(model="m", sites={"s": 4}, dtype=torch.float32, context_size=8, excluded_token_ids=[])
     with StoreWriter(tmp_path, **kw):
