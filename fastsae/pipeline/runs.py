@@ -202,7 +202,8 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", site: str = "resid_post.6",
              corpus: str = "english:train", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
              steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, eval_tokens: int = 4096,
-             device: str | None = None, effects: int = 16, progress: bool = True) -> dict:
+             baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), device: str | None = None,
+             effects: int = 16, progress: bool = True) -> dict:
     """Harvest, train a TopK SAE, evaluate it against baselines, build the feature cache and browser; each
     step resumes where an interrupted run stopped. Returns the evaluation's results."""
     from ..analysis.build import build_and_browse
@@ -223,9 +224,10 @@ def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", sit
                "dead_window_tokens": max(batch_size, steps * batch_size // 4), "checkpoint_every": max(1, steps // 4)},
         data={"source": str(out / "store"), "batch_size": batch_size})
     train_run(out / "train", settings, resume=True, progress=progress)
-    print(f"[3/4] evaluate on {eval_tokens:,} held-out tokens against PCA, ICA, neuron and random baselines")
+    print(f"[3/4] evaluate on {eval_tokens:,} held-out tokens against the baselines: {', '.join(baselines) or 'none'}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens, device=device, progress=progress)
+    results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens, baselines=tuple(baselines),
+                       device=device, progress=progress)
     print(f"[4/4] feature cache (top contexts, histograms, logit effects; ablation and attribution for "
           f"{effects} features) and the feature browser")
     index, table = build_and_browse(out / "train" / "sae", out / "features", effects=effects, device=device,
