@@ -319,7 +319,7 @@ def test_report_table_plot_and_annotations(tmp_path, capsys):
     notes = json.loads((browser / "annotations" / "autointerp.json").read_text())
     assert notes["title"] == "Autointerp" and set(notes["features"]) == {"1", "7", "99"}
     assert notes["features"]["1"]["text"].startswith("the word cat — simulation r 1.00, detection 1.00")
-    assert notes["features"]["1"]["links"][0]["href"].startswith("file://")
+    assert notes["features"]["1"]["links"][0]["href"] == str((tmp_path / "out" / "report.json").resolve())
     assert "| sae |" in capsys.readouterr().out
     assert "explainer_note" not in report["meta"]
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import time
 
 import pytest
@@ -203,3 +204,64 @@ def test_the_driver_sees_errors_and_requests(chrome, tmp_path):
         time.sleep(0.05)
     assert any("boom" in e for e in page.errors) and any("undefinedFunction" in e for e in page.errors)
     assert "http://127.0.0.1:9/x.png" in page.requests
+
+
+# Annotation files are shared between researchers: their links are untrusted. Each hostile href, if it became a
+# live link, would run script in the page when clicked (the javascript: forms record their number in
+# window.__pwned) or leave it for another scheme. SAFE ones stay live links, as written.
+RUN = "void(window.__pwned=(window.__pwned||[]).concat({}))"
+HOSTILE = [f"javascript:{RUN.format(0)}", f"JAVASCRIPT:{RUN.format(1)}", f" JaVaScRiPt:{RUN.format(2)}",
+           f"java\tscript:{RUN.format(3)}", f"java\nscript:{RUN.format(4)}", f"java\rscript:{RUN.format(5)}",
+           f"\u0001\u0000 javascript:{RUN.format(6)}\u001f ", f"javascript:{RUN.format(7)}\n",
+           f"&#106;avascript:{RUN.format(8)}", f"&#x6A;avascript:{RUN.format(9)}",
+           f"&#0000106avascript:{RUN.format(10)}", f"javascript&colon;{RUN.format(11)}",
+           f"java&Tab;script:{RUN.format(12)}",
+           "data:text/html,<script>opener&&opener.eval('" + RUN.format(13) + "')</script>",
+           "data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==", "vbscript:msgbox(1)", "VBScript:msgbox(1)",
+           "file:///etc/passwd", "about:blank", "//evil.example/x", "\\\\evil.example\\share", " /\t/evil.example/",
+           7, None, {"javascript": 1}]
+SAFE = ["https://example.org/notes?q=1&lang=en", "http://example.org/a", "HTTPS://example.org/upper",
+        " https://example.org/padded ", "report.html#5", "../shared/notes.html", "?x=1&y=2",
+        "notes/javascript:x.html", "<img src=http://127.0.0.1:9/x.png>", "#3"]
+
+
+@pytest.fixture(scope="module")
+def shared_notes(built, tmp_path_factory):
+    """The same cache with a shared annotation file full of hostile links on latent 5, its browser rebuilt."""
+    cache, _ = built
+    root = tmp_path_factory.mktemp("shared") / "cache"
+    shutil.copytree(cache.path, root, ignore=shutil.ignore_patterns("browser"))
+    links = [{"text": f"bad-{i}", "href": h} for i, h in enumerate(HOSTILE)]
+    links += [{"href": f"javascript:{RUN.format(99)}"}, f"javascript:{RUN.format(98)}", {"text": "no href"}]
+    links += [{"text": f"safe-{i}", "href": h} for i, h in enumerate(SAFE)]
+    (root / "annotations" / "shared.json").write_text(json.dumps({"title": "From a colleague", "features": {
+        "5": {"text": "see the links", "links": links}}}))
+    return write_browser(root, shard_size=SHARD, progress=False)
+
+
+def test_annotation_links_other_than_http_https_or_relative_are_text_in_chromium(shared_notes, chrome):
+    index = shared_notes
+    url = index.parent.joinpath("feature.html").as_uri() + "#5"
+    page = chrome.open(url, ready="document.querySelector('#annotations .annotation')")
+    box = "document.querySelector('#annotations')"
+    hostile = [f"bad-{i}" for i in range(len(HOSTILE))] + [f"javascript:{RUN.format(99)}",
+                                                          f"javascript:{RUN.format(98)}", "no href"]
+    find = f"(t => Array.from({box}.querySelectorAll('.annotation > *')).find(e => e.textContent === t))"
+    for text in hostile:  # click each as a reader would: no script runs and the page stays
+        page.evaluate(f"{find}({json.dumps(text)})?.click()")
+        time.sleep(0.15)  # a javascript: link runs in a task queued by the click
+        assert page.evaluate("window.__pwned || null") is None, f"a hostile link ran script (after {text})"
+        assert page.evaluate("location.href") == url, f"{text} left the page"
+    texts = page.evaluate(f"Array.from({box}.querySelectorAll('.annotation > a, .annotation > span'), "
+                          "e => e.textContent)")
+    assert texts == hostile + [f"safe-{i}" for i in range(len(SAFE))]  # every link shown, in order
+    assert page.evaluate(f"Array.from(new Set({json.dumps(hostile)}.map(t => {find}(t).tagName)))") == ["SPAN"]
+    live = page.evaluate(f"Array.from({box}.querySelectorAll('a'), a => [a.textContent, a.getAttribute('href'), "
+                         "a.protocol])")
+    assert [(t, h) for t, h, _ in live] == [(f"safe-{i}", h) for i, h in enumerate(SAFE)]  # live, as written
+    assert {p for _, _, p in live} == {"http:", "https:", "file:"}  # relative ones resolve to the page's own
+    assert "javascript:" in page.evaluate(f"{find}('bad-0').title")  # the refused href can still be read
+    page.evaluate(f"{find}('safe-{len(SAFE) - 1}').click()")  # "#3": a live relative link, followed
+    page.wait_for("document.getElementById('feature').dataset.latent === '3'")
+    assert page.evaluate("window.__pwned || null") is None
+    only_local_files(page, index.parent)  # reading the hrefs fetched nothing (the <img> one included)

@@ -7,6 +7,8 @@ no network, nothing from a CDN).
                                  top contexts highlighted by activation (hover for values), ablation effects
                                  and context attribution per token, promoted/suppressed tokens, neighbours
                                  by decoder cosine, and every annotation of <cache>/annotations/*.json
+                                 (shared files, so untrusted: only their http:, https: and relative links
+                                 are live, any other — javascript:, data:, file: … — is shown as text)
     <out>/assets/                the CSS and JS, copied from fastsae/analysis/assets
     <out>/data/meta.js, index.js, vocab.js, search.js, shard-NNNNN.js
 

@@ -32,6 +32,27 @@ window.fastsae = {
     if (x !== 0 && (Math.abs(x) < 1e-3 || Math.abs(x) >= 1e5)) return x.toExponential(digits - 1);
     return Number(x.toPrecision(digits)).toString();
   },
+  // href itself when it is an http:, https: or relative link, else null. Annotation files are shared
+  // between researchers, so their links are untrusted: a `javascript:` link would run in this page when
+  // clicked, and `data:`, `vbscript:`, `file:` … are never needed. The browser's URL parser ignores leading
+  // and trailing control characters and spaces and every tab or newline (" JaVaScRiPt:", "java\tscript:"), so
+  // the scheme is read the same way; an href that names a scheme only once HTML character references are
+  // decoded ("&#106;avascript:") is refused too, and so is "//host/…", another host under this page's scheme
+  // (file://host/… from a page opened from the file system). The browser's own parser then has the last word.
+  linkHref(href) {
+    if (typeof href !== "string") return null;
+    const decoded = new DOMParser().parseFromString(href, "text/html").documentElement.textContent;  // inert
+    for (const h of [href, decoded]) {
+      const s = h.replace(/^[\u0000-\u0020]+|[\u0000-\u0020]+$/g, "").replace(/[\t\n\r]/g, "");
+      const scheme = /^([a-z][a-z0-9+.\-]*):/i.exec(s);
+      if (scheme ? !/^https?$/i.test(scheme[1]) : /^[\/\\]{2}/.test(s)) return null;
+    }
+    try {
+      return /^https?:$/.test(new URL(href, "https://relative.invalid/").protocol) ? href : null;
+    } catch (err) {
+      return null;  // not a URL at all
+    }
+  },
   el(tag, attrs = {}, text) {
     const e = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);

@@ -46,7 +46,10 @@
       sec.appendChild(F.el("h3", {}, a.title));
       sec.appendChild(F.el("p", {}, a.text || ""));
       for (const link of a.links || []) {
-        sec.appendChild(F.el("a", { href: link.href }, link.text || link.href));
+        const href = link && link.href, text = String((link && link.text) || href || link);
+        const safe = F.linkHref(href);  // only http:, https: and relative links are live; the rest is text
+        const why = "not linked (only http:, https: and relative links are): " + String(href);
+        sec.appendChild(safe !== null ? F.el("a", { href: safe }, text) : F.el("span", { class: "unlinked", title: why }, text));
         sec.appendChild(document.createTextNode(" "));
       }
       box.appendChild(sec);

@@ -104,9 +104,9 @@ def run_autointerp(features: dict[str, FeatureExamples], backend: Backend, out: 
     plot = plot_scores(out / "scores.png", results)
     if plot is not None:
         files.append(plot)
-    if feature_cache is not None:
+    if feature_cache is not None:  # a plain path: the browser keeps only http(s) and relative links live
         files.append(write_annotations(feature_cache, results, backend.model,
-                                       href=(out / "report.json").resolve().as_uri()))
+                                       href=str((out / "report.json").resolve())))
     print(table)
     print("\n".join(lines[4:]))
     print("report: " + ", ".join(str(f.resolve()) for f in files))
