@@ -11,7 +11,8 @@ in one run on the same windows and SAE, and their metrics compared:
   (run.fit_activations), FastICA's iterations in float32 on a CPU (baselines.fit); fp32 linears on a CPU
   by oneDNN (fastsae.ops.cpu_gemm).
 
-fastsae and reference must agree on every metric (rtol 1e-5); fastsae and before on the model's and the SAE's
+fastsae and reference must agree on every metric (rtol 1e-5); fastsae and before (rtol 1e-4: MKL against
+oneDNN) on the model's and the SAE's
 (the baselines were refitted, so theirs move: the report lists them side by side).
 
     python -m bench.eval_speed --sae runs/gemma/train/sae                  # the main job's SAE and settings
@@ -60,6 +61,9 @@ from fastsae.evaluation.run import run_eval
 from fastsae.harvest.corpus import window_record
 
 RTOL, ATOL = 1e-5, 1e-6  # what tests/test_eval_fast.py asks of the two paths
+# before runs its fp32 products on MKL, fastsae on oneDNN: another summation order. A ratio of small KLs
+# (kl_div_score, ~0.005 nats on the tiny test model) moved by 1.8e-5 relative on an Intel Xeon.
+BEFORE_RTOL = 1e-4
 # Gemma 3 270M's architecture: `fastsae.model.load("gemma-3-270m")[0].config` (the models extra's GGUF as
 # transformers 5.23 reads it; the values of google/gemma-3-270m's config.json). The layer types are the
 # config's default for any depth: every 6th layer global attention, the others a 512-token sliding window.
@@ -108,19 +112,19 @@ def random_sae(model: Path, site: str, d_in: int, path: Path, seed: int = 0) -> 
     return sae.save(path)
 
 
-def compare(fast: dict, ref: dict) -> tuple[float, str, list[str]]:
-    """The largest |fast - ref| / max(|ref|, ATOL / RTOL) over every float metric, where it is, and the
-    metrics outside RTOL (relative) and ATOL (absolute)."""
+def compare(fast: dict, ref: dict, rtol: float = RTOL) -> tuple[float, str, list[str]]:
+    """The largest |fast - ref| / max(|ref|, ATOL / rtol) over every float metric, where it is, and the
+    metrics outside rtol (relative) and ATOL (absolute)."""
     worst, where, bad = 0.0, "", []
     for name, metrics in ref.items():
         for key, value in metrics.items():
             if not isinstance(value, float) or math.isnan(value):
                 continue
             got = fast[name][key]
-            rel = abs(got - value) / max(abs(value), ATOL / RTOL)
+            rel = abs(got - value) / max(abs(value), ATOL / rtol)
             if rel > worst:
                 worst, where = rel, f"{name}/{key}"
-            if abs(got - value) > RTOL * abs(value) + ATOL:
+            if abs(got - value) > rtol * abs(value) + ATOL:
                 bad.append(f"{name}/{key}: {got!r} vs {value!r}")
     return worst, where, bad
 
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     # the before path fitted its baselines on other activations: only the model's and the SAE's metrics must agree
     evaluated = [name for name in results["before"] if name not in baselines.KINDS]
     worst_before, where_before, bad_before = compare({n: results["fastsae"][n] for n in evaluated},
-                                                     {n: results["before"][n] for n in evaluated})
+                                                     {n: results["before"][n] for n in evaluated}, BEFORE_RTOL)
     shared = results["fastsae"]["model"]
     model_name = meta["model"] if not args.random_model else f"{args.random_model}, randomly initialised"
     info = run_environment(device, model=model_name, site=meta["site"], sae=str(args.sae or "random"),
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['speedup_eval_phase_vs_before']:.2f}×. "
               f"The model's and the SAE's metrics: largest relative difference {worst_before:.2g} "
               f"({where_before or 'every metric bitwise equal'}); "
-              + ("all within" if not bad_before else f"{len(bad_before)} outside") + " the same tolerance. "
+              + ("all within" if not bad_before else f"{len(bad_before)} outside")
+              + f" rtol {BEFORE_RTOL:g} + atol {ATOL:g} (MKL against oneDNN). "
               "The baselines were fitted anew (on full-precision activations, FastICA's iterations in float32 on "
               "a CPU), so theirs move:", "",
               "| baseline | FVU before | FVU after | CE loss recovered before | after |", "|---|---:|---:|---:|---:|"]
