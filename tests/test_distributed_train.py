@@ -131,6 +131,29 @@ def test_checkpoints_load_in_one_process(two_rank_runs, tmp_path, name):
     assert_state_close(one.model.to_sae().state_dict(), want, tol=0)
 
 
+@pytest.mark.parametrize("name", ["shard_topk", "shard_batchtopk_fused", "shard_jumprelu_tied"])
+def test_a_plain_trainer_resumes_a_sharded_checkpoint(two_rank_runs, name):
+    """Trainer.load_checkpoint reads a checkpoint of 2 latent shards whole: the same state, bit for bit, as
+    the one-process DistributedTrainer reads (weights, Adam moments by parameter, dead-latent counters,
+    resampling pool, generator, step, tokens), with either optimizer."""
+    cfg, train, _ = _setup(name)
+    run = two_rank_runs / name
+    plain = Trainer(SAE(cfg, seed=5), train, run)
+    assert plain.resume() and plain.step_count == STEPS
+    one = DistributedTrainer(ShardedSAE(cfg, seed=6), train, run)
+    assert one.resume()
+    assert_state_close(plain.sae.state_dict(), torch.load(two_rank_runs / f"{name}.pt")["state"], tol=0)
+    names = {id(p): n for n, p in plain.sae.named_parameters()} | {id(p): n for n, p in one.sae.named_parameters()}
+    moments = [{names[id(p)]: s for p, s in t.optimizer.state.items()} for t in (plain, one)]
+    trained = {n for n, p in plain.sae.named_parameters() if p.requires_grad}
+    assert moments[0].keys() == moments[1].keys() == trained
+    for name, state in moments[0].items():
+        assert_state_close(state, moments[1][name], tol=0)
+    assert torch.equal(plain.tokens_since_fired, one.tokens_since_fired) and torch.equal(plain.pool, one.pool)
+    assert torch.equal(plain.generator.get_state(), one.generator.get_state())
+    assert (plain.tokens_seen, plain.total_steps) == (one.tokens_seen, one.total_steps) == (STEPS * BATCH, STEPS)
+
+
 # ---- a rank dies --------------------------------------------------------------------------------------
 
 KILL = "shard_topk"

@@ -83,7 +83,9 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
     """Train an SAE into the run directory out and return it, saved in out/sae taking raw activations.
     resume=True continues from out's newest checkpoint with out's own run.json (settings are then unused),
     but for total_steps: given, it replaces the run's length (larger extends a run; see
-    Trainer.resumed_total_steps for the schedule).
+    Trainer.resumed_total_steps for the schedule). The checkpoint may be of any grid: one written by
+    one process or sharded over several ranks resumes in one process or under torchrun, on any grid
+    (train/distributed.py reshards it).
     Under torchrun every rank calls it: data parallel, or with shard_latents (0: every rank; N: N shards
     × world/N replicas) the latents split (train/distributed.py); it then returns this rank's ShardedSAE,
     and leaves the process group once every rank is done."""
@@ -114,11 +116,12 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
         settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration, but for its length
         if total_steps is not None:  # checked against the newest checkpoint before run.json is rewritten
             from ..train import checkpoint as ckpt
+            from ..train.distributed import read_checkpoint_meta
             from ..train.trainer import resumed_total_steps
 
             newest = ckpt.latest_checkpoint(out)
-            if newest is not None:
-                meta = ckpt.read_trainer_meta(newest)
+            if newest is not None:  # written by one process or sharded over several: either format
+                meta = read_checkpoint_meta(newest)
                 resumed_total_steps(total_steps, meta["step"], meta["total_steps"], newest)
             settings.train = settings.train.replace(total_steps=total_steps)
     settings = settings or settings_from()
@@ -202,8 +205,8 @@ def harvest_run(model: str, sites: list[str], out: str | Path, *, corpus: str = 
 def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", site: str = "resid_post.6",
              corpus: str = "english:train", tokens: int = 262_144, d_sae: int = 4096, k: int = 32,
              steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, eval_tokens: int = 4096,
-             baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), device: str | None = None,
-             effects: int = 16, progress: bool = True) -> dict:
+             baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), fit_tokens: int = 32_768,
+             device: str | None = None, effects: int = 16, progress: bool = True) -> dict:
     """Harvest, train a TopK SAE, evaluate it against baselines, build the feature cache and browser; each
     step resumes where an interrupted run stopped. Returns the evaluation's results."""
     from ..analysis.build import build_and_browse
@@ -227,7 +230,7 @@ def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", sit
     print(f"[3/4] evaluate on {eval_tokens:,} held-out tokens against the baselines: {', '.join(baselines) or 'none'}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = run_eval([out / "train" / "sae"], out / "eval", tokens=eval_tokens, baselines=tuple(baselines),
-                       device=device, progress=progress)
+                       fit_tokens=fit_tokens, device=device, progress=progress)
     print(f"[4/4] feature cache (top contexts, histograms, logit effects; ablation and attribution for "
           f"{effects} features) and the feature browser")
     index, table = build_and_browse(out / "train" / "sae", out / "features", effects=effects, device=device,

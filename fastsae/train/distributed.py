@@ -30,8 +30,13 @@ checkpoint, byte for byte the format `Trainer` writes; with several it is a shar
 (train/sharded.py) whose shard files also hold each rank's rows of the Adam moments and dead-latent
 counters, and whose replicated file holds the rest of the trainer state. Either resumes on any grid
 (it reshards: the data order is global and every tensor is read by latent rows), so a run may move to
-more or fewer GPUs; a resumed run ends where an uninterrupted run on the new grid would, to fp32
-rounding (the reductions add in another order).
+more or fewer GPUs, or to one process: `load_training_state` reads either format into a
+DistributedTrainer (its rows) or a plain Trainer (every row; `Trainer.load_checkpoint` hands a sharded
+checkpoint to it), and `read_checkpoint_meta` gives either format's step and length (`fastsae train
+--resume --steps N` checks N against it). On the same grid a resumed run ends bit for bit where an
+uninterrupted one ends; on another, where an uninterrupted run on the new grid would, to fp32 rounding
+(the reductions add in another order). tests/test_sharded_resume.py kills a rank of a torchrun job and
+resumes it each way.
 
 Failure: a rank that dies fails its peers' next collective at once (their sockets close), and every
 collective has the process group's timeout (ops.distributed.DEFAULT_TIMEOUT_S, $FASTSAE_DIST_TIMEOUT)
@@ -52,7 +57,7 @@ from ..config import SAEConfig
 from ..losses import variance_unexplained
 from ..ops import backend_for
 from ..ops import distributed as D
-from ..ops.distributed import ProcessGrid
+from ..ops.distributed import LatentShard, ProcessGrid
 from ..sae import SAE
 from . import checkpoint as ckpt
 from .resample import ENCODER_SCALE, adam_state_rows, draw_inputs, reconstruction_losses
@@ -63,6 +68,7 @@ from .sharded import (
     gather_rows,
     read_manifest,
     read_rows,
+    row_tensor_names,
     write_sharded,
 )
 from .trainer import TrainConfig, Trainer
@@ -218,31 +224,7 @@ class DistributedTrainer(Trainer):
 
     def load_checkpoint(self, path: Path) -> None:
         """A sharded or single-process checkpoint, written on any grid: this rank's rows of it."""
-        model = self.model
-        rows, replicated, meta = _read_checkpoint(path, model)
-        saved = SAEConfig.from_dict(meta["sae"])
-        if saved != model.cfg:
-            raise ValueError(f"{path}: checkpoint SAE config {saved} differs from this run's {model.cfg}")
-        total_steps = self.resumed_total_steps(meta["step"], meta["total_steps"], path)
-        with torch.no_grad():
-            for name, t in model.state_dict().items():
-                t.copy_(rows[name] if name in model.row_tensors else replicated[name])
-        state: dict[int, dict] = {}
-        index = {n: i for i, n in enumerate(_param_order(self.optimizer, model))}
-        for source in (rows, replicated):
-            for key, t in source.items():
-                if key.startswith(_OPTIM):
-                    name, field = key[len(_OPTIM):].rsplit(".", 1)
-                    state.setdefault(index[name], {})[field] = t  # load_state_dict moves and casts
-        for key, value in meta["optimizer"]["scalars"].items():
-            name, field = key.rsplit(".", 1)
-            state.setdefault(index[name], {})[field] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], total_steps
-        self.tokens_since_fired = rows["tokens_since_fired"].to(model.device)
-        self.pool = replicated["pool"].to(model.device)
-        self.generator.set_state(replicated["generator"])
-        torch.set_rng_state(replicated["torch_rng"])
+        load_training_state(self, path)
 
     def resume(self) -> bool:
         """Collective: the newest intact checkpoint (rank 0 finds and verifies it, and tidies metrics.jsonl)."""
@@ -278,20 +260,87 @@ def _broadcast_path(path: Path | None) -> Path | None:
     return None if box[0] is None else Path(box[0])
 
 
-def _param_order(optimizer: torch.optim.Optimizer, model: ShardedSAE) -> list[str]:
+def _param_order(optimizer: torch.optim.Optimizer, model: SAE | ShardedSAE) -> list[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _read_checkpoint(path: Path, model: ShardedSAE) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
-    """(rows start:stop of the per-latent tensors, the replicated ones, the metadata) of a checkpoint in
-    either format, with optimizer moments named optim.<param>.<field> in both."""
-    s = model.shard
-    if (path / MANIFEST).is_file():
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint of several latent shards (a sharded directory), not the single-process layout."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """{"step", "tokens", "total_steps", "config", ...} of a checkpoint of either format, checked: the
+    single-process trainer.json, or what a sharded checkpoint's manifest keeps in its "extra"."""
+    if not is_sharded_checkpoint(path):
+        return ckpt.read_trainer_meta(path)
+    return io.check_fields(read_manifest(path)["extra"], path / MANIFEST, {
+        "step": int, "tokens": int, "total_steps": (int, type(None)), "config": dict, "optimizer": dict})
+
+
+def load_training_state(trainer: Trainer, path: Path) -> None:
+    """Checkpoint path, of either format and written on any grid, into trainer: a DistributedTrainer takes
+    its rank's rows, a Trainer (one process, every latent) all of them. Every file is read and checked
+    before anything of the trainer or its SAE changes, as Trainer.load_checkpoint does."""
+    model = trainer.sae
+    d_sae = model.cfg.d_sae
+    shard = model.shard if isinstance(model, ShardedSAE) else LatentShard(d_sae, 0, d_sae)
+    row_names = row_tensor_names(model.cfg)
+    rows, replicated, meta = _read_checkpoint(path, shard, row_names)
+    saved = SAEConfig.from_dict(meta["sae"])
+    if saved != model.cfg:
+        raise ValueError(f"{path}: checkpoint SAE config {saved} differs from this run's {model.cfg}")
+    kind, ours = ckpt.optimizer_kind(meta["optimizer"]), "fused" if trainer.fused else "torch"
+    if kind != ours:
+        raise ValueError(f"{path}: the checkpoint's optimizer is {kind!r}, this run's OptimizerConfig.kind "
+                         f"gives {ours!r}: resume with OptimizerConfig(kind={kind!r})")
+    total_steps = trainer.resumed_total_steps(meta["step"], meta["total_steps"], path)
+    # where each tensor comes from: the rows read for this rank, or the tensors every rank holds whole
+    source = {**{n: replicated for n in (*model.state_dict(), "pool", "generator", "torch_rng")},
+              **{n: rows for n in (*row_names, "tokens_since_fired")}}
+    missing = sorted(n for n, tensors in source.items() if n not in tensors)
+    if missing:
+        raise io.CorruptFileError(path, f"tensors {missing} are missing")
+    optimizer_state = _optimizer_state(trainer.optimizer, model, rows, replicated, meta["optimizer"], path)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t.copy_(source[name][name])
+    trainer.optimizer.load_state_dict(optimizer_state)
+    trainer.step_count, trainer.tokens_seen, trainer.total_steps = meta["step"], meta["tokens"], total_steps
+    trainer.tokens_since_fired = rows["tokens_since_fired"].to(model.device)
+    trainer.pool = replicated["pool"].to(model.device)
+    trainer.generator.set_state(replicated["generator"])
+    torch.set_rng_state(replicated["torch_rng"])
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, model: SAE | ShardedSAE, rows: dict[str, Tensor],
+                     replicated: dict[str, Tensor], meta: dict, path: Path) -> dict:
+    """The optimizer's state_dict from a checkpoint's optim.<param>.<field> tensors and scalars (named by
+    parameter, so that they land on the same parameters whatever order this optimizer numbers them in)."""
+    state: dict[int, dict] = {}
+    index = {n: i for i, n in enumerate(_param_order(optimizer, model))}
+    named = [(key[len(_OPTIM):], t) for source in (rows, replicated) for key, t in source.items()
+             if key.startswith(_OPTIM)]
+    for key, value in named + list(meta["scalars"].items()):
+        name, field = key.rsplit(".", 1)
+        if name not in index:
+            raise io.CorruptFileError(path, f"optimizer state {key!r} names no trained parameter of this SAE "
+                                            f"(it has {sorted(index)})")
+        state.setdefault(index[name], {})[field] = value  # load_state_dict moves and casts tensors
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _read_checkpoint(path: Path, s: LatentShard, row_tensors: tuple[str, ...]
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """(rows s.start:s.stop of the per-latent tensors, the replicated ones, the metadata) of a checkpoint
+    in either format, with optimizer moments named optim.<param>.<field> in both."""
+    if is_sharded_checkpoint(path):
+        meta = read_checkpoint_meta(path)
         manifest = read_manifest(path)
         rows = read_rows(path, manifest, s.start, s.stop)
         replicated = io.read_tensors(path / REPLICATED)
-        return rows, replicated, {**manifest["extra"], "sae": manifest["sae"]}
+        return rows, replicated, {**meta, "sae": manifest["sae"]}
     sae = SAE.load(path / "sae")  # the single-process format: slice the rows out
     tensors = dict(sae.state_dict())
     opt_tensors = io.read_tensors(path / "optimizer.safetensors")
@@ -304,10 +353,9 @@ def _read_checkpoint(path: Path, model: ShardedSAE) -> tuple[dict[str, Tensor], 
     for key, value in opt_meta["scalars"].items():
         idx, field = key.split(".", 1)
         scalars[f"{order[int(idx)]}.{field}"] = value
-    trainer = io.read_tensors(path / "trainer.safetensors")
-    meta = io.read_json(path / "trainer.json")
-    row_names = set(model.row_tensors) | {f"{_OPTIM}{n}.{f}" for n in model.row_tensors
-                                          for f in ("exp_avg", "exp_avg_sq")}
+    trainer = ckpt.read_trainer_state(path)
+    meta = ckpt.read_trainer_meta(path)
+    row_names = set(row_tensors) | {f"{_OPTIM}{n}.{f}" for n in row_tensors for f in ("exp_avg", "exp_avg_sq")}
     rows = {n: t[s.start:s.stop] for n, t in tensors.items() if n in row_names}
     rows["tokens_since_fired"] = trainer["tokens_since_fired"][s.start:s.stop]
     replicated = {n: t for n, t in tensors.items() if n not in row_names}

@@ -48,6 +48,13 @@ REPLICATED = "replicated.safetensors"
 _INIT_ROWS = 16 * 4096
 
 
+def row_tensor_names(cfg: SAEConfig) -> tuple[str, ...]:
+    """Names of the state tensors with one row per latent (the rest are replicated), for an SAE of cfg as
+    for a ShardedSAE: one process reads a sharded checkpoint by these names too."""
+    names = ("W_dec",) + (() if cfg.tied else ("W_enc",)) + ("b_enc",)
+    return names + (("threshold",) if cfg.activation == "jumprelu" else ())
+
+
 def init_rows(cfg: SAEConfig, start: int, stop: int, seed: int) -> Tensor:
     """Rows start:stop of `SAE(cfg, seed=seed)`'s initial decoder on CPU (unit rows, fp32), without
     ever holding the other rows: the (d_sae, d_in) draw is made in pieces and the rest thrown away."""
@@ -109,8 +116,7 @@ class ShardedSAE(nn.Module):
     @property
     def row_tensors(self) -> tuple[str, ...]:
         """Names of the tensors sharded by latent (their first dimension is this rank's rows)."""
-        names = ("W_dec",) + (() if self.cfg.tied else ("W_enc",)) + ("b_enc",)
-        return names + (("threshold",) if self.cfg.activation == "jumprelu" else ())
+        return row_tensor_names(self.cfg)
 
     # ---- forward -----------------------------------------------------------------------------------
 
@@ -346,7 +352,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> SAE:
 def shard_sae(sae: SAE, path: str | Path, shards: int) -> Path:
     """Write a single-process SAE as a sharded directory of `shards` shards (no process group needed)."""
     path = Path(path)
-    rows_names = ShardedSAE(sae.cfg, device="meta").row_tensors
+    rows_names = row_tensor_names(sae.cfg)
     state = sae.state_dict()
     for r, (start, stop) in enumerate(D.latent_bounds(sae.cfg.d_sae, shards)):
         io.write_tensors(path / shard_file(r, shards), {n: state[n][start:stop] for n in rows_names})

@@ -340,6 +340,10 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Every file is read and checked before anything of this trainer or its SAE changes."""
+        from .distributed import is_sharded_checkpoint, load_training_state  # (it imports this module)
+
+        if is_sharded_checkpoint(path):  # latents split over ranks (train/distributed.py): read whole
+            return load_training_state(self, path)
         sae = SAE.load(path / "sae", device=self.sae.device)
         if sae.cfg != self.sae.cfg:
             raise ValueError(f"{path}: checkpoint SAE config {sae.cfg} differs from this run's {self.sae.cfg}")
