@@ -170,8 +170,8 @@ def _run(args: argparse.Namespace) -> int:
 
     main_job(args.out, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens, d_sae=args.d_sae,
              k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_tokens=args.eval_tokens,
-             baselines=() if args.baselines == ["none"] else tuple(args.baselines), device=args.device,
-             effects=args.effects, progress=not args.no_progress)
+             baselines=() if args.baselines == ["none"] else tuple(args.baselines), fit_tokens=args.fit_tokens,
+             device=args.device, effects=args.effects, progress=not args.no_progress)
     return 0
 
 
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("--eval-tokens", type=int, default=4096)
     rn.add_argument("--baselines", nargs="+", default=["pca", "ica", "neurons", "random"],
                     choices=("pca", "ica", "neurons", "random", "none"), help="compared in the evaluation")
+    rn.add_argument("--fit-tokens", type=int, default=32_768, help="activations the baselines are fitted on")
     rn.add_argument("--effects", type=int, default=16, help="features whose ablation and attribution are measured")
     rn.add_argument("--device", help="default: cuda when available, else cpu")
     rn.add_argument("--out", default="runs/gemma")
