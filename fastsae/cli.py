@@ -1,15 +1,17 @@
 """`fastsae` on the command line.
 
 Every subcommand runs under one handler (`main`): an error the user can fix (a bad flag value, a missing or
-damaged file, a directory another run holds, a diverged run) prints one line, `fastsae <command>: <message>`,
-naming the flag where the message names the setting it feeds, and exits 2, as argparse's own usage errors
-do; anything else is a bug: one line saying where the full traceback was written, exit 1. `--debug` prints
-the traceback instead. Ctrl-C prints one line and exits 130 (128 + SIGINT, what shells expect).
+damaged file, a directory another run holds, a diverged run, a full disk: "no space left on device writing
+PATH") prints one line, `fastsae <command>: <message>`, naming the flag where the message names the setting
+it feeds, and exits 2, as argparse's own usage errors do; anything else is a bug: one line saying where the
+full traceback was written, exit 1. `--debug` prints the traceback instead. Ctrl-C prints one line and
+exits 130 (128 + SIGINT, what shells expect).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 import tempfile
@@ -56,6 +58,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ValueError, TypeError, OSError, FloatingPointError, DirectoryLockedError, ImportError
 
 
+# A full disk, a quota, a file too large, a read-only filesystem: errors only a writer meets (EIO is not one:
+# a read may meet it too), which the user can fix.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or "(no message)"
 
@@ -90,9 +97,10 @@ def _handle(args: argparse.Namespace, argv: list[str]) -> int:
     except BaseException as err:  # noqa: BLE001 - the one top-level handler
         if debug:
             traceback.print_exc()
+        err = _disk_failure(err)
         if isinstance(err, _user_errors()):
             message = _one_line(str(err))
-            if not isinstance(err, FloatingPointError):  # a diverged run: no one flag is to blame
+            if not _blames_no_flag(err):
                 message = _name_the_flag(message, getattr(args, "flag_names", {}))
             print(f"{command}: {message}", file=sys.stderr)
             return 2
@@ -100,6 +108,28 @@ def _handle(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{command}: unexpected error {type(err).__name__}: {_one_line(str(err))} (a bug: the full traceback "
               f"is {where})", file=sys.stderr)
         return 1
+
+
+def _disk_failure(err: BaseException) -> BaseException:
+    """A full disk or an I/O error that reached here unnamed (a SafetensorError wrapping one, a bare OSError
+    from a writer outside fastsae.io) as the WriteFailedError the library's own writers raise: "no space left
+    on device writing PATH" (PATH where the error knows it), never "unexpected error SafetensorError"."""
+    from .io import WriteFailedError, write_failure
+
+    if isinstance(err, WriteFailedError):
+        return err
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        return WriteFailedError(err.errno, err.filename)
+    if not isinstance(err, OSError) and type(err).__name__ == "SafetensorError":
+        return write_failure(err, None) or err
+    return err
+
+
+def _blames_no_flag(err: BaseException) -> bool:
+    """A diverged run, a full disk: no one flag is to blame, and a path in the message is not a setting."""
+    from .io import WriteFailedError
+
+    return isinstance(err, (FloatingPointError, WriteFailedError))
 
 
 def _write_traceback(command: str, argv: list[str]) -> str:

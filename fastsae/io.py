@@ -2,17 +2,23 @@
 
 Writing: `atomic_write` (a file) and `replace_directory` (a directory, e.g. a saved SAE) build the new
 version under a temporary name beside the target, fsync it, then rename it into place, so an interrupted
-run leaves either the old version or the new one, never a mix. Temporaries are named
+run leaves either the old version or the new one, never a mix. A write that fails (a full disk, a quota, an
+I/O error; safetensors' own `SafetensorError: ... I/O error` too) raises `WriteFailedError`, an `OSError`
+with the system's errno whose message names the file: "no space left on device writing <path>"; the old
+version stays and the temporary is removed. Temporaries are named
 `.<name>.<pid>-<process tag><token>.tmp` (the tag tells a killed writer from a new process that got its pid)
 and created with mode 0666 & ~umask, like any other file.
 
 Reading: every reader raises `CorruptFileError` (a ValueError) naming the path, and the line where there
 is one, and what was wrong: truncated, binary, pickle or `torch.save` data, a wrong JSON type, a checksum
-that does not match. No pickle is ever loaded.
+that does not match. No pickle is ever loaded. JSON is read with a size and a nesting limit, and the
+headers of safetensors and `.npy` files are checked against the file's size before anything is mapped.
 
 Writers of a directory (a harvest into a store, training into a run directory) hold `DirectoryLock`, an
 exclusive `flock` on `<dir>/.lock`: a second writer gets an error naming the holder (pid, host), and a
-killed writer's lock disappears with it. Under the lock, `remove_stale_temporaries` deletes what dead
+killed writer's lock disappears with it. Within a process it is re-entrant for the thread that holds it
+(the pipeline holds a run directory's lock around `Trainer.fit`, which takes it again) and refused to any
+other thread. Under the lock, `remove_stale_temporaries` deletes what dead
 writers left half-written.
 """
 
@@ -24,6 +30,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -32,8 +39,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import safetensors.torch
 from torch import Tensor
@@ -54,7 +63,69 @@ class CorruptFileError(ValueError):
 
 
 class DirectoryLockedError(RuntimeError):
-    """Another live process holds the directory's writer lock."""
+    """Another live process, or another thread of this one, holds the directory's writer lock."""
+
+
+class WriteFailedError(OSError):
+    """Writing path failed: a full disk, a quota, an I/O error. `errno` is the system's (ENOSPC for a full
+    disk); the message is "<what went wrong> writing <path>", e.g. "no space left on device writing
+    run/sae/sae.safetensors". The writers that raise it leave path as it was and nothing half-written."""
+
+    def __init__(self, code: int, path: str | os.PathLike | None, reason: str | None = None):
+        reason = reason or _reason(code)
+        super().__init__(code, reason)
+        self.filename = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return f"{self.strerror} {'while writing' if self.filename is None else f'writing {self.filename}'}"
+
+    def __reduce__(self):  # OSError pickles its args, which are not this constructor's
+        return type(self), (self.errno, self.filename, self.strerror)
+
+
+def _reason(code: int) -> str:
+    """os.strerror as a phrase: 'No space left on device' -> 'no space left on device'."""
+    text = os.strerror(code) if code else "I/O error"
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
+# safetensors reports the system error inside its message: "... I/O error: No space left on device (os error 28)"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(err: BaseException, path: str | os.PathLike | None) -> WriteFailedError | None:
+    """err, raised while writing path, as a WriteFailedError naming path; None when err is not an I/O
+    failure (a bug, a wrong argument: raised as it is). An OSError keeps its errno; a SafetensorError that
+    wraps one gets the errno its message gives."""
+    if isinstance(err, WriteFailedError):
+        return err
+    if isinstance(err, OSError):
+        return WriteFailedError(err.errno or errno.EIO, path)
+    if isinstance(err, safetensors.SafetensorError):
+        text = str(err)
+        found = _OS_ERROR.search(text)
+        if found:
+            return WriteFailedError(int(found.group(1)), path)
+        if "No space left on device" in text:
+            return WriteFailedError(errno.ENOSPC, path)
+        if "I/O error" in text:
+            return WriteFailedError(errno.EIO, path)
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Errors of the block that are I/O failures (see write_failure) raised as WriteFailedError naming path;
+    one that already names a file is left as it is."""
+    try:
+        yield
+    except WriteFailedError:
+        raise
+    except (OSError, safetensors.SafetensorError) as err:
+        failed = write_failure(err, path)
+        if failed is None:
+            raise
+        raise failed from err
 
 
 # ---- temporaries ---------------------------------------------------------------------------------------
@@ -170,22 +241,24 @@ def fsync_tree(root: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary name beside path, fsync it, then rename it over path."""
+    """Call write(tmp_path) on a temporary name beside path, fsync it, then rename it over path. A failure
+    (a full disk: WriteFailedError naming path) leaves path as it was and removes the temporary."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path.parent, path.name)
-    mode = tmp.stat().st_mode & 0o777  # 0666 & ~umask; a writer that replaces the file (safetensors) loses it
-    try:
-        write(str(tmp))
-        if tmp.stat().st_mode & 0o777 != mode:
-            os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)  # make the rename itself durable
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp(path.parent, path.name)
+        try:
+            mode = tmp.stat().st_mode & 0o777  # 0666 & ~umask; a writer that replaces the file (safetensors) loses it
+            write(str(tmp))
+            if tmp.stat().st_mode & 0o777 != mode:
+                os.chmod(tmp, mode)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # a full disk may only show here, when delayed allocation meets the disk
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)  # make the rename itself durable
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -224,29 +297,44 @@ def replace_directory(path: str | os.PathLike, write: Callable[[Path], None],
             if foreign:
                 raise FileExistsError(f"{path} holds files that are not part of what is being saved ({foreign}): "
                                       f"replacing it would delete them; save into another directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_siblings(path)
     tmp = path.parent / temp_name(path.name)
-    os.mkdir(tmp, 0o777)  # & ~umask
-    held = os.open(tmp, os.O_RDONLY)  # keeps its inode from being reused, so a re-created tmp is told apart
-    try:
-        write(tmp)
-        made, now = os.fstat(held), os.stat(tmp)
-        if made.st_nlink == 0 or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
-            raise RuntimeError(f"{tmp} was deleted and re-created while {path} was being written: not published")
-        fsync_tree(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif not _exchange(tmp, path):
-            aside = path.parent / temp_name(path.name)
-            os.rename(path, aside)
-            os.rename(tmp, path)
-            tmp = aside
-        fsync_dir(path.parent)
-    finally:
-        os.close(held)
-        shutil.rmtree(tmp, ignore_errors=True)  # the new copy on failure, the old one on success
+    with _writing_into(tmp, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_siblings(path)
+        os.mkdir(tmp, 0o777)  # & ~umask
+        held = os.open(tmp, os.O_RDONLY)  # keeps its inode from being reused, so a re-created tmp is told apart
+        try:
+            write(tmp)
+            made, now = os.fstat(held), os.stat(tmp)
+            if made.st_nlink == 0 or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+                raise RuntimeError(f"{tmp} was deleted and re-created while {path} was being written: not published")
+            fsync_tree(tmp)
+            if not path.exists():
+                os.rename(tmp, path)
+            elif not _exchange(tmp, path):
+                aside = path.parent / temp_name(path.name)
+                os.rename(path, aside)
+                os.rename(tmp, path)
+                tmp = aside
+            fsync_dir(path.parent)
+        finally:
+            os.close(held)
+            shutil.rmtree(tmp, ignore_errors=True)  # the new copy on failure, the old one on success
     return path
+
+
+@contextlib.contextmanager
+def _writing_into(tmp: Path, path: Path) -> Iterator[None]:
+    """writing(path) for a directory built in tmp: a failure to write a file inside tmp names the place
+    that file was going to, path/<its name>, not the temporary the user never sees."""
+    try:
+        with writing(path):
+            yield
+    except WriteFailedError as err:
+        if err.filename is None or not Path(err.filename).is_relative_to(tmp):
+            raise
+        raise WriteFailedError(err.errno, path / Path(err.filename).relative_to(tmp), err.strerror) \
+            from err.__cause__ or err
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -261,6 +349,41 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+
+
+def write_figure(path: str | os.PathLike, fig, dpi: int = 120) -> Path:
+    """A matplotlib figure saved whole (atomic_write), in the format path's suffix names (.png, .svg)."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".")))
+    return path
+
+
+class AppendLog:
+    """A file that grows by whole lines (metrics.jsonl). A line that cannot be written whole (a full disk)
+    is cut off again, so the file never ends in half a line, and the error is a WriteFailedError naming
+    the file. One writer at a time (the run directory's lock)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with writing(self.path):
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        with writing(self.path):
+            size = os.fstat(self._fd).st_size
+            try:
+                while data:  # a write to a filling disk may take part of the line, then fail
+                    data = data[os.write(self._fd, data):]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
+                raise
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---- reading -------------------------------------------------------------------------------------------
@@ -299,22 +422,65 @@ def _json_name(kind: type) -> str:
             bool: "boolean", type(None): "null"}.get(kind, kind.__name__)
 
 
-def read_json(path: str | os.PathLike, expect: type = dict):
-    """The JSON value in path, which must be of type expect (dict: a JSON object)."""
+# JSON limits. fastsae writes no JSON nested deeper than a few levels; Python's json, and any code that walks
+# or compares the value, recurses once per level and fails with a bare RecursionError near 1000.
+MAX_JSON_DEPTH = 100
+# The largest JSON file it reads (the feature cache's vocabulary of a 262k-token model is ~5 MB): a bigger
+# one is not fastsae's, and is refused before it is read into memory.
+MAX_JSON_BYTES = 256 << 20
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+
+
+def json_too_deep(raw: bytes) -> int:
+    """How deeply the JSON text raw nests arrays and objects (brackets inside strings do not count) when
+    that is more than MAX_JSON_DEPTH, else 0. In C and numpy, a fraction of what parsing it costs."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # too few brackets to nest deeper: no scan
+        return 0
+    # Escapes go first (\\ before \", as a JSON reader pairs them), so every quote left opens or closes a
+    # string; then only quotes and brackets are kept.
+    marks = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    kind = np.frombuffer(marks, dtype=np.uint8)
+    quote = kind == ord('"')
+    outside = (np.cumsum(quote) - quote) % 2 == 0  # an even number of quotes before it
+    opening = outside & ((kind == ord("[")) | (kind == ord("{")))
+    closing = outside & ((kind == ord("]")) | (kind == ord("}")))
+    depth = int(np.cumsum(opening.astype(np.int64) - closing).max(initial=0))
+    return depth if depth > MAX_JSON_DEPTH else 0
+
+
+def parse_json(raw: bytes, path: str | os.PathLike, line: int | None = None):
+    """The JSON value in raw (the bytes of path, or of its line), nested at most MAX_JSON_DEPTH deep;
+    CorruptFileError naming path (and line) otherwise."""
+    depth = json_too_deep(raw)
+    if depth:
+        raise CorruptFileError(path, f"JSON nested {depth} levels deep, more than the {MAX_JSON_DEPTH} fastsae "
+                                     f"reads (not a file it wrote)", line=line)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(path, f"not JSON: binary data at byte {err.start}", line=line) from None
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(path, f"invalid JSON ({err.msg} at column {err.colno}; truncated?)",
+                               line=err.lineno if line is None else line) from None
+    except RecursionError:  # the depth check passed, but the caller's stack was already deep
+        raise CorruptFileError(path, "JSON nested too deeply to read", line=line) from None
+
+
+def read_json(path: str | os.PathLike, expect: type = dict, max_bytes: int = MAX_JSON_BYTES):
+    """The JSON value in path, which must be of type expect (dict: a JSON object), hold at most max_bytes
+    and nest at most MAX_JSON_DEPTH deep."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a JSON config at {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CorruptFileError(path, f"{size} bytes, more than the {max_bytes} of any JSON file fastsae reads "
+                                     f"(not a file it wrote)")
     data = path.read_bytes()
     why = _sniff(data[:8])
     if why:
         raise CorruptFileError(path, f"not JSON: {why}")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CorruptFileError(path, f"not JSON: binary data at byte {err.start}") from None
-    except json.JSONDecodeError as err:
-        raise CorruptFileError(path, f"invalid JSON ({err.msg} at column {err.colno}; truncated?)",
-                               line=err.lineno) from None
+    obj = parse_json(data, path)
     if not isinstance(obj, expect):
         raise CorruptFileError(path, f"expected a JSON {_json_name(expect)}, got a JSON {_json_name(type(obj))}")
     return obj
@@ -346,9 +512,12 @@ def read_jsonl(path: str | os.PathLike, tolerate_partial_last_line: bool = False
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
+        if json_too_deep(raw):
+            raise CorruptFileError(path, f"not a JSON line (nested more than {MAX_JSON_DEPTH} levels deep)",
+                                   line=number)
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             if tolerate_partial_last_line and number - 1 == last_unterminated:
                 return
             raise CorruptFileError(path, f"not a JSON line ({err})", line=number) from None
@@ -357,30 +526,122 @@ def read_jsonl(path: str | os.PathLike, tolerate_partial_last_line: bool = False
         yield number, obj
 
 
+# safetensors' own limit on a header (its HeaderTooLarge), checked here with the file named.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors(path: str | os.PathLike, error: type[CorruptFileError] = CorruptFileError) -> None:
+    """error naming path unless its header fits in the file and says where every tensor's data lies within
+    it: a header that claims 10 GB, or tensors past the end of a truncated file, are refused before
+    safetensors maps anything. Reads only the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        claimed = int.from_bytes(head, "little") if len(head) == 8 else None
+        why = None
+        if claimed is None:
+            why = f"not a valid safetensors file: {size} bytes, not even the 8 of its header's length (truncated?)"
+        elif claimed > min(size - 8, MAX_SAFETENSORS_HEADER):
+            why = (f"not a valid safetensors file: its header claims {claimed} bytes, the file holds {size} "
+                   f"(truncated or overwritten?)")
+        if why:  # sniffed only now: a valid header length may begin with a pickle's bytes (0x80 0x02 = 640)
+            sniffed = _sniff(head)
+            raise error(path, f"not a safetensors file: {sniffed}" if sniffed else why)
+        try:
+            header = parse_json(f.read(claimed), path)
+        except CorruptFileError as err:
+            raise error(path, f"not a valid safetensors file (its header: {err.reason})") from None
+    if not isinstance(header, dict):
+        raise error(path, f"not a valid safetensors file (its header is a JSON {_json_name(type(header))})")
+    data = size - 8 - claimed
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise error(path, f"not a valid safetensors file (tensor {name!r} has no [begin, end] data_offsets)")
+        if offsets[1] > data:
+            raise error(path, f"truncated: tensor {name!r} claims bytes {offsets[0]}..{offsets[1]} of the data, "
+                              f"the file holds {data}")
+
+
+@contextlib.contextmanager
+def open_tensors(path: str | os.PathLike, device: str = "cpu",
+                 error: type[CorruptFileError] = CorruptFileError) -> Iterator:
+    """safetensors.safe_open(path) after check_safetensors; safetensors' errors, also those of reading a
+    tensor inside the block, raised as error naming path."""
+    check_safetensors(path, error)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=device) as f:
+            yield f
+    except safetensors.SafetensorError as err:
+        raise error(path, f"not a valid safetensors file ({err}; truncated or overwritten?)") from None
+
+
 def read_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
     """safetensors only: never unpickles."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a safetensors file at {path}")
+    check_safetensors(path)
     try:
         return safetensors.torch.load_file(str(path), device=device)
     except safetensors.SafetensorError as err:
-        # sniffed only now: a valid header length may begin with a pickle's bytes (0x80 0x02 = 640)
-        with open(path, "rb") as f:
-            why = _sniff(f.read(8))
-        raise CorruptFileError(path, f"not a safetensors file: {why}" if why else
-                               f"not a valid safetensors file ({err}; truncated or overwritten?)") from None
+        raise CorruptFileError(path, f"not a valid safetensors file ({err}; truncated or overwritten?)") from None
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """The array in an .npy file, memory-mapped, after its header is checked against the file: a file that
+    is not .npy, holds Python objects (pickles, never loaded) or is shorter than its header says
+    (truncated) is a CorruptFileError naming path and saying which."""
+    path = Path(path)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+        except ValueError:
+            raise CorruptFileError(path, "not an .npy array (no NUMPY header)") from None
+        if version not in readers:
+            raise CorruptFileError(path, f"an .npy file of format version {version}, which fastsae does not read")
+        try:
+            shape, _, dtype = readers[version](f)
+        except ValueError as err:
+            raise CorruptFileError(path, f"not a valid .npy header ({err})") from None
+        start = f.tell()
+    if dtype.hasobject:
+        raise CorruptFileError(path, f"holds pickled Python objects, which fastsae never loads (dtype {dtype})")
+    need, held = math.prod(shape) * dtype.itemsize, path.stat().st_size - start
+    if need > held:
+        raise CorruptFileError(path, f"truncated: its header says {dtype} {tuple(shape)}, {need} bytes of data; "
+                                     f"the file holds {held}")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 # ---- the writer lock -----------------------------------------------------------------------------------
 
 LOCK_FILE = ".lock"
-_held: dict[str, list] = {}  # realpath -> [fd, count]: re-entrant within a process
+
+
+@dataclass
+class _Holding:
+    """This process's hold on one directory's lock: re-entrant for `thread`, refused to every other."""
+
+    fd: int | None
+    thread: threading.Thread
+    purpose: str
+    since: str
+    count: int = 1
+
+
+_held: dict[str, _Holding] = {}  # realpath -> this process's hold
 _held_guard = threading.Lock()
 
 
 class DirectoryLock:
-    """An exclusive writer lock on a directory, for as long as this process holds it (re-entrant).
+    """An exclusive writer lock on a directory, for as long as this process holds it: one writer per
+    directory between processes and between the threads of one process; re-entrant for the thread that
+    holds it (the pipeline holds a run directory's lock around `Trainer.fit`, which takes it again).
 
         with DirectoryLock(run_dir, "training"):
             ...
@@ -409,37 +670,49 @@ class DirectoryLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.directory)
         with _held_guard:
-            if key in _held:
-                _held[key][1] += 1
-            elif fcntl is not None:
-                fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-                    os.close(fd)
-                    raise DirectoryLockedError(
-                        f"{self.directory} is being written by another process ({_describe(holder)}); "
-                        f"{self.purpose} needs it alone: wait for that one to finish or stop it") from None
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
-                                          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode() + b"\n", 0)
-                _held[key] = [fd, 1]
-            else:
-                _held[key] = [None, 1]
+            holding = _held.get(key)
+            if holding is None:
+                _held[key] = _Holding(self._flock(), threading.current_thread(), self.purpose,
+                                      time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            elif holding.thread is threading.current_thread():
+                holding.count += 1
+            else:  # flock would let this process in again: the threads are told apart here
+                raise DirectoryLockedError(
+                    f"{self.directory} is being written by another thread of this process (thread "
+                    f"{holding.thread.name!r}, {holding.purpose} since {holding.since}); {self.purpose} needs it "
+                    f"alone: wait for that one to finish")
         self._key = key
         return self
+
+    def _flock(self) -> int | None:
+        """The descriptor of <dir>/.lock, flocked, with this process written in it; None without fcntl."""
+        if fcntl is None:
+            return None
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise DirectoryLockedError(
+                f"{self.directory} is being written by another process ({_describe(holder)}); "
+                f"{self.purpose} needs it alone: wait for that one to finish or stop it") from None
+        with contextlib.suppress(OSError):  # the holder's name only serves the error above: a full disk
+            os.ftruncate(fd, 0)  # must not stop the writer, whose own writes will say it, naming their file
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
+                                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode() + b"\n", 0)
+        return fd
 
     def release(self) -> None:
         if self._key is None:
             return
         with _held_guard:
-            entry = _held[self._key]
-            entry[1] -= 1
-            if entry[1] == 0:
+            holding = _held[self._key]
+            holding.count -= 1
+            if holding.count == 0:
                 del _held[self._key]
-                if entry[0] is not None:
-                    os.close(entry[0])  # closing the descriptor drops the flock
+                if holding.fd is not None:
+                    os.close(holding.fd)  # closing the descriptor drops the flock
         self._key = None
 
 

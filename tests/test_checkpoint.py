@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastsae import SAE, SAEConfig
-from fastsae.io import CorruptFileError, DirectoryLockedError, is_temporary
+from fastsae.io import CorruptFileError, DirectoryLockedError, is_temporary, temp_name
 from fastsae.toy import ToyDictionary
 from fastsae.train import TrainConfig, Trainer
 from fastsae.train.checkpoint import complete_checkpoints, latest_checkpoint, verify_checkpoint, write_checkpoint
@@ -78,7 +78,7 @@ def test_stale_temporaries_are_ignored_by_readers_and_removed_by_the_next_writer
         (tmp / "half-written").write_text("x")
     (root / ".latest.999-0a1b2c3d.tmp").write_text("step-000")
     (tmp_path / ".sae.999-0a1b2c3d.tmp").mkdir()
-    mine = root / f".step-00000012.{os.getpid()}-0a1b2c3d.tmp"  # a live writer's (this process)
+    mine = root / temp_name("step-00000012")  # a live writer's (this process, by its pid and its tag)
     mine.mkdir()
     assert latest_checkpoint(tmp_path).name == "step-00000008"
     assert all(p.exists() for p in dead)  # a reader deletes nothing: it may be looking at a live writer

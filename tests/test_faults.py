@@ -1,22 +1,26 @@
-"""Faults: SIGKILLs at chosen moments of a save and a harvest, concurrent writers, leftovers, file modes.
+"""Faults: SIGKILLs at chosen moments of a save and a harvest, a full disk (injected, and a real tmpfs), concurrent
+writers (other processes, other threads), leftovers, file modes.
 
 Each kill is repeatable: tests/kill_at.py kills the child just before its n-th commit (rename), so every
 window between two commits of a write is tried, not whichever a timer happened to hit. The training
 counterpart is tests/test_checkpoint.py::test_sigkill_during_training_resumes_cleanly.
 """
 
+import errno
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastsae import SAE, io
+from fastsae import SAE, SAEConfig, io
 from fastsae.harvest import ActivationStore, StoreWriter, harvest
 
 from conftest import make_sae
@@ -174,3 +178,250 @@ def test_a_second_fastsae_train_into_a_run_directory_leaves_its_configuration_al
         holder.kill()
         holder.wait()
     assert (tmp_path / "run.json").read_text() == '{"mine": true}\n'
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------
+
+# What safetensors raises when the disk fills under save_file (0.8, on a tmpfs that is full).
+SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def _full_after(monkeypatch, good: int = 0) -> None:
+    """safetensors.torch.save_file fails as it does on a full disk after `good` calls: half a file, then its
+    SafetensorError."""
+    import safetensors
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= good:
+            return real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 100)
+        raise safetensors.SafetensorError(SAFETENSORS_ENOSPC)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _json_full(monkeypatch) -> None:
+    """json.dump (io.write_json) fails as a file write does on a full disk, after half its text."""
+    import json
+
+    def dump(obj, f, **kwargs):
+        f.write(json.dumps(obj)[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump)
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if io.is_temporary(p.name))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(kib) -> a fresh tmpfs of that size: a disk that really fills. Skipped where this process may not
+    mount one (not root, no CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def mount(kib: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(point)],
+                                  capture_output=True, text=True)
+        except OSError as err:
+            pytest.skip(f"cannot mount a tmpfs here: {err}")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.parametrize("fails", ["sae.safetensors", "cfg.json"])
+def test_a_full_disk_under_sae_save_keeps_the_old_sae_and_names_the_file(tmp_path, monkeypatch, fails):
+    old = make_sae(7, 19, "relu", seed=0)
+    old.save(tmp_path / "sae")
+    (_full_after if fails == "sae.safetensors" else _json_full)(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        make_sae(7, 19, "topk", k=3, seed=5).save(tmp_path / "sae")
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == f"no space left on device writing {tmp_path / 'sae' / fails}"
+    monkeypatch.undo()
+    assert _same(SAE.load(tmp_path / "sae"), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # nothing half-written beside it
+
+
+def test_sae_save_onto_a_full_tmpfs_keeps_the_old_sae(small_disk):
+    disk = small_disk(64)
+    old = make_sae(4, 8)
+    old.save(disk / "sae")
+    with pytest.raises(OSError) as raised:
+        make_sae(64, 512).save(disk / "sae")  # 256 KiB of weights
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == f"no space left on device writing {disk / 'sae' / 'sae.safetensors'}"
+    assert _same(SAE.load(disk / "sae"), old)
+    assert sorted(str(p.relative_to(disk)) for p in disk.rglob("*")) == ["sae", "sae/cfg.json", "sae/sae.safetensors"]
+
+
+def _train_argv(out: Path) -> list[str]:
+    return ["train", "--out", str(out), "--steps", "6", "--batch-size", "16", "--d-sae", "256", "--activation",
+            "topk", "--k", "4", "--checkpoint-every", "2", "--no-progress"]
+
+
+def test_fastsae_train_on_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    _full_after(monkeypatch, good=3)  # the first checkpoint (SAE, optimizer, trainer state), not the second
+    line = cli_error(capsys, _train_argv(tmp_path / "run"))
+    step2 = tmp_path / "run" / "checkpoints" / "step-00000004" / "sae" / "sae.safetensors"
+    assert line == f"fastsae train: no space left on device writing {step2}"
+    from fastsae.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"  # the one before: intact, still latest
+    verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002")
+    assert _leftovers(tmp_path) == []
+
+
+def test_fastsae_train_that_fills_a_tmpfs_is_one_line_naming_the_file(small_disk, capsys):
+    disk = small_disk(192)  # run.json and part of the first checkpoint (SAE 128 KiB, Adam state 256 KiB)
+    line = cli_error(capsys, _train_argv(disk / "run"))
+    assert re.fullmatch(rf"fastsae train: no space left on device writing {re.escape(str(disk))}/run/\S+", line), line
+    assert _leftovers(disk) == []
+    assert (disk / "run" / "run.json").is_file()
+
+
+def test_a_full_disk_mid_harvest_keeps_the_committed_shards_and_resumes(tmp_path, monkeypatch):
+    from fastsae.model import random_causal_lm
+
+    model, _ = random_causal_lm()
+    windows = torch.randint(4, 40, (24, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(batch_size=4, shard_rows=40, progress=False, model_name="tiny")
+    ref = harvest(model, ["resid_post.1"], windows, tmp_path / "ref", **kw)
+    _full_after(monkeypatch, good=1)
+    with pytest.raises(OSError) as raised:
+        harvest(model, ["resid_post.1"], windows, tmp_path / "full", **kw)
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == f"no space left on device writing {tmp_path / 'full' / 'shard-00001.safetensors'}"
+    assert len(ActivationStore(tmp_path / "full").shards) == 1  # the committed shard, intact
+    ActivationStore(tmp_path / "full").verify()
+    assert _leftovers(tmp_path) == []
+    monkeypatch.undo()  # space freed: the harvest resumes where it stopped
+    resumed = harvest(model, ["resid_post.1"], windows, tmp_path / "full", resume=True, **kw)
+    assert resumed.meta == ref.meta
+
+
+def test_a_harvest_that_fills_a_tmpfs_leaves_a_store_that_reads(small_disk):
+    from fastsae.model import random_causal_lm
+
+    disk = small_disk(64)
+    model, _ = random_causal_lm()
+    windows = torch.randint(4, 40, (64, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(OSError) as raised:
+        harvest(model, ["resid_post.1"], windows, disk / "store", batch_size=4, shard_rows=64, progress=False,
+                dtype=torch.float32)
+    assert raised.value.errno == errno.ENOSPC
+    assert re.fullmatch(rf"no space left on device writing {re.escape(str(disk))}/store/"
+                        r"(shard-\d{5}\.safetensors|manifest\.json)", str(raised.value)), str(raised.value)
+    ActivationStore(disk / "store").verify()  # every committed shard reads back
+    assert _leftovers(disk) == []
+
+
+def test_metrics_on_a_full_tmpfs_end_in_a_whole_line(small_disk):
+    from fastsae.toy import ToyDictionary
+    from fastsae.train import TrainConfig, Trainer
+
+    run = small_disk(8) / "run"  # a page for the lock's holder, one for metrics.jsonl
+    toy = ToyDictionary.random(d_in=12, n_features=40, seed=0)
+    cfg = TrainConfig.flat(lr=1e-3, total_steps=200, log_every=1, progress=False)
+    with pytest.raises(OSError) as raised:
+        Trainer(SAE(SAEConfig(12, 24, activation="topk", k=3), seed=0), cfg, run).fit(toy.batches(16, 200))
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value) == f"no space left on device writing {run / 'metrics.jsonl'}"
+    text = (run / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()][:2] == [1, 2]
+
+
+def test_a_metrics_line_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    log = io.AppendLog(tmp_path / "metrics.jsonl")
+    log.write('{"step": 1}\n')
+    real = os.write
+
+    def write(fd, data):  # the disk fills after 5 bytes of the next line
+        if fd != log._fd:
+            return real(fd, data)
+        if len(data) > 5:
+            return real(fd, bytes(data[:5]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError, match=re.escape(f"no space left on device writing {tmp_path / 'metrics.jsonl'}")):
+        log.write('{"step": 2, "loss": 0.5}\n')
+    monkeypatch.undo()
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("raised", [
+    lambda: __import__("safetensors").SafetensorError(SAFETENSORS_ENOSPC),
+    lambda: OSError(errno.ENOSPC, "No space left on device", "/data/x.png"),
+])
+def test_a_full_disk_anywhere_is_one_line_never_an_unexpected_error(tmp_path, capsys, monkeypatch, raised):
+    """A writer outside fastsae.io (a plot, a third-party library) that meets a full disk: still one line."""
+    import fastsae.cli
+
+    def demo(args):
+        raise raised()
+
+    monkeypatch.setattr(fastsae.cli, "_demo", demo)
+    line = cli_error(capsys, ["demo", "--out", str(tmp_path)])
+    assert line in ("fastsae demo: no space left on device while writing",
+                    "fastsae demo: no space left on device writing /data/x.png"), line
+
+
+# ---- one writer per directory, within a process too ------------------------------------------------------
+
+
+def test_a_second_trainer_in_another_thread_is_refused_and_nested_use_still_works(tmp_path):
+    from fastsae.toy import ToyDictionary
+    from fastsae.train import TrainConfig, Trainer
+
+    toy = ToyDictionary.random(d_in=12, n_features=40, seed=0)
+    cfg = TrainConfig.flat(lr=1e-3, total_steps=4, checkpoint_every=2, progress=False)
+    started, go_on, failures = threading.Event(), threading.Event(), []
+
+    def slow_batches():
+        for x in toy.batches(16, 4):
+            started.set()
+            go_on.wait(60)
+            yield x
+
+    def first():
+        try:
+            Trainer(SAE(SAEConfig(12, 24, activation="topk", k=3), seed=0), cfg, tmp_path).fit(slow_batches())
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            failures.append(err)
+
+    writer = threading.Thread(target=first, name="first-trainer")
+    writer.start()
+    try:
+        assert started.wait(60)
+        second = SAE(SAEConfig(12, 24, activation="topk", k=3), seed=1)
+        before = {k: v.clone() for k, v in second.state_dict().items()}
+        with pytest.raises(io.DirectoryLockedError, match=re.escape(f"{tmp_path} is being written by another thread "
+                                                                    "of this process (thread 'first-trainer', "
+                                                                    "training since")):
+            Trainer(second, cfg, tmp_path).fit(toy.batches(16, 4))
+        assert all(torch.equal(v, second.state_dict()[k]) for k, v in before.items())  # not one step taken
+    finally:
+        go_on.set()
+        writer.join(60)
+    assert failures == [] and (tmp_path / "checkpoints" / "step-00000004").is_dir()
+    # one thread taking the lock again, as the pipeline does around Trainer.fit: allowed
+    with io.DirectoryLock(tmp_path / "nested", "fastsae train"):
+        Trainer(SAE(SAEConfig(12, 24, activation="topk", k=3), seed=0), cfg, tmp_path / "nested").fit(
+            toy.batches(16, 4))
+    assert (tmp_path / "nested" / "checkpoints" / "step-00000004").is_dir()

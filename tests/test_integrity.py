@@ -240,3 +240,106 @@ def test_binary_and_damaged_compressed_corpora_are_named(tmp_path):
     txt.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(CorruptFileError, match=re.escape(f"{txt}: not UTF-8 text")):
         list(read_documents(txt))
+
+
+# ---- absurd headers and nesting ---------------------------------------------------------------------------
+
+DEEP = b"[" * 10_000 + b"]" * 10_000  # json.loads: RecursionError
+
+
+def _deep_file(tmp_path, file: str):
+    """(path of a file named file, a call that reads it the way the library does)."""
+    if file == "cfg.json":
+        make_sae(7, 19).save(tmp_path / "sae")
+        return tmp_path / "sae" / file, lambda: SAE.load(tmp_path / "sae")
+    if file == "manifest.json":
+        return _store(tmp_path), lambda: ActivationStore(tmp_path)
+    from fastsae.train.checkpoint import verify_checkpoint, write_checkpoint
+
+    path = write_checkpoint(tmp_path, 3, lambda tmp: (tmp / "trainer.json").write_text("{}"))
+    return path / file, lambda: verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("file", ["cfg.json", "manifest.json", "checkpoint.json"])
+def test_json_nested_ten_thousand_deep_is_named_not_a_recursion_error(tmp_path, file):
+    path, read = _deep_file(tmp_path, file)
+    path.write_bytes(b'{"format_version": 1, "x": ' + DEEP + b"}")
+    with pytest.raises(CorruptFileError, match=re.escape(f"{path}: JSON nested 10001 levels deep, more than the 100")):
+        read()
+
+
+def test_jsonl_lines_nested_ten_thousand_deep_are_named(tmp_path):
+    """Brackets inside strings are text, not nesting: line 1, with 5,000 of them, reads."""
+    metrics, corpus = tmp_path / "metrics.jsonl", tmp_path / "c.jsonl"
+    first = {"step": 1, "text": "[" * 5000 + '\\"{' + "]" * 300, "b": [[["\\"]]]}
+    for path in (metrics, corpus):
+        path.write_bytes(json.dumps(first).encode() + b'\n{"x": ' + DEEP + b"}\n")
+    records, texts = read_jsonl(metrics), read_documents(corpus)
+    assert next(records) == (1, first) and next(texts) == first["text"]
+    with pytest.raises(CorruptFileError, match=re.escape(f"{metrics}:2: not a JSON line (nested more than 100")):
+        next(records)
+    with pytest.raises(CorruptFileError, match=re.escape(f"{corpus}:2: not a JSON line (nested more than 100")):
+        next(texts)
+
+
+def test_a_json_file_over_the_size_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"a": "x" * 200}))
+    with pytest.raises(CorruptFileError, match=re.escape(f"{path}: 209 bytes, more than the 100 of any JSON file")):
+        read_json(path, max_bytes=100)
+
+
+def _shard_claiming(tmp_path, claim: str):
+    """The store's one shard rewritten so its header claims 10 GB (the header's length, or a tensor's end), its
+    SHA-256 in the manifest updated (so only the header gives it away)."""
+    from fastsae.io import sha256
+
+    manifest = _store(tmp_path)
+    shard = tmp_path / "shard-00000.safetensors"
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    if claim == "header":
+        data = (10 * 10**9).to_bytes(8, "little") + data[8:]
+    else:
+        header = json.loads(data[8:8 + n])
+        header["s"]["data_offsets"][1] = 10 * 10**9
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        data = len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+    shard.write_bytes(data)
+    meta = json.loads(manifest.read_text())
+    meta["shards"][0]["sha256"] = sha256(shard)
+    manifest.write_text(json.dumps(meta))
+    return shard
+
+
+@pytest.mark.parametrize("claim,reason", [
+    ("header", r"not a valid safetensors file: its header claims 10000000000 bytes, the file holds \d+"),
+    ("tensor", r"truncated: tensor 's' claims bytes 96..10000000000 of the data, the file holds \d+"),
+])
+def test_a_shard_whose_header_claims_10_gb_is_named(tmp_path, claim, reason):
+    from fastsae.harvest import ShuffledLoader
+
+    shard = _shard_claiming(tmp_path, claim)
+    store = ActivationStore(tmp_path)
+    for rank, world_size in ((1, 2), (0, 1)):  # rank 1 of 2 reads rows of a shard another rank verifies
+        with pytest.raises(CorruptShardError, match=re.escape(str(shard)) + ": " + reason):
+            list(ShuffledLoader(store, "s", 2, rank=rank, world_size=world_size))
+    with pytest.raises(CorruptFileError, match=re.escape(str(shard)) + ": " + reason):
+        read_tensors(shard)
+
+
+def test_a_truncated_npy_is_diagnosed_as_truncated_not_as_pickles(tmp_path):
+    import numpy as np
+
+    from fastsae.train.data import load_array
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((100, 8), dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CorruptFileError, match=re.escape(f"{path}: truncated: its header says float32 (100, 8), "
+                                                         "3200 bytes of data; the file holds 2200")):
+        load_array(path)
+    np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(CorruptFileError, match=re.escape(f"{path}: holds pickled Python objects")):
+        load_array(path)

@@ -167,12 +167,9 @@ def write_browser(cache_dir: str | Path, out: str | Path | None = None, *, shard
     (out / "assets").mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
     assets = resources.files("fastsae") / "analysis" / "assets"
-    for name in PAGES:
-        with resources.as_file(assets / name) as src:
-            shutil.copyfile(src, out / name)
-    for name in SCRIPTS:
-        with resources.as_file(assets / name) as src:
-            shutil.copyfile(src, out / "assets" / name)
+    for name, dst in [*((n, out / n) for n in PAGES), *((n, out / "assets" / n) for n in SCRIPTS)]:
+        with resources.as_file(assets / name) as src:  # whole or not at all, a full disk named
+            io.atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
 
     d_sae = cache.d_sae
     source = cache.meta.get("source", {})

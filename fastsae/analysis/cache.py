@@ -18,7 +18,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
 import torch
 from torch import Tensor
 
@@ -37,7 +36,7 @@ def write_vocab(cache_dir: str | Path, tokenizer, extra_ids: Tensor | None = Non
     """vocab.json: every token id the cache (and extra_ids) holds, decoded one by one, as the browser shows it."""
     cache_dir = Path(cache_dir)
     ids: set[int] = set()
-    with safetensors.safe_open(str(cache_dir / TENSORS_FILE), framework="pt") as f:
+    with io.open_tensors(cache_dir / TENSORS_FILE) as f:  # a damaged file: CorruptFileError naming it
         for key in ("top.tokens", "samples.tokens", "token_sample.token", "pool.tokens"):
             if key in f.keys():
                 ids.update(torch.unique(f.get_tensor(key)).tolist())

@@ -244,7 +244,7 @@ def draw(graph: dict, path: str | Path) -> list[Path]:
     fig.tight_layout()
     written = [path, path.with_suffix(".svg")]
     for out in written:
-        fig.savefig(out, dpi=120)
+        io.write_figure(out, fig)
     plt.close(fig)
     return written
 

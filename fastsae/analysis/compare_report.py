@@ -55,7 +55,7 @@ def load_dictionary(spec: str, *, site: str | None = None, fit_tokens: int = 32_
     if path.suffix == ".npy" and path.is_file():
         import numpy as np
 
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        return torch.from_numpy(np.array(io.read_npy(path)))  # header checked: a truncated file says so
     if path.suffix == ".safetensors" and path.is_file():
         tensors = io.read_tensors(path)
         if len(tensors) != 1:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import io
 from ..evaluation import baselines
 from ..model import capture, hook_site, keep_mask, special_token_ids
 from .interventions import Intervention, as_dictionary
@@ -180,5 +181,5 @@ def plot(result: dict, path) -> None:
     ax.set_title(f"concept erasure at {result['site']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.write_figure(path, fig)
     plt.close(fig)

@@ -260,7 +260,7 @@ def plot(results: Mapping[str, dict], path) -> None:
                  f"(directions chosen by {next(iter(next(iter(results.values()))['curves'].values()))['select']})",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.write_figure(path, fig)
     plt.close(fig)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import io
 from ..model import hook_site, special_token_ids
 from .interventions import Intervention, SAEDictionary
 from .prompts import PromptBatch, last_logits
@@ -102,14 +103,13 @@ def plot(result: dict, path: str | Path) -> None:
     right.legend(fontsize=8)
     fig.suptitle(f"steering latent {result['latent']} at {result['site']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.write_figure(path, fig)
     plt.close(fig)
 
 
 def run(model_name: str, sae_path: str, latent: int, prompt: str, out, *, site: str | None = None,
         alphas: Sequence[float] = (0.0, 2.0, 5.0, 10.0, 20.0), max_new_tokens: int = 24, device: str = "cpu") -> dict:
     """`fastsae steer`: steer() with an SAE from its directory; writes out/steer.json and out/steer.png."""
-    from .. import io
     from ..model import load
     from .saes import load_saes
 

@@ -64,7 +64,7 @@ def write_report(out: str | Path, results: dict[str, dict], meta: dict | None = 
     ax.set_ylabel("latents")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "density.png", dpi=120)
+    io.write_figure(out / "density.png", fig)
     plt.close(fig)
     files.append(out / "density.png")
 
@@ -90,7 +90,7 @@ def write_report(out: str | Path, results: dict[str, dict], meta: dict | None = 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
+    io.write_figure(out / "pareto.png", fig)
     plt.close(fig)
     files.append(out / "pareto.png")
     return files

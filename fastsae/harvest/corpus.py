@@ -80,6 +80,9 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
                     raise io.CorruptFileError(path, f"unreadable (UnicodeDecodeError: {err})", line=line_no) from None
                 if not line.strip():
                     continue
+                if io.json_too_deep(raw):  # json.loads would end in a bare RecursionError
+                    raise io.CorruptFileError(path, f"not a JSON line (nested more than {io.MAX_JSON_DEPTH} levels "
+                                                    f"deep)", line=line_no)
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:

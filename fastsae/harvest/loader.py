@@ -24,11 +24,11 @@ import queue
 import threading
 from collections.abc import Iterator
 
-import safetensors
 import torch
 from torch import Tensor
 
-from .store import ActivationStore
+from .. import io
+from .store import ActivationStore, CorruptShardError
 
 
 class ShuffledLoader:
@@ -184,7 +184,7 @@ class ShuffledLoader:
             self._verified.add(index)
         if not path.is_file():
             store.load_shard(index, verify=False)  # raises CorruptShardError
-        with safetensors.safe_open(str(path), framework="pt") as f:
+        with io.open_tensors(path, error=CorruptShardError) as f:  # a bad header names the shard
             sliced = f.get_slice(self.site)
             if sliced.get_shape()[0] != shard.rows:
                 store.load_shard(index, keys=(self.site,), verify=False)  # raises CorruptShardError

@@ -115,13 +115,18 @@ def _link(src: Path, dst: Path) -> None:
     """dst becomes src's file (a hard link; a copy where the filesystem has none), replaced atomically."""
     if dst.exists() and os.path.samefile(src, dst):
         return
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = dst.parent / io.temp_name(dst.name)  # a name the next writer's clean-up knows
     try:
         os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    except OSError:  # no hard links on this filesystem: a copy, written (and failing) as every file is
+        io.atomic_write(dst, lambda t: shutil.copyfile(src, t))
+        return
+    with io.writing(dst):
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def vectors_by_position(store: ActivationStore, site: str | None = None) -> dict[tuple[int, int], Tensor]:

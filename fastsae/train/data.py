@@ -19,11 +19,7 @@ def load_array(path: str | Path) -> np.ndarray | torch.Tensor:
             magic = f.read(6)
         if magic != b"\x93NUMPY":  # np.load would take it for a pickle, which it refuses without saying why
             raise io.CorruptFileError(path, "not an .npy array (no NUMPY header)")
-        try:
-            data = np.load(path, mmap_mode="r")  # never allow_pickle
-        except ValueError as err:  # object arrays: pickled Python objects
-            raise io.CorruptFileError(path, f"holds pickled Python objects, which fastsae never loads ({err})") \
-                from err
+        data = io.read_npy(path)  # memory-mapped once its header is checked against the file (truncated?)
         if data.dtype.kind not in "fiu":
             raise io.CorruptFileError(path, f"expected numbers, got dtype {data.dtype}")
     elif path.suffix == ".safetensors":

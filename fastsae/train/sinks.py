@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import io
+
 
 class MetricSinks:
     def __init__(self, run_dir: Path | None, tensorboard: bool = False, wandb_project: str | None = None,
                  config: dict | None = None):
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if run_dir else None  # noqa: SIM115
+        # whole lines or none: a full disk cuts off the line it could not finish and names the file
+        self.jsonl = io.AppendLog(run_dir / "metrics.jsonl") if run_dir else None
         self.tb = self.wandb = None
         if tensorboard:
             try:
@@ -27,7 +30,6 @@ class MetricSinks:
     def write(self, metrics: dict) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps(metrics) + "\n")
-            self.jsonl.flush()
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb:
             for key, value in numbers.items():

@@ -100,7 +100,7 @@ def plot_scores(path: str | Path, results: dict[str, dict]) -> Path | None:
             ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_title(label, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.write_figure(path, fig)
     plt.close(fig)
     return Path(path)
 
