@@ -46,7 +46,8 @@ def test_root_namespace_folders_lose_to_installed_packages():
             " + [importlib.util.find_spec(n).origin or ''] for n in sys.argv[1:]}))")
     out = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True, check=True)
     for name, places in json.loads(out.stdout).items():
-        ours = [p for p in places if p and Path(p).resolve().is_relative_to(ROOT) and ".venv" not in Path(p).parts]
+        ours = [p for p in places  # an environment inside the checkout (.venv, .venv-latest) is not the repo's
+                if p and Path(p).resolve().is_relative_to(ROOT) and "site-packages" not in Path(p).parts]
         assert not ours, f"`import {name}` from the repo root finds {ours}, not {installed[name]}"
 
 
