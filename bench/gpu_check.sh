@@ -1,61 +1,43 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one command: the kernel tests compiled (tests/test_kernels.py,
-# tests/test_gpu.py), the ahead-of-time compile check of every kernel variant with this
-# machine's triton (tests/test_compile.py, bench/compile_check.py), then the quick benchmark
-# and the kernels issue's targets at N 8192, d_in 2048, d_sae 65,536, k 64, bf16:
-# TopK forward + backward <= 1.5x the encoder GEMM, the training step <= 1.3x GEMM + Adam;
-# last, the main job's eval phase along both paths (bench/eval_speed.py) on a randomly
-# initialised Gemma 3 270M and SAE of the main job's shape: no weights to carry (needs transformers).
+# The GPU check, in one prepared run of about 7.5 minutes wall on an H100 (bench/gpu_stages.py), most
+# important first, each stage with its own time budget and its own result file, written as soon as it has
+# rows, so that a run cut off still returns what it measured:
+#   1. every compiled kernel and dtype against its float64 reference (bench/gpu_correctness.py);
+#   2. the targets at N 8192, d_in 2048, d_sae 65,536, k 64, bf16 (TopK forward + backward <= 1.5x the
+#      encoder GEMM, the training step <= 1.3x GEMM + Adam), the GEMM measured in the same process;
+#   3. the fused TopK encoder and the training step over d_sae {16k, 65k, 262k} x k {32, 64, 128}, against
+#      naive PyTorch and torch.compile of it (TFLOP/s, GB/s, x floor, peak memory);
+#   4. the largest d_sae that trains in the GPU's memory, against the memory planner;
+#   5. more cases at the target shape, while time is left.
 #
-#   bash bench/gpu_check.sh            # results land in bench/results/ (or $OUT), named by device
+#   bash bench/gpu_check.sh                     # files in $OUT, else bench/results/gpu-<device>-<date>/
+#   bash bench/gpu_check.sh --dry-run           # every stage on CPU at tiny shapes (Triton's interpreter)
+#   bash bench/gpu_check.sh --stages 1,2        # some stages only, e.g. a rerun after a fix
+#   bash bench/gpu_check.sh --help              # budgets and the rest
 #
-# Uses that machine's own Python (torch + triton preinstalled, no internet).
-# Missing pure-Python tools (pytest, setuptools>=64, wheel) are installed from
-# ./.wheels when present; fill it beforehand on a machine with a registry:
-#   pip download --no-deps -d .wheels pytest pluggy iniconfig packaging setuptools wheel
-# and, with the device tool, carry .wheels.
-set -euo pipefail
+# Files (8 at most, the device tool's limit): 1-kernels.json .. 5-extra.json, summary.json, summary.md
+# (every stage's table), gpu-check.log; each with the device, driver, torch, triton and CUDA versions.
+# Exit status 1 when a stage failed, was killed at its budget or did not run, or a kernel disagreed.
+#
+# It runs on that machine's own Python (torch + triton preinstalled), from this source tree, with nothing
+# from the network and nothing installed: fastsae needs only torch, numpy, safetensors and tqdm there.
+# A package missing there can travel as a wheel in ./.wheels (carry .wheels with the device tool); this
+# script puts it on the path first:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .wheels NAME==VERSION
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-FIND=()
-[ -d .wheels ] && FIND=(--no-index --find-links .wheels)
-"$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q "${FIND[@]}" pytest
-# Editable: maps kernels/ to fastsae.kernels also when run from this source tree.
-"$PY" -m pip install -q --no-deps --no-build-isolation "${FIND[@]}" -e . 2>/dev/null \
-  || "$PY" -m pip install -q --no-deps "${FIND[@]}" -e .
-"$PY" -c "import torch, triton, sys; torch.cuda.is_available() or sys.exit('gpu_check.sh needs CUDA'); \
-print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-status=0
-set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py tests/test_compile.py 2>&1 \
-  | tee "$OUT/gpu-tests-$DEVICE.log"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-"$PY" -m bench.compile_check --table "$OUT/compile-occupancy-$DEVICE.md" > "$OUT/compile-check-$DEVICE.log" 2>&1 \
-  || status=1
-tail -n 3 "$OUT/compile-check-$DEVICE.log"
-set -e
-"$PY" -m bench --quick --out "$OUT"
-# The targets, read off the benchmark just written (the newest quick run on this device).
-"$PY" - "$OUT" <<'PY' | tee "$OUT/targets-$DEVICE.md" || status=1
-import json, sys
-from pathlib import Path
-run = max(Path(sys.argv[1]).glob("*-quick-*.json"), key=lambda p: p.stat().st_mtime)
-rows = json.loads(run.read_text())["rows"]
-def row(op, impl):
-    return next(r for r in rows if (r["op"], r["activation"], r["n"], r["d_in"], r["d_sae"], r["k"], r["impl"])
-                == (op, "topk", 8192, 2048, 65536, 64, impl))
-enc, enc_floor = row("encoder", "fastsae_triton"), row("encoder", "floor")
-step = row("step", "fastsae_triton")
-checks = [("TopK forward + backward / encoder GEMM", enc["ms"] / enc_floor["gemm_ms"], 1.5),
-          ("training step / (GEMM + Adam bytes)", step["x_floor"], 1.3)]
-print(f"Targets from {run.name} (N 8192, d_in 2048, d_sae 65536, k 64, bf16)\n")
-print("| target | ratio | limit | met |\n|---|---:|---:|---|")
-for name, ratio, limit in checks:
-    print(f"| {name} | {ratio:.2f} | {limit} | {'yes' if ratio <= limit else 'NO'} |")
-sys.exit(0 if all(r <= lim for _, r, lim in checks) else 1)
-PY
-"$PY" -m bench.eval_speed --random-model gemma-3-270m --out "$OUT" || status=1
-exit "$status"
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  # the dry run on a development machine: its virtualenv (CPU torch); on the GPU machine: its python3
+  case " $* " in
+    *" --dry-run "*) [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3 ;;
+    *) PY=python3 ;;
+  esac
+fi
+if compgen -G ".wheels/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastsae-wheels \
+    .wheels/*.whl && export PYTHONPATH="/tmp/fastsae-wheels${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# fastsae from this tree (fastsae/_kernel_package.py maps kernels/ to fastsae.kernels): no install needed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "$PY" -m bench.gpu_stages "$@"

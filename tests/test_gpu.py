@@ -1,7 +1,7 @@
 """Compiled kernels at realistic sizes (bf16): skipped without CUDA.
 
-Run on a GPU machine with `bash bench/gpu_check.sh`, which also runs
-tests/test_kernels.py compiled and the quick benchmark.
+Run on a GPU machine with `python -m pytest tests/test_gpu.py`; `bash bench/gpu_check.sh` is the prepared
+timed run (bench/gpu_stages.py), which checks every kernel against its float64 reference itself.
 """
 
 import pytest
