@@ -150,7 +150,17 @@ def markdown_prose(text: str) -> str:
     return _paragraphs([line for line in out if line is not None])
 
 
-class _HtmlProse(html.parser.HTMLParser):
+class _ParagraphParser(html.parser.HTMLParser):
+    """An HTML parser that gathers text into self.cur and closes a paragraph into self.lines on _flush."""
+
+    def _flush(self):
+        text = re.sub(r"\s+", " ", "".join(self.cur)).strip()
+        if text:
+            self.lines.extend([text, ""])
+        self.cur = []
+
+
+class _HtmlProse(_ParagraphParser):
     """Text of <main>'s paragraphs, list items, headings and quotes; code blocks (<pre>) dropped."""
 
     BLOCKS = {"p", "li", "h1", "h2", "h3", "h4", "blockquote", "dd", "dt"}
@@ -181,11 +191,6 @@ class _HtmlProse(html.parser.HTMLParser):
         if self.in_main and not self.in_pre:
             self.cur.append(data)
 
-    def _flush(self):
-        text = re.sub(r"\s+", " ", "".join(self.cur)).strip()
-        if text:
-            self.lines.extend([text, ""])
-        self.cur = []
 
 
 def html_prose(text: str) -> str:
@@ -196,7 +201,7 @@ def html_prose(text: str) -> str:
     return _paragraphs(parser.lines)
 
 
-class _PageProse(html.parser.HTMLParser):
+class _PageProse(_ParagraphParser):
     """Text of a whole page's <body> in blocks, without code, tables, scripts, navigation or any element
     whose class or id is in `skip` (a page layout's headers, footers, menus and tables of contents)."""
 
@@ -245,11 +250,6 @@ class _PageProse(html.parser.HTMLParser):
         elif not self.dropping:
             self.cur.append(data)
 
-    def _flush(self):
-        text = re.sub(r"\s+", " ", "".join(self.cur)).strip()
-        if text:
-            self.lines.extend([text, ""])
-        self.cur = []
 
 
 def page_prose(text: str, skip: frozenset[str] = frozenset()) -> tuple[str, str]:
