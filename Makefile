@@ -58,7 +58,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 compile-check: $(VENV)/.installed  ## every kernel variant compiled for sm_80/sm_90 (no GPU): no spills, HGMMA
-	$(PY) -m bench.compile_check --table bench/results/compile-occupancy.md
+	$(PY) tests/compile_check.py --table bench/results/kernels/compile-occupancy.md
 
 gpu-check:                     ## on a CUDA machine (its own Python, ~7.5 min): kernels vs float64, targets, sweep, capacity
 	bash bench/gpu_check.sh

@@ -23,7 +23,7 @@ import torch
 
 from bench.saving import RESULTS
 from fastsae import io
-from fastsae.analysis.autointerp.run import autointerp
+from fastsae.analysis.autointerp.autointerp_run import autointerp
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Time to compare two dictionaries (fastsae.analysis.compare): best matches both ways in tiles, never
+"""Time to compare two dictionaries (fastsae.analysis.compare.direction_match): best matches both ways in tiles, never
 the n_a x n_b cosine matrix.
 
     python -m bench.compare                    # CPU: 16,384 x 640 against 16,384 x 640
@@ -17,7 +17,7 @@ import time
 import torch
 
 from bench.saving import RESULTS, run_environment, save_report
-from fastsae.analysis.compare import BLOCK, max_cosines
+from fastsae.analysis.compare.direction_match import BLOCK, max_cosines
 
 
 def _sync(device: str) -> None:

@@ -60,7 +60,7 @@ def _run(rank: int, world: int, port: int, mode: str, threads: int, args, out: P
     from fastsae import SAEConfig
     from fastsae.ops import distributed as D
     from fastsae.train import TrainConfig
-    from fastsae.train.distributed import DistributedTrainer
+    from fastsae.train.distributed_training import DistributedTrainer
     from fastsae.train.sharded import ShardedSAE
 
     if world > 1:

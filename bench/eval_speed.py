@@ -8,7 +8,7 @@ in one run on the same windows and SAE, and their metrics compared:
 - reference: today's baselines (fitted once, shared with fastsae's path) and GEMMs, the straightforward forwards;
 - fastsae: today's: the blocks below the site once per batch, the blocks above it batched over the variants,
   the LM head a chunk of scored positions at a time; the baselines fitted on full-precision activations
-  (run.fit_activations), FastICA's iterations in float32 on a CPU (baselines.fit); fp32 linears on a CPU
+  (eval_run.fit_activations), FastICA's iterations in float32 on a CPU (baselines.fit); fp32 linears on a CPU
   by oneDNN (fastsae.ops.cpu_gemm).
 
 fastsae and reference must agree on every metric (rtol 1e-5); fastsae and before (rtol 1e-4: MKL against
@@ -23,9 +23,9 @@ oneDNN) on the model's and the SAE's
 architecture (RANDOM_MODELS) with fastsae's character-level tokenizer, and a random TopK SAE of the main job's
 shape at its site, whose metadata records the main job's training windows: the same work as the main job's
 eval phase (the windows, variants, LM head and baseline fits have the same shapes, and the fit activations
-are captured from the model, as the main job's are: its store keeps bfloat16, run.fit_activations), so the
+are captured from the model, as the main job's are: its store keeps bfloat16, eval_run.fit_activations), so the
 timings are representative, while the metric values mean nothing; but for the ICA fit, an upper bound: on the
-random model's activations it runs all 400 iterations, where the main job's converges after ~110 (run.fit_activations).
+random model's activations it runs all 400 iterations, where the main job's converges after ~110 (eval_run.fit_activations).
 It needs no download, for a GPU machine offline. There is no store there, so the before path's baselines are
 fitted on the same captured activations (on a CPU, FastICA in float64 is all that differs).
 --layers, --vocab and --width shrink that model for a quick test.
@@ -55,12 +55,12 @@ import torch
 
 from bench.saving import RESULTS, run_environment, save_report
 from fastsae import SAE, SAEConfig, io
-from fastsae.evaluation import baselines, run
+from fastsae.evaluation import baselines, eval_run
+from fastsae.evaluation.eval_run import run_eval
 from fastsae.evaluation.evaluate import HEAD_ROWS
-from fastsae.evaluation.run import run_eval
 from fastsae.harvest.corpus import window_record
 
-RTOL, ATOL = 1e-5, 1e-6  # what tests/test_eval_fast.py asks of the two paths
+RTOL, ATOL = 1e-5, 1e-6  # what tests/evaluation/test_eval_fast.py asks of the two paths
 # before runs its fp32 products on MKL, fastsae on oneDNN: another summation order. A ratio of small KLs
 # (kl_div_score, ~0.005 nats on the tiny test model) moved by 1.8e-5 relative on an Intel Xeon.
 BEFORE_RTOL = 1e-4
@@ -197,14 +197,14 @@ def pipeline(path: str):
     if path != "before":
         yield
         return
-    saved = run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled
-    run.FULL_PRECISION = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    saved = eval_run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled
+    eval_run.FULL_PRECISION = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     baselines.ICA_CPU_DATA_DTYPE, baselines.fit = None, FitOnce(fit_before)
     torch.backends.mkldnn.enabled = False  # fp32 linears by F.linear (MKL), not oneDNN (fastsae.ops.cpu_gemm)
     try:
         yield
     finally:
-        run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled = saved
+        eval_run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled = saved
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ from fastsae import SAE, SAEConfig
 def pass_in_process(store: str, site: str, d_sae: int, k: int, device: str, keep: str | None = None) -> dict:
     """One feature pass over store with a random TopK SAE of width d_sae (run in a fresh process); the cache
     is kept in `keep` when given."""
-    from fastsae.analysis.features import FeatureConfig, FeaturePass, StoreSource, collect_features
+    from fastsae.analysis.features.feature_pass import FeatureConfig, FeaturePass, StoreSource, collect_features
     from fastsae.harvest import ActivationStore
 
     opened = ActivationStore(store)
@@ -74,8 +74,8 @@ def run_pass(store: Path, site: str, d_sae: int, k: int, device: str, keep: Path
 
 def effects_rate(model, tokenizer, store, site: str, d_sae: int, k: int, features: int, device: str) -> float:
     """Features per minute for ablation over every top context + attribution over 5."""
-    from fastsae.analysis.effects import measure_effects
-    from fastsae.analysis.features import FeatureConfig, StoreSource, collect_features, store_windows
+    from fastsae.analysis.features.cache_effects import measure_effects
+    from fastsae.analysis.features.feature_pass import FeatureConfig, StoreSource, collect_features, store_windows
 
     sae = SAE(SAEConfig(store.sites[site], d_sae, activation="topk", k=k), seed=0, device=device)
     windows = store_windows(store, tokenizer)
@@ -89,8 +89,8 @@ def effects_rate(model, tokenizer, store, site: str, d_sae: int, k: int, feature
 
 def browser_timing(cache_dir: Path, d_sae: int) -> dict:
     """Write the browser of a feature cache, and load its index and its last feature page in Chromium."""
-    from bench.chromium import Chromium, find_chromium
-    from fastsae.analysis.browser import write_browser
+    from fastsae.analysis.features.browser_site import write_browser
+    from fastsae.analysis.features.chromium_driver import Chromium, find_chromium
 
     start = time.perf_counter()
     index = write_browser(cache_dir, progress=False)
@@ -115,7 +115,7 @@ def browser_timing(cache_dir: Path, d_sae: int) -> dict:
 
 def screenshot(browser_dir: Path, latent: int, path: Path) -> Path:
     """A PNG of feature.html#latent, as rendered by headless Chromium."""
-    from bench.chromium import Chromium
+    from fastsae.analysis.features.chromium_driver import Chromium
 
     with Chromium(height=1500) as chrome:
         page = chrome.open(browser_dir.joinpath("feature.html").as_uri() + f"#{latent}",

@@ -39,7 +39,7 @@ TOL = {"fp32": (1e-5, 2e-5), "tf32": (2.5e-3, 2.5e-3), "bf16": (1e-5, 2 * 2**-8)
 GROUPS = {
     "topk-bf16": "fused TopK encoder, bf16, K_PAD 64, every tile config",
     "realistic": "TopK at the target shape (and its memory), and past 2^31 elements",
-    "step-bf16": "a bf16 TopK SAE forward + backward of tests/test_gpu.py's shape against float64",
+    "step-bf16": "a bf16 TopK SAE forward + backward of tests/ops/test_gpu.py's shape against float64",
     "sae-bf16": "a whole bf16 SAE forward + backward through the Triton backend against float64",
     "decode": "sparse decode and its value gradient (fp32, bf16, fp16)",
     "segment": "the segment reduction of the weight gradients (fp32, bf16, fp16), and its determinism",
@@ -321,7 +321,7 @@ def adam_resample_group(rec, ctx) -> None:
     from fastsae.ops import reference
 
     # (param dtype, state dtype); lr 5e-2 so that a skipped or half-applied update shows past bf16 rounding.
-    # fp32: elementwise against float64 (tests/test_optim.py's bounds). 16-bit parameters: both sides round
+    # fp32: elementwise against float64 (tests/train/test_optim.py's bounds). 16-bit parameters: both sides round
     # each value once to the dtype, values near zero come from cancellation, and the moments inherit the
     # parameters' rounding (the unit-row projection uses them), so the bounds are on norms: each tensor
     # within two unit roundoffs of the reference, and the update itself (p - p0) within 25%.
@@ -428,7 +428,7 @@ SAE_ACTIVATIONS = (("relu", None), ("topk", 8), ("jumprelu", None), ("batchtopk"
 
 
 def sae_fp32_group(rec, ctx) -> None:
-    """Exact fp32 (FASTSAE_FP32_MATMUL=ieee), elementwise (tests/test_gpu.py's bounds): the autograd wiring
+    """Exact fp32 (FASTSAE_FP32_MATMUL=ieee), elementwise (tests/ops/test_gpu.py's bounds): the autograd wiring
     of every activation around the compiled kernels. (TF32 is checked kernel by kernel above: its 1e-3
     pre-activation error swaps near-tied latents in a few rows of a TopK selection, which moves those rows
     of x_hat by a whole decoder row, so whole-SAE elementwise bounds do not hold for it.)"""
@@ -460,7 +460,7 @@ def against_reference(sae, x, ctx, limits=(2e-2, 5e-2)) -> dict:
     float64 reference of the same weights and inputs, in aggregate (‖a − b‖ / ‖b‖ of x_hat and of every
     gradient). 16-bit rounding of the encoder's input swaps near-tied latents in the selections (often, for
     BatchTopK's batch-wide threshold), so elementwise bounds do not apply. A tensor passes when the Triton
-    error is within limits (x_hat, gradients: tests/test_gpu.py's) or at most twice the torch backend's own
+    error is within limits (x_hat, gradients: tests/ops/test_gpu.py's) or at most twice the torch backend's own
     (STYLE.md: the kernel's error against the reference at most about twice PyTorch's in the same dtype)."""
     ref = copy.deepcopy(sae).double()
     xh_ref, _, g_ref = run_sae(ref, x.double(), "reference")

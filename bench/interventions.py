@@ -25,9 +25,9 @@ import torch
 
 from bench.saving import RESULTS
 from fastsae import io
-from fastsae.analysis import circuits, erasure, patching, steering
-from fastsae.analysis.interventions import SAEDictionary
-from fastsae.analysis.saes import load_saes
+from fastsae.analysis.interventions import circuit_ablation, erasure, ioi_patching, steering_sweep
+from fastsae.analysis.interventions.latent_edits import SAEDictionary
+from fastsae.analysis.sae_dirs import load_saes
 from fastsae.harvest import read_documents, token_windows
 from fastsae.model import capture, keep_mask, load, special_token_ids
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if "patch" not in args.skip:
         lines = sections["patch"] = []
         # every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid of m
-        report = patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
+        report = ioi_patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
                                        max_m=args.max_m, ms=SWEEP_MS, full_site=site)
         lines += ["## IOI patching (fraction of the clean logit difference restored)", "", report["summary"], ""]
         for where, result in report["results"].items():
@@ -94,20 +94,20 @@ def main(argv: list[str] | None = None) -> int:
                                  concept)
     if "circuit" not in args.skip:
         start = time.perf_counter()
-        contexts = circuits.top_contexts(model, top_site, saes[top_site], latent, windows[-args.circuit_tokens // 64:])
-        graph = circuits.circuit(model, saes, (top_site, latent), contexts, depth=len(saes) - 1, tokenizer=tokenizer)
+        contexts = circuit_ablation.top_contexts(model, top_site, saes[top_site], latent, windows[-args.circuit_tokens // 64:])
+        graph = circuit_ablation.circuit(model, saes, (top_site, latent), contexts, depth=len(saes) - 1, tokenizer=tokenizer)
         graph.update(model=args.model, seconds=time.perf_counter() - start, env=env)
-        circuits.save(graph, out / "circuit.json")
-        circuits.draw(graph, out / "circuit.png")
-        sections["circuit"] = ["## Circuit", "", "```", circuits.describe(graph), "```", f"({graph['seconds']:.0f} s)",
+        circuit_ablation.save(graph, out / "circuit.json")
+        circuit_ablation.draw(graph, out / "circuit.png")
+        sections["circuit"] = ["## Circuit", "", "```", circuit_ablation.describe(graph), "```", f"({graph['seconds']:.0f} s)",
                                ""]
     if "steer" not in args.skip:
-        result = steering.steer(model, tokenizer, top_site, saes[top_site], latent,
+        result = steering_sweep.steer(model, tokenizer, top_site, saes[top_site], latent,
                                 "The old man walked into the room, and", alphas=(0.0, 2.0, 5.0, 10.0, 20.0))
         result["env"] = env
         io.write_json(out / "steer.json", result)
-        steering.plot(result, out / "steer.png")
-        sections["steer"] = ["## Steering", "", "```", steering.format_result(result), "```", ""]
+        steering_sweep.plot(result, out / "steer.png")
+        sections["steer"] = ["## Steering", "", "```", steering_sweep.format_result(result), "```", ""]
     print(write_summary(out, header, sections))
     print(f"results in {out}")
     return 0

@@ -59,7 +59,7 @@ def _measure(rank: int, world: int, port: int, point: tuple, out: Path) -> None:
     from fastsae import SAEConfig
     from fastsae.ops.distributed import ProcessGrid
     from fastsae.train import TrainConfig
-    from fastsae.train.distributed import DistributedTrainer
+    from fastsae.train.distributed_training import DistributedTrainer
     from fastsae.train.sharded import ShardedSAE
 
     d_in, d_sae, batch, k, _, latent = point

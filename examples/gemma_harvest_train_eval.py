@@ -8,7 +8,7 @@ Each step resumes where an interrupted run stopped.
 
 from pathlib import Path
 
-from fastsae.evaluation.run import run_eval
+from fastsae.evaluation.eval_run import run_eval
 from fastsae.pipeline import harvest_run, settings_from, train_run
 
 OUT = Path("runs/example")

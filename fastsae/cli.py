@@ -185,7 +185,7 @@ def _harvest(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluation.run import run_eval
+    from .evaluation.eval_run import run_eval
 
     run_eval(args.sae, args.out, model=args.model, site=args.site, corpus=args.corpus, tokens=args.tokens,
              context_size=args.context_size, baselines=() if args.baselines == ["none"] else tuple(args.baselines),

@@ -6,7 +6,7 @@ inputs (triton.testing.do_bench) and caches the fastest for the process;
 later calls with the key reuse it (FASTSAE_AUTOTUNE=0 takes the first
 candidate untimed: each candidate costs a compile, about 30 s, the first time
 a process on a machine meets it). In Triton's interpreter there is a single
-small config (tl.dot needs every dimension >= 16). tests/test_compile.py
+small config (tl.dot needs every dimension >= 16). tests/ops/test_compile.py
 compiles every candidate for sm_80 and sm_90 and checks that none spills.
 """
 
@@ -22,7 +22,7 @@ import triton
 from ._common import interpreting, next_pow2
 
 # int64 sort keys per thread in one chunk of a top-k compaction: 16 keys = 32 registers, which with the
-# sort's temporaries stays clear of spilling at 4 and 8 warps (measured by tests/test_compile.py).
+# sort's temporaries stays clear of spilling at 4 and 8 warps (measured by tests/ops/test_compile.py).
 KEYS_PER_THREAD = 4
 
 

@@ -1,7 +1,7 @@
 """Every compiled variant the launchers (and the autotuner) can choose, for ahead-of-time compilation.
 
-bench/compile_check.py compiles each for sm_80 and sm_90 without a GPU and
-checks registers, spills and the MMA instructions (tests/test_compile.py).
+tests/compile_check.py compiles each for sm_80 and sm_90 without a GPU and
+checks registers, spills and the MMA instructions (tests/ops/test_compile.py).
 A variant names its kernel, the argument types as Triton's launcher would
 specialise them on a realistic large shape (pointers and sizes divisible by
 16, unit strides folded into constants), the constexprs and the launch

@@ -37,7 +37,7 @@ from ._gemm import encoder_tile
 
 # Largest k the fused kernel takes; past it the ops layer uses the dense path.
 # The compaction sorts CAP = next_pow2(K_PAD + BLOCK_N) keys per row in chunks
-# of rows, so K_PAD 256 fits in registers without spilling (tests/test_compile.py).
+# of rows, so K_PAD 256 fits in registers without spilling (tests/ops/test_compile.py).
 MAX_K = 256
 INDEX_MAX = 2**31 - 1
 
@@ -159,7 +159,7 @@ def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
 
 
 def topk_constexprs(k_pad: int, config: EncoderConfig, precision: str) -> dict:
-    """The kernel's compile-time arguments for a K_PAD and tile config (shared with tests/test_compile.py)."""
+    """The kernel's compile-time arguments for a K_PAD and tile config (shared with tests/ops/test_compile.py)."""
     cap = topk_capacity(k_pad, config.block_n)
     return dict(K_PAD=k_pad, CAP=cap, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 SUB_M=config.sub_m(cap), UPCAST=interpreting(), PRECISION=precision)

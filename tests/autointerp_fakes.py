@@ -15,10 +15,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fastsae.analysis.autointerp.backends import Backend, Reply, SlotReply
 from fastsae.analysis.autointerp.interpret import FeatureExamples
-from fastsae.analysis.autointerp.prompts import CUE, show_token
-from fastsae.analysis.examples import Example
+from fastsae.analysis.autointerp.llm_backends import Backend, Reply, SlotReply
+from fastsae.analysis.autointerp.llm_prompts import CUE, show_token
+from fastsae.analysis.features.feature_contexts import Example
 
 WORDS = [" the", " dog", " sat", " on", " a", " mat", " and", " ran", " far", " big", "."]
 TARGET = " cat"

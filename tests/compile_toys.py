@@ -1,4 +1,4 @@
-"""Kernels that exist to make tests/test_compile.py fail: the check must catch them."""
+"""Kernels that exist to make tests/ops/test_compile.py fail: the check must catch them."""
 
 import triton
 import triton.language as tl

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
 from fastsae import SAE, use_backend
+
+TESTS = Path(__file__).resolve().parent  # the tests' root, whatever folder a test sits in
+ROOT = TESTS.parent
+KILL_AT = str(TESTS / "kill_at.py")
 
 # (atol, rtol) per dtype: what PyTorch itself reaches against float64 on these sizes.
 TOL = {

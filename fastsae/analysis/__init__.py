@@ -1,2 +1,3 @@
-"""Analysis: what researchers do with a trained dictionary, one tool per file. Nothing below this layer
-imports it; submodules are imported by name (``from fastsae.analysis import features``)."""
+"""Analysis: what researchers do with a trained dictionary, a subpackage per task: ``features`` (read them),
+``interventions`` (edit them inside the model), ``compare`` (two dictionaries, or two sites across an MLP) and
+``autointerp`` (explain and score them with a language model). Nothing below this layer imports it."""

@@ -7,8 +7,8 @@ import argparse
 
 
 def _handler(args: argparse.Namespace) -> int:
-    from fastsae.analysis.autointerp.backends import BackendError
-    from fastsae.analysis.autointerp.run import autointerp
+    from fastsae.analysis.autointerp.autointerp_run import autointerp
+    from fastsae.analysis.autointerp.llm_backends import BackendError
 
     try:
         autointerp(backend=args.backend, model=args.model, examples=args.examples, sae=args.sae,

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 
 
 def _browse(args: argparse.Namespace) -> int:
-    from ..analysis.build import browse
+    from ..analysis.features.features_run import browse
 
     index, table = browse(args.cache, args.out, show=args.show, progress=not args.no_progress)
     print(table)

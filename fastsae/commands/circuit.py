@@ -1,4 +1,4 @@
-"""`fastsae circuit`: the circuit of a feature by ablation, layer by layer (fastsae.analysis.circuits)."""
+"""`fastsae circuit`: the circuit of a feature by ablation, layer by layer (fastsae.analysis.interventions.circuit_ablation)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def _circuit(args: argparse.Namespace) -> int:
-    from ..analysis.circuits import run
+    from ..analysis.interventions.circuit_ablation import run
 
     graph = run(args.model, args.sae, args.latent, args.out, sites=args.site, root_site=args.root_site,
                 n_contexts=args.contexts, feature_cache=args.feature_cache, corpus=args.corpus, tokens=args.tokens,

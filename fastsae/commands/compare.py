@@ -34,7 +34,7 @@ def register(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ..analysis.compare_report import run_compare
+    from ..analysis.compare.compare_run import run_compare
 
     run_compare(args.a, args.b, args.out, tau=args.tau, absolute=args.absolute, one_to_one=args.one_to_one,
                 split_tau=args.split_tau, site=args.site, caches=(args.cache_a, args.cache_b),

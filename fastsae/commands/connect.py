@@ -1,5 +1,5 @@
 """`fastsae connect --sae-in A --sae-out B --store S`: how SAE features after an MLP are computed from the
-features before it (fastsae.analysis.connect)."""
+features before it (fastsae.analysis.compare.connections)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def register(sub) -> None:
 
 
 def _connect(args: argparse.Namespace) -> int:
-    from ..analysis.connect import ConnectConfig
-    from ..analysis.connect_report import L1_COEFFICIENTS, run_connect
+    from ..analysis.compare.connect_run import L1_COEFFICIENTS, run_connect
+    from ..analysis.compare.connections import ConnectConfig
 
     cfg = ConnectConfig(hidden=args.hidden, bias=args.bias, lr=args.lr, batch_size=args.batch_size, steps=args.steps,
                         seed=args.seed)

@@ -30,8 +30,8 @@ def _features(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..analysis.build import build_feature_cache
-    from ..analysis.features import FeatureConfig
+    from ..analysis.features.feature_pass import FeatureConfig
+    from ..analysis.features.features_run import build_feature_cache
 
     if args.effects != "all" and not args.effects.isdigit():
         raise SystemExit(f"--effects must be a count or 'all', got {args.effects!r}")

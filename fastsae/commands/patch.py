@@ -1,4 +1,4 @@
-"""`fastsae patch`: IOI patching curves of SAEs against PCA and the neuron basis (fastsae.analysis.patching)."""
+"""`fastsae patch`: IOI patching curves of SAEs against PCA and the neuron basis (fastsae.analysis.interventions.ioi_patching)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from ..analysis.patching import run
+    from ..analysis.interventions.ioi_patching import run
 
     report = run(args.model, args.sae, args.out, sites=args.site, n=args.prompts, seed=args.seed, max_m=args.max_m,
                  select=args.select, pool=args.pool, against=args.against, ms=args.ms, full_site=args.full_site,

@@ -1,4 +1,4 @@
-"""`fastsae steer`: generate with a latent's direction added at strength α (fastsae.analysis.steering)."""
+"""`fastsae steer`: generate with a latent's direction added at strength α (fastsae.analysis.interventions.steering_sweep)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from ..analysis.steering import run
+    from ..analysis.interventions.steering_sweep import run
 
     result = run(args.model, args.sae, args.latent, args.prompt, args.out, site=args.site, alphas=args.alphas,
                  max_new_tokens=args.max_new_tokens, device=args.device)

@@ -159,11 +159,11 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     mean for mean ablation); every variant (clean, ablations, each decomposition with and without its
     error term) runs only the blocks from the site up, all in one batched run, and the LM head is
     applied a chunk of scored positions at a time. The same numbers as the straightforward evaluation
-    (fastsae.evaluation.reference, one whole forward per variant) to float tolerance (tests/test_eval_fast.py).
+    (fastsae.evaluation.whole_forward, one whole forward per variant) to float tolerance (tests/evaluation/test_eval_fast.py).
     reference=True takes that straightforward path (benchmarks); so does a family fastsae.model.upper does
     not know."""
     if reference or not supports_site_runs(model):
-        from .reference import evaluate_reference
+        from .whole_forward import evaluate_reference
 
         return evaluate_reference(model, site, windows, decompositions, batch_size=batch_size,
                                   exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,

@@ -5,13 +5,13 @@ fixed-point algorithms for independent component analysis"; Hyvärinen, Karhunen
 Why not scikit-learn itself: it runs in numpy on the CPU, even when the activations are on a GPU, and its
 logcosh step averages g'(wᵀx) in a Python loop over the rows. On the main
 job's baseline (32,768 activations × d 640, 640 components, 400 iterations that do not converge) that fit
-was 306 s of a 380 s evaluation phase on 2 CPU cores (bench/results/eval-speed-cpu-2026-11-21.md). Here each
+was 306 s of a 380 s evaluation phase on 2 CPU cores (bench/results/evaluation/eval-speed-cpu-2026-11-21.md). Here each
 iteration is two GEMMs, an in-place tanh and a small symmetric eigendecomposition, all on x's device; on a
 CPU the GEMMs are most of it (as they are of scikit-learn's), so the gain is there on a GPU.
 
 The same start (scikit-learn's `w_init`: one draw of numpy's RandomState(seed).normal(size=(n, n))), the same
 whitening, update, decorrelation, stopping rule and unit-variance rescaling, so the result equals
-scikit-learn's up to the order of floating-point sums (bench/ica.py and tests/test_ica.py measure how far).
+scikit-learn's up to the order of floating-point sums (bench/ica.py and tests/evaluation/test_ica.py measure how far).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def fast_ica(x: Tensor, n_components: int, seed: int = 0, max_iter: int = 200, t
     run in float32 (the GEMMs by oneDNN on a CPU, ops/cpu_gemm.py), while the whitening and W, its update and
     decorrelation stay in float64: 0.204 against 0.600 s per iteration at the main job's 640 × 32,768 on 2 CPU
     cores (0.361 with MKL's GEMM; bench/ica.py). It is then no longer scikit-learn's path to the last digits.
-    On small problems it lands 1e-7 from the float64 fit (tests/test_ica.py); at the main job's shape it
+    On small problems it lands 1e-7 from the float64 fit (tests/evaluation/test_ica.py); at the main job's shape it
     converges (113 iterations against 106) to another of FastICA's fixed points, about as good a one
     (held-out FVU 0.20939 against 0.20877; 0.20854 with MKL's GEMM after 111 iterations,
     bench/results/ica-cpu-2026-11-21-float32-400-iterations*.md)."""

@@ -56,7 +56,7 @@ def _gemma(dtype: torch.dtype):
 
 def _forget_gguf(model: nn.Module) -> None:
     """The weights are dequantised fp32 already, but transformers still marks the model as GGUF-quantised
-    and refuses to save it; drop the marks (the reload gives identical logits, tests/test_models.py)."""
+    and refuses to save it; drop the marks (the reload gives identical logits, tests/model/test_models.py)."""
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

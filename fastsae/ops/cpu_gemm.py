@@ -5,7 +5,7 @@ its own fp32 GEMM (the matmul primitive behind `torch.ops.mkldnn._linear_pointwi
 compiler emits for CPU linears). On this project's AMD EPYC (2 cores, AVX-512) MKL runs ~190 GFLOP/s and
 oneDNN ~420, 2.1–2.8x faster at every shape fastsae runs: the CPU step's encoder (2048 × 768 × 16384)
 123 against 274 ms, Gemma 3 270M's LM head at 1,024 tokens 0.82 against 2.26 s, a whole Gemma forward
-1.73x (bench/results/cpu-gemm-2026-11-21.md). It is plain fp32 arithmetic (no bf16 or TF32 inside: errors
+1.73x (bench/results/training/cpu-gemm-2026-11-21.md). It is plain fp32 arithmetic (no bf16 or TF32 inside: errors
 ~3e-7 of Σ|x·W|, MKL's ~1e-7), reads the weight in place (no copy of it), and gives the same bits for 1 or
 2 threads.
 

@@ -17,7 +17,7 @@
   FASTSAE_FP32_MATMUL=ieee asks for exact fp32. 16-bit SAEs are unaffected.
 - Tiles: each encoder's tile config is autotuned once per shape
   (kernels/_autotune.py); every candidate is compiled for sm_80 and sm_90 by
-  tests/test_compile.py.
+  tests/ops/test_compile.py.
 
 `STATS` counts which path each call took, for the trainer to log.
 """

@@ -24,8 +24,8 @@ import torch
 from .. import io
 from ..config import DTYPES, SAEConfig
 from ..sae import SAE
-from ..train.config import FORMAT_VERSION, TrainConfig
-from .data import DataConfig, finish_sae, open_data
+from ..train.train_config import FORMAT_VERSION, TrainConfig
+from .data_sources import DataConfig, finish_sae, open_data
 
 RUN_FILE = "run.json"
 # What `fastsae train` assumes where neither --config nor a flag says otherwise.
@@ -93,7 +93,7 @@ def train_run(out: str | Path, settings: RunSettings | None = None, *, resume: b
 
     grid, device = ProcessGrid(), None
     if launched_by_torchrun():
-        from ..train.distributed import setup
+        from ..train.distributed_training import setup
 
         grid, device = setup(shard_latents)
     elif shard_latents is not None:
@@ -116,7 +116,7 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
         settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration, but for its length
         if total_steps is not None:  # checked against the newest checkpoint before run.json is rewritten
             from ..train import checkpoint as ckpt
-            from ..train.distributed import read_checkpoint_meta
+            from ..train.distributed_training import read_checkpoint_meta
             from ..train.trainer import resumed_total_steps
 
             newest = ckpt.latest_checkpoint(out)
@@ -140,7 +140,7 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
     torch.manual_seed(train_cfg.seed)
     batches = data.batches(train_cfg.schedule.total_steps)
     if grid.world_size > 1:
-        from ..train.distributed import DistributedTrainer, ShardedSAE, check_batch, save_final, slice_batches
+        from ..train.distributed_training import DistributedTrainer, ShardedSAE, check_batch, save_final, slice_batches
 
         check_batch(settings.data.batch_size, grid)
         if data.cfg.kind != "store":  # every rank builds the global batch and keeps its part
@@ -209,8 +209,8 @@ def main_job(out: str | Path = "runs/gemma", *, model: str = "gemma-3-270m", sit
              device: str | None = None, effects: int = 16, progress: bool = True) -> dict:
     """Harvest, train a TopK SAE, evaluate it against baselines, build the feature cache and browser; each
     step resumes where an interrupted run stopped. Returns the evaluation's results."""
-    from ..analysis.build import build_and_browse
-    from ..evaluation.run import run_eval
+    from ..analysis.features.features_run import build_and_browse
+    from ..evaluation.eval_run import run_eval
     from ..harvest import is_store
 
     out = Path(out)

@@ -1,8 +1,15 @@
 """Training: the trainer loop, schedules, the fused optimizer, dead latents, checkpoints."""
 
 from ..losses import fvu
-from .config import CheckpointConfig, DeadLatentConfig, LoggingConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from .optim import SAEAdam
+from .train_config import (
+    CheckpointConfig,
+    DeadLatentConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 from .trainer import Trainer, TrainingDivergedError, TrainResult, build_optimizer, train
 
 __all__ = ["CheckpointConfig", "DeadLatentConfig", "LoggingConfig", "OptimizerConfig", "SAEAdam", "ScheduleConfig",

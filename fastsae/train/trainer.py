@@ -40,12 +40,12 @@ from .. import io
 from ..losses import LossCoefficients, fvu
 from ..sae import SAE
 from . import checkpoint as ckpt
-from .config import FORMAT_VERSION, OptimizerConfig, ScheduleConfig, TrainConfig
 from .inputs import check_batch, init_b_dec_mean_
 from .kl import SpliceKL
 from .optim import SAEAdam
 from .resample import resample_dead_latents
 from .sinks import MetricSinks
+from .train_config import FORMAT_VERSION, OptimizerConfig, ScheduleConfig, TrainConfig
 
 # BatchTopK's inference threshold is an exponential moving average of the per-batch thresholds seen in
 # training (Bussmann et al. 2024 use their mean).
@@ -340,7 +340,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Every file is read and checked before anything of this trainer or its SAE changes."""
-        from .distributed import is_sharded_checkpoint, load_training_state  # (it imports this module)
+        from .distributed_training import is_sharded_checkpoint, load_training_state
 
         if is_sharded_checkpoint(path):  # latents split over ranks (train/distributed.py): read whole
             return load_training_state(self, path)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ..examples import Example
-from .backends import Backend
-from .prompts import clean_explanation, copies_an_example, explain_prompt, focus
+from ..features.feature_contexts import Example
+from .llm_backends import Backend
+from .llm_prompts import clean_explanation, copies_an_example, explain_prompt, focus
 
 MAX_TOKENS = 48  # an explanation is one short phrase; Bills et al. cap theirs at 60 tokens
 

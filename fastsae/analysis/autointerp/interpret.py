@@ -12,11 +12,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from ..examples import Example
-from .backends import Backend
+from ..features.feature_contexts import Example
 from .explain import explain
 from .judge import detection, fuzzing
-from .prompts import focus
+from .llm_backends import Backend
+from .llm_prompts import focus
 from .scoring import simulation_score
 from .simulate import simulate
 

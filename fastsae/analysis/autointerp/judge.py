@@ -16,10 +16,10 @@ import math
 import random as _random
 from dataclasses import dataclass, field
 
-from ..examples import Example
-from .backends import Backend, match_candidates
+from ..features.feature_contexts import Example
 from .explain import prompt_hash
-from .prompts import Prompt, detect_prompt, discretise, fuzz_prompt
+from .llm_backends import Backend, match_candidates
+from .llm_prompts import Prompt, detect_prompt, discretise, fuzz_prompt
 from .scoring import binary_scores
 
 ANSWERS = [" yes", " no", "yes", "no", " Yes", " No", "Yes", "No"]  # pooled by word (match_candidates)

@@ -19,9 +19,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .backends import Backend, Generated, match_candidates
 from .explain import prompt_hash
-from .prompts import SCALE, simulate_generate_prompt, simulate_slot_prompt
+from .llm_backends import Backend, Generated, match_candidates
+from .llm_prompts import SCALE, simulate_generate_prompt, simulate_slot_prompt
 
 CANDIDATES = [str(i) for i in range(SCALE + 1)]
 _NUMBER = re.compile(r"(\d+)\s*$")

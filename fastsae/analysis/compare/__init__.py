@@ -1,0 +1,2 @@
+"""Comparing dictionaries: matching decoder directions between two dictionaries, feature splitting, and the
+connections between SAE features across an MLP."""

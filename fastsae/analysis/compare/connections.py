@@ -1,0 +1,455 @@
+"""Feature connections across an MLP: with SAE features F1 at the MLP's input and F2 at its output on
+the same tokens, learn how F2 is computed from F1 (Riggs, Mitchell & Kaufman 2023, "Finding Sparse
+Linear Connections between Features in LLMs").
+
+    data = ConnectionData.from_codes(f1, f2)           # SparseLatents (N, w1), (N, w2), token-aligned
+    lin = fit_linear(data)                             # y = W x, by least squares
+    mlp = train_connector(data, "mlp")                 # y = W2 relu(W1 x)
+    delta = nonlinearity(evaluate(lin, data), evaluate(mlp, data))   # per output feature, held out
+    points = l1_sweep(data, (0, 1e-4, 1e-3, 1e-2))     # sparse linear connections; elbow(points)
+    sparse = refit(points[elbow(points)].connector, data)   # least squares on the inputs L1 kept
+    formulas(sparse, data)                             # "OF 30 ≈ 0.80·IF 2797 + 0.61·IF 259"
+
+Connectors (the seed's four): "linear" y = W x; "linear_relu" y = relu(W x); "mlp" y = W2 relu(W1 x);
+"mlp_relu" y = relu(W2 relu(W1 x)); no bias by default (the seed found it did not lower the loss).
+The linear connector is fitted exactly by least squares (fit_linear, for up to 8192 input features), so
+its comparison with the MLP measures the data, not how far Adam got; the others train with Adam. Their
+first layer takes F1 as indices and values (torch's embedding_bag), so a step costs O(B·w1·width), never
+O(B·d_sae_in), and dead inputs and unused outputs are dropped from the weights.
+
+Normalisation, per layer: F1 and F2 are divided by their root mean squared norm per token over the
+training tokens, sqrt(E||F||²), so each layer's codes have E||F||² = 1 and the summed squared error per
+token is a fraction of the output layer's energy (1.0 = predicting zero), comparable across layers.
+Per output feature j, held-out mse_j = E (ŷ_j - y_j)² and energy_j = E y_j² in those units.
+
+How linear a feature is: nonlinearity_j = (mse_lin_j - mse_mlp_j) / energy_j, the share of the feature's
+own energy that the MLP connector explains and the linear one does not (per feature, so that a rare
+feature is not called linear merely for being small). Features with nonlinearity below a threshold
+(default 0.001, the seed's number) are linear; `ce_threshold` in connect_report offers a threshold set
+by the model's loss instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...latents import SparseLatents
+
+KINDS = ("linear", "linear_relu", "mlp", "mlp_relu")
+# Formulas keep inputs whose relative weight (below) is >= 5% of the output's typical activation: smaller
+# terms change the prediction by less than the spread of the output's own values on its top contexts.
+TERM_MIN = 0.05
+# fit_linear's XᵀX in float64: 8192² · 8 B = 512 MiB. Wider inputs train the linear connector with Adam.
+LSTSQ_MAX_INPUTS = 8192
+RIDGE = 1e-6  # ρ relative to XᵀX's mean diagonal: moves no input firing over a millionth as often as the average
+
+
+@dataclass
+class ConnectConfig:
+    """How connectors are trained (one setting for every kind, so their losses compare)."""
+
+    hidden: int = 1024  # MLP connectors' hidden width
+    bias: bool = False  # the seed found a bias did not lower the loss
+    lr: float = 1e-3
+    batch_size: int = 1024
+    steps: int = 600  # Adam steps per connector (about 5 epochs of 130K tokens at batch 1024)
+    weight_l1: float = 0.0  # L1 on the standardised weights (sparse linear connections; see weight_penalty)
+    hidden_l1: float = 0.0  # L1 on the hidden activations (SAE on SAE)
+    seed: int = 0
+
+
+@dataclass
+class ConnectionData:
+    """Token-aligned codes, compacted to the features that occur, normalised per layer.
+
+    x_values, x_indices (N, w1): F1 over the input features in_features (compact ids 0..n_in-1);
+    y_values, y_indices (N, w2): F2 over out_features. Padding slots hold value 0 at index 0.
+    Rows [0, n_train) train the connectors; the rest are held out (the store's last windows)."""
+
+    x_values: Tensor
+    x_indices: Tensor
+    y_values: Tensor
+    y_indices: Tensor
+    in_features: Tensor  # (n_in,) original latent ids of the inputs
+    out_features: Tensor  # (n_out,) original latent ids of the outputs
+    scale_in: float  # sqrt(E||F1||²) over training rows (raw units): x = F1 / scale_in
+    scale_out: float
+    n_train: int
+    in_active_mean: Tensor = field(default=None)  # (n_in,) mean normalised value of each input when active
+    out_active_mean: Tensor = field(default=None)  # (n_out,)
+    in_rms: Tensor = field(default=None)  # (n_in,) sqrt(E x_i²) over training rows (normalised units)
+    out_rms: Tensor = field(default=None)  # (n_out,)
+
+    @property
+    def n_in(self) -> int:
+        return self.in_features.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.out_features.shape[0]
+
+    @classmethod
+    def from_codes(cls, f1: SparseLatents, f2: SparseLatents, *, holdout: float = 0.1,
+                   outputs: Tensor | list[int] | None = None) -> ConnectionData:
+        """f1, f2: the SAEs' codes on the same N tokens (rows in order; the last holdout share is held out).
+        outputs: which F2 latents to learn (default: every one that fires on a training row)."""
+        if f1.values.shape[0] != f2.values.shape[0] or f1.values.dim() != 2 or f2.values.dim() != 2:
+            raise ValueError(f"f1 and f2 must be (N, w) codes of the same N tokens, got "
+                             f"{tuple(f1.values.shape)} and {tuple(f2.values.shape)}")
+        if not 0 < holdout < 1:
+            raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+        n = f1.values.shape[0]
+        n_train = int(round(n * (1 - holdout)))
+        if n_train < 1 or n_train == n:
+            raise ValueError(f"{n} tokens cannot be split into training and held-out rows (holdout {holdout})")
+        seen_in = _fired(f1, n_train)
+        seen_out = _fired(f2, n_train) if outputs is None else torch.as_tensor(outputs, dtype=torch.int64)
+        if seen_out.numel() and (seen_out.min() < 0 or seen_out.max() >= f2.d_sae):
+            raise ValueError(f"outputs must be latent ids in [0, {f2.d_sae})")
+        xv, xi = _compact(f1, seen_in)
+        yv, yi = _compact(f2, seen_out)
+        scale_in = float(xv[:n_train].double().pow(2).sum(1).mean().sqrt())
+        scale_out = float(yv[:n_train].double().pow(2).sum(1).mean().sqrt())
+        if scale_in == 0 or scale_out == 0:
+            raise ValueError("F1 or F2 is zero on every training token: nothing to connect")
+        data = cls(xv / scale_in, xi, yv / scale_out, yi, seen_in, seen_out, scale_in, scale_out, n_train)
+        data.in_active_mean, data.in_rms = _feature_stats(data.x_values[:n_train], xi[:n_train], data.n_in)
+        data.out_active_mean, data.out_rms = _feature_stats(data.y_values[:n_train], yi[:n_train], data.n_out)
+        return data
+
+    def batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x values, x indices (B, w1) and the dense target (B, n_out)."""
+        y = torch.zeros(rows.shape[0], self.n_out)
+        y.scatter_add_(1, self.y_indices[rows], self.y_values[rows])
+        return self.x_values[rows], self.x_indices[rows], y
+
+
+def _fired(codes: SparseLatents, n_train: int) -> Tensor:
+    """Latent ids active on at least one training row, ascending."""
+    active = codes.values[:n_train] > 0
+    return codes.indices[:n_train][active].unique()
+
+
+def _compact(codes: SparseLatents, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """codes over the latents keep only, renumbered 0..len(keep)-1; others become inert padding."""
+    lookup = torch.full((codes.d_sae,), -1, dtype=torch.int64)
+    lookup[keep] = torch.arange(keep.shape[0])
+    idx = lookup[codes.indices]
+    ok = (idx >= 0) & (codes.values > 0)
+    return torch.where(ok, codes.values.float(), 0.0), torch.where(ok, idx, 0)
+
+
+def _feature_stats(values: Tensor, indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(n,) mean value when active, and sqrt(E v²) over all rows, per feature."""
+    active = values > 0
+    v, i = values[active].double(), indices[active]
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, i, v)
+    squares = torch.zeros(n, dtype=torch.float64).index_add_(0, i, v * v)
+    count = torch.bincount(i, minlength=n).double()
+    return (total / count.clamp_min(1)).float(), (squares / values.shape[0]).sqrt().float()
+
+
+class Connector(nn.Module):
+    """F1 (as indices and values) -> predicted F2 (B, n_out). kind: one of KINDS."""
+
+    def __init__(self, n_in: int, n_out: int, kind: str = "linear", hidden: int = 1024, bias: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if n_in < 1 or n_out < 1 or hidden < 1:
+            raise ValueError(f"n_in, n_out and hidden must be >= 1, got {n_in}, {n_out}, {hidden}")
+        self.kind = kind
+        gen = torch.Generator().manual_seed(seed)
+        first = n_out if kind.startswith("linear") else hidden
+        # W1 (n_in, first): row i is what input feature i adds. Small init: a sparse input's few rows sum.
+        self.W1 = nn.Parameter(torch.randn(n_in, first, generator=gen) * 0.01)
+        self.b1 = nn.Parameter(torch.zeros(first)) if bias else None
+        if kind.startswith("mlp"):
+            self.W2 = nn.Parameter(torch.randn(hidden, n_out, generator=gen) / math.sqrt(hidden))
+            self.b2 = nn.Parameter(torch.zeros(n_out)) if bias else None
+
+    def first(self, values: Tensor, indices: Tensor) -> Tensor:
+        """(B, w) -> (B, width): Σ_slots value · W1[index] (+ b1)."""
+        h = F.embedding_bag(indices, self.W1, per_sample_weights=values, mode="sum")
+        return h + self.b1 if self.b1 is not None else h
+
+    def forward(self, values: Tensor, indices: Tensor, *, return_hidden: bool = False):
+        h = self.first(values, indices)
+        hidden = None
+        if self.kind == "linear_relu":
+            h = h.relu()
+        elif self.kind.startswith("mlp"):
+            hidden = h.relu()
+            h = hidden @ self.W2
+            if self.b2 is not None:
+                h = h + self.b2
+            if self.kind == "mlp_relu":
+                h = h.relu()
+        return (h, hidden) if return_hidden else h
+
+    @property
+    def linear_weights(self) -> Tensor:
+        """(n_in, n_out): the linear connector's W (raw connection weights in normalised units)."""
+        if self.kind != "linear":
+            raise ValueError(f"only a linear connector has one weight matrix, this one is {self.kind!r}")
+        return self.W1.detach()
+
+
+@torch.no_grad()
+def normal_equations(data: ConnectionData, *, outputs: Tensor | None = None, bias: bool = False,
+                     chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """XᵀX (n, n) and XᵀY (n, m) over the training rows in float64, n = n_in (+1: a constant input standing for
+    the bias), m = the outputs (default all). Summed from the sparse codes pair by pair (N·w1² and N·w1·w2
+    products), never from dense rows."""
+    n_in = data.n_in + (1 if bias else 0)
+    if n_in > LSTSQ_MAX_INPUTS:
+        raise ValueError(f"{n_in} input features exceed {LSTSQ_MAX_INPUTS} (XᵀX would not fit in memory); "
+                         f"train the linear connector with train_connector instead")
+    out_cols = outputs if outputs is not None else torch.arange(data.n_out)
+    lookup = torch.full((data.n_out,), -1, dtype=torch.int64)
+    lookup[out_cols] = torch.arange(out_cols.shape[0])
+    m = out_cols.shape[0]
+    gram = torch.zeros(n_in * n_in, dtype=torch.float64)
+    cross = torch.zeros(n_in * m, dtype=torch.float64)
+    for start in range(0, data.n_train, chunk):
+        stop = min(start + chunk, data.n_train)
+        xv, xi = data.x_values[start:stop].double(), data.x_indices[start:stop]
+        if bias:
+            xv = torch.cat([xv, torch.ones(xv.shape[0], 1, dtype=xv.dtype)], 1)
+            xi = torch.cat([xi, torch.full((xi.shape[0], 1), n_in - 1)], 1)
+        yi = lookup[data.y_indices[start:stop]]
+        yv = torch.where(yi >= 0, data.y_values[start:stop].double(), 0.0)
+        yi = yi.clamp_min(0)
+        gram.index_add_(0, (xi[:, :, None] * n_in + xi[:, None, :]).reshape(-1),
+                        (xv[:, :, None] * xv[:, None, :]).reshape(-1))
+        cross.index_add_(0, (xi[:, :, None] * m + yi[:, None, :]).reshape(-1),
+                         (xv[:, :, None] * yv[:, None, :]).reshape(-1))
+    return gram.view(n_in, n_in), cross.view(n_in, m)
+
+
+def _ridge(gram: Tensor, ridge: float) -> Tensor:
+    return ridge * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+
+@torch.no_grad()
+def fit_linear(data: ConnectionData, cfg: ConnectConfig | None = None, *, outputs: Tensor | None = None,
+               ridge: float = RIDGE, equations: tuple[Tensor, Tensor] | None = None) -> Connector:
+    """The linear connector by least squares on the training rows, W = (XᵀX + ρI)⁻¹ XᵀY: exact, so that the
+    linear-vs-MLP comparison measures the data and not how far Adam got. ρ = ridge · mean(diag XᵀX) keeps
+    features that always fire together solvable. equations: normal_equations(...) when already computed."""
+    cfg = cfg or ConnectConfig()
+    gram, cross = equations or normal_equations(data, outputs=outputs, bias=cfg.bias)
+    W = torch.linalg.solve(gram + _ridge(gram, ridge), cross)  # (n, m)
+    conn = Connector(data.n_in, cross.shape[1], "linear", bias=cfg.bias)
+    conn.W1.copy_(W[:data.n_in].float())
+    if cfg.bias:
+        conn.b1.copy_(W[data.n_in].float())
+    return conn.eval()
+
+
+@torch.no_grad()
+def refit(conn: Connector, data: ConnectionData, *, outputs: Tensor | None = None, term_min: float = TERM_MIN,
+          ridge: float = RIDGE, equations: tuple[Tensor, Tensor] | None = None) -> Connector:
+    """The relaxed lasso (Meinshausen 2007): L1 picks each output's inputs (|relative weight| >= term_min),
+    then least squares on those inputs alone undoes the L1 shrinkage of their weights."""
+    bias = conn.b1 is not None
+    gram, cross = equations or normal_equations(data, outputs=outputs, bias=bias)
+    rel = relative_weights(conn, data, outputs)  # (n_in, m)
+    W = torch.zeros(gram.shape[0], cross.shape[1], dtype=torch.float64)
+    for j in range(cross.shape[1]):
+        support = (rel[:, j].abs() >= term_min).nonzero().squeeze(1)
+        if bias:
+            support = torch.cat([support, torch.tensor([data.n_in])])
+        if support.numel():
+            g = gram[support][:, support]
+            W[support, j] = torch.linalg.solve(g + _ridge(g, ridge), cross[support, j])
+    fitted = Connector(data.n_in, cross.shape[1], "linear", bias=bias)
+    fitted.W1.copy_(W[:data.n_in].float())
+    if bias:
+        fitted.b1.copy_(W[data.n_in].float())
+    return fitted.eval()
+
+
+def weight_penalty(conn: Connector, data: ConnectionData, outputs: Tensor | None = None) -> Tensor:
+    """L1 of the weights in standardised units, Σ_ij |w_ij| σ_i σ_j (σ: a feature's root mean square): the
+    squared error of output j scales with σ_j², so this is λ Σ |w_ij σ_i / σ_j| per output after dividing by
+    it, the lasso on standardised features. A plain Σ|w| would penalise rare features (small σ: most SAE
+    latents fire on < 1% of tokens) far more than common ones, and drop their connections first.
+    MLP connectors: Σ |W1_ih| σ_i + Σ |W2_hj| σ_j."""
+    s_in = data.in_rms
+    s_out = data.out_rms if outputs is None else data.out_rms[outputs]
+    if conn.kind.startswith("linear"):
+        return (conn.W1.abs() * s_in[:, None] * s_out[None, :]).sum()
+    return (conn.W1.abs() * s_in[:, None]).sum() + (conn.W2.abs() * s_out[None, :]).sum()
+
+
+def train_connector(data: ConnectionData, kind: str = "linear", cfg: ConnectConfig | None = None, *,
+                    outputs: Tensor | None = None, progress: bool = False) -> Connector:
+    """Adam on the training rows: loss = E_tokens Σ_j (ŷ_j - y_j)² + weight_l1 · weight_penalty + hidden_l1 E Σ_h h.
+    outputs (m,) compact output ids: learn only those (the rest of the target is ignored)."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or ConnectConfig()
+    n_out = data.n_out if outputs is None else outputs.shape[0]
+    conn = Connector(data.n_in, n_out, kind, cfg.hidden, cfg.bias, cfg.seed)
+    opt = torch.optim.Adam(conn.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    perm, pos = torch.randperm(data.n_train, generator=gen), 0
+    for _ in tqdm(range(cfg.steps), disable=not progress, desc=f"connector {kind}", leave=False):
+        if pos + cfg.batch_size > data.n_train:  # a fresh permutation each epoch
+            perm, pos = torch.randperm(data.n_train, generator=gen), 0
+        rows = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        xv, xi, y = data.batch(rows)
+        if outputs is not None:
+            y = y[:, outputs]
+        pred, hidden = conn(xv, xi, return_hidden=True)
+        loss = (pred - y).pow(2).sum(1).mean()
+        if cfg.weight_l1:
+            loss = loss + cfg.weight_l1 * weight_penalty(conn, data, outputs)
+        if cfg.hidden_l1 and hidden is not None:
+            loss = loss + cfg.hidden_l1 * hidden.sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return conn.eval()
+
+
+@dataclass
+class ConnectorEval:
+    """Held-out error of a connector, per output feature and in total (normalised units)."""
+
+    mse: Tensor  # (n_out,) E (ŷ_j - y_j)² over held-out tokens
+    energy: Tensor  # (n_out,) E y_j²
+    firings: Tensor  # (n_out,) held-out tokens on which feature j is active
+    hidden_l0: float | None = None  # mean active hidden units per token (MLP connectors)
+
+    @property
+    def fvu(self) -> float:
+        """Σ_j mse_j / Σ_j energy_j: the share of the output layer's held-out energy left unexplained."""
+        return float(self.mse.sum() / self.energy.sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def evaluate(conn: Connector, data: ConnectionData, *, outputs: Tensor | None = None, batch_size: int = 4096,
+             rows: Tensor | None = None) -> ConnectorEval:
+    """Per-feature squared error of conn on the held-out rows (or rows)."""
+    rows = torch.arange(data.n_train, data.x_values.shape[0]) if rows is None else rows
+    n_out = data.n_out if outputs is None else outputs.shape[0]
+    sq, energy, fired = torch.zeros(n_out, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64), \
+        torch.zeros(n_out, dtype=torch.int64)
+    l0 = 0.0
+    for start in range(0, rows.shape[0], batch_size):
+        r = rows[start:start + batch_size]
+        xv, xi, y = data.batch(r)
+        if outputs is not None:
+            y = y[:, outputs]
+        pred, hidden = conn(xv, xi, return_hidden=True)
+        sq += (pred - y).double().pow(2).sum(0)
+        energy += y.double().pow(2).sum(0)
+        fired += (y > 0).sum(0)
+        if hidden is not None:
+            l0 += float((hidden > 0).sum())
+    n = max(1, rows.shape[0])
+    return ConnectorEval(sq / n, energy / n, fired, l0 / n if conn.kind.startswith("mlp") else None)
+
+
+def nonlinearity(linear: ConnectorEval, mlp: ConnectorEval) -> Tensor:
+    """(n_out,) (mse_lin - mse_mlp) / energy per output feature; NaN where the feature is silent held out."""
+    return torch.where(linear.energy > 0, (linear.mse - mlp.mse) / linear.energy.clamp_min(1e-30), math.nan)
+
+
+# ---- sparse linear connections --------------------------------------------------------------------
+
+@dataclass
+class SweepPoint:
+    l1_coefficient: float
+    connector: Connector
+    eval: ConnectorEval
+    l1_norm: float  # Σ_i |w_ij| σ_i / σ_j per output feature j: the L1 norm of its standardised weights
+    connections: float  # mean number of formula terms per output feature (|relative weight| >= TERM_MIN)
+
+
+def relative_weights(conn: Connector, data: ConnectionData, outputs: Tensor | None = None) -> Tensor:
+    """(n_in, m) the linear weights in units of the features' typical activations: w_ij · m_i / m_j, with m the
+    mean value of a feature when active. 0.8 reads: at its typical activation input i supplies 80% of output
+    j's typical activation."""
+    out_mean = data.out_active_mean if outputs is None else data.out_active_mean[outputs]
+    return conn.linear_weights * data.in_active_mean[:, None] / out_mean.clamp_min(1e-12)[None, :]
+
+
+def l1_sweep(data: ConnectionData, coefficients, cfg: ConnectConfig | None = None, *,
+             outputs: Tensor | None = None, progress: bool = False) -> list[SweepPoint]:
+    """Linear connectors with L1 on the weights, one per coefficient (ascending), each from scratch."""
+    cfg = cfg or ConnectConfig()
+    points = []
+    for lam in sorted(coefficients):
+        conn = train_connector(data, "linear", dataclasses.replace(cfg, weight_l1=lam),
+                               outputs=outputs, progress=progress)
+        ev = evaluate(conn, data, outputs=outputs)
+        rel = relative_weights(conn, data, outputs)
+        s_out = data.out_rms if outputs is None else data.out_rms[outputs]
+        standardised = conn.linear_weights.abs() * data.in_rms[:, None] / s_out.clamp_min(1e-12)[None, :]
+        points.append(SweepPoint(lam, conn, ev, float(standardised.sum(0).mean()),
+                                 float((rel.abs() >= TERM_MIN).sum(0).double().mean())))
+    return points
+
+
+def elbow(points: list[SweepPoint]) -> int:
+    """The index of the knee of held-out FVU against the L1 norm (Satopää et al. 2011, "Kneedle"): with both
+    axes scaled to [0, 1] over the sweep, the point farthest below the chord between the two ends."""
+    if not points:
+        raise ValueError("elbow needs at least one sweep point")
+    if len(points) < 3:
+        return 0
+    xs = torch.tensor([p.l1_norm for p in points], dtype=torch.float64)
+    ys = torch.tensor([p.eval.fvu for p in points], dtype=torch.float64)
+    order = torch.argsort(xs)
+    x, y = xs[order], ys[order]
+    x = (x - x[0]) / (x[-1] - x[0]).clamp_min(1e-30)
+    y = (y - y.min()) / (y.max() - y.min()).clamp_min(1e-30)
+    chord = y[0] + (y[-1] - y[0]) * x  # the straight line between the sparsest and the densest point
+    return int(order[int(torch.argmax(chord - y))])
+
+
+@dataclass
+class Formula:
+    output: int  # the output latent id
+    terms: list[tuple[int, float]]  # (input latent id, relative weight), largest |weight| first
+    fvu: float  # held-out mse / energy of this output under the connector
+
+    def text(self, max_terms: int = 6) -> str:
+        """'OF 30 ≈ 0.80·IF 2797 + 0.61·IF 259 − 0.20·IF 946': + terms are OR-like (any of them drives the
+        output), − terms AND-NOT-like (the output fires unless they do)."""
+        if not self.terms:
+            return f"OF {self.output} ≈ 0"
+        parts = []
+        for n, (i, w) in enumerate(self.terms[:max_terms]):
+            sign = ("− " if n else "−") if w < 0 else ("+ " if n else "")
+            parts.append(f"{sign}{abs(w):.2f}·IF {i}")
+        more = f" + … ({len(self.terms) - max_terms} more)" if len(self.terms) > max_terms else ""
+        return f"OF {self.output} ≈ " + " ".join(parts) + more
+
+
+def formulas(conn: Connector, data: ConnectionData, ev: ConnectorEval | None = None, *,
+             outputs: Tensor | None = None, term_min: float = TERM_MIN) -> list[Formula]:
+    """Each output feature's inputs with |relative weight| >= term_min, as a Formula (original latent ids)."""
+    ev = ev or evaluate(conn, data, outputs=outputs)
+    rel = relative_weights(conn, data, outputs)  # (n_in, m)
+    out_ids = data.out_features if outputs is None else data.out_features[outputs]
+    result = []
+    for j in range(rel.shape[1]):
+        col = rel[:, j]
+        keep = (col.abs() >= term_min).nonzero().squeeze(1)
+        keep = keep[torch.argsort(col[keep].abs(), descending=True)]
+        terms = [(int(data.in_features[i]), round(float(col[i]), 4)) for i in keep]
+        fvu = float(ev.mse[j] / ev.energy[j]) if ev.energy[j] > 0 else math.nan
+        result.append(Formula(int(out_ids[j]), terms, fvu))
+    return result

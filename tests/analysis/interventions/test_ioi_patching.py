@@ -1,0 +1,157 @@
+"""IOI prompts and fewer-than-rank-one patching on a tiny random word-level model."""
+
+import pytest
+import torch
+
+from fastsae.analysis.interventions import ioi, ioi_patching
+from fastsae.analysis.interventions.latent_edits import intervene
+from fastsae.analysis.interventions.padded_prompts import PromptBatch, last_logits
+from fastsae.evaluation import baselines
+from fastsae.model import random_causal_lm
+
+from conftest import make_sae
+from helpers import word_level_lm
+
+pytest.importorskip("transformers")
+SITE = "resid_post.1"
+MISSING = ("Mary", "John", "Sarah", "Michael", "Jessica")  # not in the tiny vocabulary: multi-token (unknown)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return word_level_lm([w for w in ioi.vocabulary() if w not in MISSING])
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    return ioi.generate(lm[1], n=8, seed=3)
+
+
+def test_ioi_names_are_single_tokens_and_orders_balanced(lm):
+    _, tok = lm
+    usable = ioi.single_token_names(tok)
+    assert not set(MISSING) & set(usable) and len(usable) == len(ioi.NAMES) - len(MISSING)
+    for n in (7, 12):
+        p = ioi.generate(tok, n=n, seed=1)
+        assert len(p) == n and p.orders.count("ABBA") - p.orders.count("BABA") == n % 2
+        for (io, s, c), text, text_c in zip(p.names, p.texts, p.corrupted_texts, strict=True):
+            assert len({io, s, c}) == 3 and set((io, s, c)) <= set(usable)
+            assert text.count(s) == 2 and text_c.count(s) == 1 and c in text_c and io in text
+    p = ioi.generate(tok, n=12, seed=1)
+    assert p.texts == ioi.generate(tok, n=12, seed=1).texts != ioi.generate(tok, n=12, seed=2).texts
+    differs = p.clean.input_ids != p.corrupted.input_ids  # one column per prompt: S2 -> C
+    assert differs.sum(1).tolist() == [1] * 12
+    assert torch.equal(p.clean.input_ids[differs], p.s_ids)
+    assert torch.equal(p.clean.attention_mask, p.corrupted.attention_mask)
+    for row, (io, s, _) in enumerate(p.names):  # ABBA: IO named first; BABA: S named first
+        first = p.texts[row].split(" and ")[0].split()[-1]
+        assert first == (io if p.orders[row] == "ABBA" else s)
+
+
+def test_ioi_refuses_a_tokenizer_without_single_token_names():
+    _, tok = random_causal_lm()  # character-level: every name is several tokens
+    with pytest.raises(ValueError, match="at least 3 names that are single tokens"):
+        ioi.generate(tok, n=4)
+
+
+def test_logit_diff_reads_io_minus_s(prompts):
+    logits = torch.randn(len(prompts), 500)
+    expected = torch.stack([logits[b, prompts.io_ids[b]] - logits[b, prompts.s_ids[b]] for b in range(len(prompts))])
+    torch.testing.assert_close(ioi.logit_diff(logits, prompts), expected)
+
+
+def _alone(model, tok, sae, prompts, latents):
+    """Mean LD over prompts each run alone (no padding, no prefix cache), latents patched: the reference."""
+    lds = []
+    for b in range(len(prompts)):
+        clean = PromptBatch.from_texts(tok, [prompts.texts[b]])
+        corrupted = PromptBatch.from_texts(tok, [prompts.corrupted_texts[b]])
+        with intervene(model, SITE, sae, record=True) as iv, torch.no_grad():
+            model(**clean.inputs())
+        keep = corrupted.keep([tok.bos_token_id])
+        with intervene(model, SITE, sae, patch=latents, source=iv.inputs[0], positions=keep), torch.no_grad():
+            logits = last_logits(model, corrupted)
+        lds.append(float(logits[0, prompts.io_ids[b]] - logits[0, prompts.s_ids[b]]))
+    return sum(lds) / len(lds)
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_the_batched_curve_equals_prompts_patched_one_by_one(lm, prompts, reuse_prefix):
+    model, tok = lm
+    sae = make_sae(32, 96, "topk", k=8)
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    curve = ioi_patching.patching_curve(model, state, sae, prompts, max_m=5, reuse_prefix=reuse_prefix)
+    assert curve["forwards"] == 5 + reuse_prefix  # one batched forward per m (+ the cached prefix)
+    for m in (1, 5):
+        assert curve["logit_diff"][m - 1] == pytest.approx(_alone(model, tok, sae, prompts, curve["latents"][:m]),
+                                                           abs=1e-5)
+    gap = state.clean_ld - state.corrupted_ld
+    assert curve["fraction"][4] == pytest.approx((curve["logit_diff"][4] - state.corrupted_ld) / gap)
+    assert curve["attribution"] == sorted(curve["attribution"], reverse=True)
+    assert all(0 < s for s in curve["relative_edit"])
+
+
+def test_a_curve_measured_at_some_m_only(lm, prompts):
+    model, tok = lm
+    sae = make_sae(32, 96, "topk", k=8)
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    every = ioi_patching.patching_curve(model, state, sae, prompts, max_m=4)
+    some = ioi_patching.patching_curve(model, state, sae, prompts, max_m=4, ms=[4, 1, 9])
+    assert some["m"] == [1, 4] and some["forwards"] == 2 + 1
+    assert some["logit_diff"] == pytest.approx([every["logit_diff"][0], every["logit_diff"][3]], abs=1e-6)
+
+
+def test_every_direction_of_a_basis_restores_the_clean_run(lm, prompts):
+    model, tok = lm
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    d = state.fit_activations.shape[1]
+    for kind in ("pca", "neurons"):
+        basis = baselines.fit(kind, state.fit_activations, d, d)
+        curve = ioi_patching.patching_curve(model, state, basis, prompts, max_m=d)
+        assert curve["fraction"][-1] == pytest.approx(1.0, abs=1e-4)
+        assert sorted(curve["latents"]) == list(range(d))
+
+
+def test_attribution_is_the_first_order_effect_of_patching(lm, prompts):
+    """Basis coefficients are linear in x: patching latent i from x_corr + ε (x_clean - x_corr) moves its value
+    by ε Δc_i exactly, so the LD moves by ε · attribution_i + O(ε²)."""
+    model, tok = lm
+    model = model.double()
+    try:
+        state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+        basis = baselines.fit("pca", state.fit_activations, 32, 32)
+        scores = ioi_patching.attribution(basis, state)
+        eps = 1e-4
+        source = state.corrupted_x + eps * (state.clean_x - state.corrupted_x)
+        for i in scores.abs().argsort(descending=True)[:3].tolist():
+            with intervene(model, SITE, basis, patch=[i], source=source, positions=state.keep), torch.no_grad():
+                ld = float(ioi.logit_diff(last_logits(model, prompts.corrupted), prompts).mean())
+            assert (ld - state.corrupted_ld) / eps == pytest.approx(float(scores[i]), rel=2e-3, abs=1e-7)
+    finally:
+        model.float()
+
+
+def test_greedy_search_beats_attribution_at_its_first_step(lm, prompts):
+    model, tok = lm
+    sae = make_sae(32, 96, "topk", k=8)
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    by_attribution = ioi_patching.patching_curve(model, state, sae, prompts, max_m=2)
+    greedy = ioi_patching.patching_curve(model, state, sae, prompts, max_m=2, select="greedy", pool=4)
+    assert greedy["logit_diff"][0] >= by_attribution["logit_diff"][0] - 1e-6
+    assert greedy["forwards"] == 1 + 4 + 3  # prefix, then pool - step candidates per step
+
+
+def test_compare_reports_sae_pca_and_neurons_side_by_side(lm, prompts):
+    model, tok = lm
+    result = ioi_patching.compare(model, SITE, make_sae(32, 96, "topk", k=8), prompts, max_m=3)
+    assert set(result["curves"]) == {"sae", "pca", "neurons"}
+    assert all(len(c["fraction"]) == 3 for c in result["curves"].values())
+    assert result["all_latents"] > 3 and "all_latents_fraction" in result and "error_only_fraction" in result
+
+
+def test_every_sae_latent_and_its_error_restore_the_clean_run(lm, prompts):
+    model, tok = lm
+    sae = make_sae(32, 96, "topk", k=8)
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    ld, size = ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(sae), prompts, True)(range(96), patch_error=True)
+    assert ld == pytest.approx(state.clean_ld, abs=1e-5) and size > 0

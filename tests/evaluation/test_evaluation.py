@@ -1,0 +1,219 @@
+"""Evaluation: metrics on hand-computed cases, splicing, downstream losses, baselines."""
+
+import math
+
+import pytest
+import torch
+
+from fastsae import SAE, SAEConfig, splice
+from fastsae.evaluation import ReconstructionMetrics, baselines, evaluate, evaluate_with_baselines, pareto_frontier
+from fastsae.evaluation.metrics import density_histogram
+
+T = pytest.importorskip("transformers")
+
+
+def tiny_pythia():
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return T.GPTNeoXForCausalLM(cfg).eval()
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, pad_token_id=0)
+    return T.BertModel(cfg).eval()
+
+
+def windows(n=6, t=10):
+    ids = torch.randint(3, 64, (n, t), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 1
+    return ids
+
+
+def identity_sae(d):
+    """ReLU SAE with W_enc = W_dec = [I; -I]: x_hat = relu(x) - relu(-x) = x exactly."""
+    sae = SAE(SAEConfig(d, 2 * d), seed=0)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+    return sae
+
+
+def test_reconstruction_metrics_hand_computed():
+    x = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    x_hat = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+    m = ReconstructionMetrics(3)
+    m.add(x[:1], x_hat[:1], z[:1])  # two batches: the sums must carry across them
+    m.add(x[1:], x_hat[1:], z[1:])
+    r = m.compute()
+    # residuals: (0, 4) and (0, 1) -> squared norms 16, 1
+    assert r["mse"] == pytest.approx(8.5)
+    # E||x||² = (25 + 4)/2 = 14.5; E x = (1.5, 3); ||E x||² = 11.25; variance 3.25
+    assert r["explained_variance"] == pytest.approx(1 - 8.5 / 3.25) and r["fvu"] == pytest.approx(8.5 / 3.25)
+    assert r["cossim"] == pytest.approx((9 / (5 * 3) + 2 / (2 * 1)) / 2)
+    assert r["l2_ratio"] == pytest.approx((3 / 5 + 1 / 2) / 2)
+    assert r["relative_reconstruction_bias"] == pytest.approx(((9 + 1) / 2) / ((9 + 2) / 2))
+    assert r["l0"] == 1.0 and r["l1"] == 1.5
+    assert r["dead_fraction"] == pytest.approx(1 / 3) and r["dense_fraction"] == pytest.approx(2 / 3)
+    assert torch.equal(m.feature_density(), torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    # the sparse form (values, indices, padding 0) gives the same numbers
+    s = ReconstructionMetrics(3)
+    s.add(x, x_hat, (torch.tensor([[2.0, 0.0], [-1.0, 0.0]]), torch.tensor([[0, 0], [2, 0]])))
+    assert s.compute() == r
+    hist = density_histogram(torch.tensor([0.0, 0.001, 0.01, 0.5]), bins=3)
+    assert hist["dead"] == 1 and sum(hist["counts"]) == 3 and hist["edges"][0] == -3.0
+
+
+def test_splice_identity_sae_gives_the_clean_model_exactly():
+    model, ids = tiny_pythia(), windows()
+    clean = model(input_ids=ids).logits
+    for site in ("resid_post.0", "resid_pre.1", "mlp_hidden.1", "attn_out.0"):
+        d = {"mlp_hidden.1": 48}.get(site, 32)
+        with splice(model, site, identity_sae(d), record=True) as sp:
+            spliced = model(input_ids=ids).logits
+        assert torch.equal(spliced, clean), site
+        assert sp.latents[0].values.shape[:2] == ids.shape and len(sp.activations) == 1
+    assert torch.equal(model(input_ids=ids).logits, clean)  # the hook is gone after the block
+
+
+def test_zero_ablation_matches_a_model_with_the_branch_removed():
+    model, ids = tiny_pythia(), windows()
+    with splice(model, "mlp_out.1", replace="zero"):
+        ablated = model(input_ids=ids).logits
+    manual = tiny_pythia()
+    with torch.no_grad():
+        manual.gpt_neox.layers[1].mlp.dense_4h_to_h.weight.zero_()
+        manual.gpt_neox.layers[1].mlp.dense_4h_to_h.bias.zero_()
+    torch.testing.assert_close(ablated, manual(input_ids=ids).logits, rtol=0, atol=1e-6)
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    with splice(model, "mlp_out.1", replace="zero") as sp:
+        sp.keep = keep  # replace nowhere: clean
+        assert torch.equal(model(input_ids=ids).logits, tiny_pythia()(input_ids=ids).logits)
+
+
+def test_error_term_equals_clean_and_keeps_latents_in_the_graph():
+    model, ids = tiny_pythia(), windows()
+    sae = SAE(SAEConfig(32, 64, activation="topk", k=4), seed=0)
+    clean = model(input_ids=ids).logits
+    with splice(model, "resid_post.0", sae, error_term=True, record=True) as sp:
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, clean, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert sae.W_dec.grad is not None and sp.latents[0].values.requires_grad
+    with splice(model, "resid_post.0", sae):
+        assert not torch.allclose(model(input_ids=ids).logits, clean, atol=1e-3)  # a random SAE changes it
+    with pytest.raises(ValueError, match="an sae or replace"):
+        with splice(model, "resid_post.0"):
+            pass
+
+
+@torch.no_grad()
+def test_downstream_metrics_against_a_manual_computation():
+    model, ids = tiny_pythia(), windows()
+    sae = identity_sae(32)
+    r = evaluate(model, "resid_post.0", ids, {"identity": sae}, batch_size=4, progress=False)
+    shared, m = r["model"], r["identity"]
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+    mask = ids[:, :-1] > 2
+    manual_ce = -logp.gather(-1, ids[:, 1:, None])[..., 0][mask].mean()
+    assert shared["ce_loss_without_sae"] == pytest.approx(float(manual_ce), rel=1e-6)
+    with splice(model, "resid_post.0", replace="zero") as sp:
+        sp.keep = ids > 2
+        zlogp = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+    assert shared["ce_loss_with_ablation"] == pytest.approx(
+        float(-zlogp.gather(-1, ids[:, 1:, None])[..., 0][mask].mean()), rel=1e-6)
+    assert shared["kl_div_with_ablation"] == pytest.approx(
+        float((logp.exp() * (logp - zlogp)).sum(-1)[mask].mean()), rel=1e-5)
+    assert m["ce_loss_with_sae"] == shared["ce_loss_without_sae"] and m["kl_div_with_sae"] == 0
+    assert m["ce_loss_recovered"] == 1.0 and m["kl_div_score"] == 1.0 and m["perplexity_increase"] == 0
+    assert m["ce_loss_with_sae_and_error"] == pytest.approx(shared["ce_loss_without_sae"], rel=1e-6)
+    assert m["fvu"] == pytest.approx(0, abs=1e-12) and m["cossim"] == pytest.approx(1)
+    assert m["tokens"] == int((ids > 2).sum()) == shared["tokens"]
+
+
+def test_encoder_models_report_embedding_cosines():
+    model, ids = tiny_bert(), windows()
+    r = evaluate(model, "resid_post.0", ids, {"identity": identity_sae(32)}, exclude_token_ids=[0],
+                 progress=False)
+    assert not r["model"]["causal_lm"]
+    assert r["identity"]["embedding_cossim_with_sae"] == pytest.approx(1.0)
+    assert r["identity"]["embedding_cossim_with_sae_and_error"] == pytest.approx(1.0)
+    assert r["model"]["embedding_cossim_with_ablation"] < 0.999
+
+
+def test_baselines_have_the_requested_directions_and_sparsity():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0)) @ torch.randn(16, 16) + 3.0
+    for kind, n, expect in (("pca", 40, 16), ("neurons", 40, 16), ("random", 40, 40), ("pca", 8, 8)):
+        dec = baselines.fit(kind, x, n=n, k=5)
+        assert dec.d_codes == expect and dec.directions.shape == (expect, 16)
+        torch.testing.assert_close(dec.directions.norm(dim=1), torch.ones(expect))
+        codes = dec.encode(x)
+        assert ((codes != 0).sum(1) == 5).all()
+    full = baselines.fit("pca", x, n=16, k=16)  # a complete basis with every coefficient: exact
+    torch.testing.assert_close(full.decode(full.encode(x)), x, rtol=1e-4, atol=1e-4)
+    rand = baselines.fit("random", x, n=40, k=40)  # overcomplete, minimum-norm coefficients: exact too
+    torch.testing.assert_close(rand.decode(rand.encode(x)), x, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="baseline kind"):
+        baselines.fit("nmf", x, 4, 2)
+
+
+def test_ica_baseline():  # fastsae.evaluation.ica: no scikit-learn needed (tests/evaluation/test_ica.py checks it against it)
+    gen = torch.Generator().manual_seed(0)
+    sources = torch.rand(2000, 4, generator=gen) - 0.5  # uniform: non-Gaussian, so ICA can unmix
+    x = sources @ torch.randn(4, 4, generator=gen)
+    ica = baselines.fit("ica", x, n=4, k=4)
+    torch.testing.assert_close(ica.decode(ica.encode(x)), x, rtol=1e-3, atol=1e-3)
+    found = ica.encode(x)  # each recovered component correlates with one true source
+    corr = torch.corrcoef(torch.cat([found.T, sources.T]))[:4, 4:].abs()
+    assert (corr.max(dim=1).values > 0.95).all()
+
+
+def test_evaluate_with_baselines_reports_each_side_by_side():
+    model, ids = tiny_pythia(), windows(8, 12)
+    from fastsae.model import capture
+
+    fit_x = capture(model, ["resid_post.0"], input_ids=windows(20, 12))["resid_post.0"].reshape(-1, 32)
+    sae = SAE(SAEConfig(32, 64, activation="topk", k=3), seed=0)
+    kinds = ("pca", "ica", "neurons", "random")
+    r = evaluate_with_baselines(model, "resid_post.0", ids, {"sae": sae}, fit_x, kinds=kinds, progress=False)
+    assert set(r) == {"model", "sae", *kinds}
+    for kind in kinds:
+        assert r[kind]["k"] == 3 and r[kind]["l0"] == pytest.approx(3)
+        assert 0 < r[kind]["fvu"] < 1.5 and not math.isnan(r[kind]["ce_loss_recovered"])
+    assert r["random"]["n_directions"] == 64 and r["pca"]["n_directions"] == r["ica"]["n_directions"] == 32
+
+
+def test_pareto_frontier():
+    pts = [(10, 0.5), (20, 0.3), (15, 0.6), (40, 0.1), (30, 0.2), (50, 0.15)]
+    assert pareto_frontier(pts, higher_is_better=False) == [0, 1, 4, 3]
+    assert pareto_frontier([(1, 0.2), (2, 0.9), (3, 0.5)], higher_is_better=True) == [0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_baselines_fit_on_full_precision_activations(tmp_path, dtype):
+    """A float32 store's rows are the fit activations as they are; a bfloat16 store's rounding would keep
+    FastICA from converging, so the model's float32 activations of the same windows are captured instead."""
+    from fastsae.evaluation.eval_run import fit_activations
+    from fastsae.harvest import ActivationStore
+    from fastsae.harvest.harvester import harvest
+    from fastsae.model import capture
+
+    model, ids = tiny_pythia(), windows(12, 10)
+    harvest(model, ["resid_post.0"], ids, tmp_path / "store", batch_size=4, dtype=dtype, exclude_token_ids=[1],
+            shard_rows=40, progress=False)
+    store = ActivationStore(tmp_path / "store")
+    x, source = fit_activations(model, "resid_post.0", store, ids, [1], fit_tokens=50, batch_size=4, device="cpu")
+    every = capture(model, ["resid_post.0"], input_ids=ids)["resid_post.0"][:, 1:].reshape(-1, 32)  # BOS dropped
+    assert x.dtype == torch.float32 and x.shape == (50, 32)
+    if dtype == torch.float32:
+        assert source == "store" and torch.equal(x, every[:50])
+    else:
+        assert source == "model (the store keeps bfloat16)"
+        torch.testing.assert_close(x, every[:50], rtol=1e-6, atol=1e-6)  # not rounded
+        assert not torch.equal(x, every[:50].bfloat16().float())
+    x, source = fit_activations(model, "resid_post.0", None, ids, [1], fit_tokens=1000, batch_size=5, device="cpu")
+    assert source == "model" and torch.equal(x, every)  # fewer windows than fit_tokens: all of them
