@@ -10,7 +10,7 @@ LOCK    := requirements.lock
 EXTRAS  := dev,models,eval
 PIPTOOLS ?= pip-tools==7.7.0
 
-.PHONY: run demo test test-latest smoke lock lint compile-check gpu-check clean browser
+.PHONY: run demo test test-latest smoke lock lint compile-check gpu-check clean browser docs
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -48,11 +48,14 @@ test-latest: $(LATEST)/.installed  ## the suite on the newest versions the range
 lock:                          ## refresh requirements.lock: the newest versions the ranges allow, CPU torch
 	python3 -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q "$(PIPTOOLS)"
-	echo "$(TORCH)" | .venv-lock/bin/pip-compile -q --upgrade --extra dev --extra models --extra eval \
+	echo "$(TORCH)" | .venv-lock/bin/pip-compile -q --upgrade --extra dev --extra models --extra eval --extra docs \
 	    --no-emit-index-url --no-emit-find-links --strip-extras --output-file $(LOCK) pyproject.toml -
 
 browser:                       ## headless Chromium for the feature-browser tests (Debian/Ubuntu, as root)
 	@command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; }
+
+docs: $(VENV)/.installed       ## the docs site (MkDocs Material + API reference) into site/; a broken link fails
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -64,4 +67,4 @@ gpu-check:                     ## on a CUDA machine (its own Python, ~7.5 min): 
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-lock build dist *.egg-info runs
+	rm -rf $(VENV) $(LATEST) .venv-lock build dist *.egg-info runs site
