@@ -27,27 +27,39 @@ EleutherAI sparsify (`SparseCoder.load_from_disk`): a directory with
 sparsify SAEs are TopK SAEs that always subtract b_dec from the input. `multi_topk`
 trains the SAE to reconstruct with k and with 4k latents (Gao et al. 2024); sparsify's
 `encode` keeps k, but its `forward().sae_out` then decodes 4k. The import keeps k (with a
-warning saying so), or the k you pass (`import_sparsify(path, k=4 * k)` matches that
+warning saying so), or the k you pass (`SAE.from_tensors(*read_sparsify(path, k=4 * k))` matches that
 forward). `d_in` (missing from older files) is taken from the weights. (EleutherAI's
 library is `eai-sparsify` on PyPI; `sparsify` there is an unrelated, end-of-life package.)
 
-`SAE.load` recognises both libraries' directories and imports them with these functions.
+`read_saelens` and `read_sparsify` return plain data, an `ImportedSAE` (config, tensors in fastsae's
+layout, metadata, source file); `SAE.load` recognises both libraries' directories and builds the SAE from
+it, as `SAE.from_tensors(*read_sparsify(path, k=...))` does for a k of your choice. This module does not
+import `fastsae.sae`: the exports read an SAE's attributes only.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import Tensor, nn
 
 from . import io
 from .config import DTYPES, SAEConfig
-from .sae import SAE
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class ImportedSAE(NamedTuple):
+    """Another library's SAE in fastsae's terms: `SAE.from_tensors(*imported)` builds it."""
+    cfg: SAEConfig
+    tensors: dict[str, Tensor]  # the SAE's state_dict: W_enc, W_dec (d_sae, d_in), b_enc, b_dec, threshold
+    metadata: dict  # {"imported_from": {"library", "path", ...}}
+    source: Path  # the weights file, named in errors
 
 
 def _fields(kind: str, meta: dict, path: Path, **kinds) -> None:
@@ -73,7 +85,8 @@ def _sae_dtype(dtype: str, path: Path) -> str:
 # ---- SAELens -------------------------------------------------------------------------------------
 
 
-def export_saelens(sae: SAE, path: str | Path) -> Path:
+def export_saelens(sae: nn.Module, path: str | Path) -> Path:
+    """Write sae (a fastsae SAE) as a SAELens directory at path."""
     cfg = sae.cfg
     path = Path(path)
     arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[cfg.activation]
@@ -92,7 +105,8 @@ def export_saelens(sae: SAE, path: str | Path) -> Path:
     return path
 
 
-def import_saelens(path: str | Path, device: str = "cpu") -> SAE:
+def read_saelens(path: str | Path, device: str = "cpu") -> ImportedSAE:
+    """A SAELens directory's SAE, converted (see the module docstring)."""
     path = Path(path)
     meta = io.read_json(path / "cfg.json")
     _check_format("SAELens", meta, "architecture", ("standard", "topk", "jumprelu"), path)
@@ -122,9 +136,7 @@ def import_saelens(path: str | Path, device: str = "cpu") -> SAE:
     if activation == "topk" and meta.get("rescale_acts_by_decoder_norm") and None not in ours.values():
         ours = _fold_decoder_norms(ours)
         provenance["decoder_norms_folded"] = True
-    sae = _build(cfg, ours, tensors, path / SAELENS_WEIGHTS_FILE)
-    sae.metadata["imported_from"] = provenance
-    return sae
+    return _imported(cfg, ours, tensors, {"imported_from": provenance}, path / SAELENS_WEIGHTS_FILE)
 
 
 @torch.no_grad()
@@ -141,7 +153,8 @@ def _fold_decoder_norms(t: dict) -> dict:
 # ---- EleutherAI sparsify -------------------------------------------------------------------------
 
 
-def export_sparsify(sae: SAE, path: str | Path) -> Path:
+def export_sparsify(sae: nn.Module, path: str | Path) -> Path:
+    """Write sae (a fastsae TopK SAE) as a sparsify directory at path."""
     cfg = sae.cfg
     path = Path(path)
     if cfg.activation != "topk" or not cfg.apply_b_dec_to_input:
@@ -157,8 +170,9 @@ def export_sparsify(sae: SAE, path: str | Path) -> Path:
     return path
 
 
-def import_sparsify(path: str | Path, device: str = "cpu", k: int | None = None) -> SAE:
-    """k: the latents per row (default: the k it was trained with; see multi_topk above)."""
+def read_sparsify(path: str | Path, device: str = "cpu", k: int | None = None) -> ImportedSAE:
+    """A sparsify directory's SAE, converted. k: the latents per row (default: the k it was trained with;
+    see multi_topk above)."""
     path = Path(path)
     meta = io.read_json(path / "cfg.json")
     _check_format("sparsify", meta, "activation", ("topk", None), path)
@@ -187,16 +201,25 @@ def import_sparsify(path: str | Path, device: str = "cpu", k: int | None = None)
                     normalize_decoder=bool(meta.get("normalize_decoder", True)), dtype=_DTYPE_NAMES[dtype])
     ours = {"W_enc": tensors.pop("encoder.weight", None), "b_enc": tensors.pop("encoder.bias", None),
             "W_dec": tensors.pop("W_dec", None), "b_dec": tensors.pop("b_dec", None)}
-    sae = _build(cfg, ours, tensors, path / SPARSIFY_WEIGHTS_FILE)
-    sae.metadata["imported_from"] = {"library": "sparsify", "path": str(path),
-                                     "multi_topk": multi_topk, "trained_k": meta["k"]}
-    return sae
+    provenance = {"library": "sparsify", "path": str(path), "multi_topk": multi_topk, "trained_k": meta["k"]}
+    return _imported(cfg, ours, tensors, {"imported_from": provenance}, path / SPARSIFY_WEIGHTS_FILE)
 
 
-def _build(cfg: SAEConfig, ours: dict, leftover: dict, source: Path) -> SAE:
+def read_other_library(path: Path, meta: dict, device: str = "cpu") -> ImportedSAE:
+    """The SAE in directory path whose cfg.json (meta) has no fastsae format_version: SAELens's or sparsify's,
+    told apart by their files and fields."""
+    if "architecture" in meta or (path / SAELENS_WEIGHTS_FILE).is_file():
+        return read_saelens(path, device=device)
+    if "num_latents" in meta or "expansion_factor" in meta:
+        return read_sparsify(path, device=device)
+    raise io.CorruptFileError(path / "cfg.json", "no format_version: not an SAE saved by fastsae, and not a "
+                                                 "SAELens or sparsify one either")
+
+
+def _imported(cfg: SAEConfig, ours: dict, leftover: dict, metadata: dict, source: Path) -> ImportedSAE:
+    """ours (fastsae's tensor names) as an ImportedSAE; any tensor missing, or left over from the file, refused.
+    Shapes and dtypes are checked against cfg when the SAE is built (SAE.from_tensors)."""
     missing = sorted(k for k, v in ours.items() if v is None)
     if missing or leftover:
         raise ValueError(f"{source}: missing tensors for {missing}, unexpected tensors {sorted(leftover)}")
-    sae = SAE(cfg, device="meta")
-    sae.load_tensors(ours, source=source)
-    return sae
+    return ImportedSAE(cfg, ours, metadata, source)

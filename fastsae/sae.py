@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import io, ops
+from . import interop, io, ops
 from .config import DTYPES, SAEConfig
 from .latents import SparseLatents
 from .losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
@@ -58,15 +58,18 @@ def encode_flat(cfg: SAEConfig, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: 
         return (*ops.encode_threshold(x, W_enc, b_enc, None), None)
     if cfg.activation == "jumprelu":
         return (*ops.encode_threshold(x, W_enc, b_enc, threshold), None)
-    # batchtopk: the batch's top N·k while training; at inference the learnt
-    # threshold makes every row independent of the others.
+    # batchtopk: the batch's top N·k while training; at inference the learnt threshold makes rows independent.
     if not training:
         return (*ops.encode_threshold(x, W_enc, b_enc, threshold.expand(cfg.d_sae).contiguous()), None)
     return ops.encode_batchtopk(x, W_enc, b_enc, cfg.k)
 
 
-class SAE(nn.Module):
-    def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None, seed: int | None = None):
+class SAEWeights(nn.Module):
+    """What `SAE` and `fastsae.train.sharded.ShardedSAE` share: the config and flags, the parameters of
+    some rows of latents (`init_parameters`), weights in the compute dtype, the input checks, and the
+    decoder constraint and input-scale folding, which act on whole latent rows and so on any slice of them."""
+
+    def __init__(self, cfg: SAEConfig):
         super().__init__()
         if not isinstance(cfg, SAEConfig):
             raise TypeError(f"cfg must be a fastsae.SAEConfig, got {type(cfg).__name__}")
@@ -78,29 +81,21 @@ class SAE(nn.Module):
         self.compute_dtype: torch.dtype | None = None
         # Provenance saved with the weights (model, site, store, folded input scale): JSON-able values.
         self.metadata: dict = {}
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = cfg.torch_dtype
-        if device.type == "meta":  # shapes only: load() fills the values in
-            W = torch.empty(cfg.d_sae, cfg.d_in, device=device)
-        else:
-            # Decoder rows are random unit vectors, the encoder starts as the
-            # decoder's transpose (Conerly et al. 2024; Gao et al. 2024).
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
-            W = torch.randn(cfg.d_sae, cfg.d_in, device=device, generator=gen)
-            W /= W.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W.to(dtype))  # (d_sae, d_in)
+
+    def init_parameters(self, W: Tensor) -> None:
+        """Register the parameters of W's rows of latents, on W's device: W (n, d_in), the initial decoder
+        rows, is also the initial encoder (untied); biases start at 0, a JumpReLU threshold at
+        cfg.jumprelu_threshold."""
+        cfg, n, dtype, device = self.cfg, W.shape[0], self.cfg.torch_dtype, W.device
+        self.W_dec = nn.Parameter(W.to(dtype))  # (n, d_in)
         if not cfg.tied:
-            self.W_enc = nn.Parameter(W.to(dtype).clone())  # (d_sae, d_in)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
+            self.W_enc = nn.Parameter(W.to(dtype).clone())  # (n, d_in)
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
         if cfg.activation == "jumprelu":
-            # Per-latent threshold, kept fixed here: its straight-through training
-            # (Rajamanoharan et al. 2024) needs the pre-activations just below it.
+            # Per-latent, fixed here: its straight-through training (Rajamanoharan et al. 2024) needs pre-activations
             self.threshold = nn.Parameter(
-                torch.full((cfg.d_sae,), cfg.jumprelu_threshold, device=device, dtype=torch.float32),
-                requires_grad=False,
-            )
+                torch.full((n,), cfg.jumprelu_threshold, device=device, dtype=torch.float32), requires_grad=False)
         elif cfg.activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
 
@@ -114,97 +109,16 @@ class SAE(nn.Module):
         """The dtype inputs must have: compute_dtype when set, else the weights'."""
         return self.compute_dtype or self.W_dec.dtype
 
-    def _w(self, t: Tensor) -> Tensor:
-        """A weight in the compute dtype (a differentiable cast under mixed precision)."""
-        return t if self.compute_dtype is None or t.dtype == self.compute_dtype else t.to(self.compute_dtype)
-
     @property
     def device(self) -> torch.device:
         return self.W_dec.device
 
-    # ---- forward -----------------------------------------------------------------------------------
+    def cast(self, t: Tensor) -> Tensor:
+        """A weight in the compute dtype (a differentiable cast under mixed precision)."""
+        return t if self.compute_dtype is None or t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
-    def encode(self, x: Tensor) -> SparseLatents:
-        """(*lead, d_in) → SparseLatents with values/indices of shape (*lead, w)."""
-        x2, lead = self._flatten_input(x)
-        values, indices, _ = self._encode_flat(x2)
-        return SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-
-    def decode(self, latents: SparseLatents | Tensor) -> Tensor:
-        """SparseLatents (*lead, w), or dense activations (*lead, d_sae) → x_hat (*lead, d_in).
-
-        Exactly z @ W_dec + b_dec, for any z: decoding is linear in the values, so negative entries
-        (a steering or erasure edit) decode as written, never dropped. Dense z is decoded from its non-zero
-        entries; when it requires grad, as the dense product, so that every entry gets its gradient.
-        Indices outside [0, d_sae) are refused on every backend."""
-        if isinstance(latents, Tensor):
-            if latents.dim() < 1 or latents.shape[-1] != self.cfg.d_sae:
-                raise ValueError(f"decode: dense latents must have shape (..., d_sae={self.cfg.d_sae}), "
-                                 f"got {tuple(latents.shape)}")
-            if latents.requires_grad:  # (*lead, d_sae) @ (d_sae, d_in), accumulated in fp32
-                return latents.to(self.dtype) @ self._w(self.W_dec) + self._w(self.b_dec)
-            values, indices = _nonzero_entries(latents)
-        elif isinstance(latents, SparseLatents):
-            if latents.d_sae != self.cfg.d_sae:
-                raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
-            values, indices = latents.values, latents.indices
-        else:
-            raise TypeError(f"decode: latents must be SparseLatents or a Tensor, got {type(latents).__name__}")
-        lead, w = values.shape[:-1], values.shape[-1]
-        values = values.reshape(-1, w).to(self.dtype)
-        x_hat = ops.decode(values, indices.reshape(-1, w), self._w(self.W_dec), self._w(self.b_dec))
-        return x_hat.reshape(*lead, self.cfg.d_in)
-
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                coefficients: LossCoefficients | None = None, kl: Callable[[Tensor], Tensor] | None = None
-                ) -> SAEOutput:
-        """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default
-        mse + cfg.l1_coefficient · l1. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute AuxK
-        (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual
-        x - x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
-        if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int)
-                                  or not 1 <= k_aux <= self.cfg.d_sae):
-            raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
-        x2, lead = self._flatten_input(x)
-        values, indices, tau = self._encode_flat(x2)
-        x_hat = self._decode_flat(values, indices)  # (N, d_in)
-        l1 = auxk = None
-        if self.cfg.activation in ("relu", "jumprelu"):
-            l1 = l1_penalty(values, indices, self.W_dec if self.cfg.decoder_norm_l1 else None)
-        if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
-            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
-        kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
-        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
-                           auxk=auxk, kl=kl_term)
-        latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau)
-
-    def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
-        if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
-            raise ValueError(f"dead_mask must be a bool tensor of shape ({self.cfg.d_sae},), "
-                             f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
-        dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
-        if dead.numel() == 0:
-            return x_hat.new_zeros((), dtype=acc)
-        k_aux = min(k_aux if k_aux is not None else max(1, self.cfg.d_in // 2), dead.numel())
-        ops = backend_for(x.device)
-        x_c = x - self._w(self.b_dec) if self.cfg.apply_b_dec_to_input else x
-        # The same fused TopK, over the dead latents' rows only: no dense (N, d_sae) top-k.
-        values, slots = ops.encode_topk(x_c, self._w(self.W_enc[dead]), self._w(self.b_enc[dead]), k_aux)
-        no_bias = torch.zeros_like(self._w(self.b_dec))  # the residual has no b_dec to add back
-        e_hat = ops.decode(values, dead[slots], self._w(self.W_dec), no_bias)
-        residual = (x - x_hat).detach()
-        return mse(residual, e_hat)
-
-    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(N, d_in) → values, indices (N, w), and BatchTopK's batch threshold in training."""
-        return encode_flat(self.cfg, x, self._w(self.W_enc), self._w(self.b_enc), self._w(self.b_dec),
-                           getattr(self, "threshold", None), self.training)
-
-    def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
-        return backend_for(values.device).decode(values, indices, self._w(self.W_dec), self._w(self.b_dec))
-
-    def _flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+    def flatten_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        """x (*lead, d_in), checked (type, width, dtype, device, finite) → (N, d_in) and lead."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         d_in = self.cfg.d_in
@@ -253,7 +167,7 @@ class SAE(nn.Module):
         g.sub_((parallel * W.float()).to(g.dtype))
 
     @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> SAE:
+    def fold_input_scale_(self, scale: float) -> SAEWeights:
         """An SAE trained on inputs multiplied by scale becomes one that takes raw inputs, exactly:
         act(W_enc(s·x - b_dec) + b_enc) = act((s·W_enc)(x - b_dec/s) + b_enc) and x_hat/s = (W_dec/s) z + b_dec/s.
         Latent values are unchanged; decoder rows end with norm 1/s (as in SAELens's folding)."""
@@ -266,6 +180,104 @@ class SAE(nn.Module):
         self.b_dec.div_(scale)
         self.metadata["input_scale_folded"] = self.metadata.get("input_scale_folded", 1.0) * scale
         return self
+
+
+class SAE(SAEWeights):
+    def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None, seed: int | None = None):
+        super().__init__(cfg)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "meta":  # shapes only: load() fills the values in
+            W = torch.empty(cfg.d_sae, cfg.d_in, device=device)
+        else:
+            # Decoder rows are random unit vectors, the encoder starts as the
+            # decoder's transpose (Conerly et al. 2024; Gao et al. 2024).
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+            W = torch.randn(cfg.d_sae, cfg.d_in, device=device, generator=gen)
+            W /= W.norm(dim=1, keepdim=True)
+        self.init_parameters(W)
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> SparseLatents:
+        """(*lead, d_in) → SparseLatents with values/indices of shape (*lead, w)."""
+        x2, lead = self.flatten_input(x)
+        values, indices, _ = self._encode_flat(x2)
+        return SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
+
+    def decode(self, latents: SparseLatents | Tensor) -> Tensor:
+        """SparseLatents (*lead, w), or dense activations (*lead, d_sae) → x_hat (*lead, d_in).
+
+        Exactly z @ W_dec + b_dec, for any z: decoding is linear in the values, so negative entries
+        (a steering or erasure edit) decode as written, never dropped. Dense z is decoded from its non-zero
+        entries; when it requires grad, as the dense product, so that every entry gets its gradient.
+        Indices outside [0, d_sae) are refused on every backend."""
+        if isinstance(latents, Tensor):
+            if latents.dim() < 1 or latents.shape[-1] != self.cfg.d_sae:
+                raise ValueError(f"decode: dense latents must have shape (..., d_sae={self.cfg.d_sae}), "
+                                 f"got {tuple(latents.shape)}")
+            if latents.requires_grad:  # (*lead, d_sae) @ (d_sae, d_in), accumulated in fp32
+                return latents.to(self.dtype) @ self.cast(self.W_dec) + self.cast(self.b_dec)
+            values, indices = _nonzero_entries(latents)
+        elif isinstance(latents, SparseLatents):
+            if latents.d_sae != self.cfg.d_sae:
+                raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
+            values, indices = latents.values, latents.indices
+        else:
+            raise TypeError(f"decode: latents must be SparseLatents or a Tensor, got {type(latents).__name__}")
+        lead, w = values.shape[:-1], values.shape[-1]
+        values = values.reshape(-1, w).to(self.dtype)
+        x_hat = ops.decode(values, indices.reshape(-1, w), self.cast(self.W_dec), self.cast(self.b_dec))
+        return x_hat.reshape(*lead, self.cfg.d_in)
+
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                coefficients: LossCoefficients | None = None, kl: Callable[[Tensor], Tensor] | None = None
+                ) -> SAEOutput:
+        """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default
+        mse + cfg.l1_coefficient · l1. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute AuxK
+        (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual
+        x - x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
+        if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int)
+                                  or not 1 <= k_aux <= self.cfg.d_sae):
+            raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
+        x2, lead = self.flatten_input(x)
+        values, indices, tau = self._encode_flat(x2)
+        x_hat = self._decode_flat(values, indices)  # (N, d_in)
+        l1 = auxk = None
+        if self.cfg.activation in ("relu", "jumprelu"):
+            l1 = l1_penalty(values, indices, self.W_dec if self.cfg.decoder_norm_l1 else None)
+        if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
+            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
+        kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
+        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
+                           auxk=auxk, kl=kl_term)
+        latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
+        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau)
+
+    def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
+        if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(f"dead_mask must be a bool tensor of shape ({self.cfg.d_sae},), "
+                             f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+        dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
+        if dead.numel() == 0:
+            return x_hat.new_zeros((), dtype=acc)
+        k_aux = min(k_aux if k_aux is not None else max(1, self.cfg.d_in // 2), dead.numel())
+        ops = backend_for(x.device)
+        x_c = x - self.cast(self.b_dec) if self.cfg.apply_b_dec_to_input else x
+        # The same fused TopK, over the dead latents' rows only: no dense (N, d_sae) top-k.
+        values, slots = ops.encode_topk(x_c, self.cast(self.W_enc[dead]), self.cast(self.b_enc[dead]), k_aux)
+        no_bias = torch.zeros_like(self.cast(self.b_dec))  # the residual has no b_dec to add back
+        e_hat = ops.decode(values, dead[slots], self.cast(self.W_dec), no_bias)
+        residual = (x - x_hat).detach()
+        return mse(residual, e_hat)
+
+    def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(N, d_in) → values, indices (N, w), and BatchTopK's batch threshold in training."""
+        return encode_flat(self.cfg, x, self.cast(self.W_enc), self.cast(self.b_enc), self.cast(self.b_dec),
+                           getattr(self, "threshold", None), self.training)
+
+    def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
+        return backend_for(values.device).decode(values, indices, self.cast(self.W_dec), self.cast(self.b_dec))
 
     # ---- dtype ----------------------------------------------------------------------------------------
 
@@ -306,7 +318,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> SAE:
         """An SAE saved by save(); or one saved by SAELens or EleutherAI's sparsify, detected by its files
-        and imported (fastsae.interop). verify=False skips the weights' checksum (a full read of the file)."""
+        and read by fastsae.interop. verify=False skips the weights' checksum (a full read of the file)."""
         path = Path(path)
         cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_path.is_file() and path.is_dir():
@@ -316,7 +328,7 @@ class SAE(nn.Module):
                                         f"load one of them, e.g. SAE.load({str(path / held[0])!r})")
         meta = io.read_json(cfg_path)
         if "format_version" not in meta:
-            return _load_other_library(path, meta, device)
+            return cls.from_tensors(*interop.read_other_library(path, meta, str(device)))
         version = meta.pop("format_version")
         if version not in READABLE_VERSIONS:
             raise ValueError(f"{cfg_path}: format_version must be one of {READABLE_VERSIONS}, got {version!r} "
@@ -341,6 +353,16 @@ class SAE(nn.Module):
         if problem:
             raise io.CorruptFileError(weights_path, f"{problem} (for the config in {cfg_path})")
         sae.load_state_dict(tensors, assign=True)
+        return sae
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], metadata: dict | None = None,
+                     source: object = "tensors") -> SAE:
+        """An SAE holding tensors (its state_dict, on any device): what `fastsae.interop.read_saelens`
+        and `read_sparsify` return becomes an SAE as `SAE.from_tensors(*read_saelens(path))`."""
+        sae = cls(cfg, device="meta")
+        sae.metadata = dict(metadata or {})
+        sae.load_tensors(tensors, source=source)
         return sae
 
     def load_tensors(self, tensors: dict[str, Tensor], source: object = "tensors") -> None:
@@ -376,14 +398,3 @@ def _nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:
     width = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
     indices = z.abs().topk(width, dim=-1).indices
     return z.gather(-1, indices), indices
-
-
-def _load_other_library(path: Path, meta: dict, device: torch.device | str) -> SAE:
-    from . import interop
-
-    if "architecture" in meta or (path / interop.SAELENS_WEIGHTS_FILE).is_file():
-        return interop.import_saelens(path, device=str(device))
-    if "num_latents" in meta or "expansion_factor" in meta:
-        return interop.import_sparsify(path, device=str(device))
-    raise io.CorruptFileError(path / CONFIG_FILE, "no format_version: not an SAE saved by fastsae, and not a "
-                                                  "SAELens or sparsify one either")

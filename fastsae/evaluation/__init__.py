@@ -2,8 +2,9 @@
 
 from . import baselines
 from .eval_report import pareto_frontier, write_report
-from .evaluate import evaluate, evaluate_with_baselines, is_causal_lm, matched_k
+from .evaluate import evaluate, evaluate_with_baselines, matched_k
 from .metrics import ReconstructionMetrics, density_histogram
+from .variant_records import is_causal_lm
 from .whole_forward import activation_mean, evaluate_reference
 
 __all__ = ["ReconstructionMetrics", "activation_mean", "baselines", "density_histogram", "evaluate",

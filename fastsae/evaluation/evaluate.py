@@ -23,7 +23,6 @@ attention-masked mean of the final hidden states (sentence-transformers' pooling
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -31,9 +30,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..model import Splice, keep_mask, special_token_ids
-from ..model.upper import lm_head_logits, run_from_site, run_to_site, supports_site_runs
+from ..model import Splice
+from ..model.upper import Lower, lm_head_logits, run_from_site, run_to_site, supports_site_runs
 from .metrics import ReconstructionMetrics
+from .variant_records import (
+    MetricSums,
+    evaluation_results,
+    is_causal_lm,
+    reconstruction_records,
+    record_splice,
+    scored_positions,
+)
+from .whole_forward import evaluate_reference
 
 # Sequences per batched upper run (variants × batch): 9 variants of 4 windows of Gemma 3 270M's 128 tokens
 # run in one; a sweep of many SAEs is split into several runs so activations stay small on a GPU.
@@ -41,59 +49,6 @@ PASS_SEQUENCES = 64
 # Rows of logits (variants × positions) the head computes at once: 256 × Gemma's 262,144 vocabulary is
 # 268 MB of fp32, and GEMMs of 256 rows run near the 2-core CPU's best (M=64: 47 GFLOP/s, M=512: 67).
 HEAD_ROWS = 256
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Next-token models (…ForCausalLM) can generate; encoders and masked LMs (BERT) cannot."""
-    return bool(getattr(model, "can_generate", lambda: False)())
-
-
-def _keep(model: nn.Module, windows: Tensor, exclude_token_ids: list[int] | None, causal: bool) -> Tensor:
-    """The (S, T) mask of positions that count; refuses windows where none does."""
-    excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-    keep_all = keep_mask(windows, excluded)
-    scored = keep_all[:, :-1] if causal else keep_all  # causal: the last position predicts nothing here
-    if not bool(scored.any()):
-        raise ValueError(f"evaluate: every token of windows {tuple(windows.shape)} is excluded "
-                         f"(exclude_token_ids={sorted(excluded)}): no position to score")
-    return keep_all
-
-
-def _recon(decompositions: dict) -> dict[str, ReconstructionMetrics]:
-    return {name: ReconstructionMetrics(getattr(d, "d_codes", None) or d.cfg.d_sae)
-            for name, d in decompositions.items()}
-
-
-def _record(recon: ReconstructionMetrics, sp: Splice, keep: Tensor) -> None:
-    """Add a recording splice's one forward (at the kept positions) to recon."""
-    codes = sp.latents[0]
-    codes = codes[keep] if isinstance(codes, Tensor) else (codes.values[keep], codes.indices[keep])
-    recon.add(sp.activations[0][keep], sp.reconstructions[0][keep], codes)
-
-
-def _results(sums: dict[str, float], count: int, recon: dict[str, ReconstructionMetrics], keep_all: Tensor,
-             windows: Tensor, causal: bool) -> dict[str, dict]:
-    """The per-position sums and the reconstruction metrics -> {name: metrics} plus "model"."""
-    means = {key: value / count for key, value in sums.items()}
-    shared = {k: v for k, v in means.items() if "/" not in k}
-    shared.update(tokens=int(keep_all.sum()), windows=windows.shape[0], context_size=windows.shape[1],
-                  causal_lm=causal)
-    results = {"model": shared}
-    for name in recon:
-        m = recon[name].compute()
-        m.update({k.split("/", 1)[1]: v for k, v in means.items() if k.startswith(f"{name}/")})
-        if causal:
-            clean_ce, zero_ce, sae_ce = shared["ce_loss_without_sae"], shared["ce_loss_with_ablation"], \
-                m["ce_loss_with_sae"]
-            m["ce_loss_recovered"] = (zero_ce - sae_ce) / (zero_ce - clean_ce) if zero_ce != clean_ce else math.nan
-            kl_zero = shared["kl_div_with_ablation"]
-            m["kl_div_score"] = (kl_zero - m["kl_div_with_sae"]) / kl_zero if kl_zero else math.nan
-            m["perplexity_without_sae"] = math.exp(clean_ce)
-            m["perplexity_with_sae"] = math.exp(sae_ce)
-            m["perplexity_increase"] = m["perplexity_with_sae"] - m["perplexity_without_sae"]
-        m["density"] = recon[name].feature_density()
-        results[name] = m
-    return results
 
 
 def _variants(decompositions: dict, mean: Tensor, no_error_check: tuple[str, ...], causal: bool
@@ -159,12 +114,10 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     mean for mean ablation); every variant (clean, ablations, each decomposition with and without its
     error term) runs only the blocks from the site up, all in one batched run, and the LM head is
     applied a chunk of scored positions at a time. The same numbers as the straightforward evaluation
-    (fastsae.evaluation.whole_forward, one whole forward per variant) to float tolerance (tests/evaluation/test_eval_fast.py).
-    reference=True takes that straightforward path (benchmarks); so does a family fastsae.model.upper does
-    not know."""
+    (fastsae.evaluation.whole_forward, one whole forward per variant) to float tolerance
+    (tests/evaluation/test_eval_fast.py). reference=True takes that straightforward path (benchmarks); so
+    does a family fastsae.model.upper does not know."""
     if reference or not supports_site_runs(model):
-        from .whole_forward import evaluate_reference
-
         return evaluate_reference(model, site, windows, decompositions, batch_size=batch_size,
                                   exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,
                                   progress=progress)
@@ -172,48 +125,55 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
         raise ValueError(f"head_rows must be >= 1, got {head_rows}")
     device = next(model.parameters()).device
     causal = is_causal_lm(model)
-    keep_all = _keep(model, windows, exclude_token_ids, causal)
-    recon = _recon(decompositions)
-    sums: dict[str, float] = {}
-    count = 0
-
-    def add(key: str, value: Tensor) -> None:
-        sums[key] = sums.get(key, 0.0) + float(value.double().sum())
-
+    keep_all = scored_positions(model, windows, exclude_token_ids, causal)
+    recon = reconstruction_records(decompositions)
+    sums = MetricSums()
     batches = [(windows[i:i + batch_size].to(device), keep_all[i:i + batch_size].to(device))
                for i in range(0, windows.shape[0], batch_size)]
+    lowers, mean = _lower_runs(model, site, batches)
+    bar = tqdm(total=windows.numel(), disable=not progress, desc="eval", unit="tok", unit_scale=True)
+    for (ids, keep), lower in zip(batches, lowers, strict=True):
+        variants = _variants(decompositions, mean, no_error_check, causal)
+        _add_batch(model, lower, ids, keep, variants, recon, sums, head_rows, causal)
+        bar.update(ids.numel())
+    bar.close()
+    return evaluation_results(sums, recon, keep_all, windows, causal)
+
+
+def _lower_runs(model: nn.Module, site: str, batches: list[tuple[Tensor, Tensor]]) -> tuple[list[Lower], Tensor]:
+    """The blocks below site, run once per batch, and the mean activation over the kept positions (d,) float32,
+    as whole_forward.activation_mean takes it."""
     lowers, total, kept = [], None, 0
-    for ids, keep in batches:  # the lower blocks, once; the mean over kept positions as activation_mean takes it
+    for ids, keep in batches:
         lowers.append(run_to_site(model, site, input_ids=ids))
         x = lowers[-1].activation[keep].double()
         total = x.sum(0) if total is None else total + x.sum(0)
         kept += x.shape[0]
-    mean = (total / kept).cpu().float()
+    return lowers, (total / kept).cpu().float()
 
-    bar = tqdm(total=windows.numel(), disable=not progress, desc="eval", unit="tok", unit_scale=True)
-    for (ids, keep), lower in zip(batches, lowers, strict=True):
-        variants = _variants(decompositions, mean, no_error_check, causal)
-        for _, _, sp in variants:
-            if sp is not None:
-                sp.keep = keep
-        per_run = max(1, PASS_SEQUENCES // ids.shape[0])
-        hidden = torch.cat([run_from_site(model, lower, [v[2] for v in variants[i:i + per_run]], input_ids=ids)
-                            for i in range(0, len(variants), per_run)])  # (n, B, T, d)
-        for name, (_, _, sp) in zip(list(decompositions), [v for v in variants if v[2] is not None and v[2].record],
-                                     strict=True):
-            _record(recon[name], sp, keep)
-        if causal:
-            mask = keep[:, :-1]
-            count += int(mask.sum())
-            _head_sums(model, hidden, ids, mask, variants, head_rows, add)
-        else:
-            count += ids.shape[0]
-            emb = hidden.float().mean(dim=2)  # (n, B, d) the attention-unmasked mean, as the reference
-            for i, (key, _, _) in enumerate(variants[1:], start=1):
-                add(key, F.cosine_similarity(emb[0], emb[i], dim=-1))
-        bar.update(ids.numel())
-    bar.close()
-    return _results(sums, count, recon, keep_all, windows, causal)
+
+def _add_batch(model: nn.Module, lower: Lower, ids: Tensor, keep: Tensor, variants: list,
+               recon: dict[str, ReconstructionMetrics], sums: MetricSums, head_rows: int, causal: bool) -> None:
+    """Every variant of one batch (B, T) from its lower run: the upper blocks batched PASS_SEQUENCES at a
+    time, the recording splices into recon, the losses (causal) or embedding similarities into sums."""
+    for _, _, sp in variants:
+        if sp is not None:
+            sp.keep = keep
+    per_run = max(1, PASS_SEQUENCES // ids.shape[0])
+    hidden = torch.cat([run_from_site(model, lower, [v[2] for v in variants[i:i + per_run]], input_ids=ids)
+                        for i in range(0, len(variants), per_run)])  # (n, B, T, d)
+    for name, (_, _, sp) in zip(list(recon), [v for v in variants if v[2] is not None and v[2].record],
+                                 strict=True):
+        record_splice(recon[name], sp, keep)
+    if causal:
+        mask = keep[:, :-1]
+        sums.count += int(mask.sum())
+        _head_sums(model, hidden, ids, mask, variants, head_rows, sums.add)
+    else:
+        sums.count += ids.shape[0]
+        emb = hidden.float().mean(dim=2)  # (n, B, d) the attention-unmasked mean, as the reference
+        for i, (key, _, _) in enumerate(variants[1:], start=1):
+            sums.add(key, F.cosine_similarity(emb[0], emb[i], dim=-1))
 
 
 def matched_k(sae, x: Tensor) -> int:

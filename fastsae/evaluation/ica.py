@@ -52,7 +52,7 @@ def fast_ica(x: Tensor, n_components: int, seed: int = 0, max_iter: int = 200, t
     On small problems it lands 1e-7 from the float64 fit (tests/evaluation/test_ica.py); at the main job's shape it
     converges (113 iterations against 106) to another of FastICA's fixed points, about as good a one
     (held-out FVU 0.20939 against 0.20877; 0.20854 with MKL's GEMM after 111 iterations,
-    bench/results/ica-cpu-2026-11-21-float32-400-iterations*.md)."""
+    bench/results/evaluation/ica-cpu-2026-11-21-float32-400-iterations*.md)."""
     if not isinstance(x, Tensor) or x.ndim != 2 or x.dtype not in (torch.float32, torch.float64):
         # as scikit-learn's; torch.linalg has no SVD or eigh in 16-bit types
         raise ValueError(f"x must be a 2-D float32 or float64 tensor (N, d), got "

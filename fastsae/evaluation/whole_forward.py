@@ -2,7 +2,8 @@
 mean-ablated, each decomposition with and without its error term), full log-softmax over the vocabulary.
 `evaluate` computes the same numbers with the lower blocks run once and the head in chunks; this is
 what tests and `bench/eval_speed.py` compare it with, and what runs for model families
-fastsae.model.upper does not know. The metrics are defined in fastsae/evaluation/evaluate.py.
+fastsae.model.upper does not know. The metrics are defined in fastsae/evaluation/evaluate.py; the records
+both paths fill are in variant_records.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from tqdm.auto import tqdm
 
 from ..losses import kl_div
 from ..model import capture, splice
-from .evaluate import _keep, _recon, _record, _results, is_causal_lm
+from .variant_records import (
+    MetricSums,
+    evaluation_results,
+    is_causal_lm,
+    reconstruction_records,
+    record_splice,
+    scored_positions,
+)
 
 
 def _forward(model: nn.Module, ids: Tensor, causal: bool) -> Tensor:
@@ -55,14 +63,10 @@ def evaluate_reference(model: nn.Module, site: str, windows: Tensor, decompositi
     """evaluate(), one whole forward per variant: the same arguments and results."""
     device = next(model.parameters()).device
     causal = is_causal_lm(model)
-    keep_all = _keep(model, windows, exclude_token_ids, causal)
+    keep_all = scored_positions(model, windows, exclude_token_ids, causal)
     mean = activation_mean(model, site, windows, keep_all, batch_size).float()
-    recon = _recon(decompositions)
-    sums: dict[str, float] = {}
-    count = 0
-
-    def add(key: str, value: Tensor) -> None:
-        sums[key] = sums.get(key, 0.0) + float(value.double().sum())
+    recon = reconstruction_records(decompositions)
+    sums = MetricSums()
 
     def variant(ids: Tensor, keep: Tensor, **kw) -> tuple[Tensor, object]:
         with splice(model, site, **kw) as sp:
@@ -74,34 +78,34 @@ def evaluate_reference(model: nn.Module, site: str, windows: Tensor, decompositi
         ids = windows[first:first + batch_size].to(device)
         keep = keep_all[first:first + batch_size].to(device)
         clean = _forward(model, ids, causal)
+        mask = keep[:, :-1] if causal else None
+        sums.count += int(mask.sum()) if causal else ids.shape[0]
         if causal:
-            mask = keep[:, :-1]
-            count += int(mask.sum())
-            add("ce_loss_without_sae", _ce(clean, ids, mask))
-            for key, kw in (("ablation", {"replace": "zero"}), ("mean_ablation", {"replace": mean})):
-                logp, _ = variant(ids, keep, **kw)
-                add(f"ce_loss_with_{key}", _ce(logp, ids, mask))
-                add(f"kl_div_with_{key}", _kl(clean, logp, mask))
-        else:
-            count += ids.shape[0]
-            for key, kw in (("ablation", {"replace": "zero"}), ("mean_ablation", {"replace": mean})):
-                emb, _ = variant(ids, keep, **kw)
-                add(f"embedding_cossim_with_{key}", F.cosine_similarity(clean, emb, dim=-1))
+            sums.add("ce_loss_without_sae", _ce(clean, ids, mask))
+        for key, kw in (("ablation", {"replace": "zero"}), ("mean_ablation", {"replace": mean})):
+            _add_variant(sums, key, clean, variant(ids, keep, **kw)[0], ids, mask)
         for name, dec in decompositions.items():
             out, sp = variant(ids, keep, sae=dec, record=True)
-            _record(recon[name], sp, keep)
-            check = name not in no_error_check
-            with_error = variant(ids, keep, sae=dec, error_term=True)[0] if check else None
-            if causal:
-                add(f"{name}/ce_loss_with_sae", _ce(out, ids, mask))
-                add(f"{name}/kl_div_with_sae", _kl(clean, out, mask))
-                if check:
-                    add(f"{name}/ce_loss_with_sae_and_error", _ce(with_error, ids, mask))
-            else:
-                add(f"{name}/embedding_cossim_with_sae", F.cosine_similarity(clean, out, dim=-1))
-                if check:
-                    add(f"{name}/embedding_cossim_with_sae_and_error",
-                        F.cosine_similarity(clean, with_error, dim=-1))
+            record_splice(recon[name], sp, keep)
+            _add_variant(sums, f"{name}/", clean, out, ids, mask, sae=True)
+            if name not in no_error_check:
+                with_error = variant(ids, keep, sae=dec, error_term=True)[0]
+                _add_variant(sums, f"{name}/", clean, with_error, ids, mask, sae=True, error=True)
         bar.update(ids.numel())
     bar.close()
-    return _results(sums, count, recon, keep_all, windows, causal)
+    return evaluation_results(sums, recon, keep_all, windows, causal)
+
+
+def _add_variant(sums: MetricSums, key: str, clean: Tensor, out: Tensor, ids: Tensor, mask: Tensor | None,
+                 sae: bool = False, error: bool = False) -> None:
+    """One variant's numbers against the clean forward: CE (and KL, but not for the error-term self-check)
+    when mask (B, T-1) is given (a causal LM), else the embeddings' cosine similarity. key: the ablation's
+    name, or "name/" for a decomposition (sae=True, its error-term forward with error=True)."""
+    what = ("sae_and_error" if error else "sae") if sae else key
+    prefix = key if sae else ""
+    if mask is None:
+        sums.add(f"{prefix}embedding_cossim_with_{what}", F.cosine_similarity(clean, out, dim=-1))
+        return
+    sums.add(f"{prefix}ce_loss_with_{what}", _ce(out, ids, mask))
+    if not error:
+        sums.add(f"{prefix}kl_div_with_{what}", _kl(clean, out, mask))

@@ -1,16 +1,19 @@
-"""Harvest: run a model over fixed context windows and write the activations at sites to a store."""
+"""Harvest: run a model over fixed context windows and write the activations at sites to a store, from one
+process or several (each its part, merged by harvest/parallel.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..model import capture, keep_mask, special_token_ids
+from . import parallel
 from .corpus import first_windows, read_documents, token_windows, window_record
-from .store import ActivationStore, StoreWriter, is_store
+from .store import MANIFEST, ActivationStore, StoreWriter, is_store
 
 
 @torch.no_grad()
@@ -23,7 +26,7 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
     (default: the model's BOS/EOS/pad) are not stored. resume=True continues an interrupted harvest.
     source (JSON-able) records where the sequences came from; a resume must name the same.
     window_range=(lo, hi) harvests sequences[lo:hi] only, recorded under their indices in sequences
-    (one rank's part of a parallel harvest, see harvest/parallel.py)."""
+    (one rank's part of a parallel harvest, harvest_parallel)."""
     if sequences.dim() != 2 or sequences.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"sequences must be (S, T) integer token ids, got {sequences.dtype} {tuple(sequences.shape)}")
     if batch_size < 1:
@@ -49,6 +52,31 @@ def harvest(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Pa
         bar.close()
         writer.flush()
     return ActivationStore(out)
+
+
+def harvest_parallel(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Path, *, rank: int,
+                     world_size: int, resume: bool = False, source: dict | None = None,
+                     **kwargs) -> ActivationStore | None:
+    """This rank's part of a harvest of sequences (S, T) into out; kwargs go to harvest(). With
+    torch.distributed initialised every rank calls it and all return the merged store; without, each
+    process harvests its part and the last to finish merges (the others return None)."""
+    out = Path(out)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if (out / MANIFEST).is_file() and not resume:
+        raise FileExistsError(f"{out} already holds a store: pass resume=True, or another directory")
+    parallel.check_world(out, world_size)
+    lo, hi = parallel.window_range(sequences.shape[0], rank, world_size)
+    part_source = {**(source or {}), "part": {"rank": rank, "world_size": world_size, "windows": [lo, hi]}}
+    harvest(model, sites, sequences, parallel.part_dir(out, rank, world_size), resume=resume, source=part_source,
+            window_range=(lo, hi), **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+        if rank == 0:
+            parallel.merge_parts(out, world_size)
+        dist.barrier()
+        return ActivationStore(out)
+    return ActivationStore(out) if parallel.merge_parts(out, world_size, missing_ok=True) else None
 
 
 def check_harvest(out: str | Path, tokens: int | None, context_size: int, resume: bool = False) -> None:
@@ -83,8 +111,6 @@ def harvest_corpus(model: nn.Module, tokenizer, sites: list[str], corpus: str | 
     if kwargs.get("exclude_token_ids") is None:
         kwargs["exclude_token_ids"] = special_token_ids(model, tokenizer)
     if world_size > 1:
-        from .parallel import harvest_parallel
-
         return harvest_parallel(model, sites, windows, out, rank=rank, world_size=world_size, source=source,
                                 **kwargs)
     return harvest(model, sites, windows, out, source=source, **kwargs)

@@ -1,4 +1,5 @@
-"""Harvesting one store from several processes (`torchrun ... -m fastsae harvest`).
+"""The layout and merging of a store harvested by several processes (`torchrun ... -m fastsae harvest`,
+`harvester.harvest_parallel`); this module runs no model.
 
 Rank r of W harvests the contiguous range r of the windows (`window_range`) into a store of its own,
 
@@ -21,11 +22,9 @@ import os
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import io
-from .harvester import harvest
 from .store import MANIFEST, ActivationStore
 
 PARTS = "parts"
@@ -43,37 +42,13 @@ def part_dir(out: str | Path, rank: int, world_size: int) -> Path:
     return Path(out) / PARTS / f"rank-{rank:05d}-of-{world_size:05d}"
 
 
-def _check_world(out: Path, world_size: int) -> None:
+def check_world(out: Path, world_size: int) -> None:
+    """Refuse out when its parts were harvested by another number of processes."""
     found = sorted(p.name for p in (out / PARTS).glob("rank-*")) if (out / PARTS).is_dir() else []
     other = [name for name in found if not name.endswith(f"-of-{world_size:05d}")]
     if other:
         raise ValueError(f"{out} was harvested by another number of processes ({other[0]}): resume it with "
                          f"that many, or harvest into a new directory")
-
-
-def harvest_parallel(model: nn.Module, sites: list[str], sequences: Tensor, out: str | Path, *, rank: int,
-                     world_size: int, resume: bool = False, source: dict | None = None,
-                     **kwargs) -> ActivationStore | None:
-    """This rank's part of a harvest of sequences (S, T) into out; kwargs go to harvest(). With
-    torch.distributed initialised every rank calls it and all return the merged store; without, each
-    process harvests its part and the last to finish merges (the others return None)."""
-    out = Path(out)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if (out / MANIFEST).is_file() and not resume:
-        raise FileExistsError(f"{out} already holds a store: pass resume=True, or another directory")
-    _check_world(out, world_size)
-    lo, hi = window_range(sequences.shape[0], rank, world_size)
-    part_source = {**(source or {}), "part": {"rank": rank, "world_size": world_size, "windows": [lo, hi]}}
-    harvest(model, sites, sequences, part_dir(out, rank, world_size), resume=resume, source=part_source,
-            window_range=(lo, hi), **kwargs)
-    if dist.is_initialized():
-        dist.barrier()
-        if rank == 0:
-            merge_parts(out, world_size)
-        dist.barrier()
-        return ActivationStore(out)
-    return ActivationStore(out) if merge_parts(out, world_size, missing_ok=True) else None
 
 
 def merge_parts(out: str | Path, world_size: int, missing_ok: bool = False) -> bool:

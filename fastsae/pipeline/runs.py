@@ -116,8 +116,8 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
         settings = read_run(out / RUN_FILE)  # a resumed run keeps its own configuration, but for its length
         if total_steps is not None:  # checked against the newest checkpoint before run.json is rewritten
             from ..train import checkpoint as ckpt
-            from ..train.distributed_training import read_checkpoint_meta
-            from ..train.trainer import resumed_total_steps
+            from ..train.checkpoint_loading import read_checkpoint_meta
+            from ..train.schedules import resumed_total_steps
 
             newest = ckpt.latest_checkpoint(out)
             if newest is not None:  # written by one process or sharded over several: either format

@@ -1,7 +1,7 @@
 """Training: the trainer loop, schedules, the fused optimizer, dead latents, checkpoints."""
 
 from ..losses import fvu
-from .optim import SAEAdam
+from .optim import SAEAdam, build_optimizer
 from .train_config import (
     CheckpointConfig,
     DeadLatentConfig,
@@ -10,7 +10,7 @@ from .train_config import (
     ScheduleConfig,
     TrainConfig,
 )
-from .trainer import Trainer, TrainingDivergedError, TrainResult, build_optimizer, train
+from .trainer import Trainer, TrainingDivergedError, TrainResult, train
 
 __all__ = ["CheckpointConfig", "DeadLatentConfig", "LoggingConfig", "OptimizerConfig", "SAEAdam", "ScheduleConfig",
            "TrainConfig", "Trainer", "TrainingDivergedError", "TrainResult", "build_optimizer", "fvu", "train"]

@@ -33,10 +33,10 @@ counters, and whose replicated file holds the rest of the trainer state. Either 
 more or fewer GPUs, or to one process: `load_training_state` reads either format into a
 DistributedTrainer (its rows) or a plain Trainer (every row; `Trainer.load_checkpoint` hands a sharded
 checkpoint to it), and `read_checkpoint_meta` gives either format's step and length (`fastsae train
---resume --steps N` checks N against it). On the same grid a resumed run ends bit for bit where an
-uninterrupted one ends; on another, where an uninterrupted run on the new grid would, to fp32 rounding
-(the reductions add in another order). tests/train/test_sharded_resume.py kills a rank of a torchrun job and
-resumes it each way.
+--resume --steps N` checks N against it); both are in train/checkpoint_loading.py. On the same grid a
+resumed run ends bit for bit where an uninterrupted one ends; on another, where an uninterrupted run on
+the new grid would, to fp32 rounding (the reductions add in another order). tests/train/test_sharded_resume.py
+kills a rank of a torchrun job and resumes it each way.
 
 Failure: a rank that dies fails its peers' next collective at once (their sockets close), and every
 collective has the process group's timeout (ops.distributed.DEFAULT_TIMEOUT_S, $FASTSAE_DIST_TIMEOUT)
@@ -52,28 +52,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import io
-from ..config import SAEConfig
 from ..losses import variance_unexplained
 from ..ops import backend_for
 from ..ops import distributed as D
-from ..ops.distributed import LatentShard, ProcessGrid
+from ..ops.distributed import ProcessGrid
 from ..sae import SAE
 from . import checkpoint as ckpt
+from .checkpoint_loading import OPTIM_PREFIX, load_training_state
 from .resample import ENCODER_SCALE, adam_state_rows, draw_inputs, reconstruction_losses
-from .sharded import (
-    MANIFEST,
-    REPLICATED,
-    ShardedSAE,
-    gather_rows,
-    read_manifest,
-    read_rows,
-    row_tensor_names,
-    write_sharded,
-)
-from .trainer import TrainConfig, Trainer
-
-_OPTIM = "optim."
+from .sharded import ShardedSAE, consolidate, gather_rows, write_sharded
+from .train_config import TrainConfig
+from .trainer import Trainer
 
 
 class _Sliced:
@@ -219,7 +208,7 @@ class DistributedTrainer(Trainer):
             for key, t in state.items():
                 if isinstance(t, Tensor):
                     target = rows if name in model.row_tensors and t.dim() > 0 else replicated
-                    target[f"{_OPTIM}{name}.{key}"] = t
+                    target[f"{OPTIM_PREFIX}{name}.{key}"] = t
         return rows, replicated
 
     def load_checkpoint(self, path: Path) -> None:
@@ -258,117 +247,6 @@ def _broadcast_path(path: Path | None) -> Path | None:
     box = [None if path is None else str(path)]
     dist.broadcast_object_list(box, src=0)
     return None if box[0] is None else Path(box[0])
-
-
-def _param_order(optimizer: torch.optim.Optimizer, model: SAE | ShardedSAE) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    """A checkpoint of several latent shards (a sharded directory), not the single-process layout."""
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_checkpoint_meta(path: Path) -> dict:
-    """{"step", "tokens", "total_steps", "config", ...} of a checkpoint of either format, checked: the
-    single-process trainer.json, or what a sharded checkpoint's manifest keeps in its "extra"."""
-    if not is_sharded_checkpoint(path):
-        return ckpt.read_trainer_meta(path)
-    return io.check_fields(read_manifest(path)["extra"], path / MANIFEST, {
-        "step": int, "tokens": int, "total_steps": (int, type(None)), "config": dict, "optimizer": dict})
-
-
-def load_training_state(trainer: Trainer, path: Path) -> None:
-    """Checkpoint path, of either format and written on any grid, into trainer: a DistributedTrainer takes
-    its rank's rows, a Trainer (one process, every latent) all of them. Every file is read and checked
-    before anything of the trainer or its SAE changes, as Trainer.load_checkpoint does."""
-    model = trainer.sae
-    d_sae = model.cfg.d_sae
-    shard = model.shard if isinstance(model, ShardedSAE) else LatentShard(d_sae, 0, d_sae)
-    row_names = row_tensor_names(model.cfg)
-    rows, replicated, meta = _read_checkpoint(path, shard, row_names)
-    saved = SAEConfig.from_dict(meta["sae"])
-    if saved != model.cfg:
-        raise ValueError(f"{path}: checkpoint SAE config {saved} differs from this run's {model.cfg}")
-    kind, ours = ckpt.optimizer_kind(meta["optimizer"]), "fused" if trainer.fused else "torch"
-    if kind != ours:
-        raise ValueError(f"{path}: the checkpoint's optimizer is {kind!r}, this run's OptimizerConfig.kind "
-                         f"gives {ours!r}: resume with OptimizerConfig(kind={kind!r})")
-    total_steps = trainer.resumed_total_steps(meta["step"], meta["total_steps"], path)
-    # where each tensor comes from: the rows read for this rank, or the tensors every rank holds whole
-    source = {**{n: replicated for n in (*model.state_dict(), "pool", "generator", "torch_rng")},
-              **{n: rows for n in (*row_names, "tokens_since_fired")}}
-    missing = sorted(n for n, tensors in source.items() if n not in tensors)
-    if missing:
-        raise io.CorruptFileError(path, f"tensors {missing} are missing")
-    optimizer_state = _optimizer_state(trainer.optimizer, model, rows, replicated, meta["optimizer"], path)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t.copy_(source[name][name])
-    trainer.optimizer.load_state_dict(optimizer_state)
-    trainer.step_count, trainer.tokens_seen, trainer.total_steps = meta["step"], meta["tokens"], total_steps
-    trainer.tokens_since_fired = rows["tokens_since_fired"].to(model.device)
-    trainer.pool = replicated["pool"].to(model.device)
-    trainer.generator.set_state(replicated["generator"])
-    torch.set_rng_state(replicated["torch_rng"])
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer, model: SAE | ShardedSAE, rows: dict[str, Tensor],
-                     replicated: dict[str, Tensor], meta: dict, path: Path) -> dict:
-    """The optimizer's state_dict from a checkpoint's optim.<param>.<field> tensors and scalars (named by
-    parameter, so that they land on the same parameters whatever order this optimizer numbers them in)."""
-    state: dict[int, dict] = {}
-    index = {n: i for i, n in enumerate(_param_order(optimizer, model))}
-    named = [(key[len(_OPTIM):], t) for source in (rows, replicated) for key, t in source.items()
-             if key.startswith(_OPTIM)]
-    for key, value in named + list(meta["scalars"].items()):
-        name, field = key.rsplit(".", 1)
-        if name not in index:
-            raise io.CorruptFileError(path, f"optimizer state {key!r} names no trained parameter of this SAE "
-                                            f"(it has {sorted(index)})")
-        state.setdefault(index[name], {})[field] = value  # load_state_dict moves and casts tensors
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _read_checkpoint(path: Path, s: LatentShard, row_tensors: tuple[str, ...]
-                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
-    """(rows s.start:s.stop of the per-latent tensors, the replicated ones, the metadata) of a checkpoint
-    in either format, with optimizer moments named optim.<param>.<field> in both."""
-    if is_sharded_checkpoint(path):
-        meta = read_checkpoint_meta(path)
-        manifest = read_manifest(path)
-        rows = read_rows(path, manifest, s.start, s.stop)
-        replicated = io.read_tensors(path / REPLICATED)
-        return rows, replicated, {**meta, "sae": manifest["sae"]}
-    sae = SAE.load(path / "sae")  # the single-process format: slice the rows out
-    tensors = dict(sae.state_dict())
-    opt_tensors = io.read_tensors(path / "optimizer.safetensors")
-    opt_meta = io.read_json(path / "optimizer.json")
-    order = _single_process_order(sae)
-    scalars = {}
-    for key, t in opt_tensors.items():
-        _, idx, field = key.split(".", 2)
-        tensors[f"{_OPTIM}{order[int(idx)]}.{field}"] = t
-    for key, value in opt_meta["scalars"].items():
-        idx, field = key.split(".", 1)
-        scalars[f"{order[int(idx)]}.{field}"] = value
-    trainer = ckpt.read_trainer_state(path)
-    meta = ckpt.read_trainer_meta(path)
-    row_names = set(row_tensors) | {f"{_OPTIM}{n}.{f}" for n in row_tensors for f in ("exp_avg", "exp_avg_sq")}
-    rows = {n: t[s.start:s.stop] for n, t in tensors.items() if n in row_names}
-    rows["tokens_since_fired"] = trainer["tokens_since_fired"][s.start:s.stop]
-    replicated = {n: t for n, t in tensors.items() if n not in row_names}
-    replicated.update(pool=trainer["pool"], generator=trainer["generator"], torch_rng=trainer["torch_rng"])
-    meta = {**meta, "sae": sae.cfg.to_dict(),
-            "optimizer": {"param_groups": opt_meta["param_groups"], "scalars": scalars}}
-    return rows, replicated, meta
-
-
-def _single_process_order(sae: SAE) -> list[str]:
-    """Parameter names in the order Trainer's optimizers number them (SAEAdam: W_dec first; torch's
-    Adam: sae.parameters() order, which starts with W_dec too)."""
-    return [n for n, p in sae.named_parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -432,8 +310,6 @@ def save_final(model: ShardedSAE, out: str | Path) -> Path:
         sharded = out.with_name(out.name + "-sharded")
         write_sharded(sharded, model.cfg, model.grid, model.row_state(), model.replicated_state(), model.metadata)
         if model.grid.is_main:
-            from .sharded import consolidate
-
             consolidate(sharded, out)
     _broadcast_path(out)  # everyone waits for the files
     return out

@@ -22,8 +22,9 @@ from ..losses import fvu
 from ..sae import SAE
 from .inputs import check_batch
 from .optim import SAEAdam
+from .schedules import l1_warmup, lr_scale, record_batch_threshold_
 from .train_config import TrainConfig
-from .trainer import TrainingDivergedError, l1_warmup, lr_scale, record_batch_threshold_
+from .trainer import TrainingDivergedError
 
 # (concern, field) -> the only value train_ensemble supports yet
 _UNSUPPORTED = {("dead_latents", "resample_every"): None, ("dead_latents", "auxk_coefficient"): 0.0,

@@ -7,7 +7,8 @@ along the row before the update and the renormalisation after it. It matches
 `torch.optim.Adam` plus `SAE.remove_parallel_decoder_grad_` and
 `SAE.normalize_decoder_` to fp32 rounding. The step goes through the backend
 in force (`fastsae.use_backend`): the Triton kernel on CUDA, PyTorch ops
-elsewhere, the float64 reference in tests.
+elsewhere, the float64 reference in tests. `build_optimizer` picks it or
+torch's Adam from an `OptimizerConfig`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ..ops import backend_for
 from ..sae import SAE
+from .train_config import OptimizerConfig
 
 
 class SAEAdam(torch.optim.Optimizer):
@@ -58,3 +60,14 @@ class SAEAdam(torch.optim.Optimizer):
                                                 rows=group["unit_rows"])
         return loss
 
+
+def build_optimizer(sae: SAE, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer cfg asks for: SAEAdam (the fused step, with the decoder constraint inside it) or
+    torch.optim.Adam (the constraint then being the trainer's two passes around its step, `Trainer.fused`)."""
+    fused = cfg.kind == "fused" or (cfg.kind == "auto" and sae.device.type == "cuda") or cfg.state_dtype != "float32"
+    if fused:
+        return SAEAdam(sae, lr=cfg.lr, betas=cfg.betas, state_dtype=getattr(torch, cfg.state_dtype))
+    # On CPU, torch's own fused Adam: one pass over each parameter, ~10x faster than its default per-tensor
+    # loop at d_sae 16384, d_in 768 on 2 cores (36 ms against 340 ms; bench/cpu_step.py), same arithmetic.
+    return torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            fused=True if sae.device.type == "cpu" else None)

@@ -7,7 +7,7 @@ latent group. With a grid of one latent shard it is an SAE (plain data parallel)
 
 Row-wise work needs nothing new: the decoder-norm constraint, Adam (SAEAdam or torch's), folding an
 input scale and the resampling rewrite all act on whole latent rows, so they run on each rank's rows
-unchanged (this class borrows SAE's methods for them).
+unchanged (`SAEWeights`, which this class shares with SAE, holds them and the parameter setup).
 
 Files: a sharded SAE is a directory
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import io
 from ..config import SAEConfig
@@ -36,7 +36,7 @@ from ..latents import SparseLatents
 from ..losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
 from ..ops import distributed as D
 from ..ops.distributed import LatentShard, ProcessGrid
-from ..sae import SAE, SAEOutput
+from ..sae import SAE, SAEOutput, SAEWeights
 
 FORMAT_VERSION = 1
 KIND = "fastsae-sharded"
@@ -68,49 +68,19 @@ def init_rows(cfg: SAEConfig, start: int, stop: int, seed: int) -> Tensor:
     return W / W.norm(dim=1, keepdim=True)
 
 
-class ShardedSAE(nn.Module):
+class ShardedSAE(SAEWeights):
     def __init__(self, cfg: SAEConfig, grid: ProcessGrid | None = None, *, device: torch.device | str | None = None,
                  seed: int = 0):
         """This rank's rows of `SAE(cfg, seed=seed)` (the same initial weights when built on CPU)."""
-        super().__init__()
-        if not isinstance(cfg, SAEConfig):
-            raise TypeError(f"cfg must be a fastsae.SAEConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        super().__init__(cfg)
         self.grid = grid or ProcessGrid()
         self.shard = LatentShard.of(cfg.d_sae, self.grid)
-        self.check_finite = True
-        self.compute_dtype: torch.dtype | None = None
-        self.metadata: dict = {}
         device = torch.device(device) if device is not None else torch.device("cpu")
-        n, dtype = self.shard.size, cfg.torch_dtype
         if device.type == "meta":
-            W = torch.empty(n, cfg.d_in, device=device)
+            W = torch.empty(self.shard.size, cfg.d_in, device=device)
         else:
             W = init_rows(cfg, self.shard.start, self.shard.stop, seed).to(device)
-        self.W_dec = nn.Parameter(W.to(dtype))  # (n, d_in)
-        if not cfg.tied:
-            self.W_enc = nn.Parameter(W.to(dtype).clone())  # (n, d_in)
-        self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
-        if cfg.activation == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((n,), cfg.jumprelu_threshold, device=device,
-                                                     dtype=torch.float32), requires_grad=False)
-        elif cfg.activation == "batchtopk":
-            self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
-
-    def __getattr__(self, name: str):
-        if name == "W_enc" and self.cfg.tied:
-            return self.W_dec
-        return super().__getattr__(name)
-
-    # The SAE's own code wherever it is row-local or replicated.
-    dtype = SAE.dtype
-    device = SAE.device
-    _w = SAE._w
-    _flatten_input = SAE._flatten_input
-    normalize_decoder_ = SAE.normalize_decoder_
-    remove_parallel_decoder_grad_ = SAE.remove_parallel_decoder_grad_
-    fold_input_scale_ = SAE.fold_input_scale_
+        self.init_parameters(W)  # (n, d_in) rows and the whole b_dec
 
     @property
     def row_tensors(self) -> tuple[str, ...]:
@@ -121,7 +91,7 @@ class ShardedSAE(nn.Module):
 
     def encode(self, x: Tensor) -> SparseLatents:
         """(*lead, d_in) → the SparseLatents of the unsharded SAE, (*lead, w), on every rank."""
-        x2, lead = self._flatten_input(x)
+        x2, lead = self.flatten_input(x)
         return self._encode_flat(self._centre(x2))[2].reshape(*lead)
 
     def decode(self, latents: SparseLatents | Tensor) -> Tensor:
@@ -132,7 +102,7 @@ class ShardedSAE(nn.Module):
             raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
         lead, w = latents.values.shape[:-1], latents.width
         x_hat = D.decode(latents.values.reshape(-1, w).to(self.dtype), latents.indices.reshape(-1, w),
-                         self._w(self.W_dec), self._w(self.b_dec), self.shard)
+                         self.cast(self.W_dec), self.cast(self.b_dec), self.shard)
         return x_hat.reshape(*lead, self.cfg.d_in)
 
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
@@ -141,10 +111,10 @@ class ShardedSAE(nn.Module):
         rank of the latent group (latents detached for relu/jumprelu/batchtopk). kl is not supported."""
         if kl is not None:
             raise ValueError("ShardedSAE: training through a spliced model (kl) runs in one process only")
-        x2, lead = self._flatten_input(x)
+        x2, lead = self.flatten_input(x)
         x_c = self._centre(x2)
         values, indices, latents, tau = self._encode_flat(x_c)  # values/indices: at least this rank's entries
-        x_hat = D.decode(values, indices, self._w(self.W_dec), self._w(self.b_dec), self.shard)  # (N, d_in)
+        x_hat = D.decode(values, indices, self.cast(self.W_dec), self.cast(self.b_dec), self.shard)  # (N, d_in)
         l1 = auxk = None
         if self.cfg.activation in ("relu", "jumprelu"):  # values hold this rank's entries only
             W_dec = self.W_dec if self.cfg.decoder_norm_l1 else None
@@ -159,14 +129,14 @@ class ShardedSAE(nn.Module):
         """The encoder input, fed to every shard: its gradient (to b_dec, or x) sums over the latent group."""
         group = self.shard.group
         if self.cfg.apply_b_dec_to_input:
-            return D.replicate(x, group) - D.replicate(self._w(self.b_dec), group)
+            return D.replicate(x, group) - D.replicate(self.cast(self.b_dec), group)
         return D.replicate(x, group)
 
     def _encode_flat(self, x_c: Tensor) -> tuple[Tensor, Tensor, SparseLatents, Tensor | None]:
         """values, indices (at least this rank's entries), the latents of every rank, BatchTopK's batch
         threshold in training (the trainer records it, as for SAE)."""
         cfg, shard = self.cfg, self.shard
-        W_enc, b_enc = self._w(self.W_enc), self._w(self.b_enc)
+        W_enc, b_enc = self.cast(self.W_enc), self.cast(self.b_enc)
         tau = None
         if cfg.activation == "topk":
             values, indices = D.encode_topk(x_c, W_enc, b_enc, cfg.k, shard)
@@ -183,7 +153,7 @@ class ShardedSAE(nn.Module):
         return values, indices, SparseLatents(all_values, all_indices, cfg.d_sae), tau
 
     def _auxk(self, x: Tensor, x_c: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
-        """`SAE._auxk` over the dead latents of every shard: the same sharded top-k and decode."""
+        """SAE.forward's AuxK over the dead latents of every shard: the same sharded top-k and decode."""
         if dead_mask.shape != (self.shard.size,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of this rank's ({self.shard.size},) latents, "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
@@ -193,9 +163,9 @@ class ShardedSAE(nn.Module):
         if total == 0:
             return x_hat.new_zeros((), dtype=accumulation_dtype(x.dtype))
         k_aux = min(k_aux or max(1, self.cfg.d_in // 2), total)
-        values, indices = D.encode_topk(x_c, self._w(self.W_enc[dead]), self._w(self.b_enc[dead]), k_aux,
+        values, indices = D.encode_topk(x_c, self.cast(self.W_enc[dead]), self.cast(self.b_enc[dead]), k_aux,
                                         self.shard, latent_ids=dead + self.shard.start)
-        e_hat = D.decode(values, indices, self._w(self.W_dec), None, self.shard)
+        e_hat = D.decode(values, indices, self.cast(self.W_dec), None, self.shard)
         return mse((x - x_hat).detach(), e_hat)
 
     # ---- to and from one process -------------------------------------------------------------------

@@ -28,7 +28,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,19 +38,16 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..losses import LossCoefficients, fvu
-from ..sae import SAE
+from ..sae import SAE, SAEOutput
 from . import checkpoint as ckpt
+from .checkpoint_loading import is_sharded_checkpoint, load_single_process_state, load_training_state
 from .inputs import check_batch, init_b_dec_mean_
 from .kl import SpliceKL
-from .optim import SAEAdam
+from .optim import SAEAdam, build_optimizer
 from .resample import resample_dead_latents
+from .schedules import l1_warmup, lr_scale, record_batch_threshold_, resumed_total_steps
 from .sinks import MetricSinks
-from .train_config import FORMAT_VERSION, OptimizerConfig, ScheduleConfig, TrainConfig
-
-# BatchTopK's inference threshold is an exponential moving average of the per-batch thresholds seen in
-# training (Bussmann et al. 2024 use their mean).
-BATCHTOPK_THRESHOLD_EMA = 0.99
-
+from .train_config import FORMAT_VERSION, TrainConfig
 
 # The logged metrics, in this order.
 _METRICS = ("step", "tokens", "loss", "mse", "l1", "auxk", "kl", "l1_coefficient", "l0", "fvu", "dead_fraction", "lr")
@@ -74,61 +71,6 @@ class TrainResult:
     sae: SAE
     history: list[dict] = field(default_factory=list)
     run_dir: Path | None = None
-
-
-def lr_scale(step: int, total_steps: int | None, cfg: ScheduleConfig) -> float:
-    """Linear warm-up over the first lr_warmup_fraction, linear decay to 0 over the last lr_decay_fraction."""
-    if total_steps is None:
-        return 1.0
-    warmup = math.ceil(cfg.lr_warmup_fraction * total_steps)
-    decay = math.floor(cfg.lr_decay_fraction * total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay and step >= total_steps - decay:
-        return max(0.0, (total_steps - step) / decay)
-    return 1.0
-
-
-def l1_warmup(step: int, total_steps: int | None, cfg: ScheduleConfig) -> float:
-    """The fraction of the full L1 coefficient in force at step (linear over l1_warmup_fraction)."""
-    warmup = math.ceil(cfg.l1_warmup_fraction * total_steps) if total_steps else 0
-    return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-
-def resumed_total_steps(wanted: int | None, step: int, saved_total: int | None, path: Path) -> int | None:
-    """The run's length after resuming from the checkpoint at path, of `step`, that planned `saved_total`
-    steps: `wanted` (this run's ScheduleConfig.total_steps) when given (larger extends the run; smaller than
-    `step` is an error), else the checkpoint's. The LR and L1 schedules are functions of (step, total_steps),
-    so the steps after the resume follow the schedule of a run planned with the new total from the start:
-    the warm-up is not repeated, and a run whose LR had decayed towards 0 goes back to the plateau at once."""
-    if wanted is None:
-        return saved_total
-    if wanted < step:
-        raise ValueError(f"{path}: ScheduleConfig.total_steps={wanted} is less than the checkpoint's step {step}: "
-                         f"a resumed run cannot end before where it already is (pass total_steps >= {step})")
-    return wanted
-
-
-@torch.no_grad()
-def record_batch_threshold_(threshold: Tensor, tau: Tensor) -> None:
-    """Fold one training batch's BatchTopK threshold tau into the inference threshold (in place): the first
-    batch's as it is, then an exponential moving average."""
-    if threshold == 0:
-        threshold.copy_(tau)
-    else:
-        threshold.lerp_(tau.to(threshold), 1 - BATCHTOPK_THRESHOLD_EMA)
-
-
-def build_optimizer(sae: SAE, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer cfg asks for: SAEAdam (the fused step, with the decoder constraint inside it) or
-    torch.optim.Adam (the constraint then being the trainer's two passes around its step, `Trainer.fused`)."""
-    fused = cfg.kind == "fused" or (cfg.kind == "auto" and sae.device.type == "cuda") or cfg.state_dtype != "float32"
-    if fused:
-        return SAEAdam(sae, lr=cfg.lr, betas=cfg.betas, state_dtype=getattr(torch, cfg.state_dtype))
-    # On CPU, torch's own fused Adam: one pass over each parameter, ~10x faster than its default per-tensor
-    # loop at d_sae 16384, d_in 768 on 2 cores (36 ms against 340 ms; bench/cpu_step.py), same arithmetic.
-    return torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                            fused=True if sae.device.type == "cpu" else None)
 
 
 class Trainer:
@@ -163,7 +105,7 @@ class Trainer:
         # SAEAdam keeps the decoder on the sphere inside its step; torch's Adam needs the two passes around it.
         self.fused = isinstance(self.optimizer, SAEAdam)
         self.generator = torch.Generator(device=sae.device).manual_seed(self.cfg.seed)
-        # Rank 0 of a distributed run (train/distributed.py) writes metrics and shows progress.
+        # Rank 0 of a distributed run (train/distributed_training.py) writes metrics and shows progress.
         self.is_main = True
         self.step_count = 0
         self.total_steps: int | None = self.cfg.schedule.total_steps
@@ -202,24 +144,16 @@ class Trainer:
 
         metrics=False skips the logged metrics, each a host sync on a GPU: fit asks for them only on
         the steps it logs. "step" (and "resampled", on a resampling step) are always returned."""
-        sae, cfg, dead_cfg = self.sae, self.cfg, self.cfg.dead_latents
+        sae, dead_cfg = self.sae, self.cfg.dead_latents
         sae.train()
         check_batch(batch, self.step_count)
         b_dec_before = None  # given back if the first step diverges: the caller's SAE ends as it began
-        if self.step_count == 0 and cfg.b_dec_init == "mean" and self.kl is None:
+        if self.step_count == 0 and self.cfg.b_dec_init == "mean" and self.kl is None:
             b_dec_before = sae.b_dec.detach().clone()
             init_b_dec_mean_(sae, batch, self._rows_mean)
-        kl = None  # the KL term as a function of x_hat, for SAE.forward's loss
-        if self.kl is not None:
-            x, clean_logprobs = self.kl.clean(batch)
-
-            def kl(x_hat: Tensor) -> Tensor:
-                return self.kl.kl(batch, x_hat, clean_logprobs)
-        else:
-            x = batch
-        x = x.to(sae.dtype)  # the compute dtype under mixed precision
+        x, kl = self._inputs(batch)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.optimizer.lr * self.lr_scale(self.step_count)
+            group["lr"] = self.cfg.optimizer.lr * self.lr_scale(self.step_count)
         use_auxk = dead_cfg.auxk_coefficient > 0 and self.tokens_seen >= dead_cfg.window_tokens
         coefficients = self.coefficients(self.step_count)
         out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
@@ -229,6 +163,38 @@ class Trainer:
                 with torch.no_grad():
                     sae.b_dec.copy_(b_dec_before)
             self._diverged(out.loss.item())
+        self._update(out)
+        with torch.no_grad():
+            rows = x.detach().reshape(-1, sae.cfg.d_in)
+            self.tokens_since_fired += self._global_rows(rows.shape[0])
+            self.tokens_since_fired[self._fired(out.latents)] = 0
+            self.tokens_seen += self._global_rows(rows.shape[0])
+            self.step_count += 1
+            if dead_cfg.resample_every:
+                self.pool = torch.cat([self.pool, self._pool_rows(rows).to(self.pool.dtype)])[-dead_cfg.resample_pool:]
+            logged = self._metrics(x, out, coefficients) if metrics else {"step": self.step_count}
+            if dead_cfg.resample_every and self.step_count % dead_cfg.resample_every == 0:
+                dead = self.dead_mask()
+                logged["resampled"] = self._resample(dead)
+                self.tokens_since_fired[dead] = 0  # a fresh window to prove themselves
+            return logged
+
+    def _inputs(self, batch: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
+        """The SAE's input in its compute dtype, and the KL term as a function of x_hat (None without a
+        SpliceKL, whose batch is token ids: its input is the clean model's activation at the site)."""
+        if self.kl is None:
+            return batch.to(self.sae.dtype), None
+        x, clean_logprobs = self.kl.clean(batch)
+
+        def kl(x_hat: Tensor) -> Tensor:
+            return self.kl.kl(batch, x_hat, clean_logprobs)
+
+        return x.to(self.sae.dtype), kl
+
+    def _update(self, out: SAEOutput) -> None:
+        """Backward and the optimizer's step (with the decoder constraint around it unless SAEAdam does it),
+        and BatchTopK's batch threshold folded into its inference threshold."""
+        sae = self.sae
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self._after_backward()
@@ -241,32 +207,20 @@ class Trainer:
         if out.threshold is not None:
             record_batch_threshold_(sae.threshold, out.threshold)
 
-        with torch.no_grad():
-            rows = x.detach().reshape(-1, sae.cfg.d_in)
-            self.tokens_since_fired += self._global_rows(rows.shape[0])
-            self.tokens_since_fired[self._fired(out.latents)] = 0
-            self.tokens_seen += self._global_rows(rows.shape[0])
-            self.step_count += 1
-            if dead_cfg.resample_every:
-                self.pool = torch.cat([self.pool, self._pool_rows(rows).to(self.pool.dtype)])[-dead_cfg.resample_pool:]
-            logged = {"step": self.step_count}
-            if metrics:
-                means = self._batch_means({"loss": out.loss, "mse": out.mse, "l1": out.l1, "auxk": out.auxk,
-                                           "kl": out.kl, "l0": out.latents.l0.float().mean()})
-                logged.update({
-                    "tokens": self.tokens_seen,
-                    **{name: None if t is None else t.item() for name, t in means.items()},
-                    "l1_coefficient": coefficients.l1,
-                    "fvu": self._fvu(x, out.x_hat),
-                    "dead_fraction": self.dead_fraction(),
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                })
-                logged = {key: logged[key] for key in _METRICS}
-            if dead_cfg.resample_every and self.step_count % dead_cfg.resample_every == 0:
-                dead = self.dead_mask()
-                logged["resampled"] = self._resample(dead)
-                self.tokens_since_fired[dead] = 0  # a fresh window to prove themselves
-            return logged
+    def _metrics(self, x: Tensor, out: SAEOutput, coefficients: LossCoefficients) -> dict:
+        """The logged metrics of the step just taken (_METRICS, in that order)."""
+        means = self._batch_means({"loss": out.loss, "mse": out.mse, "l1": out.l1, "auxk": out.auxk,
+                                   "kl": out.kl, "l0": out.latents.l0.float().mean()})
+        logged = {
+            "step": self.step_count,
+            "tokens": self.tokens_seen,
+            **{name: None if t is None else t.item() for name, t in means.items()},
+            "l1_coefficient": coefficients.l1,
+            "fvu": self._fvu(x, out.x_hat),
+            "dead_fraction": self.dead_fraction(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        return {key: logged[key] for key in _METRICS}
 
     def _diverged(self, loss: float, what: str | None = None) -> None:
         """Stop: the loss of the coming step is not finite (nothing of that step has been applied), or what
@@ -278,7 +232,7 @@ class Trainer:
         where = f"the newest checkpoint is {newest} (left as it was)" if newest else "no checkpoint was written"
         raise TrainingDivergedError(f"{what}; {where}", step, newest, self.cfg.optimizer.lr)
 
-    # ---- seams: train/distributed.py's DistributedTrainer overrides these for several ranks ----------
+    # ---- seams: train/distributed_training.py's DistributedTrainer overrides these for several ranks -
 
     def _after_backward(self) -> None:
         """Gradients are complete (data parallel: averaged over the ranks)."""
@@ -340,33 +294,9 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Every file is read and checked before anything of this trainer or its SAE changes."""
-        from .distributed_training import is_sharded_checkpoint, load_training_state
-
-        if is_sharded_checkpoint(path):  # latents split over ranks (train/distributed.py): read whole
+        if is_sharded_checkpoint(path):  # latents split over ranks (train/distributed_training.py): read whole
             return load_training_state(self, path)
-        sae = SAE.load(path / "sae", device=self.sae.device)
-        if sae.cfg != self.sae.cfg:
-            raise ValueError(f"{path}: checkpoint SAE config {sae.cfg} differs from this run's {self.sae.cfg}")
-        optimizer_state, kind = ckpt.read_optimizer(path, self.sae.device)
-        if kind != ("fused" if self.fused else "torch"):
-            ours = "fused" if self.fused else "torch"
-            raise ValueError(f"{path}: the checkpoint's optimizer is {kind!r}, this run's OptimizerConfig.kind "
-                             f"gives {ours!r}: resume with OptimizerConfig(kind={kind!r})")
-        state = ckpt.read_trainer_state(path)
-        meta = ckpt.read_trainer_meta(path)
-        total_steps = self.resumed_total_steps(meta["step"], meta["total_steps"], path)
-        with torch.no_grad():
-            mine = self.sae.state_dict()
-            for name, t in sae.state_dict().items():
-                mine[name].copy_(t)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.step_count, self.tokens_seen, self.total_steps = meta["step"], meta["tokens"], total_steps
-        self.tokens_since_fired = state["tokens_since_fired"].to(self.sae.device)
-        self.pool = state["pool"].to(self.sae.device)
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
+        load_single_process_state(self, path)
 
     def resumed_total_steps(self, step: int, saved_total: int | None, path: Path) -> int | None:
         return resumed_total_steps(self.cfg.schedule.total_steps, step, saved_total, path)

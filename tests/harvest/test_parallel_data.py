@@ -6,7 +6,8 @@ from spawn import run_ranks
 
 from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, harvest
 from fastsae.harvest import harvester as harvest_module
-from fastsae.harvest.parallel import harvest_parallel, part_dir, vectors_by_position
+from fastsae.harvest.harvester import harvest_parallel
+from fastsae.harvest.parallel import part_dir, vectors_by_position
 
 from helpers import assert_close
 

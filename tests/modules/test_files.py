@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from fastsae import SAE, io
-from fastsae.interop import export_saelens, export_sparsify, import_saelens, import_sparsify
+from fastsae.interop import export_saelens, export_sparsify, read_saelens, read_sparsify
 
 from conftest import make_sae
 
@@ -95,7 +95,7 @@ def test_saelens_layout_and_round_trip(tmp_path, activation, k):
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["architecture"] == {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}[activation]
     assert (cfg["d_in"], cfg["d_sae"]) == (7, 19)
-    back = import_saelens(tmp_path)
+    back = SAE.from_tensors(*read_saelens(tmp_path))
     x = torch.randn(5, 7)
     torch.testing.assert_close(back(x).x_hat, sae(x).x_hat)
 
@@ -105,10 +105,10 @@ def test_saelens_import_refuses_what_it_cannot_represent(tmp_path):
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
     with pytest.raises(ValueError, match="architecture"):
-        import_saelens(tmp_path)
+        SAE.from_tensors(*read_saelens(tmp_path))
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
     with pytest.raises(ValueError, match="normalize_activations"):
-        import_saelens(tmp_path)
+        SAE.from_tensors(*read_saelens(tmp_path))
 
 
 def test_sparsify_layout_and_round_trip(tmp_path):
@@ -119,7 +119,7 @@ def test_sparsify_layout_and_round_trip(tmp_path):
         "encoder.weight": (19, 7), "encoder.bias": (19,), "W_dec": (19, 7), "b_dec": (7,)}
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert (cfg["d_in"], cfg["num_latents"], cfg["k"]) == (7, 19, 4)
-    back = import_sparsify(tmp_path)
+    back = SAE.from_tensors(*read_sparsify(tmp_path))
     x = torch.randn(5, 7)
     torch.testing.assert_close(back(x).x_hat, sae(x).x_hat)
     with pytest.raises(ValueError, match="TopK"):
@@ -142,7 +142,7 @@ def test_sae_lens_loads_our_export(tmp_path, activation, k):
         torch.testing.assert_close(theirs.encode(x), sae.encode(x).to_dense(), atol=1e-5, rtol=1e-5)
     if activation != "batchtopk":  # theirs saved back loads here
         theirs.save_model(str(tmp_path / "back"))
-        torch.testing.assert_close(import_saelens(tmp_path / "back")(x).x_hat, sae(x).x_hat)
+        torch.testing.assert_close(SAE.from_tensors(*read_saelens(tmp_path / "back"))(x).x_hat, sae(x).x_hat)
 
 
 @pytest.mark.optional
@@ -156,4 +156,4 @@ def test_sparsify_loads_our_export(tmp_path):
         enc = theirs.encode(x)
         torch.testing.assert_close(theirs.decode(enc.top_acts, enc.top_indices), sae(x).x_hat)
     theirs.save_to_disk(tmp_path / "back")
-    torch.testing.assert_close(import_sparsify(tmp_path / "back")(x).x_hat, sae(x).x_hat)
+    torch.testing.assert_close(SAE.from_tensors(*read_sparsify(tmp_path / "back"))(x).x_hat, sae(x).x_hat)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastsae import SAE
-from fastsae.interop import import_saelens, import_sparsify
+from fastsae.interop import read_saelens, read_sparsify
 
 pytestmark = pytest.mark.optional
 
@@ -80,7 +80,9 @@ def test_saelens_topk_trained_by_its_runner_imports_exactly(saelens_topk_run, wh
     if which == "checkpoint":  # what training left: decoder rows far from unit norm, normalisation in the cfg
         assert meta["normalize_activations"] == "expected_average_only_in"
         assert (norms - 1).abs().max() > 0.5
-    ours = import_saelens(path)
+    imported = read_saelens(path)  # plain data: the config, fastsae-layout tensors, metadata
+    assert all(isinstance(t, torch.Tensor) for t in imported.tensors.values())
+    ours = SAE.from_tensors(*imported)
     assert SAE.load(path).state_dict().keys() == ours.state_dict().keys()  # SAE.load detects the format
     x = _inputs(scale=3.0)
     with torch.no_grad():
@@ -114,7 +116,7 @@ def test_saelens_jumprelu_negative_thresholds_follow_saelens_formula(saelens_jum
     tensors = safetensors.torch.load_file(path / "sae_weights.safetensors")
     tensors["threshold"][::2] = -0.5  # half the latents below 0
     safetensors.torch.save_file(tensors, path / "sae_weights.safetensors")
-    theirs, ours = LensSAE.load_from_disk(str(path)), import_saelens(path)
+    theirs, ours = LensSAE.load_from_disk(str(path)), SAE.from_tensors(*read_saelens(path))
     assert ours.metadata["imported_from"]["negative_thresholds_set_to_0"] == int((tensors["threshold"] < 0).sum())
     x = _inputs(scale=2.0)
     with torch.no_grad():
@@ -125,7 +127,7 @@ def test_saelens_jumprelu_negative_thresholds_follow_saelens_formula(saelens_jum
     tensors["threshold"][0] = float("nan")
     safetensors.torch.save_file(tensors, path / "sae_weights.safetensors")
     with pytest.raises(ValueError, match="threshold holds NaN"):
-        import_saelens(path)
+        read_saelens(path)
 
 
 # ---- EleutherAI sparsify -------------------------------------------------------------------------
@@ -171,7 +173,8 @@ def test_sparsify_trained_by_its_trainer_imports_exactly(sparsify_run):
         torch.testing.assert_close(ours(x).x_hat, theirs.decode(enc.top_acts, enc.top_indices),
                                    atol=1e-5, rtol=1e-5)
         # multi-TopK: sparsify's forward reconstructs with 4k latents
-        torch.testing.assert_close(import_sparsify(path, k=4 * K)(x).x_hat, theirs(x).sae_out, atol=1e-5, rtol=1e-5)
+        four_k = SAE.from_tensors(*read_sparsify(path, k=4 * K))
+        torch.testing.assert_close(four_k(x).x_hat, theirs(x).sae_out, atol=1e-5, rtol=1e-5)
 
 
 def test_sparsify_run_directory_names_its_saes_and_d_in_comes_from_the_weights(sparsify_run, tmp_path):
@@ -183,8 +186,8 @@ def test_sparsify_run_directory_names_its_saes_and_d_in_comes_from_the_weights(s
     del meta["d_in"]  # files from before sparsify recorded it
     (path / "cfg.json").write_text(json.dumps(meta))
     x = _inputs()
-    reference = import_sparsify(sparsify_run / "layers.1", k=K)
-    torch.testing.assert_close(import_sparsify(path, k=K)(x).x_hat, reference(x).x_hat)
+    reference = SAE.from_tensors(*read_sparsify(sparsify_run / "layers.1", k=K))
+    torch.testing.assert_close(SAE.from_tensors(*read_sparsify(path, k=K))(x).x_hat, reference(x).x_hat)
     (path / "cfg.json").write_text(json.dumps({**meta, "d_in": 17}))
     with pytest.raises(ValueError, match=r"d_in=17, but encoder.weight .* is \(40, 16\)"):
-        import_sparsify(path, k=K)
+        read_sparsify(path, k=K)
