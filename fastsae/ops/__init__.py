@@ -21,6 +21,64 @@ and the two in-place updates of training (a Triton kernel each on CUDA):
 
 `backend_for(device)` gives the module in force; `use_backend(name)` switches all of them at once.
 
+Where each op lives. A backend module holds a function of the op's name for the six ops above; the
+other rows are the pieces their backwards are built from. Names are relative: the kernel launcher
+`encoder_topk.encoder_topk` is `fastsae.kernels.encoder_topk.encoder_topk` (the file kernels/encoder_topk.py);
+variants are functions of kernels/_variants.py (every compiled variant, for tests/ops/test_compile.py);
+autograd, torch path, code and reference names are under `fastsae.ops`; tests are files under tests/
+(their names are unique there). A dash: there is none. tests/ops/test_op_table.py checks every name.
+
+| op                | kernel                               | variants           | autograd                     |
+|-------------------|--------------------------------------|--------------------|------------------------------|
+| encode_topk       | encoder_topk.encoder_topk            | topk_variants      | _autograd.SparseEncode       |
+| encode_threshold  | encoder_threshold.encoder_threshold  | threshold_variants | _autograd.SparseEncode       |
+| encode_batchtopk  | encoder_topk.encoder_topk_candidates | topk_variants      | _autograd.SparseEncode       |
+| decode            | sparse_decode.sparse_decode          | sparse_variants    | triton_backend._SparseDecode |
+| decode_value_grad | sparse_decode.sparse_value_grad      | sparse_variants    | triton_backend._SparseDecode |
+| gather_rows       | sparse_decode.sparse_decode          | sparse_variants    | _autograd.SparseEncode       |
+| segment_sum       | segment_reduce.segment_reduce        | sparse_variants    | _autograd.SparseEncode       |
+| linear            | —                                    | —                  | —                            |
+| adam_step         | adam.adam_step                       | optimizer_variants | —                            |
+| resample_rows     | resample.resample_rows               | optimizer_variants | —                            |
+
+| op                | torch path                     | float64 reference           | tests                           |
+|-------------------|--------------------------------|-----------------------------|---------------------------------|
+| encode_topk       | torch_backend.encode_topk      | reference.encode_topk       | test_kernels, test_backends     |
+| encode_threshold  | torch_backend.encode_threshold | reference.encode_threshold  | test_kernels, test_backends     |
+| encode_batchtopk  | torch_backend.encode_batchtopk | reference.encode_batchtopk  | test_kernels, test_backends     |
+| decode            | torch_backend.decode           | reference.decode            | test_kernels, test_backends     |
+| decode_value_grad | torch_backend.rows_dot         | reference.decode_value_grad | test_kernels, test_sparse_prims |
+| gather_rows       | torch_backend.PRIMS            | reference.gather_rows       | test_kernels, test_sparse_prims |
+| segment_sum       | torch_backend.segment_rows_sum | reference.segment_sum       | test_kernels, test_sparse_prims |
+| linear            | cpu_gemm.linear                | reference.linear            | test_cpu_gemm                   |
+| adam_step         | torch_backend.adam_step        | reference.adam_step         | test_optim                      |
+| resample_rows     | torch_backend.resample_rows    | reference.resample_rows     | test_resample                   |
+
+- decode_value_grad is decode's gradient with respect to its values, <grad[n], W_dec[idx[n, j]]>; the torch
+  path's autograd for it and for decode is torch_backend._DecodeRows.
+- gather_rows and segment_sum are the two `_autograd.SparsePrims`: the encoders' input gradient, and their
+  weight and bias gradients (segment_sum is the decoder's weight gradient too). The torch path's
+  gather_rows is the `F.embedding_bag` in torch_backend.PRIMS.
+- linear is the torch path's encoder GEMM (oneDNN's fp32 GEMM on CPU; no autograd, F.linear where a
+  gradient is asked for).
+- Every op also runs inside the whole SAE, forward and every gradient against the reference, in
+  tests/modules/test_sae_backends.py (Triton) and tests/ops/test_backends.py (torch), where the
+  reference's own gradients are checked against finite differences; tests/ops/test_reference.py checks
+  decode's autograd against decode_value_grad and segment_sum.
+
+The latent-sharded ops (`distributed.py`) run the backend's op on each rank's slice of the latents and
+join the slices with collectives; their reference is the unsharded op (replicate, which feeds every
+rank's encoder the same input, is the identity forward and sums its gradient over the latent group), and
+tests/train/test_sharded.py checks them against the unsharded SAE.
+
+| sharded op       | code                         | autograd                      | float64 reference          |
+|------------------|------------------------------|-------------------------------|----------------------------|
+| replicate        | distributed.replicate        | distributed._Replicate        | —                          |
+| encode_topk      | distributed.encode_topk      | distributed._GatherCandidates | reference.encode_topk      |
+| encode_batchtopk | distributed.encode_batchtopk | —                             | reference.encode_batchtopk |
+| encode_threshold | distributed.encode_threshold | —                             | reference.encode_threshold |
+| decode           | distributed.decode           | distributed._SumShards        | reference.decode           |
+
 `decode` here is the checked entry point for latents that come from outside (a user's SparseLatents):
 it refuses indices outside [0, d_sae) once, for every backend (the Triton gather would read another
 row or out of bounds). Latents the encoders produce are valid by construction and skip the check,

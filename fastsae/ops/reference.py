@@ -2,6 +2,12 @@
 
 Plain autograd through dense (N, d_sae) tensors: slow and memory-hungry on
 purpose, so that it is obviously right. Outputs are cast back to the input's dtype.
+
+Besides the backend contract (the encoders, decode, adam_step, resample_rows) it holds the
+references of the pieces the other backends' backwards are built from: `linear` (every
+encoder's GEMM), `gather_rows` and `segment_sum` (the two `_autograd.SparsePrims`), and
+`decode_value_grad` (decode's gradient with respect to its values). The table in
+`fastsae/ops/__init__.py` names the kernel, torch path and tests of each.
 """
 
 from __future__ import annotations
@@ -9,16 +15,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..latents import SparseLatents
+
+
+def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """x @ W.T + b in float64: (N, d_in), (d_out, d_in), (d_out,) -> (N, d_out) float64 (not cast back: it is the
+    pre-activations the encoders select from, and ops/cpu_gemm.py's `linear` is tested against it)."""
+    out = x.double() @ W.double().T
+    return out if b is None else out + b.double()
 
 
 def _pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    return x.double() @ W_enc.double().T + b_enc.double()  # (N, d_sae)
+    return linear(x, W_enc, b_enc)  # (N, d_sae)
 
 
 def _compact(z: Tensor, dtype: torch.dtype, width: int | None = None) -> tuple[Tensor, Tensor]:
-    lat = SparseLatents.from_dense(z, width)
-    return lat.values.to(dtype), lat.indices
+    """Values and indices of each row's `width` largest entries (default: the batch's max L0, at least 1), the
+    compact form `SparseLatents.from_dense` makes; written out here because ops sits above the modules layer."""
+    if width is None:
+        width = max(1, int((z > 0).sum(-1).max()) if z.numel() else 0)
+    values, indices = torch.topk(z, width, dim=-1)
+    return values.clamp_min(0).to(dtype), indices
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -44,8 +60,42 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
 
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    z = SparseLatents(values.double(), indices, W_dec.shape[0]).to_dense()  # (N, d_sae)
+    z = _scatter(values, indices, W_dec.shape[0])  # (N, d_sae) float64
     return (z @ W_dec.double() + b_dec.double()).to(values.dtype)
+
+
+def _scatter(coef: Tensor, indices: Tensor, d_sae: int) -> Tensor:
+    """(N, d_sae) float64 with coef (N, w) added at each row's indices."""
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)
+    z = torch.zeros(indices.shape[0], d_sae, dtype=torch.float64, device=coef.device)
+    return z.index_put_((rows, indices), coef.double(), accumulate=True)
+
+
+def gather_rows(coef: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """Σ_j coef[n, j] · W[indices[n, j]]: (N, w), (N, w), (d_sae, d) -> (N, d) in coef's dtype.
+
+    Decode without its bias, and the encoders' input gradient (coef the masked value gradient, W = W_enc):
+    `SparsePrims.gather_rows`."""
+    z = _scatter(coef, indices, W.shape[0])  # (N, d_sae)
+    return (z @ W.double()).to(coef.dtype)
+
+
+def decode_value_grad(grad: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """d loss / d values of decode, given grad = d loss / d x_hat (N, d_in): <grad[n], W_dec[indices[n, j]]>,
+    (N, w) in W_dec's dtype. Densely: the gradient of the dense z, grad @ W_dec^T (N, d_sae), read at the
+    indices (padding slots included: their gradient is the index's, as in every backend)."""
+    return (grad.double() @ W_dec.double().T).gather(1, indices).to(W_dec.dtype)
+
+
+def segment_sum(indices: Tensor, coef: Tensor, y: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """out[i] = Σ_{(n, j): indices[n, j] = i} coef[n, j] · y[n] (d_sae, d) in y's dtype, and Σ of those coef
+    (d_sae,) in coef's dtype: `SparsePrims.segment_sum`, kernels/segment_reduce.py.
+
+    The decoder's weight gradient is out with coef = values, y = grad of x_hat; the encoder's weight and bias
+    gradients are out and the sums with coef = the masked value gradient, y = x. Densely: Z^T y, Z the
+    (N, d_sae) matrix holding each row's coef at its indices (repeated indices add up)."""
+    z = _scatter(coef, indices, d_sae)
+    return (z.T @ y.double()).to(y.dtype), z.sum(0).to(coef.dtype)
 
 
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,

@@ -1,12 +1,17 @@
-"""The torch backend against the float64 reference: values and every gradient, for every activation."""
+"""The backends against the float64 reference: decode's autograd op by op on the torch and Triton backends in
+every dtype, and the whole SAE on the torch backend (values and every gradient, for every activation; the
+Triton backend's whole-SAE tests are tests/modules/test_sae_backends.py)."""
 
 import pytest
 import torch
 
 from fastsae import use_backend
+from fastsae.ops import reference, torch_backend, triton_backend
 
 from conftest import make_sae
 from helpers import assert_close, assert_valid_topk, float64_copy, run
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 ACTS = [("relu", None), ("jumprelu", None), ("topk", 1), ("topk", 5), ("batchtopk", 3)]
 # (rows, d_in, d_sae), never block multiples; d_sae 640 (20 groups of TOPK_GROUP) takes the two-level top-k
@@ -140,3 +145,26 @@ def test_sparse_backward_builds_no_dense_batch_by_latent_tensor():
         sae.decode(out.latents.detach())
     assert sizes and max(sizes) < n * d_sae, f"largest tensor {max(sizes)} >= N*d_sae={n * d_sae}"
     assert max(sizes) >= d_sae * d_in  # the weight gradients themselves
+
+
+@pytest.mark.parametrize("backend", [torch_backend, triton_backend], ids=["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,w,d_in,d_sae", [(1, 1, 7, 5), (19, 6, 33, 50)])
+def test_decode_autograd_matches_the_reference(backend, dtype, n, w, d_in, d_sae):
+    """x_hat and the gradients of values (decode_value_grad), W_dec (segment_sum) and b_dec."""
+    gen = torch.Generator().manual_seed(n * d_sae)
+    values = torch.rand(n, w, generator=gen).to(dtype)
+    values[:, -1] = 0  # a padding slot
+    indices = torch.randint(0, d_sae, (n, w), generator=gen)
+    W, b = torch.randn(d_sae, d_in, generator=gen).to(dtype), torch.randn(d_in, generator=gen).to(dtype)
+    grad = torch.randn(n, d_in, generator=gen).to(dtype)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (values, W, b)]
+    x_hat = backend.decode(leaves[0], indices.to(DEVICE), leaves[1], leaves[2])
+    x_hat.backward(grad.to(DEVICE))
+    assert x_hat.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
+    assert_close(x_hat.cpu(), reference.decode(values.double(), indices, W.double(), b.double()), dtype, scale=2 * w)
+    g = grad.double()
+    assert_close(leaves[0].grad.cpu(), reference.decode_value_grad(g, indices, W.double()), dtype, scale=d_in**0.5)
+    assert_close(leaves[1].grad.cpu(), reference.segment_sum(indices, values.double(), g, d_sae)[0], dtype,
+                 scale=n**0.5)
+    assert_close(leaves[2].grad.cpu(), g.sum(0), dtype, scale=n**0.5)

@@ -1,15 +1,20 @@
-"""The torch backend's sparse primitives (embedding_bag segment sums and per-entry dots) against float64
-dense arithmetic on odd shapes, with repeated latents, padding and latents that never fire."""
+"""The torch backend's sparse primitives (embedding_bag segment sums and per-entry dots, the two-level top-k)
+against the float64 reference (fastsae/ops/reference.py) on odd shapes, with repeated latents, padding and
+latents that never fire, in every dtype they take."""
 
 import copy
 
 import pytest
 import torch
 
+from fastsae.ops import reference, torch_backend
 from fastsae.ops.torch_backend import TOPK_GROUP, latent_segments, rows_dot, segment_rows_sum, topk_rows, two_level_topk
 from fastsae.train import TrainConfig, Trainer
 
 from conftest import make_sae
+from helpers import assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 SHAPES = [(1, 1, 5, 1), (7, 3, 11, 13), (33, 5, 37, 24), (130, 9, 301, 17)]  # (N, w, d_sae, d)
 
@@ -23,19 +28,31 @@ def _entries(n, w, d_sae, seed=0):
     return indices, coef
 
 
-def _dense(indices, coef, d_sae):
-    """(N, d_sae) float64 with coef summed at each row's indices."""
-    return torch.zeros(indices.shape[0], d_sae, dtype=torch.float64).index_put_(
-        (torch.arange(indices.shape[0])[:, None].expand_as(indices), indices), coef.double(), accumulate=True)
-
-
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
-def test_segment_rows_sum_matches_dense_float64(n, w, d_sae, d):
+def test_segment_rows_sum_matches_the_reference(n, w, d_sae, d, dtype):
     indices, coef = _entries(n, w, d_sae)
-    y = torch.randn(n, d)
+    coef, y = coef.to(dtype), torch.randn(n, d).to(dtype)
     out = segment_rows_sum(indices, coef, y, d_sae)
-    assert out.shape == (d_sae, d) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), _dense(indices, coef, d_sae).T @ y.double(), atol=1e-5, rtol=1e-5)
+    assert out.shape == (d_sae, d) and out.dtype == torch.float32  # fp32-accumulated whatever the inputs
+    expect, _ = reference.segment_sum(indices, coef.double(), y.double(), d_sae)
+    assert_close(out, expect, torch.float32, scale=n**0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
+def test_prims_match_the_reference(n, w, d_sae, d, dtype):
+    """The torch path's SparsePrims: gather_rows in W's dtype, segment_sum and its coefficient sums in fp32."""
+    indices, coef = _entries(n, w, d_sae, seed=3)
+    coef, y, W = coef.to(dtype), torch.randn(n, d).to(dtype), torch.randn(d_sae, d).to(dtype)
+    got = torch_backend.PRIMS.gather_rows(coef, indices, W)
+    assert got.shape == (n, d) and got.dtype == dtype
+    assert_close(got, reference.gather_rows(coef.double(), indices, W.double()), dtype, scale=w)
+    out, sums = torch_backend.PRIMS.segment_sum(indices, coef, y, d_sae)
+    expect, expect_sums = reference.segment_sum(indices, coef.double(), y.double(), d_sae)
+    assert out.dtype == sums.dtype == torch.float32
+    assert_close(out, expect, torch.float32, scale=n**0.5)
+    assert_close(sums, expect_sums, torch.float32, scale=n**0.5)
 
 
 @pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
@@ -51,15 +68,16 @@ def test_latent_segments_group_entries_by_latent_in_batch_order(n, w, d_sae, d):
         assert torch.equal(c[seg], coef[hit])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,w,d_sae,d", SHAPES)
-def test_rows_dot_matches_float64(n, w, d_sae, d, dtype, tol):
+def test_rows_dot_matches_the_reference(n, w, d_sae, d, dtype):
     indices, _ = _entries(n, w, d_sae, seed=2)
     grad, W = torch.randn(n, d), torch.randn(d_sae, d).to(dtype)
     out = rows_dot(grad, indices, W)
     assert out.shape == (n, w) and out.dtype == dtype
-    expect = torch.einsum("nd,nwd->nw", grad.to(dtype).double(), W.double()[indices])
-    torch.testing.assert_close(out.double(), expect, atol=tol * d**0.5, rtol=tol)
+    # rows_dot takes grad in W's dtype (decode's backward gets it so): the reference sees the same rounded grad
+    expect = reference.decode_value_grad(grad.to(dtype).double(), indices, W.double())
+    assert_close(out, expect, dtype, scale=d**0.5)
 
 
 TOPK_SHAPES = [(1, 128, 1, 32), (7, 640, 5, 32), (33, 1024, 7, 16), (130, 4096, 32, 32), (9, 96, 3, 8)]
