@@ -1,3 +1,5 @@
+"""`python -m fastsae`: the command line of fastsae.cli."""
+
 import sys
 
 from .cli import main

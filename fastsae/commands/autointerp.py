@@ -1,23 +1,23 @@
 """`fastsae autointerp`: explain and score features with a language model (local or an OpenAI-compatible
-server), SAE latents against neuron, PCA and ICA baselines."""
+server), SAE latents against neuron, PCA and ICA baselines (fastsae.analysis.autointerp.run_autointerp)."""
 
 from __future__ import annotations
 
 import argparse
 
+from . import shared_flags as flags
 
-def _handler(args: argparse.Namespace) -> int:
-    from fastsae.analysis.autointerp.autointerp_run import autointerp
-    from fastsae.analysis.autointerp.llm_backends import BackendError
+
+def _autointerp(args: argparse.Namespace) -> int:
+    from ..analysis.autointerp import BackendError, run_autointerp
 
     try:
-        autointerp(backend=args.backend, model=args.model, examples=args.examples, sae=args.sae,
+        run_autointerp(backend=args.backend, model=args.model, examples=args.examples, sae=args.sae,
                    feature_cache_dir=args.feature_cache, features=args.features, fit_tokens=args.fit_tokens,
-                   baselines=() if args.baselines == ["none"] else tuple(args.baselines),
-                   out=args.out, cache=args.cache, scores=tuple(args.scores), api_key_env=args.api_key_env,
-                   concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
-                   chat=args.api == "chat", price_in=args.price_in, price_out=args.price_out,
-                   device=args.device or "cpu", seed=args.seed, progress=not args.no_progress)
+                   baselines=flags.baselines(args), out=args.out, cache=args.cache, scores=tuple(args.scores),
+                   api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
+                   retries=args.retries, chat=args.api == "chat", price_in=args.price_in, price_out=args.price_out,
+                   device=args.device or "cpu", seed=args.seed, progress=flags.progress(args))
     except BackendError as err:
         raise SystemExit(str(err)) from None  # one line, "fastsae autointerp: <err>" (fastsae.cli's handler)
     return 0
@@ -29,15 +29,15 @@ def register(subparsers) -> None:
                                                  "PCA/ICA/neuron baselines")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--sae", help="an SAE directory: its features' contexts come from its feature cache")
-    src.add_argument("--examples", help="a JSON file of contexts per feature (autointerp.sources.save_examples)")
+    src.add_argument("--examples", help="a JSON file of contexts per feature (autointerp.save_examples)")
     p.add_argument("--feature-cache", help="the SAE's feature cache (fastsae features --out …): its browser shows "
                                            "the explanations; with --sae the default is the main job's "
                                            "(<run>/features beside <run>/train/sae), else one built in <out>/features")
-    p.add_argument("--fit-tokens", type=int, default=32_768, help="activations the baselines are fitted on")
+    flags.add_fit_tokens(p)
     p.add_argument("--features", default="50", help="how many features per kind (drawn at random), ids like "
                                                     "3,17,42 (one id: 42,), or 'all' (default 50)")
-    p.add_argument("--baselines", nargs="+", default=["pca", "ica", "neurons"],
-                   choices=("pca", "ica", "neurons", "none"), help="with --sae: baselines scored the same way")
+    flags.add_baselines(p, default=("pca", "ica", "neurons"), choices=("pca", "ica", "neurons", "none"),
+                        help="with --sae: baselines scored the same way")
     p.add_argument("--backend", default="local:gemma-3-270m",
                    help="local[:MODEL] (a fastsae.model name or a directory; default local:gemma-3-270m, a weak "
                         "explainer) or openai:URL (an OpenAI-compatible server, e.g. openai:http://127.0.0.1:8000/v1;"
@@ -55,8 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--price-in", type=float, default=0.0, help="dollars per million prompt tokens (cost estimate)")
     p.add_argument("--price-out", type=float, default=0.0, help="dollars per million completion tokens")
     p.add_argument("--cache", help="request cache directory (default $FASTSAE_CACHE/autointerp)")
-    p.add_argument("--out", default="runs/autointerp", help="report directory (default runs/autointerp)")
-    p.add_argument("--device", help="local backend (and the feature pass): default cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_handler)
+    flags.add_out(p, "runs/autointerp", "report directory")
+    flags.add_device(p, help="local backend (and the feature pass): default cpu")
+    flags.add_seed(p)
+    flags.add_progress(p)
+    p.set_defaults(func=_autointerp)

@@ -1,8 +1,11 @@
-"""`fastsae compare A B`: MMCS both ways, matched pairs, feature splitting, browser links (fastsae.analysis)."""
+"""`fastsae compare A B`: MMCS both ways, matched pairs, feature splitting, browser links
+(fastsae.analysis.compare.run_compare)."""
 
 from __future__ import annotations
 
 import argparse
+
+from . import shared_flags as flags
 
 
 def register(sub) -> None:
@@ -21,20 +24,20 @@ def register(sub) -> None:
                    help="also the optimal one-to-one matching (scipy; dictionaries up to ~8192 each)")
     p.add_argument("--split-tau", type=float, default=0.5,
                    help="cosine a large feature needs to join a small feature's family (default 0.5)")
-    p.add_argument("--site", help="the store's site for pca:/ica: (default: the store's only one, or A's)")
+    flags.add_site(p, help="the store's site for pca:/ica: (default: the store's only one, or A's)")
     p.add_argument("--cache-a", help="A's feature cache: its top tokens, and annotations linking to B's browser")
     p.add_argument("--cache-b", help="B's feature cache")
     p.add_argument("--browser-a", help="A's feature browser directory (default: <cache-a>/browser)")
     p.add_argument("--browser-b", help="B's feature browser directory (default: <cache-b>/browser)")
     p.add_argument("--store", help="an activation store for top tokens when there are no feature caches "
                                    "(default: the store A was trained on, when it is here)")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    flags.add_device(p)
+    flags.add_out(p, "runs/compare")
     p.set_defaults(func=_compare)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ..analysis.compare.compare_run import run_compare
+    from ..analysis.compare import run_compare
 
     run_compare(args.a, args.b, args.out, tau=args.tau, absolute=args.absolute, one_to_one=args.one_to_one,
                 split_tau=args.split_tau, site=args.site, caches=(args.cache_a, args.cache_b),

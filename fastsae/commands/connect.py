@@ -1,9 +1,11 @@
 """`fastsae connect --sae-in A --sae-out B --store S`: how SAE features after an MLP are computed from the
-features before it (fastsae.analysis.compare.connections)."""
+features before it (fastsae.analysis.compare.run_connect)."""
 
 from __future__ import annotations
 
 import argparse
+
+from . import shared_flags as flags
 
 
 def register(sub) -> None:
@@ -20,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the MLP connectors (default 1024)")
     p.add_argument("--bias", action="store_true", help="give the connectors biases (the seed found no gain)")
     p.add_argument("--steps", type=int, default=600, help="Adam steps per connector (default 600)")
-    p.add_argument("--batch-size", type=int, default=1024)
+    flags.add_batch_size(p, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threshold", type=float, default=0.001,
                    help="nonlinearity below which a feature counts as linear (default 0.001, the seed's)")
@@ -38,15 +40,14 @@ def register(sub) -> None:
     p.add_argument("--browser-in", help="feature browser of --sae-in: formulas link inputs to its pages")
     p.add_argument("--browser-out", help="feature browser of --sae-out")
     p.add_argument("--cache-out", help="feature cache of --sae-out: annotate its features with their formulas")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/connect", help="report directory (default: runs/connect)")
-    p.add_argument("--no-progress", action="store_true")
+    flags.add_seed(p)
+    flags.add_out(p, "runs/connect", "report directory")
+    flags.add_progress(p)
     p.set_defaults(func=_connect)
 
 
 def _connect(args: argparse.Namespace) -> int:
-    from ..analysis.compare.connect_run import L1_COEFFICIENTS, run_connect
-    from ..analysis.compare.connections import ConnectConfig
+    from ..analysis.compare import L1_COEFFICIENTS, ConnectConfig, run_connect
 
     cfg = ConnectConfig(hidden=args.hidden, bias=args.bias, lr=args.lr, batch_size=args.batch_size, steps=args.steps,
                         seed=args.seed)
@@ -54,7 +55,7 @@ def _connect(args: argparse.Namespace) -> int:
                 cfg=cfg, kinds=tuple(args.kinds), threshold=args.threshold,
                 l1_coefficients=tuple(args.l1) if args.l1 else L1_COEFFICIENTS, linear_only=args.linear_only,
                 sae_hidden_l1=args.sae_hidden_l1, sae_weight_l1=args.sae_weight_l1, ce=not args.no_ce,
-                ce_budget=args.ce_budget,
-                eval_tokens=args.eval_tokens, max_outputs=args.max_outputs, browser_in=args.browser_in,
-                browser_out=args.browser_out, cache_out=args.cache_out, progress=not args.no_progress)
+                ce_budget=args.ce_budget, eval_tokens=args.eval_tokens, max_outputs=args.max_outputs,
+                browser_in=args.browser_in, browser_out=args.browser_out, cache_out=args.cache_out,
+                progress=flags.progress(args))
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import shared_flags as flags
+
 
 def _table(manifest: dict) -> str:
     from fastsae.harvest.corpus_build import composition
@@ -27,7 +29,7 @@ def _build(args: argparse.Namespace) -> int:
     from fastsae.harvest.corpus_build import build
 
     manifest = build(args.name, out=args.out, packages=args.packages, tokenizer=None if args.no_tokens else "gemma",
-                     progress=not args.no_progress, results=args.results)
+                     progress=flags.progress(args), results=args.results)
     print(_table(manifest))
     return 0
 
@@ -54,9 +56,9 @@ def register(subparsers) -> None:
                                       "kept); default: a temporary one, deleted afterwards")
     b.add_argument("--out", help="where to build it (default $FASTSAE_CACHE/corpora/NAME, where readers look)")
     b.add_argument("--results", help="also write its composition as JSON here (e.g. bench/results/"
-                                     "corpus-research-DATE.json)")
+                                     "harvest/corpus-research-DATE.json)")
     b.add_argument("--no-tokens", action="store_true", help="skip counting Gemma 3 tokens (no model needed)")
-    b.add_argument("--no-progress", action="store_true")
+    flags.add_progress(b)
     b.set_defaults(func=_build)
     i = sub.add_parser("info", help="verify a built corpus's checksums and print its composition")
     i.add_argument("name", choices=("research",))

@@ -1,18 +1,21 @@
-"""`fastsae patch`: IOI patching curves of SAEs against PCA and the neuron basis (fastsae.analysis.interventions.ioi_patching)."""
+"""`fastsae patch`: IOI patching curves of SAEs against PCA and the neuron basis
+(fastsae.analysis.interventions.run_patch)."""
 
 from __future__ import annotations
 
 import argparse
 
+from . import shared_flags as flags
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("patch", help="IOI activation patching with m = 1..M latents of SAEs (one per site: a "
                                             "layer sweep) against PCA and neurons; writes patch.json and patch.png")
-    p.add_argument("--model", default="gemma-3-270m")
+    flags.add_model(p)
     p.add_argument("--sae", nargs="+", required=True, help="SAE directories (their sites are recorded in them)")
-    p.add_argument("--site", nargs="+", help="the site of each SAE, if it does not record one")
+    flags.add_site(p, nargs="+", help="the site of each SAE, if it does not record one")
     p.add_argument("--prompts", type=int, default=100, help="IOI prompts (default 100, half ABBA, half BABA)")
-    p.add_argument("--seed", type=int, default=0)
+    flags.add_seed(p)
     p.add_argument("--max-m", type=int, default=64, help="largest number of directions patched (default 64)")
     p.add_argument("--select", choices=("attribution", "greedy"), default="attribution",
                    help="order of the directions: attribution (default; 2 forwards) or greedy exact search "
@@ -23,17 +26,17 @@ def register(subparsers) -> None:
     p.add_argument("--ms", type=int, nargs="+", help="measure the curves at these m only (default every m in "
                                                     "1..max-m), e.g. 1 2 4 8 16 32 64 for a cheap sweep")
     p.add_argument("--full-site", help="with --ms: the one site measured at every m")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/patch", help="output directory (default runs/patch)")
+    flags.add_device(p, default="cpu")
+    flags.add_out(p, "runs/patch")
     p.set_defaults(func=_patch)
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from ..analysis.interventions.ioi_patching import run
+    from ..analysis.interventions import run_patch
 
-    report = run(args.model, args.sae, args.out, sites=args.site, n=args.prompts, seed=args.seed, max_m=args.max_m,
-                 select=args.select, pool=args.pool, against=args.against, ms=args.ms, full_site=args.full_site,
-                 device=args.device)
+    report = run_patch(args.model, args.sae, args.out, sites=args.site, n=args.prompts, seed=args.seed,
+                       max_m=args.max_m, select=args.select, pool=args.pool, against=args.against, ms=args.ms,
+                       full_site=args.full_site, device=args.device)
     print(report["summary"])
     print(f"{report['meta']['seconds']:.0f} s; written {args.out}/patch.json and {args.out}/patch.png")
     return 0

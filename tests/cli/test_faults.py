@@ -372,12 +372,12 @@ def test_a_metrics_line_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeyp
 ])
 def test_a_full_disk_anywhere_is_one_line_never_an_unexpected_error(tmp_path, capsys, monkeypatch, raised):
     """A writer outside fastsae.io (a plot, a third-party library) that meets a full disk: still one line."""
-    import fastsae.cli
+    import fastsae.demo
 
-    def demo(args):
+    def demo(*args, **kwargs):
         raise raised()
 
-    monkeypatch.setattr(fastsae.cli, "_demo", demo)
+    monkeypatch.setattr(fastsae.demo, "run_recovery", demo)
     line = cli_error(capsys, ["demo", "--out", str(tmp_path)])
     assert line in ("fastsae demo: no space left on device while writing",
                     "fastsae demo: no space left on device writing /data/x.png"), line

@@ -1,7 +1,7 @@
 """Reading a trained SAE end to end: the feature cache, its measured effects, and the browser.
 
-    build_feature_cache("runs/gemma/train/sae", "runs/gemma/features")     # over the SAE's own store
-    index, table = browse("runs/gemma/features")                          # writes features/browser/
+    run_features("runs/gemma/train/sae", "runs/gemma/features")            # over the SAE's own store
+    index, table = run_browse("runs/gemma/features")                      # writes features/browser/
     build_and_browse(...)                                                  # both: what `fastsae run` ends with
 
 The model and site default to what the SAE recorded; the activations come from its activation store
@@ -30,10 +30,10 @@ from .feature_pass import (
 from .ranking import ranked_latents, top_features_table
 
 
-def build_feature_cache(sae_path: str | Path, out: str | Path, *, store: str | Path | None = None,
-                        model: str | None = None, site: str | None = None, corpus: str | None = None,
-                        tokens: int | None = None, context_size: int = 128, config: FeatureConfig | None = None,
-                        effects: int | None = 32, device: str = "cpu", progress: bool = True) -> FeatureCache:
+def run_features(sae_path: str | Path, out: str | Path, *, store: str | Path | None = None,
+                 model: str | None = None, site: str | None = None, corpus: str | None = None,
+                 tokens: int | None = None, context_size: int = 128, config: FeatureConfig | None = None,
+                 effects: int | None = 32, device: str = "cpu", progress: bool = True) -> FeatureCache:
     """The feature cache of the SAE in sae_path, written into out (resumable; replaced when the SAE or the
     settings changed). store: an activation store (default: the one the SAE was trained on, unless corpus is
     given); corpus/tokens/context_size: read the corpus through the model instead."""
@@ -80,8 +80,8 @@ def build_feature_cache(sae_path: str | Path, out: str | Path, *, store: str | P
     return FeatureCache.load(cache.path)
 
 
-def browse(cache_dir: str | Path, out: str | Path | None = None, *, show: int = 5,
-           progress: bool = True) -> tuple[Path, str]:
+def run_browse(cache_dir: str | Path, out: str | Path | None = None, *, show: int = 5,
+               progress: bool = True) -> tuple[Path, str]:
     """Write the browser of a feature cache (default into <cache_dir>/browser); returns the path of its
     index.html and a markdown table of the `show` best-looking features by the one-token score."""
     index = write_browser(cache_dir, out, progress=progress)
@@ -89,6 +89,6 @@ def browse(cache_dir: str | Path, out: str | Path | None = None, *, show: int = 
 
 
 def build_and_browse(sae_path: str | Path, out: str | Path, *, show: int = 5, **kwargs) -> tuple[Path, str]:
-    """build_feature_cache(sae_path, out, **kwargs), then browse(out): (index.html, the table)."""
-    build_feature_cache(sae_path, out, **kwargs)
-    return browse(out, show=show, progress=kwargs.get("progress", True))
+    """run_features(sae_path, out, **kwargs), then run_browse(out): (index.html, the table)."""
+    run_features(sae_path, out, **kwargs)
+    return run_browse(out, show=show, progress=kwargs.get("progress", True))

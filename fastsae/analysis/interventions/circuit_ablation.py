@@ -292,11 +292,12 @@ def save(graph: dict, path: str | Path) -> Path:
 
 
 
-def run(model_name: str, sae_paths: Sequence[str], latent: int, out, *, sites: Sequence[str] | None = None,
-        root_site: str | None = None, n_contexts: int = 16, feature_cache: str | None = None,
-        corpus: str = "english:test", tokens: int = 32_768, context_size: int = 64, depth: int = 2,
-        keep: int = 3, candidates: int = 16, browsers: Mapping[str, str] | None = None,
-        annotate_caches: Mapping[str, str] | None = None, device: str = "cpu") -> dict:
+def run_circuit(model_name: str, sae_paths: Sequence[str], latent: int, out, *,
+                sites: Sequence[str] | None = None, root_site: str | None = None, n_contexts: int = 16,
+                feature_cache: str | None = None, corpus: str = "english:test", tokens: int = 32_768,
+                context_size: int = 64, depth: int = 2, keep: int = 3, candidates: int = 16,
+                browsers: Mapping[str, str] | None = None, annotate_caches: Mapping[str, str] | None = None,
+                device: str = "cpu") -> dict:
     """`fastsae circuit`: the circuit of latent at root_site (default: the highest SAE's site) on its top
     contexts — from a feature cache (fastsae features) when given, else the top n_contexts of `tokens` corpus
     tokens — written as out/circuit.json, out/circuit.png and out/circuit.svg; with annotate_caches ({site:

@@ -277,8 +277,8 @@ def summary(results: Mapping[str, dict], ms: Sequence[int] = (1, 4, 16, 64)) -> 
     return "\n".join(lines)
 
 
-def run(model_name: str, sae_paths: Sequence[str], out, *, sites: Sequence[str] | None = None,
-        device: str = "cpu", **kwargs) -> dict:
+def run_patch(model_name: str, sae_paths: Sequence[str], out, *, sites: Sequence[str] | None = None,
+              device: str = "cpu", **kwargs) -> dict:
     """`fastsae patch`: load the model and the SAEs (one per site), then write_report()."""
     from ...model import load
     from ..sae_dirs import load_saes

@@ -107,8 +107,9 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def run(model_name: str, sae_path: str, latent: int, prompt: str, out, *, site: str | None = None,
-        alphas: Sequence[float] = (0.0, 2.0, 5.0, 10.0, 20.0), max_new_tokens: int = 24, device: str = "cpu") -> dict:
+def run_steer(model_name: str, sae_path: str, latent: int, prompt: str, out, *, site: str | None = None,
+              alphas: Sequence[float] = (0.0, 2.0, 5.0, 10.0, 20.0), max_new_tokens: int = 24,
+              device: str = "cpu") -> dict:
     """`fastsae steer`: steer() with an SAE from its directory; writes out/steer.json and out/steer.png."""
     from ...model import load
     from ..sae_dirs import load_saes

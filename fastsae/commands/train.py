@@ -1,0 +1,85 @@
+"""`fastsae train`: train an SAE on activations, from a store, a model streamed, an array or the toy
+(fastsae.pipeline.train_run, with the settings of a config file and the flags on top)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import shared_flags as flags
+
+# The config fields the flags set: an error naming one is reported against the flag (fastsae.cli's handler),
+# e.g. "fastsae train: --steps: ScheduleConfig.total_steps must be an int >= 1 or None, got -1".
+FLAG_NAMES = {
+    "--data": ("DataConfig.source",), "--site": ("DataConfig.site", "site"), "--model": ("DataConfig.model", "model"),
+    "--corpus": ("DataConfig.corpus",), "--tokens": ("DataConfig.tokens",),
+    "--context-size": ("DataConfig.context_size",), "--batch-size": ("DataConfig.batch_size",),
+    "--d-sae": ("SAEConfig.d_sae",), "--k": ("SAEConfig.k",), "--l1": ("SAEConfig.l1_coefficient",),
+    "--dtype": ("SAEConfig.dtype",), "--lr": ("OptimizerConfig.lr",), "--steps": ("ScheduleConfig.total_steps",),
+    "--checkpoint-every": ("CheckpointConfig.every",), "--resample-every": ("DeadLatentConfig.resample_every",),
+    "--auxk": ("DeadLatentConfig.auxk_coefficient",), "--shard-latents": ("shard_latents",),
+    "--config": ("run settings",),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train an SAE on activations (an .npy/.safetensors array, or the toy)")
+    p.add_argument("--data", help="'toy' (default), an activation store directory (fastsae harvest), "
+                                  "'stream' (straight from --model, no store), or an (N, d_in) .npy or "
+                                  ".safetensors array")
+    flags.add_site(p, help="the store's site to train on (needed when it holds several), or the model's with "
+                           "--data stream")
+    flags.add_model(p, default=None, help="--data stream: the model to run ('gemma-3-270m', a directory)")
+    flags.add_corpus(p, help="--data stream: the corpus (default english-classics)")
+    flags.add_tokens(p, help="--data stream: token budget of the corpus windows")
+    flags.add_context_size(p, help="--data stream: window length (default 128)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale store activations to mean norm sqrt(d) while training, folded into the saved SAE "
+                        "(default: on for stores)")
+    p.add_argument("--config", help='JSON file {"sae": {...}, "train": {...}, "data": {...}} ("train" by flat '
+                                    'names, or nested by concern with "format_version": 2, as in a run.json); '
+                                    'flags override it')
+    flags.add_out(p, "runs/train", "run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint, "
+                                                         "with its run.json (--steps still sets the run's length)")
+    p.add_argument("--d-sae", type=int)
+    p.add_argument("--activation", choices=("relu", "topk", "batchtopk", "jumprelu"))
+    p.add_argument("--k", type=int)
+    p.add_argument("--l1", type=float, help="L1 coefficient (relu/jumprelu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=int)
+    flags.add_batch_size(p)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resample-every", type=int)
+    p.add_argument("--auxk", type=float, help="AuxK coefficient (topk/batchtopk; Gao et al. use 1/32)")
+    flags.add_seed(p, default=None)
+    p.add_argument("--b-dec-init", choices=("zeros", "mean"),
+                   help="'mean': start b_dec at the first batch's mean (residual streams have a large offset)")
+    flags.add_progress(p)
+    p.add_argument("--shard-latents", "--latent-shards", type=int, nargs="?", const=0, metavar="N",
+                   help="under torchrun: split the latents over every rank (or over N ranks, the others being data "
+                        "replicas); without it, torchrun trains data parallel")
+    p.set_defaults(func=_train, flag_names=FLAG_NAMES)
+
+
+def _given(values: dict) -> dict:
+    """The flags given: a flag left out keeps the config file's value (or the default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..pipeline import settings_from, train_run
+
+    settings = settings_from(  # the config file's settings, the flags given on top
+        args.config,
+        sae=_given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,
+                    "dtype": args.dtype}),
+        train=_given({"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
+                      "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
+                      "b_dec_init": args.b_dec_init}),
+        data=_given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": args.site,
+                     "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
+                     "context_size": args.context_size}))
+    train_run(args.out, settings, resume=args.resume, progress=flags.progress(args),
+              shard_latents=args.shard_latents, total_steps=args.steps)  # --resume --steps N: the run's new length
+    return 0
