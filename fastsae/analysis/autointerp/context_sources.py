@@ -1,5 +1,6 @@
 """Where a feature's contexts come from: an examples file (JSON, any tool can write one), or the feature
-cache of `fastsae.analysis.features.feature_pass` (top contexts, quantile samples and random contexts per latent).
+cache of `fastsae.analysis.features.feature_pass` (top contexts, quantile samples and random contexts per
+latent).
 
 Features are named `<kind>/<latent>`: kind "sae" for the dictionary's latents, "pca", "ica", "neurons" for
 the baselines' directions, so one report compares them on equal terms.
@@ -82,7 +83,7 @@ def interleave(features: dict[str, FeatureExamples]) -> dict[str, FeatureExample
     return {name: features[name] for name in order}
 
 
-# --- the feature cache (fastsae.analysis.features.feature_pass) -------------------------------------------------------------
+# --- the feature cache (fastsae.analysis.features.feature_pass) ----------------------------------------------
 
 RANDOM_CONTEXTS = 16  # random non-activating contexts read per feature (simulation 5, detection 10, explainer 2)
 
@@ -114,83 +115,109 @@ def from_sae(sae_path: str | Path, features: str | int | None, baselines: tuple[
     feature_cache: an existing cache of this SAE (its browser then shows the explanations); default: the
     main job's (`fastsae run` leaves <run>/features beside <run>/train/sae) when it is this SAE's, else one
     is built (resumably) in <out>/features/sae. Returns (features, the SAE's cache directory, provenance)."""
-    from ...evaluation import baselines as fit_baselines
-    from ...evaluation.evaluate import matched_k
-    from ...harvest.store import ActivationStore, is_store
-    from ...model import load
     from ...sae import SAE
-    from ..decompositions import fingerprint
-    from ..features.feature_pass import (
-        FeatureCache,
-        FeatureConfig,
-        SplitSigns,
-        StoreSource,
-        collect_features,
-        store_windows,
-        write_vocab,
-    )
+    from ..features.feature_cache import FeatureCache
 
-    sae = SAE.load(sae_path, device=device)
-    store_path = sae.metadata.get("store")
-    if not store_path or not is_store(store_path):
-        raise ValueError(f"--sae {sae_path}: autointerp reads the SAE's activation store (recorded when it was "
-                         f"trained on one), and {store_path!r} is not one; train on a store (fastsae harvest)")
-    store = ActivationStore(store_path)
-    site = sae.metadata.get("site")
+    caches = _SaeCaches(SAE.load(sae_path, device=device), sae_path, seed, progress)
     out = Path(out)
-    tokenizer = None
-    source = None
-
-    sae_id = fingerprint(sae)
-
-    def finished(directory: Path):
-        """The cache in directory when a finished pass of this SAE's run left it there, else None."""
-        if (directory / "features.json").is_file() and (directory / "vocab.json").is_file():
-            cache = FeatureCache.load(directory)
-            if cache.meta.get("meta", {}).get("sae_fingerprint") == sae_id:
-                return cache
-        return None
-
-    def cache_of(decomposition, directory: Path, meta: dict):
-        nonlocal tokenizer, source
-        done = finished(directory)
-        if done is not None and done.meta["decomposition"] == fingerprint(decomposition):
-            return done
-        meta = {**meta, "sae_fingerprint": sae_id}
-        if source is None:
-            _, tokenizer = load(store.meta["model"], device="cpu")
-            source = StoreSource(store, site, store_windows(store, tokenizer))
-        cache = collect_features(decomposition, source, directory, FeatureConfig(seed=seed), progress=progress,
-                                 meta=meta)
-        write_vocab(cache.path, tokenizer)
-        return FeatureCache.load(cache.path)
-
-    if feature_cache is None:  # the main job's cache beside the SAE (<run>/features for <run>/train/sae)
-        beside = Path(sae_path).resolve().parent.parent / "features"
-        if (beside / "features.json").is_file() and \
-                io.read_json(beside / "features.json").get("meta", {}).get("sae") == str(Path(sae_path).resolve()):
-            feature_cache = beside
+    feature_cache = feature_cache if feature_cache is not None else _main_job_cache(sae_path)
     sae_dir = Path(feature_cache) if feature_cache is not None else out / "features" / "sae"
     if feature_cache is not None:
         sae_cache = FeatureCache.load(sae_dir)
     else:
-        sae_cache = cache_of(sae, sae_dir, {"sae": str(Path(sae_path).resolve())})
+        sae_cache = caches.build(caches.sae, sae_dir, {"sae": str(Path(sae_path).resolve())})
     chosen = from_feature_cache(sae_cache, select(alive(sae_cache), features, seed), "sae", seed=seed)
     provenance = {"sae": str(Path(sae_path).resolve()), "feature_cache": str(sae_dir.resolve()),
-                  "store": str(store.path.resolve()), "site": site, "baselines": {}}
-    x = None
+                  "store": str(caches.store.path.resolve()), "site": caches.site, "baselines": {}}
+    fit = _BaselineFit(caches, fit_tokens, seed, device)
     for kind in baselines:
         directory = out / "features" / kind
-        settings = {"baseline": kind, "fit_tokens": fit_tokens, "seed": seed, "signs": "split"}
-        cache = finished(directory)  # fitted and passed before for this SAE: ICA takes minutes to fit again
-        if cache is None or any(cache.meta["meta"].get(key) != v for key, v in settings.items()):
-            if x is None:
-                x = store.first_rows(site, fit_tokens).float()
-                k = matched_k(sae, x.to(device))
-            decomposition = fit_baselines.fit(kind, x, n=sae.cfg.d_sae, k=k, seed=seed)
-            cache = cache_of(SplitSigns(decomposition), directory, {**settings, "k": k})
+        cache = fit.cache(kind, directory)
         chosen.update(from_feature_cache(cache, select(alive(cache), features, seed), kind, seed=seed))
         provenance["baselines"][kind] = {"k": cache.meta["meta"]["k"], "directions": cache.d_sae // 2,
                                          "features": cache.d_sae, "fit_tokens": fit_tokens,
                                          "cache": str(directory.resolve())}
     return chosen, sae_dir, provenance
+
+
+def _main_job_cache(sae_path: str | Path) -> Path | None:
+    """The main job's feature cache beside the SAE (<run>/features for <run>/train/sae), when it is this SAE's."""
+    beside = Path(sae_path).resolve().parent.parent / "features"
+    if (beside / "features.json").is_file() and \
+            io.read_json(beside / "features.json").get("meta", {}).get("sae") == str(Path(sae_path).resolve()):
+        return beside
+    return None
+
+
+class _SaeCaches:
+    """Feature caches of decompositions read on the SAE's activation store, each marked with the SAE's fingerprint
+    so that a later run for the same SAE finds them; the model's tokenizer is loaded on the first pass run."""
+
+    def __init__(self, sae, sae_path: str | Path, seed: int, progress: bool):
+        from ...harvest.store import ActivationStore, is_store
+        from ..decompositions import fingerprint
+
+        store_path = sae.metadata.get("store")
+        if not store_path or not is_store(store_path):
+            raise ValueError(f"--sae {sae_path}: autointerp reads the SAE's activation store (recorded when it was "
+                             f"trained on one), and {store_path!r} is not one; train on a store (fastsae harvest)")
+        self.sae, self.store, self.site = sae, ActivationStore(store_path), sae.metadata.get("site")
+        self.sae_id, self.seed, self.progress = fingerprint(sae), seed, progress
+        self._tokenizer = self._source = None
+
+    def finished(self, directory: Path):
+        """The cache in directory when a finished pass of this SAE's run left it there, else None."""
+        from ..features.feature_cache import FeatureCache
+
+        if (directory / "features.json").is_file() and (directory / "vocab.json").is_file():
+            cache = FeatureCache.load(directory)
+            if cache.meta.get("meta", {}).get("sae_fingerprint") == self.sae_id:
+                return cache
+        return None
+
+    def build(self, decomposition, directory: Path, meta: dict):
+        """decomposition's cache in directory: the finished one there when it is of decomposition, else a pass."""
+        from ...model import load
+        from ..decompositions import fingerprint
+        from ..features.activation_chunks import StoreSource, store_windows
+        from ..features.feature_cache import FeatureCache, write_vocab
+        from ..features.feature_pass import FeatureConfig, collect_features
+
+        done = self.finished(directory)
+        if done is not None and done.meta["decomposition"] == fingerprint(decomposition):
+            return done
+        meta = {**meta, "sae_fingerprint": self.sae_id}
+        if self._source is None:
+            _, self._tokenizer = load(self.store.meta["model"], device="cpu")
+            self._source = StoreSource(self.store, self.site, store_windows(self.store, self._tokenizer))
+        cache = collect_features(decomposition, self._source, directory, FeatureConfig(seed=self.seed),
+                                 progress=self.progress, meta=meta)
+        write_vocab(cache.path, self._tokenizer)
+        return FeatureCache.load(cache.path)
+
+
+class _BaselineFit:
+    """Baselines fitted on the store's first fit_tokens activations (read once, on the first fit) with the SAE's
+    L0 as their k, each passed as a SplitSigns feature cache."""
+
+    def __init__(self, caches: _SaeCaches, fit_tokens: int, seed: int, device: str):
+        self.caches, self.fit_tokens, self.seed, self.device = caches, fit_tokens, seed, device
+        self._x = self._k = None
+
+    def cache(self, kind: str, directory: Path):
+        """The baseline's feature cache in directory: one fitted and passed before for this SAE and settings (ICA
+        takes minutes to fit again), else fitted and passed now."""
+        from ...evaluation import baselines as fit_baselines
+        from ...evaluation.evaluate import matched_k
+        from ..decompositions import SplitSigns
+
+        settings = {"baseline": kind, "fit_tokens": self.fit_tokens, "seed": self.seed, "signs": "split"}
+        cache = self.caches.finished(directory)
+        if cache is not None and all(cache.meta["meta"].get(key) == v for key, v in settings.items()):
+            return cache
+        sae = self.caches.sae
+        if self._x is None:
+            self._x = self.caches.store.first_rows(self.caches.site, self.fit_tokens).float()
+            self._k = matched_k(sae, self._x.to(self.device))
+        decomposition = fit_baselines.fit(kind, self._x, n=sae.cfg.d_sae, k=self._k, seed=self.seed)
+        return self.caches.build(SplitSigns(decomposition), directory, {**settings, "k": self._k})

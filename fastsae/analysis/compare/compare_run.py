@@ -107,7 +107,7 @@ def token_partition(parent: Counter, children: list[Counter]) -> dict:
             "partitions": coverage >= PARTITION_COVERAGE and exclusive_share >= PARTITION_EXCLUSIVE}
 
 
-def cache_examples(cache_dir: str | Path) -> Callable[[int], list[Example]]:
+def cache_example_reader(cache_dir: str | Path) -> Callable[[int], list[Example]]:
     """A feature's top examples from a feature cache (fastsae.analysis.features.feature_pass)."""
     from ..features.feature_cache import FeatureCache
 
@@ -120,7 +120,7 @@ def is_feature_cache(path: str | Path | None) -> bool:
     return bool(path) and (Path(path) / META_FILE).is_file()
 
 
-def store_examples(sae, store, tokenizer) -> Callable[[int], list[Example]]:
+def store_example_reader(sae, store, tokenizer) -> Callable[[int], list[Example]]:
     """A feature's top examples straight from an activation store (one encoding pass over it)."""
     from ..features.store_contexts import StoreContexts, encode_store, top_rows
 
@@ -264,7 +264,7 @@ def _splits(cmp: Comparison, da, db, tau: float, caches, store: str | None) -> d
 def _examples_sources(da, db, caches, store: str | None):
     """(examples of A's features, examples of B's) from feature caches, else from a store, else None."""
     if is_feature_cache(caches[0]) and is_feature_cache(caches[1]):
-        return cache_examples(caches[0]), cache_examples(caches[1])
+        return cache_example_reader(caches[0]), cache_example_reader(caches[1])
     # caches named only for the annotations (not built yet): top tokens come from the store
     from ...harvest import ActivationStore, is_store
     from ...model import load
@@ -278,4 +278,4 @@ def _examples_sources(da, db, caches, store: str | None):
         tokenizer = load(st.meta["model"])[1]
     except Exception:  # the model is not here: tokens are shown as ids
         tokenizer = None
-    return store_examples(da, st, tokenizer), store_examples(db, st, tokenizer)
+    return store_example_reader(da, st, tokenizer), store_example_reader(db, st, tokenizer)

@@ -164,30 +164,11 @@ def write_browser(cache_dir: str | Path, out: str | Path | None = None, *, shard
     out = Path(out) if out is not None else cache.path / "browser"
     effects = load_effects(cache.path)
     annotations = read_annotations(cache.path)
-    (out / "assets").mkdir(parents=True, exist_ok=True)
-    (out / "data").mkdir(exist_ok=True)
-    assets = resources.files("fastsae") / "analysis" / "features" / "assets"
-    for name, dst in [*((n, out / n) for n in PAGES), *((n, out / "assets" / n) for n in SCRIPTS)]:
-        with resources.as_file(assets / name) as src:  # whole or not at all, a full disk named
-            io.atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
-
+    _copy_assets(out)
     d_sae = cache.d_sae
     source = cache.meta.get("source", {})
     score, _ = one_token_score(cache)
-    peaks = peak_tokens(cache)
-    tokens = []
-    for j in range(d_sae):  # distinct peak tokens, commonest first
-        ids = [i for i in peaks[j].tolist() if i >= 0]
-        ranked = sorted(dict.fromkeys(ids), key=lambda i: -ids.count(i))[:3]
-        tokens.append("\u001f".join(cache.token_str(i) for i in ranked))
-    notes = [""] * d_sae
-    full_text: dict[str, str] = {}
-    for a in annotations:
-        for key, entry in a["features"].items():
-            j = int(key)
-            if j < d_sae:
-                notes[j] = notes[j] or entry.get("text", "")[:NOTE_CHARS]
-                full_text[key] = (full_text.get(key, "") + f" {a['title']}: {entry.get('text', '')}").strip()
+    notes, full_text = _annotation_text(annotations, d_sae)
     n_shards = -(-d_sae // shard_size)
     _js(out / "data" / "meta.js", "setMeta", {
         "d_sae": d_sae, "shard_size": shard_size, "n_shards": n_shards, "tokens": cache.tokens_seen,
@@ -199,16 +180,10 @@ def write_browser(cache_dir: str | Path, out: str | Path | None = None, *, shard
     _js(out / "data" / "index.js", "setIndex", {
         "count": cache.tensors["count"].tolist(), "max": _rounded(cache.tensors["max"][None], one)[0],
         "mean": _rounded(cache.tensors["mean"][None], one)[0],
-        "score": [None if math.isnan(s) else round(s, 3) for s in score.tolist()], "tokens": tokens, "note": notes})
+        "score": [None if math.isnan(s) else round(s, 3) for s in score.tolist()], "tokens": _peak_labels(cache),
+        "note": notes})
     _js(out / "data" / "search.js", "setSearch", {"text": full_text})
-    ids = set()
-    for key in ("top.tokens", "samples.tokens", "token_sample.token"):
-        if key in cache.tensors:
-            ids.update(torch.unique(cache.tensors[key]).tolist())
-    if effects is not None and "logits.top_ids" in effects:
-        ids.update(torch.unique(torch.cat([effects["logits.top_ids"], effects["logits.bottom_ids"]])).tolist())
-    ids.discard(-1)
-    _js(out / "data" / "vocab.js", "setVocab", {str(i): cache.token_str(i) for i in sorted(ids)})
+    _js(out / "data" / "vocab.js", "setVocab", {str(i): cache.token_str(i) for i in _shown_token_ids(cache, effects)})
     for k in tqdm(range(n_shards), disable=not progress, desc="browser", unit="shard"):
         latents = range(k * shard_size, min((k + 1) * shard_size, d_sae))
         _js(out / "data" / f"shard-{k:05d}.js", "setShard", k, _shard(cache, effects, annotations, latents))
@@ -216,3 +191,49 @@ def write_browser(cache_dir: str | Path, out: str | Path | None = None, *, shard
         if int(stale.stem.split("-")[1]) >= n_shards:
             stale.unlink()
     return out / "index.html"
+
+
+def _copy_assets(out: Path) -> None:
+    """The pages into out and the CSS and JS into out/assets (out/data made for the data)."""
+    (out / "assets").mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(exist_ok=True)
+    assets = resources.files("fastsae") / "analysis" / "features" / "assets"
+    for name, dst in [*((n, out / n) for n in PAGES), *((n, out / "assets" / n) for n in SCRIPTS)]:
+        with resources.as_file(assets / name) as src:  # whole or not at all, a full disk named
+            io.atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+def _peak_labels(cache: FeatureCache) -> list[str]:
+    """Per latent, its distinct peak tokens, commonest first (at most 3, joined by U+001F)."""
+    peaks = peak_tokens(cache)
+    tokens = []
+    for j in range(cache.d_sae):
+        ids = [i for i in peaks[j].tolist() if i >= 0]
+        ranked = sorted(dict.fromkeys(ids), key=lambda i: -ids.count(i))[:3]
+        tokens.append("\u001f".join(cache.token_str(i) for i in ranked))
+    return tokens
+
+
+def _annotation_text(annotations: list[dict], d_sae: int) -> tuple[list[str], dict[str, str]]:
+    """(the index's note per latent: its first annotation's text, cut; {latent: every annotation's text} to search)."""
+    notes = [""] * d_sae
+    full_text: dict[str, str] = {}
+    for a in annotations:
+        for key, entry in a["features"].items():
+            j = int(key)
+            if j < d_sae:
+                notes[j] = notes[j] or entry.get("text", "")[:NOTE_CHARS]
+                full_text[key] = (full_text.get(key, "") + f" {a['title']}: {entry.get('text', '')}").strip()
+    return notes, full_text
+
+
+def _shown_token_ids(cache: FeatureCache, effects: dict | None) -> list[int]:
+    """Every token id a page may show (contexts, token sample, promoted and suppressed tokens), ascending."""
+    ids = set()
+    for key in ("top.tokens", "samples.tokens", "token_sample.token"):
+        if key in cache.tensors:
+            ids.update(torch.unique(cache.tensors[key]).tolist())
+    if effects is not None and "logits.top_ids" in effects:
+        ids.update(torch.unique(torch.cat([effects["logits.top_ids"], effects["logits.bottom_ids"]])).tolist())
+    ids.discard(-1)
+    return sorted(ids)

@@ -2,13 +2,13 @@
 
     effects.safetensors
         logits.top_ids, logits.top_values          (d_sae, k)   direct effect: most promoted tokens
-        logits.bottom_ids, logits.bottom_values    (d_sae, k)   ... and most suppressed (logits.py)
+        logits.bottom_ids, logits.bottom_values    (d_sae, k)   ... and most suppressed (logit_effects.py)
         logits.mean, logits.std                    (d_sae,)     over the vocabulary: the browser shows z-scores
         measured.latent                            (m,)         latents whose contexts were measured
         ablation                                   (m, n, W)    Δ log p of each token of each top context when
-                                                                the latent is removed upstream (logits.py)
+                                                                the latent is removed upstream (logit_effects.py)
         attribution                                (m, n, W)    change of the latent at the context's peak when
-                                                                each earlier token is removed (attribution.py)
+                                                                each earlier token is removed (context_attribution.py)
     NaN marks what was not measured (the first token; contexts past `attribution_contexts`).
 
 Ablation and attribution need each context's whole prefix, so the harvested windows (S, T) are passed in.
@@ -67,6 +67,35 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
         done_meta = io.read_json(cache.path / EFFECTS_META)
         if done_meta.get("format_version") == FORMAT_VERSION and done_meta.get("settings") == settings:
             return out  # measured already
+    tensors, notes = _logit_effects(model, decomposition, logit_k)
+    excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
+    measure = windows is not None and chosen and getattr(model, "can_generate", lambda: False)()
+    if windows is None:
+        notes["measured"] = "no harvested windows: ablation and attribution need each context's prefix"
+    partial = _PartialEffects(cache.path, settings, n, W)
+    if measure:
+        partial.load()
+        last = time.monotonic()
+        todo = [j for j in chosen if j not in partial.done]
+        for j in tqdm(todo, disable=not progress, desc="effects", unit="feature"):
+            partial.done[j] = _measure_latent(cache, model, site, decomposition, windows, j, n, attribution_contexts,
+                                              mode, excluded, batch_size)
+            if time.monotonic() - last >= checkpoint_seconds:
+                partial.save()
+                last = time.monotonic()
+    measured = partial.stacked()
+    keys = measured["latent"].tolist()
+    tensors.update({"measured.latent": measured["latent"], "ablation": measured["ablation"],
+                    "attribution": measured["attribution"]})
+    io.write_tensors(out, tensors, metadata={"format_version": str(FORMAT_VERSION)})
+    io.write_json(cache.path / EFFECTS_META, {"format_version": FORMAT_VERSION, "settings": settings,
+                                              "notes": notes, "measured": keys})
+    partial.remove()
+    return out
+
+
+def _logit_effects(model: nn.Module, decomposition, logit_k: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(the logits.* tensors, notes): the direct logit effects, or a note saying why there are none."""
     tensors: dict[str, Tensor] = {}
     notes: dict[str, str] = {}
     directions = directions_of(decomposition)
@@ -76,59 +105,62 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
         tensors.update({f"logits.{k}": v for k, v in direct_logit_effects(model, directions, logit_k).items()})
     except ValueError as err:
         notes["logits"] = str(err)
-    excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
-    measure = windows is not None and chosen and getattr(model, "can_generate", lambda: False)()
-    if windows is None:
-        notes["measured"] = "no harvested windows: ablation and attribution need each context's prefix"
-    done: dict[int, tuple[Tensor, Tensor]] = {}
-    partial = cache.path / PARTIAL_FILE
-    if measure and partial.is_file() and (cache.path / (PARTIAL_FILE + ".json")).is_file():
-        if io.read_json(cache.path / (PARTIAL_FILE + ".json")) == settings:  # else: other settings, start again
-            saved = io.read_tensors(partial)
-            done = {int(j): (saved["ablation"][i], saved["attribution"][i])
-                    for i, j in enumerate(saved["latent"].tolist())}
+    return tensors, notes
 
-    def stacked() -> dict[str, Tensor]:
-        keys = sorted(done)
-        blank = torch.zeros(0, n, W)
+
+def _measure_latent(cache: FeatureCache, model: nn.Module, site: str, decomposition, windows: Tensor, j: int,
+                    n: int, attribution_contexts: int, mode: str, excluded: list[int],
+                    batch_size: int) -> tuple[Tensor, Tensor]:
+    """(ablation, attribution), each (n, W), of latent j on its first n top contexts (NaN: not measured)."""
+    W = cache.meta["window"]
+    prefixes, starts, peaks = _contexts(cache, windows, j, n)
+    length = max(p.shape[0] for p in prefixes)
+    pad = excluded[0] if excluded else 0
+    ids = torch.stack([torch.cat([p, p.new_full((length - p.shape[0],), pad)]) for p in prefixes])
+    ablation = torch.full((n, W), float("nan"))
+    attribution = torch.full((n, W), float("nan"))
+    window = starts[:, None] + torch.arange(W)  # (B, W): each context's window in its prefix
+    ablation[:len(prefixes)] = ablation_effects(model, site, decomposition, j, ids, excluded, window)
+    a = min(attribution_contexts, len(prefixes))
+    if a:
+        _, changes = context_attribution(model, site, decomposition, j, prefixes[:a], peaks[:a].tolist(),
+                                         starts[:a].tolist(), mode=mode, skip_token_ids=excluded,
+                                         batch_size=batch_size)
+        for b, s in enumerate(starts[:a].tolist()):
+            attribution[b] = changes[b][s:s + W]
+    return ablation, attribution
+
+
+class _PartialEffects:
+    """The latents measured so far ({latent: (ablation, attribution)}), checkpointed beside the cache with the
+    settings they were measured with (a checkpoint of other settings is not resumed)."""
+
+    def __init__(self, directory: Path, settings: dict, n: int, W: int):
+        self.path, self.settings_path = directory / PARTIAL_FILE, directory / (PARTIAL_FILE + ".json")
+        self.settings, self.n, self.W = settings, n, W
+        self.done: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def load(self) -> None:
+        if self.path.is_file() and self.settings_path.is_file():
+            if io.read_json(self.settings_path) == self.settings:  # else: other settings, start again
+                saved = io.read_tensors(self.path)
+                self.done = {int(j): (saved["ablation"][i], saved["attribution"][i])
+                             for i, j in enumerate(saved["latent"].tolist())}
+
+    def stacked(self) -> dict[str, Tensor]:
+        keys = sorted(self.done)
+        blank = torch.zeros(0, self.n, self.W)
         return {"latent": torch.tensor(keys, dtype=torch.int64),
-                "ablation": torch.stack([done[j][0] for j in keys]) if keys else blank,
-                "attribution": torch.stack([done[j][1] for j in keys]) if keys else blank}
+                "ablation": torch.stack([self.done[j][0] for j in keys]) if keys else blank,
+                "attribution": torch.stack([self.done[j][1] for j in keys]) if keys else blank}
 
-    if measure:
-        last = time.monotonic()
-        todo = [j for j in chosen if j not in done]
-        for j in tqdm(todo, disable=not progress, desc="effects", unit="feature"):
-            prefixes, starts, peaks = _contexts(cache, windows, j, n)
-            length = max(p.shape[0] for p in prefixes)
-            pad = excluded[0] if excluded else 0
-            ids = torch.stack([torch.cat([p, p.new_full((length - p.shape[0],), pad)]) for p in prefixes])
-            ablation = torch.full((n, W), float("nan"))
-            attribution = torch.full((n, W), float("nan"))
-            window = starts[:, None] + torch.arange(W)  # (B, W): each context's window in its prefix
-            ablation[:len(prefixes)] = ablation_effects(model, site, decomposition, j, ids, excluded, window)
-            a = min(attribution_contexts, len(prefixes))
-            if a:
-                _, changes = context_attribution(model, site, decomposition, j, prefixes[:a], peaks[:a].tolist(),
-                                                 starts[:a].tolist(), mode=mode, skip_token_ids=excluded,
-                                                 batch_size=batch_size)
-                for b, s in enumerate(starts[:a].tolist()):
-                    attribution[b] = changes[b][s:s + W]
-            done[j] = (ablation, attribution)
-            if time.monotonic() - last >= checkpoint_seconds:
-                io.write_tensors(partial, stacked())
-                io.write_json(cache.path / (PARTIAL_FILE + ".json"), settings)  # the commit point
-                last = time.monotonic()
-    measured = stacked()
-    keys = measured["latent"].tolist()
-    tensors.update({"measured.latent": measured["latent"], "ablation": measured["ablation"],
-                    "attribution": measured["attribution"]})
-    io.write_tensors(out, tensors, metadata={"format_version": str(FORMAT_VERSION)})
-    io.write_json(cache.path / EFFECTS_META, {"format_version": FORMAT_VERSION, "settings": settings,
-                                              "notes": notes, "measured": keys})
-    partial.unlink(missing_ok=True)
-    (cache.path / (PARTIAL_FILE + ".json")).unlink(missing_ok=True)
-    return out
+    def save(self) -> None:
+        io.write_tensors(self.path, self.stacked())
+        io.write_json(self.settings_path, self.settings)  # the commit point
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.settings_path.unlink(missing_ok=True)
 
 
 def load_effects(cache_dir: str | Path) -> dict[str, Tensor] | None:

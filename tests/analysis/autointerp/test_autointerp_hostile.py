@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fastsae.analysis.autointerp.llm_backends import BackendError, OpenAIBackend
+from fastsae.analysis.autointerp.llm_backends import BackendError
 from fastsae.analysis.autointerp.llm_prompts import Prompt
+from fastsae.analysis.autointerp.openai_client import OpenAIBackend
 
 PROMPT = Prompt("We are studying features.", "Text: the cat\nAnswer:")
 GOOD = {"choices": [{"message": {"role": "assistant", "content": " yes"}}],

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from autointerp_fakes import StubServer, cat_feature
 
+from fastsae.analysis.autointerp.autointerp_run import parse_backend
 from fastsae.analysis.autointerp.context_sources import save_examples
 from fastsae.analysis.autointerp.interpret import interpret_many
-from fastsae.analysis.autointerp.llm_backends import BackendError, OpenAIBackend, parse_backend
+from fastsae.analysis.autointerp.llm_backends import BackendError
 from fastsae.analysis.autointerp.llm_prompts import CUE, Prompt
+from fastsae.analysis.autointerp.openai_client import OpenAIBackend
 from fastsae.analysis.autointerp.request_cache import CachedBackend
 
 KEY = "sk-test-9f8e7d6c5b4a-DO-NOT-LEAK"

@@ -10,16 +10,11 @@ from fastsae.analysis.compare.connections import (
     ConnectConfig,
     ConnectionData,
     Connector,
-    elbow,
     evaluate,
-    fit_linear,
-    formulas,
-    l1_sweep,
     nonlinearity,
-    refit,
-    relative_weights,
     train_connector,
 )
+from fastsae.analysis.compare.linear_connections import elbow, fit_linear, formulas, l1_sweep, refit, relative_weights
 from fastsae.latents import SparseLatents
 
 N_IN = 40
@@ -208,7 +203,7 @@ def tiny(tmp_path_factory):
 def test_linear_substitution_moves_only_the_substituted_features(tiny):
     """Identity check: with F1 = F2 (both hooks on the MLP's output) an identity connector changes nothing,
     and a doubling one adds exactly the features' decoded contribution."""
-    from fastsae.analysis.compare.connect_run import eval_windows, substitution_ce
+    from fastsae.analysis.compare.linear_substitution import eval_windows, substitution_ce
     from fastsae.analysis.features.store_contexts import encode_store
     from fastsae.harvest import ActivationStore
     from fastsae.model import hook_site

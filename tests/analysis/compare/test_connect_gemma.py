@@ -1,5 +1,5 @@
 """Compare and connect on Gemma 3 270M, end to end through the command line (opt-in: FASTSAE_GEMMA_TESTS=1;
-about 15 minutes on 2 CPU cores). The full-size run and its findings are in bench/results/connect-gemma-*."""
+about 15 minutes on 2 CPU cores). The full-size run and its findings are in bench/results/analysis/connect-gemma-*."""
 
 import json
 import os

@@ -274,7 +274,7 @@ def test_active_entries_refuse_other_outputs():
 
 
 def test_row_lookup_scan_and_search_agree_with_dense():
-    from fastsae.analysis.features.feature_pass import _RowLookup
+    from fastsae.analysis.features.feature_pass_state import _RowLookup
 
     gen = torch.Generator().manual_seed(0)
     dense = torch.rand(9, 11, generator=gen) * (torch.rand(9, 11, generator=gen) < 0.3)
@@ -310,10 +310,10 @@ def test_stable_order_is_group_then_key_descending_then_input_order(kind):
 
 
 def test_contexts_gathered_in_blocks_are_the_same(store, tmp_path, monkeypatch):
-    from fastsae.analysis.features import feature_pass
+    from fastsae.analysis.features import feature_pass_state
 
     sae = make_sae(d_in=32, d_sae=37)
     whole = collect_features(sae, StoreSource(store, SITE, windows()), tmp_path / "a", CFG, progress=False)
-    monkeypatch.setattr(feature_pass, "CONTEXT_BLOCK", 7)  # one context per block
+    monkeypatch.setattr(feature_pass_state, "CONTEXT_BLOCK", 7)  # one context per block
     blocks = collect_features(sae, StoreSource(store, SITE, windows()), tmp_path / "b", CFG, progress=False)
     assert all(torch.equal(blocks.tensors[k], v) for k, v in whole.tensors.items())

@@ -1,5 +1,5 @@
 """Interventions, IOI and patching on Gemma 3 270M (opt-in: FASTSAE_GEMMA_TESTS=1, the `models` extra, ~2-5 min
-on 2 CPU cores). The committed numbers with trained SAEs are in bench/results/interventions-cpu-*/."""
+on 2 CPU cores). The committed numbers with trained SAEs are in bench/results/analysis/interventions-gemma-cpu-*/."""
 
 import os
 
