@@ -1,4 +1,4 @@
-"""python -m bench: run the suite, print a table, save JSON + markdown (+ plots) under bench/results/.
+"""python -m bench: run the suite, print a table, save JSON + markdown (+ plots) under bench/results/training/.
 
     python -m bench                    # 'quick' on CUDA, 'cpu' otherwise
     python -m bench --preset full      # every shape of the issue (CUDA)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, metavar="GIB",
                         help="instead: the largest d_sae (d_in 2048, N 4096, k 64) that trains within GIB")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="instead: redraw the plots of a saved run")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "training")
     args = parser.parse_args(argv)
     if args.plot:
         saved = json.loads(args.plot.read_text())

@@ -6,7 +6,7 @@
         --model llama-3.1-8b-instruct
 
 Runs `fastsae autointerp` into --work (feature caches, request cache) and copies the report, the summary
-table and the plot to bench/results/autointerp-<backend model>-<device>-<date>/, with the throughput of
+table and the plot to bench/results/analysis/autointerp-<backend model>-<device>-<date>/, with the throughput of
 the run (requests that came from the request cache cost nothing, so time a fresh cache).
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from bench.saving import RESULTS
 from fastsae import io
-from fastsae.analysis.autointerp.autointerp_run import autointerp
+from fastsae.analysis.autointerp.autointerp_run import run_autointerp
 
 
 def main() -> None:
@@ -38,14 +38,14 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     start = time.perf_counter()
-    report = autointerp(backend=args.backend, model=args.model, sae=args.sae, features=args.features,
+    report = run_autointerp(backend=args.backend, model=args.model, sae=args.sae, features=args.features,
                         baselines=tuple(args.baselines), out=work / "report", cache=work / "requests",
                         device=args.device, progress=True)
     total = time.perf_counter() - start
     meta = report["meta"]
     threads = torch.get_num_threads()
     name = f"autointerp-{Path(meta['model']).name}-{args.device}-{dt.date.today().isoformat()}"
-    dest = RESULTS / name
+    dest = RESULTS / "analysis" / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("report.json", "summary.md", "scores.png"):
         if (work / "report" / f).is_file():

@@ -6,7 +6,7 @@ the n_a x n_b cosine matrix.
 
 The cost is one GEMM of 2·n_a·n_b·d FLOP plus two max-reductions over every tile, so the table gives
 GFLOP/s against a plain torch.matmul of one tile (the floor), and peak memory (tiles, CUDA only).
-Prints a table and saves JSON + markdown under bench/results/compare-<device>-<date>.*
+Prints a table and saves JSON + markdown under bench/results/analysis/compare-<device>-<date>.*
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", help="NxD (both dictionaries N directions of width D); default: "
                                                    "16384x640, and 65536x2048 on CUDA")
     parser.add_argument("--block", type=int, default=BLOCK)
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
+    parser.add_argument("--out", default=str(RESULTS / "analysis"),
+                        help="results directory (default: bench/results/analysis)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = args.sizes or (["16384x640", "65536x2048"] if device == "cuda" else ["16384x640"])

@@ -9,7 +9,7 @@ Shapes (N, d_in, d_out), each x (N, d_in) @ W^T (d_out, d_in) + b: the SAE encod
 interleaved, a call each in turn, and the table gives medians; each row also gives both results' largest
 error against float64, relative to Σ|x·W| for that output. --model adds a forward of that model
 (fastsae.model.load, 8 × 128 random tokens) with its nn.Linear layers as loaded (oneDNN) and as plain
-nn.Linear (MKL), and the largest difference in logits. Results go to bench/results/cpu-gemm-<date>.json/.md.
+nn.Linear (MKL), and the largest difference in logits. Results go to bench/results/training/cpu-gemm-<date>.json/.md.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--model", default=None, help="also time a forward of this fastsae.model.load name")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a quick check, not a measurement)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown")
+    parser.add_argument("--out", type=Path, default=RESULTS / "training",
+                        help="directory for the JSON and markdown")
     args = parser.parse_args(argv)
     if cpu_gemm._op() is None:
         print("this PyTorch build has no oneDNN: nothing to compare", file=sys.stderr)

@@ -15,7 +15,7 @@ Rows, each a median over interleaved repetitions (bench.cpu_step.interleaved):
   `SAE.remove_parallel_decoder_grad_` (a block of rows at a time);
 - tanh of a (640, 4096) float64 block, torch against numpy (the ICA fit's nonlinearity on CPU).
 
-Results go to bench/results/cpu-parts-<date>.json and .md.
+Results go to bench/results/training/cpu-parts-<date>.json and .md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ instead, as this benchmark did before: there, the other rows' large allocations 
   (what its Trainer builds without bitsandbytes), decoder renormalisation.
 
 No AuxK in either library (no latent is dead within a few steps; both skip it then). Results go to
-bench/results/cpu-step-<date>.json and .md with the machine, versions, date and torch's thread count.
+bench/results/training/cpu-step-<date>.json and .md with the machine, versions, date and torch's thread count.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 import fastsae
+from bench.other_libraries import sparsify_coder, sparsify_train_step
 from bench.saving import RESULTS, save_report
-from bench.suite import sparsify_coder, sparsify_train_step
 from fastsae import SAE, SAEConfig
 from fastsae.ops import cpu_gemm
 from fastsae.train import TrainConfig, Trainer
@@ -266,7 +266,8 @@ def step_arguments(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown")
+    parser.add_argument("--out", type=Path, default=RESULTS / "training",
+                        help="directory for the JSON and markdown")
     return parser
 
 

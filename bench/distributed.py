@@ -19,7 +19,7 @@ collectives send); "payload" is what this rank handed to torch.distributed (fast
 and a DDP comm hook); "sent" is measured by the kernel: the growth of wchar in /proc/self/io over the
 timed steps (gloo writes its sockets with write/writev; nothing else writes meanwhile).
 
-Saves bench/results/distributed-cpu-<date>.json and .md.
+Saves bench/results/training/distributed-cpu-<date>.json and .md.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096, help="global rows per step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "training")
     args = parser.parse_args(argv)
     plan = [  # (label, mode, processes, threads per process)
         ("1 process, 1 thread", "trainer", 1, 1),

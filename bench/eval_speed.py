@@ -25,9 +25,10 @@ shape at its site, whose metadata records the main job's training windows: the s
 eval phase (the windows, variants, LM head and baseline fits have the same shapes, and the fit activations
 are captured from the model, as the main job's are: its store keeps bfloat16, eval_run.fit_activations), so the
 timings are representative, while the metric values mean nothing; but for the ICA fit, an upper bound: on the
-random model's activations it runs all 400 iterations, where the main job's converges after ~110 (eval_run.fit_activations).
-It needs no download, for a GPU machine offline. There is no store there, so the before path's baselines are
-fitted on the same captured activations (on a CPU, FastICA in float64 is all that differs).
+random model's activations it runs all 400 iterations, where the main job's converges after ~110
+(eval_run.fit_activations). It needs no download, for a GPU machine offline. There is no store there, so
+the before path's baselines are fitted on the same captured activations (on a CPU, FastICA in float64
+is all that differs).
 --layers, --vocab and --width shrink that model for a quick test.
 
 The reference path reuses the fastsae path's baseline fits and is charged their time. Minutes of the before
@@ -35,8 +36,8 @@ path go to its ICA fit (400 float64 iterations of two 640 × 640 × 32,768 GEMMs
 times the fit alone). Also times the LM head's GEMMs alone (every variant's logits at every
 scored position), the part no exact evaluation can skip: the cross-entropy and the KL need each variant's
 full log-softmax.
-Prints a table and saves JSON + markdown under bench/results/eval-speed-<device>-<date>.* (eval-speed-random-…
-with --random-model)
+Prints a table and saves JSON + markdown under bench/results/evaluation/eval-speed-<device>-<date>.*
+(eval-speed-random-… with --random-model)
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def pipeline(path: str):
         eval_run.FULL_PRECISION, baselines.ICA_CPU_DATA_DTYPE, baselines.fit, torch.backends.mkldnn.enabled = saved
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--sae", help="a trained SAE directory (its metadata names model and site)")
@@ -221,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-tokens", type=int, default=32_768,
                         help="activations the baselines are fitted on (run_eval's default, the main job's: 32,768)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per batch (run_eval's default)")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    runs, results = {}, {}
+    parser.add_argument("--out", default=str(RESULTS / "evaluation"),
+                        help="results directory (default: bench/results/evaluation)")
+    return parser
+
+
+def _time_paths(args, device: str) -> dict:
+    """Every path of PATHS run on the same windows and SAE: {"runs": seconds per path, "results": metrics per
+    path, "meta": the last run's metadata, "shape": the random model's config (or None), "n_variants",
+    "scored" (positions the LM head scores per variant), "head_s" (its GEMMs alone)}."""
+    runs, results, shape = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(baselines, "fit", FitOnce(FIT)):
         sae = args.sae
         if args.random_model:
@@ -251,33 +258,33 @@ def main(argv: list[str] | None = None) -> int:
     ref = runs["reference"]
     ref["eval_phase_s"] += runs["fastsae"]["fit_baselines_s"] - ref["fit_baselines_s"]
     ref["fit_baselines_s"] = runs["fastsae"]["fit_baselines_s"]
+    return {"runs": runs, "results": results, "meta": meta, "shape": shape, "n_variants": n_variants,
+            "scored": scored, "head_s": head_s}
+
+
+def _summary(timed: dict) -> dict:
+    """Speedups, and how far the paths' metrics lie apart (fastsae against reference and against before)."""
+    runs, results = timed["runs"], timed["results"]
     worst, where, bad = compare(results["fastsae"], results["reference"])
     # the before path fitted its baselines on other activations: only the model's and the SAE's metrics must agree
     evaluated = [name for name in results["before"] if name not in baselines.KINDS]
     worst_before, where_before, bad_before = compare({n: results["fastsae"][n] for n in evaluated},
                                                      {n: results["before"][n] for n in evaluated}, BEFORE_RTOL)
-    shared = results["fastsae"]["model"]
-    model_name = meta["model"] if not args.random_model else f"{args.random_model}, randomly initialised"
-    info = run_environment(device, model=model_name, site=meta["site"], sae=str(args.sae or "random"),
-                           eval_tokens=shared["tokens"], windows=meta["eval_windows"],
-                           context_size=meta["context_size"], batch_size=args.batch_size, variants=n_variants,
-                           head_rows=HEAD_ROWS, rtol=RTOL, atol=ATOL, fit_tokens=meta["baseline_fit_tokens"],
-                           before_ica=BEFORE_ICA,
-                           random_model=args.random_model and {"layers": shape["num_hidden_layers"],
-                                                               "d_model": shape["hidden_size"],
-                                                               "vocab": shape["vocab_size"]})
-    name = info["device"]
     ref, new, old = runs["reference"], runs["fastsae"], runs["before"]
-    summary = {"speedup_eval_phase": ref["eval_phase_s"] / new["eval_phase_s"],
-               "speedup_evaluate": ref["evaluate_s"] / new["evaluate_s"], "head_gemm_s": head_s,
-               "max_relative_difference": worst, "at": where, "metrics_agree": not bad, "outside_tolerance": bad,
-               "speedup_eval_phase_vs_before": old["eval_phase_s"] / new["eval_phase_s"],
-               "before_max_relative_difference": worst_before, "before_at": where_before,
-               "before_metrics_agree": not bad_before, "before_outside_tolerance": bad_before,
-               "baselines_before_after": {kind: {key: [results[path][kind].get(key) for path in ("before", "fastsae")]
-                                                 for key in ("fvu", "ce_loss_recovered", "kl_div_with_sae")}
-                                          for kind in baselines.KINDS if kind in results["fastsae"]}}
-    lines = [f"# Evaluation phase of the main job, {name} ({info['threads']} threads), {info['date']}", "",
+    return {"speedup_eval_phase": ref["eval_phase_s"] / new["eval_phase_s"],
+            "speedup_evaluate": ref["evaluate_s"] / new["evaluate_s"], "head_gemm_s": timed["head_s"],
+            "max_relative_difference": worst, "at": where, "metrics_agree": not bad, "outside_tolerance": bad,
+            "speedup_eval_phase_vs_before": old["eval_phase_s"] / new["eval_phase_s"],
+            "before_max_relative_difference": worst_before, "before_at": where_before,
+            "before_metrics_agree": not bad_before, "before_outside_tolerance": bad_before,
+            "baselines_before_after": {kind: {key: [results[path][kind].get(key) for path in ("before", "fastsae")]
+                                              for key in ("fvu", "ce_loss_recovered", "kl_div_with_sae")}
+                                       for kind in baselines.KINDS if kind in results["fastsae"]}}
+
+
+def _table(args, info: dict, timed: dict, summary: dict) -> str:
+    runs, n_variants, shape = timed["runs"], timed["n_variants"], timed["shape"]
+    lines = [f"# Evaluation phase of the main job, {info['device']} ({info['threads']} threads), {info['date']}", "",
              f"{info['model']} at {info['site']}, {info['windows']} windows × {info['context_size']} tokens "
              f"({info['eval_tokens']:,} kept tokens), batch {args.batch_size}; the SAE, PCA, ICA, neuron and random "
              f"baselines: {n_variants} variants per batch.", "",
@@ -287,17 +294,20 @@ def main(argv: list[str] | None = None) -> int:
         r = runs[path]
         lines.append(f"| {path} | {r['eval_phase_s']:.1f} | {r['evaluate_s']:.1f} | {r['fit_baselines_s']:.1f} | "
                      f"{r['baseline_activations_s']:.1f} |")
+    bad, bad_before, head_s = summary["outside_tolerance"], summary["before_outside_tolerance"], timed["head_s"]
     lines += ["", f"Speedup: evaluate {summary['speedup_evaluate']:.2f}×, whole eval phase "
               f"{summary['speedup_eval_phase']:.2f}×. The LM head's GEMMs alone ({n_variants} variants × "
-              f"≈{scored:,} positions × vocabulary) take {head_s:.1f} s: "
-              f"{100 * head_s / new['evaluate_s']:.0f}% of fastsae's evaluate.",
-              f"Metrics: largest relative difference {worst:.2g} ({where or 'every metric bitwise equal'}); "
+              f"≈{timed['scored']:,} positions × vocabulary) take {head_s:.1f} s: "
+              f"{100 * head_s / runs['fastsae']['evaluate_s']:.0f}% of fastsae's evaluate.",
+              f"Metrics: largest relative difference {summary['max_relative_difference']:.2g} "
+              f"({summary['at'] or 'every metric bitwise equal'}); "
               + ("all within" if not bad else f"{len(bad)} outside") + f" rtol {RTOL:g} + atol {ATOL:g}.", "",
               f"Against before (the straightforward forwards, the baselines fitted on the store's rows as stored, "
               f"the ICA baseline by {BEFORE_ICA}'s FastICA): whole eval phase "
               f"{summary['speedup_eval_phase_vs_before']:.2f}×. "
-              f"The model's and the SAE's metrics: largest relative difference {worst_before:.2g} "
-              f"({where_before or 'every metric bitwise equal'}); "
+              f"The model's and the SAE's metrics: largest relative difference "
+              f"{summary['before_max_relative_difference']:.2g} "
+              f"({summary['before_at'] or 'every metric bitwise equal'}); "
               + ("all within" if not bad_before else f"{len(bad_before)} outside")
               + f" rtol {BEFORE_RTOL:g} + atol {ATOL:g} (MKL against oneDNN). "
               "The baselines were fitted anew (on full-precision activations, FastICA's iterations in float32 on "
@@ -312,12 +322,28 @@ def main(argv: list[str] | None = None) -> int:
                   f"{shape['vocab_size']:,}) and the SAE is random: the timings are representative, the metric "
                   f"values mean nothing; the ICA fit runs all 400 iterations here, fewer on the real model's "
                   f"activations."]
-    table = "\n".join(lines)
-    kind = "eval-speed-random" if args.random_model else "eval-speed"
-    save_report(args.out, f"{kind}-{name.replace(' ', '_')}-{info['date']}",
-                {"meta": info, "runs": runs, "summary": summary}, table)
-    return 0 if not bad and not bad_before else 1
+    return "\n".join(lines)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timed = _time_paths(args, device)
+    meta, shape = timed["meta"], timed["shape"]
+    summary = _summary(timed)
+    model_name = meta["model"] if not args.random_model else f"{args.random_model}, randomly initialised"
+    info = run_environment(device, model=model_name, site=meta["site"], sae=str(args.sae or "random"),
+                           eval_tokens=timed["results"]["fastsae"]["model"]["tokens"], windows=meta["eval_windows"],
+                           context_size=meta["context_size"], batch_size=args.batch_size,
+                           variants=timed["n_variants"], head_rows=HEAD_ROWS, rtol=RTOL, atol=ATOL,
+                           fit_tokens=meta["baseline_fit_tokens"], before_ica=BEFORE_ICA,
+                           random_model=args.random_model and {"layers": shape["num_hidden_layers"],
+                                                               "d_model": shape["hidden_size"],
+                                                               "vocab": shape["vocab_size"]})
+    kind = "eval-speed-random" if args.random_model else "eval-speed"
+    save_report(args.out, f"{kind}-{info['device'].replace(' ', '_')}-{info['date']}",
+                {"meta": info, "runs": timed["runs"], "summary": summary}, _table(args, info, timed, summary))
+    return 0 if summary["metrics_agree"] and summary["before_metrics_agree"] else 1
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,7 +13,7 @@ least 2x); its state grows with d_sae · n, never with the token count. Rows:
     python -m bench.features --model tiny --tokens 16384 --d-sae 4096 16384
     python -m bench.features --screenshot runs/gemma/features/browser 1234   # a feature page as PNG
 
-Saves JSON + markdown under bench/results/features-<device>-<date>.*
+Saves JSON + markdown under bench/results/features/features-<device>-<date>.*
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def screenshot(browser_dir: Path, latent: int, path: Path) -> Path:
         return page.screenshot(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m", help="'gemma-3-270m', a model directory, or 'tiny'")
     parser.add_argument("--site", default="resid_post.6")
@@ -135,20 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--effects-features", type=int, default=4)
     parser.add_argument("--screenshot", nargs=2, metavar=("BROWSER_DIR", "LATENT"),
-                        help="only save a screenshot of BROWSER_DIR/feature.html#LATENT into bench/results")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
-    args = parser.parse_args(argv)
-    if args.screenshot:
-        browser_dir, latent = Path(args.screenshot[0]), int(args.screenshot[1])
-        name = f"feature-page-{latent}-{dt.date.today().isoformat()}.png"
-        path = screenshot(browser_dir, latent, Path(args.out) / name)
-        print(f"saved {path}")
-        return 0
-    from bench.harvest import bench_model
+                        help="only save a screenshot of BROWSER_DIR/feature.html#LATENT into --out")
+    parser.add_argument("--out", default=str(RESULTS / "features"),
+                        help="results directory (default: bench/results/features)")
+    return parser
+
+
+def _measure(args, model, tokenizer, model_name: str, device: str) -> tuple[list[dict], dict | None]:
+    """The rows (harvest, the pass at every width, effects) and the browser's timing."""
     from fastsae.harvest import harvest_corpus
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, model_name = bench_model(args.model, device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu = time.perf_counter(), time.process_time()
@@ -172,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"what": f"effects: ablation (20 contexts) + attribution (5 contexts), d_sae {args.d_sae[0]:,}",
                      "features_per_min": rate})
         browser = browser_timing(Path(tmp) / "widest", widest)
-    meta = run_environment(device, model=model_name, tokens=args.tokens)
-    name = meta["device"]
-    lines = [f"# Feature pass throughput and memory, {name} ({meta['threads']} threads), {meta['date']}", "",
-             "Wall-clock rates depend on what else runs on the machine; tokens per CPU-second "
+    return rows, browser
+
+
+def _table(args, meta: dict, rows: list[dict], browser: dict | None) -> str:
+    lines = [f"# Feature pass throughput and memory, {meta['device']} ({meta['threads']} threads), {meta['date']}",
+             "", "Wall-clock rates depend on what else runs on the machine; tokens per CPU-second "
              "(process time, all threads) do not, "
              f"and their ratio to the harvest's is what to read. A {args.tokens:,}-token store of english-classics; "
              f"peak memory is the pass's process (resident set on CPU, allocated on CUDA).", "",
@@ -194,11 +192,26 @@ def main(argv: list[str] | None = None) -> int:
                       f"index ready in {browser.get('index_ready_ms', 'n/a')} ms and a feature page in "
                       f"{browser.get('feature_ready_ms', 'n/a')} ms in headless Chromium (navigation start to "
                       f"rendered, data parsing included)."]
-    table = "\n".join(lines)
-    save_report(args.out, f"features-{name.replace(' ', '_')}-{meta['date']}",
-                {"meta": meta, "rows": rows, "browser": browser}, table)
-    return 0
+    return "\n".join(lines)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.screenshot:
+        browser_dir, latent = Path(args.screenshot[0]), int(args.screenshot[1])
+        name = f"feature-page-{latent}-{dt.date.today().isoformat()}.png"
+        path = screenshot(browser_dir, latent, Path(args.out) / name)
+        print(f"saved {path}")
+        return 0
+    from bench.harvest import bench_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, model_name = bench_model(args.model, device)
+    rows, browser = _measure(args, model, tokenizer, model_name, device)
+    meta = run_environment(device, model=model_name, tokens=args.tokens)
+    save_report(args.out, f"features-{meta['device'].replace(' ', '_')}-{meta['date']}",
+                {"meta": meta, "rows": rows, "browser": browser}, _table(args, meta, rows, browser))
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -88,7 +88,8 @@ def write_report(out: Path, results: dict, head: str, venv_versions: dict) -> No
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"fresh-machine-cpu-{datetime.date.today()}"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "main-job"
+                                                    / f"fresh-machine-cpu-{datetime.date.today()}"))
     parser.add_argument("--skip-run", action="store_true", help="time the install and `make test` only")
     args = parser.parse_args()
     out = Path(args.out).resolve()

@@ -10,7 +10,7 @@
 #   4. the largest d_sae that trains in the GPU's memory, against the memory planner;
 #   5. more cases at the target shape, while time is left.
 #
-#   bash bench/gpu_check.sh                     # files in $OUT, else bench/results/gpu-<device>-<date>/
+#   bash bench/gpu_check.sh                     # files in $OUT, else bench/results/kernels/gpu-<device>-<date>/
 #   bash bench/gpu_check.sh --dry-run           # every stage on CPU at tiny shapes (Triton's interpreter)
 #   bash bench/gpu_check.sh --stages 1,2        # some stages only, e.g. a rerun after a fix
 #   bash bench/gpu_check.sh --help              # budgets and the rest

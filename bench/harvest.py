@@ -4,7 +4,7 @@ the trainer that consumes it, so one can see the loader is not the bottleneck.
     python -m bench.harvest                          # Gemma 3 270M (models extra), else a tiny random model
     python -m bench.harvest --model tiny --tokens 65536
 
-Prints a table and saves JSON + markdown under bench/results/harvest-<device>-<date>.*
+Prints a table and saves JSON + markdown under bench/results/harvest/harvest-<device>-<date>.*
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-batch-size", type=int, default=8, help="windows per harvest forward")
     parser.add_argument("--trainer-steps", type=int, default=20)
     parser.add_argument("--loader-seconds", type=float, default=3.0, help="how long to time the loader")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
+    parser.add_argument("--out", default=str(RESULTS / "harvest"),
+                        help="results directory (default: bench/results/harvest)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, model_name = bench_model(args.model, device)

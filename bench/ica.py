@@ -2,7 +2,7 @@
 same algorithm in PyTorch): time, and how far apart the two results are after the same iterations.
 
 The main job fits FastICA(640 components, whiten="unit-variance", max_iter=400, tol=1e-3) on 32,768 float64
-activations of Gemma 3 270M at resid_post.6 (d 640); its fit did not converge (bench/results/main-job-*/run.log
+activations of Gemma 3 270M at resid_post.6 (d 640); its fit did not converge (bench/results/main-job/main-job-*/run.log
 warns), so it ran all 400 iterations.
 Both fits here start from the same activations (the first 32,768 kept tokens of the corpus's windows) and
 are then applied, with the main job's L0, to the next --held-out tokens to give the baseline's FVU. The
@@ -18,7 +18,7 @@ Each step keeps what it computed under --work (the activations, each fit's matri
 comparison splits into short steps; a fit of 1 iteration is run too, to separate the setup (centring,
 whitening by SVD, the start) from the time per iteration: "400 iterations" is setup + 400 × that where a fit
 stopped earlier (converged or cut short). Prints a table and saves JSON + markdown under
-bench/results/ica-<device>-<date>-<dtype>-<iterations>-iterations.*
+bench/results/evaluation/ica-<device>-<date>-<dtype>-<iterations>-iterations.*
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True,
                         help="directory kept between steps (activations, fits): one per model, site and corpus")
@@ -135,21 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32_768, help="activations to fit on (the main job: 32,768)")
     parser.add_argument("--held-out", type=int, default=4_096, help="the next tokens, for the baseline's FVU")
     parser.add_argument("--k", type=int, default=32, help="coefficients kept per token (the main job's L0: 32)")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default: bench/results)")
-    args = parser.parse_args(argv)
-    if args.iterations < 2:
-        parser.error("--iterations must be >= 2 (a 1-iteration fit is the setup measurement)")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    device = "cpu"  # scikit-learn runs on the CPU; fastsae.evaluation.ica on a GPU is another comparison
-    x = activations(work, args.model, args.site, args.corpus, args.tokens + args.held_out, device)
-    x = x.to(getattr(torch, args.dtype)).float()
-    fit_x, held_out = x[:args.tokens], x[args.tokens:]
-    xd = fit_x.double()
-    mu = xd.mean(0)
-    xc = xd - mu  # what baselines.fit gives FastICA
+    parser.add_argument("--out", default=str(RESULTS / "evaluation"),
+                        help="results directory (default: bench/results/evaluation)")
+    return parser
+
+
+def _fits(args, stem: Path, xc: torch.Tensor) -> dict:
+    """{implementation: {1: fit, iterations: fit}}: this step's (--only, else both), and what earlier steps kept
+    under --work, in the table's order."""
     n, iters = xc.shape[1], args.iterations
-    stem = work / f"fit-{args.dtype}-{args.tokens}"
 
     def done(impl):
         return all(stem.with_name(f"{stem.name}-{impl}-{i}.json").exists() for i in (1, iters))
@@ -162,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     for impl in (*IMPLEMENTATIONS, *OPTIONAL):  # what earlier steps fitted
         if impl not in fits and done(impl):
             fits[impl] = {i: cached_fit(stem, impl, xc, n, i) for i in (1, iters)}
-    if not all(impl in fits for impl in IMPLEMENTATIONS):
-        print(f"kept {', '.join(fits)} under {work}; run the other with --only to compare")
-        return 0
+    return {impl: fits[impl] for impl in (*IMPLEMENTATIONS, *OPTIONAL) if impl in fits}
 
-    fits = {impl: fits[impl] for impl in (*IMPLEMENTATIONS, *OPTIONAL) if impl in fits}  # the table's order
+
+def _runs(fits: dict, iters: int, mu: torch.Tensor, k: int, held_out: torch.Tensor) -> dict:
+    """Per implementation: setup and per-iteration time (from the 1-iteration fit), the full fit's, its FVU."""
     runs = {}
     for impl, by in fits.items():
         one, cut = by[1], by[iters]
@@ -175,20 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         runs[impl] = {"iterations": cut["n_iter"], "converged": cut["n_iter"] < iters, "fit_s": cut["seconds"],
                       "setup_s": setup, "per_iteration_s": per_iteration, "full_fit_s": setup + FULL * per_iteration,
                       "full_fit_measured": cut["n_iter"] == FULL, "threads": cut["threads"],
-                      "heldout_fvu": ica_fvu(cut["mixing"].to(torch.float64), mu, args.k, held_out)}
-    sk = fits["scikit-learn"][iters]
-    agreement = {impl: {"components": relative_difference(fits[impl][iters]["components"], sk["components"]),
-                        "mixing": relative_difference(fits[impl][iters]["mixing"], sk["mixing"]),
-                        "heldout_fvu": runs[impl]["heldout_fvu"] - runs["scikit-learn"]["heldout_fvu"]}
-                 for impl in fits if impl != "scikit-learn"}
-    info = run_environment(device, model=args.model, site=args.site, corpus=args.corpus, dtype=args.dtype,
-                           tokens=args.tokens, held_out=args.held_out, k=args.k, components=n, tol=TOL,
-                           iterations=iters)
-    threads = sorted({r["threads"] for r in runs.values()})  # the fits' own (a step may run with other settings)
-    info["threads"] = threads[0] if len(threads) == 1 else threads
-    summary = {"speedup_per_iteration": runs["scikit-learn"]["per_iteration_s"] / runs["fastsae"]["per_iteration_s"],
-               "speedup_full_fit": runs["scikit-learn"]["full_fit_s"] / runs["fastsae"]["full_fit_s"],
-               "difference_to_scikit_learn": agreement}
+                      "heldout_fvu": ica_fvu(cut["mixing"].to(torch.float64), mu, k, held_out)}
+    return runs
+
+
+def _table(args, info: dict, n: int, runs: dict, summary: dict) -> str:
+    agreement, iters = summary["difference_to_scikit_learn"], args.iterations
     lines = [f"# FastICA at the main job's baseline shape, {info['device']} ({info['threads']} threads), "
              f"{info['date']}", "",
              f"{args.tokens:,} activations of {args.model} at {args.site} ({args.corpus}, rounded to {args.dtype}, "
@@ -208,11 +194,45 @@ def main(argv: list[str] | None = None) -> int:
               f"scikit-learn's matrix after the same iterations"
               + (f"; {PERMUTED} is scikit-learn on the rows in another order, what float64 rounding alone moves."
                  if PERMUTED in runs else ".")]
-    table = "\n".join(lines)
-    save_report(args.out, f"ica-{info['device'].replace(' ', '_')}-{info['date']}-{args.dtype}-{iters}-iterations",
-                {"meta": info, "runs": runs, "summary": summary}, table)
-    return 0
+    return "\n".join(lines)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.iterations < 2:
+        parser.error("--iterations must be >= 2 (a 1-iteration fit is the setup measurement)")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cpu"  # scikit-learn runs on the CPU; fastsae.evaluation.ica on a GPU is another comparison
+    x = activations(work, args.model, args.site, args.corpus, args.tokens + args.held_out, device)
+    x = x.to(getattr(torch, args.dtype)).float()
+    fit_x, held_out = x[:args.tokens], x[args.tokens:]
+    xd = fit_x.double()
+    mu = xd.mean(0)
+    xc = xd - mu  # what baselines.fit gives FastICA
+    n, iters = xc.shape[1], args.iterations
+    fits = _fits(args, work / f"fit-{args.dtype}-{args.tokens}", xc)
+    if not all(impl in fits for impl in IMPLEMENTATIONS):
+        print(f"kept {', '.join(fits)} under {work}; run the other with --only to compare")
+        return 0
+    runs = _runs(fits, iters, mu, args.k, held_out)
+    sk = fits["scikit-learn"][iters]
+    agreement = {impl: {"components": relative_difference(fits[impl][iters]["components"], sk["components"]),
+                        "mixing": relative_difference(fits[impl][iters]["mixing"], sk["mixing"]),
+                        "heldout_fvu": runs[impl]["heldout_fvu"] - runs["scikit-learn"]["heldout_fvu"]}
+                 for impl in fits if impl != "scikit-learn"}
+    info = run_environment(device, model=args.model, site=args.site, corpus=args.corpus, dtype=args.dtype,
+                           tokens=args.tokens, held_out=args.held_out, k=args.k, components=n, tol=TOL,
+                           iterations=iters)
+    threads = sorted({r["threads"] for r in runs.values()})  # the fits' own (a step may run with other settings)
+    info["threads"] = threads[0] if len(threads) == 1 else threads
+    summary = {"speedup_per_iteration": runs["scikit-learn"]["per_iteration_s"] / runs["fastsae"]["per_iteration_s"],
+               "speedup_full_fit": runs["scikit-learn"]["full_fit_s"] / runs["fastsae"]["full_fit_s"],
+               "difference_to_scikit_learn": agreement}
+    save_report(args.out, f"ica-{info['device'].replace(' ', '_')}-{info['date']}-{args.dtype}-{iters}-iterations",
+                {"meta": info, "runs": runs, "summary": summary}, _table(args, info, n, runs, summary))
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

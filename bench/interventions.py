@@ -2,7 +2,7 @@
 
     python -m bench.interventions --sae runs/h14/train5/sae runs/h14/train6/sae runs/h14/train7/sae --site resid_post.6
 
-Writes bench/results/interventions-<device>-<date>/ (or --out):
+Writes bench/results/analysis/interventions-<device>-<date>/ (or --out):
     patch.json, patch.png       IOI patching curves, SAE vs PCA vs neurons, 100 prompts: m = 1..64 at --site
                                 (time and forwards per curve), m = 1, 2, 4 .. 64 at the other SAEs' sites
     erasure.json, erasure.png   gendered-pronoun erasure at --site: loss increase on the pronoun-predicting
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="64-token windows with the concept: half fit, half evaluate")
     parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
-    parser.add_argument("--out", help="default bench/results/interventions-cpu-<date>")
+    parser.add_argument("--out", help="default bench/results/analysis/interventions-cpu-<date>")
     args = parser.parse_args(argv)
-    out = Path(args.out or RESULTS / f"interventions-cpu-{dt.date.today().isoformat()}")
+    out = Path(args.out or RESULTS / "analysis" / f"interventions-cpu-{dt.date.today().isoformat()}")
     out.mkdir(parents=True, exist_ok=True)
     env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "date": dt.date.today().isoformat()}

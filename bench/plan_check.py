@@ -11,7 +11,7 @@ of the allocator's cache. The planner is asked for the same step: fp32 weights a
 moments, the torch backend and torch's Adam (what the trainer picks on CPU). The error is
 (planned − measured) / measured.
 
-Saves bench/results/plan-check-cpu-<date>.json and .md. On a CUDA machine the same comparison is
+Saves bench/results/training/plan-check-cpu-<date>.json and .md. On a CUDA machine the same comparison is
 `python -m bench --scale` (the planner's largest d_sae beside the largest that trains).
 """
 
@@ -106,7 +106,7 @@ def planned(point: tuple) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plan_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "training")
     args = parser.parse_args(argv)
     os.environ.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     tmp = args.out / ".plan-check-tmp"

