@@ -58,59 +58,73 @@ def main(argv: list[str] | None = None) -> int:
     header = f"# Features as actions on {args.model} ({env['device']}, {env['threads']} threads, {env['date']})"
     sections = {}
 
-    site = args.site
-    if "patch" not in args.skip:
-        lines = sections["patch"] = []
-        # every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid of m
-        report = ioi_patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
-                                       max_m=args.max_m, ms=SWEEP_MS, full_site=site)
-        lines += ["## IOI patching (fraction of the clean logit difference restored)", "", report["summary"], ""]
-        for where, result in report["results"].items():
-            times = ", ".join(f"{name} {c['seconds']:.0f} s / {c['forwards']} forwards"
-                              for name, c in result["curves"].items())
-            lines.append(f"- {where}: LD clean {result['clean_logit_diff']:.2f}, corrupted "
-                         f"{result['corrupted_logit_diff']:.2f}; SAE with all {result['all_latents']} active latents "
-                         f"patched: {result['all_latents_fraction']:.3f}, its error term alone: "
-                         f"{result['error_only_fraction']:.3f}; curves (M={args.max_m}): {times}")
-        lines.append("")
-
     windows = token_windows(tokenizer, read_documents("english-classics:test"), 64, seed=1)
     concept = erasure.token_ids(tokenizer, erasure.PRONOUNS)
-    if "erasure" not in args.skip:
-        # windows where the concept occurs at least twice, so that ~5% of positions are targets, not ~1%
-        rich = erasure.next_token_mask(windows, concept).sum(1) >= 2
-        chosen = windows[rich][:args.erasure_windows]
-        target = erasure.next_token_mask(chosen, concept)
-        result = erasure.erasure(model, site, saes[site], chosen, target, counts=args.counts,
-                                 fit_windows=args.erasure_windows // 2)
-        result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
-        io.write_json(out / "erasure.json", result)
-        erasure.plot(result, out / "erasure.png")
-        sections["erasure"] = erasure_section(result)
-
     top_site = list(saes)[-1]
+    if "patch" not in args.skip:
+        sections["patch"] = patch_section(model, tokenizer, saes, out, args)
+    if "erasure" not in args.skip:
+        sections["erasure"] = erasure_section(erasure_part(model, saes, windows, concept, out, args, env))
     if {"circuit", "steer"} - set(args.skip):
         latent = _concept_latent(model, tokenizer, top_site, saes[top_site], windows[-args.circuit_tokens // 64:],
                                  concept)
     if "circuit" not in args.skip:
-        start = time.perf_counter()
-        contexts = circuit_ablation.top_contexts(model, top_site, saes[top_site], latent, windows[-args.circuit_tokens // 64:])
-        graph = circuit_ablation.circuit(model, saes, (top_site, latent), contexts, depth=len(saes) - 1, tokenizer=tokenizer)
-        graph.update(model=args.model, seconds=time.perf_counter() - start, env=env)
-        circuit_ablation.save(graph, out / "circuit.json")
-        circuit_ablation.draw(graph, out / "circuit.png")
-        sections["circuit"] = ["## Circuit", "", "```", circuit_ablation.describe(graph), "```", f"({graph['seconds']:.0f} s)",
-                               ""]
+        sections["circuit"] = circuit_section(model, tokenizer, saes, (top_site, latent), windows, out, args, env)
     if "steer" not in args.skip:
-        result = steering_sweep.steer(model, tokenizer, top_site, saes[top_site], latent,
-                                "The old man walked into the room, and", alphas=(0.0, 2.0, 5.0, 10.0, 20.0))
-        result["env"] = env
-        io.write_json(out / "steer.json", result)
-        steering_sweep.plot(result, out / "steer.png")
-        sections["steer"] = ["## Steering", "", "```", steering_sweep.format_result(result), "```", ""]
+        sections["steer"] = steer_section(model, tokenizer, top_site, saes[top_site], latent, out, env)
     print(write_summary(out, header, sections))
     print(f"results in {out}")
     return 0
+
+
+def patch_section(model, tokenizer, saes, out: Path, args) -> list[str]:
+    """IOI patching at every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid
+    of m."""
+    report = ioi_patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
+                                       max_m=args.max_m, ms=SWEEP_MS, full_site=args.site)
+    lines = ["## IOI patching (fraction of the clean logit difference restored)", "", report["summary"], ""]
+    for where, result in report["results"].items():
+        times = ", ".join(f"{name} {c['seconds']:.0f} s / {c['forwards']} forwards"
+                          for name, c in result["curves"].items())
+        lines.append(f"- {where}: LD clean {result['clean_logit_diff']:.2f}, corrupted "
+                     f"{result['corrupted_logit_diff']:.2f}; SAE with all {result['all_latents']} active latents "
+                     f"patched: {result['all_latents_fraction']:.3f}, its error term alone: "
+                     f"{result['error_only_fraction']:.3f}; curves (M={args.max_m}): {times}")
+    return lines + [""]
+
+
+def erasure_part(model, saes, windows, concept, out: Path, args, env: dict) -> dict:
+    """Erase the concept at --site, on windows where it occurs at least twice (so that ~5% of positions are
+    targets, not ~1%); saves erasure.json and its plot."""
+    rich = erasure.next_token_mask(windows, concept).sum(1) >= 2
+    chosen = windows[rich][:args.erasure_windows]
+    target = erasure.next_token_mask(chosen, concept)
+    result = erasure.erasure(model, args.site, saes[args.site], chosen, target, counts=args.counts,
+                             fit_windows=args.erasure_windows // 2)
+    result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
+    io.write_json(out / "erasure.json", result)
+    erasure.plot(result, out / "erasure.png")
+    return result
+
+
+def circuit_section(model, tokenizer, saes, root: tuple[str, int], windows, out: Path, args, env: dict) -> list[str]:
+    start = time.perf_counter()
+    site, latent = root
+    contexts = circuit_ablation.top_contexts(model, site, saes[site], latent, windows[-args.circuit_tokens // 64:])
+    graph = circuit_ablation.circuit(model, saes, root, contexts, depth=len(saes) - 1, tokenizer=tokenizer)
+    graph.update(model=args.model, seconds=time.perf_counter() - start, env=env)
+    circuit_ablation.save(graph, out / "circuit.json")
+    circuit_ablation.draw(graph, out / "circuit.png")
+    return ["## Circuit", "", "```", circuit_ablation.describe(graph), "```", f"({graph['seconds']:.0f} s)", ""]
+
+
+def steer_section(model, tokenizer, site: str, sae, latent: int, out: Path, env: dict) -> list[str]:
+    result = steering_sweep.steer(model, tokenizer, site, sae, latent, "The old man walked into the room, and",
+                                  alphas=(0.0, 2.0, 5.0, 10.0, 20.0))
+    result["env"] = env
+    io.write_json(out / "steer.json", result)
+    steering_sweep.plot(result, out / "steer.png")
+    return ["## Steering", "", "```", steering_sweep.format_result(result), "```", ""]
 
 
 def erasure_section(result: dict) -> list[str]:
