@@ -106,12 +106,13 @@ def pre64(x, W, b) -> torch.Tensor:
 
 
 def tile_configs(ctx, d_in, d_sae, k_pad, dtype, precision):
-    """Every tile config the autotuner may choose for this shape; in the interpreter its one config."""
+    """Every tile config the autotuner may choose for this shape on this GPU (the TMA / wide-MMA candidates on an
+    sm_90 one); in the interpreter its one config."""
     if ctx.dry:
         return [None]
-    from fastsae.kernels._autotune import encoder_configs
+    from fastsae.kernels._autotune import encoder_configs, is_hopper
 
-    return encoder_configs(d_in, d_sae, k_pad, dtype, precision)
+    return encoder_configs(d_in, d_sae, k_pad, dtype, precision, is_hopper(torch.device("cuda")))
 
 
 def config_label(config) -> str:

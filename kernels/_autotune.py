@@ -36,6 +36,8 @@ class EncoderConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # a register cap for ptxas (None: its own choice)
+    tma: bool = False  # x and W tiles by Hopper's tensor copy engine (tensor descriptors), not cp.async
+    quarters: bool = False  # the epilogue runs on the tile's four column quarters in turn (fewer registers)
 
     def launch_options(self) -> dict:
         """num_warps, num_stages (and maxnreg) for the kernel launch."""
@@ -48,7 +50,8 @@ class EncoderConfig:
 
     def label(self) -> str:
         cap = "" if self.maxnreg is None else f" r{self.maxnreg}"
-        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}{cap}"
+        extra = (" tma" if self.tma else "") + (" q4" if self.quarters else "")
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}{cap}{extra}"
 
 
 INTERPRETER = EncoderConfig(16, 32, 16, 4, 1)
@@ -63,6 +66,14 @@ _CANDIDATES = {
     "tf32": (EncoderConfig(64, 128, 32, 8, 3), EncoderConfig(128, 64, 32, 8, 3)),
     "ieee": (EncoderConfig(64, 32, 16, 4, 1, maxnreg=255),),
 }
+# Extra 16-bit candidates on Hopper (sm_90), after the others. UNMEASURED ON HARDWARE: they compile for sm_90
+# with 0 spills (bench/results/kernels/compile-occupancy.md), and timing on an H100 decides whether the
+# autotuner picks them and whether one becomes the default. tma: x and W tiles by the tensor copy engine
+# (UTMALDG) instead of cp.async (LDGSTS), alone at the default tile; q4 (epilogue by column quarters) lets
+# each warpgroup own a 64 x 128 accumulator, so the MMA is HGMMA.64x128x16 instead of 64x64x16.
+_HOPPER = (EncoderConfig(128, 128, 64, 8, 3, tma=True, quarters=True),
+           EncoderConfig(64, 128, 64, 4, 3, tma=True, quarters=True),
+           EncoderConfig(64, 128, 64, 8, 3, tma=True))
 
 
 def _family(dtype: torch.dtype, precision: str) -> str:
@@ -82,19 +93,29 @@ def topk_capacity(k_pad: int, block_n: int) -> int:
     return next_pow2(k_pad + block_n)
 
 
-def encoder_configs(d_in: int, d_sae: int, k_pad: int | None, dtype: torch.dtype, precision: str
-                    ) -> list[EncoderConfig]:
-    """The candidates for a shape, in order of preference. The filter only removes candidates, so every
-    shape's list is a subset of the largest shapes' (which the compile test covers)."""
+def encoder_configs(d_in: int, d_sae: int, k_pad: int | None, dtype: torch.dtype, precision: str,
+                    hopper: bool = False) -> list[EncoderConfig]:
+    """The candidates for a shape, in order of preference (hopper: for an sm_90 device). The filter only
+    removes candidates, so every shape's list is a subset of the largest shapes' (which the compile test
+    covers)."""
     family = _CANDIDATES[_family(dtype, precision)]
+    if hopper and _family(dtype, precision) == "16bit":
+        family += _HOPPER
     kept = [c for c in family if _keep(c, d_in, d_sae, k_pad)]
     return kept or [family[0]]
+
+
+def is_hopper(device: torch.device) -> bool:
+    """An sm_90 GPU: the only target where the tma / q4 candidates are compiled and checked."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _keep(c: EncoderConfig, d_in: int, d_sae: int, k_pad: int | None) -> bool:
     if c.block_n > max(64, next_pow2(d_sae)):  # a latent tile mostly past d_sae
         return False
     if c.block_k > max(32, next_pow2(d_in)):  # a d_in step mostly masked
+        return False
+    if c.tma and d_in % 8:  # a descriptor's row stride must be a multiple of 16 bytes
         return False
     if k_pad is not None and k_pad >= 128 and c.block_m > 64:  # the compaction sorts 512 keys a row
         return False
@@ -111,7 +132,7 @@ def choose(kernel: str, d_in: int, d_sae: int, k_pad: int | None, dtype: torch.d
         return INTERPRETER
     key = (kernel, d_in, d_sae, k_pad, dtype, precision, str(device))
     if key not in _chosen:
-        candidates = encoder_configs(d_in, d_sae, k_pad, dtype, precision)
+        candidates = encoder_configs(d_in, d_sae, k_pad, dtype, precision, is_hopper(device))
         if len(candidates) == 1 or os.environ.get("FASTSAE_AUTOTUNE", "1") == "0":
             _chosen[key] = candidates[0]
         else:

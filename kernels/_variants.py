@@ -1,7 +1,8 @@
 """Every compiled variant the launchers (and the autotuner) can choose, for ahead-of-time compilation.
 
-tests/compile_check.py compiles each for sm_80 and sm_90 without a GPU and
-checks registers, spills and the MMA instructions (tests/ops/test_compile.py).
+tests/compile_check.py compiles each for its targets (sm_80 and sm_90; the Hopper-only
+encoder candidates for sm_90) without a GPU and checks registers, spills, the
+copy engine and the MMA instructions (tests/ops/test_compile.py).
 A variant names its kernel, the argument types as Triton's launcher would
 specialise them on a realistic large shape (pointers and sizes divisible by
 16, unit strides folded into constants), the constexprs and the launch
@@ -33,6 +34,7 @@ class Variant:
     plain: tuple = ()  # i32 arguments not known to be multiples of 16
     unit: tuple = ()  # arguments equal to 1 (unit strides): Triton folds them into constants
     wgmma_expected: bool = False  # on sm_90: must use warpgroup MMA
+    targets: tuple = (80, 90)  # the compute capabilities it is compiled for (tma / q4 encoders: sm_90 only)
     tags: tuple = field(default=())  # "quick": in the small set that `make test` compiles
 
     @property
@@ -62,45 +64,64 @@ def _encoder_families() -> list[tuple[str, str]]:
     return [("fp32", "tf32"), ("fp32", "ieee"), ("bf16", "ieee"), ("fp16", "ieee")]
 
 
-def topk_variants() -> list[Variant]:
+def _tile_types(dtype: str, c) -> dict:
+    """x_ptr / w_ptr types: pointers, or (tma) tensor descriptors of the (BLOCK_M|BLOCK_N, BLOCK_K) tiles."""
+    if not c.tma:
+        return {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}"}
+    return {"x_ptr": f"tensordesc<{dtype}[{c.block_m}, {c.block_k}]>",
+            "w_ptr": f"tensordesc<{dtype}[{c.block_n}, {c.block_k}]>"}
+
+
+def _encoder_configs(dtype: str, precision: str, k_pad: int | None) -> list:
+    """(config, targets) of every candidate: the Hopper-only candidates (tma, q4) compile for sm_90 only.
+
+    The tma / q4 variants are UNMEASURED ON HARDWARE: the check proves they compile for sm_90 with 0 spills,
+    UTMALDG tile copies and (q4) HGMMA.64x128x16; timing on an H100 decides whether the autotuner keeps
+    them among its candidates and whether one becomes the sm_90 default (now they come last)."""
     from ._autotune import encoder_configs
+
+    everywhere = encoder_configs(1 << 20, 1 << 20, k_pad, DTYPES[dtype], precision)
+    hopper = encoder_configs(1 << 20, 1 << 20, k_pad, DTYPES[dtype], precision, hopper=True)
+    return [(c, (80, 90) if c in everywhere else (90,)) for c in hopper]
+
+
+def topk_variants() -> list[Variant]:
     from .encoder_topk import MAX_K, topk_constexprs, topk_k_pad
 
     out = []
     k_pads = sorted({topk_k_pad(k, interpreter=False) for k in range(1, MAX_K + 1)})
     for dtype, precision in _encoder_families():
         for k_pad in k_pads:
-            configs = encoder_configs(1 << 20, 1 << 20, k_pad, DTYPES[dtype], precision)
-            for i, c in enumerate(configs):
+            for i, (c, targets) in enumerate(_encoder_configs(dtype, precision, k_pad)):
                 quick = ("quick",) if (dtype, k_pad, i) == ("bf16", 256, 0) else ()
                 out.append(Variant(
                     f"{__package__}.encoder_topk", "_encoder_topk_kernel", f"K_PAD {k_pad} {precision} {c.label()}",
                     dtype,
-                    types={"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "key_ptr": "*i64",
-                           "count_ptr": "*i32", "tau_ptr": "*fp32"},
+                    types={**_tile_types(dtype, c), "b_ptr": f"*{dtype}", "key_ptr": "*i64", "count_ptr": "*i32",
+                           "tau_ptr": "*fp32"},
                     constexprs={**topk_constexprs(k_pad, c, precision), "UPCAST": False},
                     num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
-                    plain=("tiles_per_split", "stride_cm"),
-                    unit=("stride_xd", "stride_wd"), wgmma_expected=dtype != "fp32", tags=quick))
+                    plain=("tiles_per_split", "stride_cm"), unit=("stride_xd", "stride_wd"),
+                    wgmma_expected=dtype != "fp32", targets=targets, tags=quick))
     return out
 
 
 def threshold_variants() -> list[Variant]:
-    from ._autotune import encoder_configs
     from .encoder_threshold import threshold_constexprs
 
     out = []
     for dtype, precision in _encoder_families():
-        for i, c in enumerate(encoder_configs(1 << 20, 1 << 20, None, DTYPES[dtype], precision)):
+        for i, (c, targets) in enumerate(_encoder_configs(dtype, precision, None)):
             out.append(Variant(
                 f"{__package__}.encoder_threshold", "_encoder_threshold_kernel", f"{precision} {c.label()}", dtype,
-                types={"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "theta_ptr": "*fp32",
-                       "out_ptr": "*i64", "count_ptr": "*i32"},
+                types={**_tile_types(dtype, c), "b_ptr": f"*{dtype}", "theta_ptr": "*fp32", "out_ptr": "*i64",
+                       "count_ptr": "*i32"},
                 constexprs={**threshold_constexprs(c, precision), "UPCAST": False},
                 num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg,
-                plain=("tiles_per_split", "capacity", "stride_cm"),
-                unit=("stride_xd", "stride_wd"), wgmma_expected=dtype != "fp32",
-                tags=("quick",) if (precision, i) == ("tf32", 0) else ()))
+                plain=("tiles_per_split", "capacity", "stride_cm"), unit=("stride_xd", "stride_wd"),
+                wgmma_expected=dtype != "fp32", targets=targets,
+                tags=("quick",) if (precision, i) == ("tf32", 0) or (dtype, c.block_m, c.tma) == ("bf16", 128, True)
+                else ()))
     return out
 
 

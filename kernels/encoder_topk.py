@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._autotune import EncoderConfig, choose, topk_capacity, topk_k_pad
 from ._common import check_encoder_inputs, dot_precision, encoder_grid, interpreting
-from ._gemm import encoder_tile
+from ._gemm import encoder_tile, quarters, tile_sources
 
 # Largest k the fused kernel takes; past it the ops layer uses the dense path.
 # The compaction sorts CAP = next_pow2(K_PAD + BLOCK_N) keys per row in chunks
@@ -69,6 +69,18 @@ def _value(keys):
 
 
 @triton.jit
+def _append(pre, offs_n, mask_m, tau, key_ptr, list_start, count, n_latents):
+    """Append the keys of relu(pre) > tau of a (BLOCK_M, width) tile of latents offs_n to each row's list
+    (key_ptr + list_start + count..); returns count + the keys appended per row."""
+    pre = tl.maximum(pre, 0.0)
+    hit = (pre > tau[:, None]) & (offs_n < n_latents)[None, :] & mask_m[:, None]  # (BLOCK_M, width)
+    slot = (list_start + count)[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
+    keys = (pre.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - offs_n)[None, :].to(tl.int64)
+    tl.store(key_ptr + slot, keys, mask=hit)
+    return count + tl.sum(hit.to(tl.int32), axis=1)
+
+
+@triton.jit
 def _encoder_topk_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, key_ptr, count_ptr, tau_ptr,
@@ -79,6 +91,7 @@ def _encoder_topk_kernel(
     # meta-parameters
     K_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SUB_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr, QUARTERS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -97,14 +110,19 @@ def _encoder_topk_kernel(
     for t in range(pid_s * tiles_per_split, (pid_s + 1) * tiles_per_split):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_latents
-        pre = encoder_tile(x_ptr, w_ptr, b_ptr, offs_m.to(tl.int64), mask_m, offs_n.to(tl.int64), mask_n, d_in,
-                           stride_xm, stride_xd, stride_wl, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-        pre = tl.maximum(pre, 0.0)
-        hit = (pre > tau[:, None]) & mask_n[None, :] & mask_m[:, None]  # (BLOCK_M, BLOCK_N)
-        slot = (list_start + count)[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
-        keys = (pre.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - offs_n)[None, :].to(tl.int64)
-        tl.store(key_ptr + slot, keys, mask=hit)
-        count += tl.sum(hit.to(tl.int32), axis=1)
+        pre = encoder_tile(x_ptr, w_ptr, b_ptr, row0, offs_m.to(tl.int64), mask_m, t * BLOCK_N, offs_n.to(tl.int64),
+                           mask_n, d_in, stride_xm, stride_xd, stride_wl, stride_wd,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, TMA)
+        if QUARTERS:  # in latent order, so the lists are the same as the whole tile's
+            Q: tl.constexpr = BLOCK_N // 4
+            p0, p1, p2, p3 = quarters(pre, BLOCK_M, BLOCK_N)
+            n0 = t * BLOCK_N
+            count = _append(p0, n0 + tl.arange(0, Q), mask_m, tau, key_ptr, list_start, count, n_latents)
+            count = _append(p1, n0 + Q + tl.arange(0, Q), mask_m, tau, key_ptr, list_start, count, n_latents)
+            count = _append(p2, n0 + 2 * Q + tl.arange(0, Q), mask_m, tau, key_ptr, list_start, count, n_latents)
+            count = _append(p3, n0 + 3 * Q + tl.arange(0, Q), mask_m, tau, key_ptr, list_start, count, n_latents)
+        else:
+            count = _append(pre, offs_n, mask_m, tau, key_ptr, list_start, count, n_latents)
         if tl.max(count, axis=0) > CAP - BLOCK_N:  # the next tile could overflow some row's list
             tl.store(count_ptr + offs_m * stride_cm, count, mask=mask_m)
             tl.debug_barrier()  # the lists and counts, written by every thread, are read by others
@@ -143,8 +161,9 @@ def encoder_topk_candidates(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
         keys = torch.empty(N, g.splits, cap, device=x.device, dtype=torch.int64)  # (N, S, CAP) lists
         counts = torch.empty(N, g.splits, device=x.device, dtype=torch.int32)  # scratch: list lengths
         taus = torch.empty(N, g.splits, device=x.device, dtype=torch.float32)  # scratch: thresholds
+        x_src, w_src, c = tile_sources(x, W_enc, c)
         _encoder_topk_kernel[(g.row_blocks, g.splits)](
-            x, W_enc, b_enc, keys, counts, taus,
+            x_src, w_src, b_enc, keys, counts, taus,
             N, d_sae, d_in, g.tiles_per_split,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), keys.stride(0), counts.stride(0),
             **topk_constexprs(k_pad, c, precision), **c.launch_options(),
@@ -162,7 +181,8 @@ def topk_constexprs(k_pad: int, config: EncoderConfig, precision: str) -> dict:
     """The kernel's compile-time arguments for a K_PAD and tile config (shared with tests/ops/test_compile.py)."""
     cap = topk_capacity(k_pad, config.block_n)
     return dict(K_PAD=k_pad, CAP=cap, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                SUB_M=config.sub_m(cap), UPCAST=interpreting(), PRECISION=precision)
+                SUB_M=config.sub_m(cap), UPCAST=interpreting(), PRECISION=precision, TMA=config.tma,
+                QUARTERS=config.quarters)
 
 
 def encoder_topk(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,

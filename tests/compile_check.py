@@ -5,7 +5,10 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) builds PTX
 and a cubin on the CPU (ptxas ships in the triton wheel); the wheel's
 cuobjdump reads registers, stack and local memory (--dump-resource-usage)
 and the SASS (-sass: HGMMA is Hopper's warpgroup MMA, LDL/STL local-memory
-traffic). A variant fails when it spills (stack or local bytes > 0) or when
+traffic). The SASS also names how tiles reach shared memory (UTMALDG: the
+tensor copy engine, TMA; LDGSTS: cp.async; LDG: plain loads through
+registers) and the MMA instruction's shape (HGMMA.64x128x16: a warpgroup's
+64 x 128 x 16 step; HMMA.16816: a warp's 16 x 8 x 16). A variant fails when it spills (stack or local bytes > 0) or when
 a 16-bit encoder on sm_90 does not use warpgroup MMA.
 
     python tests/compile_check.py                       # the full grid, table on stdout
@@ -41,6 +44,9 @@ TARGETS = (80, 90)
 SM_LIMITS = {80: dict(regs=65536, smem=167936, warps=64, blocks=32),
              90: dict(regs=65536, smem=233472, warps=64, blocks=32)}
 _RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_MMA_SHAPE = re.compile(r"\b(HGMMA\.\d+x\d+x\d+|HMMA\.\d+)")
+# Bumped when a result gains a field, so cached results without it are compiled again.
+RESULT_FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -64,6 +70,19 @@ def parse_resources(text: str) -> dict:
     return dict(regs=regs, stack=stack, static_shared=shared, local=local)
 
 
+def copy_engine(sass: str) -> str:
+    """How the kernel's tiles reach shared memory, the most capable engine its SASS uses."""
+    for op in ("UTMALDG", "LDGSTS", "LDG"):
+        if re.search(rf"\b{op}\b", sass):
+            return op
+    return "-"
+
+
+def mma_shapes(sass: str) -> str:
+    """The MMA instructions' shapes, e.g. "HGMMA.64x128x16" ("-" when there is none)."""
+    return ",".join(sorted(set(_MMA_SHAPE.findall(sass)))) or "-"
+
+
 def _tool(name: str) -> str:
     import triton
 
@@ -82,7 +101,7 @@ def compile_variant(variant, cc: int) -> dict:
     if variant.maxnreg is not None:
         options["maxnreg"] = variant.maxnreg
     key = hashlib.sha256(json.dumps([fn.cache_key, signature, sorted(constexprs.items()), sorted(attrs),
-                                     options, cc, triton.__version__], default=str).encode()).hexdigest()
+                                     options, cc, triton.__version__, RESULT_FORMAT], default=str).encode()).hexdigest()
     cached = cache_dir() / f"{key}.json"
     if cached.exists():
         return {**json.loads(cached.read_text()), "cached": True}
@@ -107,6 +126,7 @@ def compile_variant(variant, cc: int) -> dict:
     result = dict(
         res, shared=shared, hgmma=sass.count("HGMMA"), hmma=sass.count("HMMA"),
         local_ops=len(re.findall(r"\b(?:LDL|STL)\b", sass)), wgmma_ptx="wgmma" in kernel.asm["ptx"],
+        copy=copy_engine(sass), mma_shape=mma_shapes(sass),
         blocks_per_sm=occupancy(res["regs"], shared, variant.num_warps, cc), seconds=round(seconds, 1),
     )
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +144,10 @@ def problems(variant, cc: int, r: dict) -> list[str]:
         out.append(f"spills: stack {r['stack']} B, local {r['local']} B, {r['local_ops']} LDL/STL")
     if cc == 90 and variant.wgmma_expected and not r["hgmma"]:
         out.append("no warpgroup MMA (HGMMA) on sm_90")
+    if variant.constexprs.get("TMA") and r["copy"] != "UTMALDG":
+        out.append(f"tensor descriptors but tiles by {r['copy']}, not the tensor copy engine (UTMALDG)")
+    if variant.constexprs.get("QUARTERS") and "HGMMA.64x128x16" not in r["mma_shape"]:
+        out.append(f"a 64 x 128 warpgroup tile expected, MMA {r['mma_shape']}")
     return out
 
 
@@ -134,7 +158,7 @@ def _job(args):
 
 def run(variants, targets=TARGETS, jobs: int | None = None, progress=None) -> list[dict]:
     """Compile every (variant, target) in worker processes with the interpreter off; rows in grid order."""
-    work = [(v, cc) for v in variants for cc in targets]
+    work = [(v, cc) for v in variants for cc in targets if cc in v.targets]
     jobs = jobs or os.cpu_count() or 1
     env_before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # the workers import triton fresh: compiled, not interpreted
@@ -156,18 +180,17 @@ def run(variants, targets=TARGETS, jobs: int | None = None, progress=None) -> li
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | config | dtype | target | regs | shared KB | stack B | MMA | blocks/SM | occupancy | status |",
-             "|---|---|---|---|---:|---:|---:|---|---:|---:|---|"]
+    lines = ["| kernel | config | dtype | target | regs | shared KB | stack B | tiles by | MMA | blocks/SM | occupancy "
+             "| status |", "|---|---|---|---|---:|---:|---:|---|---|---:|---:|---|"]
     for row in rows:
         v, cc, r = row["variant"], row["cc"], row["result"]
         status = "; ".join(row["problems"]) or "ok"
         if "error" in r:
-            lines.append(f"| {v.kernel} | {v.label} | {v.dtype} | sm_{cc} | | | | | | | {status} |")
+            lines.append(f"| {v.kernel} | {v.label} | {v.dtype} | sm_{cc} | | | | | | | | {status} |")
             continue
-        mma = "HGMMA" if r["hgmma"] else "HMMA" if r["hmma"] else "-"
         occ = r["blocks_per_sm"] * v.num_warps / SM_LIMITS[cc]["warps"]
         lines.append(f"| {v.kernel} | {v.label} | {v.dtype} | sm_{cc} | {r['regs']} | {r['shared'] / 1024:.1f} | "
-                     f"{r['stack']} | {mma} | {r['blocks_per_sm']} | {occ:.1%} | {status} |")
+                     f"{r['stack']} | {r['copy']} | {r['mma_shape']} | {r['blocks_per_sm']} | {occ:.1%} | {status} |")
     return "\n".join(lines)
 
 
@@ -203,7 +226,7 @@ def main(argv=None) -> int:
     print(header + text)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(f"# Compile check: registers, spills, MMA and occupancy\n\n"
+        args.table.write_text(f"# Compile check: registers, spills, copy engine, MMA and occupancy\n\n"
                               f"`python tests/compile_check.py --table {args.table}`. {header}{text}\n")
     if args.json:
         args.json.write_text(json.dumps([dict(kernel=r["variant"].name, label=r["variant"].label,

@@ -14,14 +14,18 @@ import os
 
 import compile_check
 import pytest
+import torch
 
+from fastsae.kernels._autotune import EncoderConfig, is_hopper
 from fastsae.kernels._variants import Variant, all_variants
+from fastsae.kernels.encoder_threshold import encoder_threshold
+from fastsae.kernels.encoder_topk import encoder_topk
 
 pytestmark = pytest.mark.compile
 
 FULL = os.environ.get("FASTSAE_COMPILE_GRID", "quick") == "full"
 VARIANTS = [v for v in all_variants() if FULL or "quick" in v.tags]
-WORK = [(v, cc) for v in VARIANTS for cc in compile_check.TARGETS]
+WORK = [(v, cc) for v in VARIANTS for cc in compile_check.TARGETS if cc in v.targets]
 
 # A kernel that must spill: a 128 x 128 fp32 accumulator held by one warp is 512 values per thread,
 # twice the 255 registers a thread can have.
@@ -63,7 +67,7 @@ def test_the_check_fails_on_a_spilling_kernel():
 
 
 def test_the_check_fails_without_warpgroup_mma():
-    row = {"stack": 0, "local": 0, "local_ops": 0, "hgmma": 0}
+    row = {"stack": 0, "local": 0, "local_ops": 0, "hgmma": 0, "copy": "LDGSTS", "mma_shape": "-"}
     assert compile_check.problems(Variant("m", "k", "", "bf16", {}, {}, wgmma_expected=True), 90, row)
     assert not compile_check.problems(Variant("m", "k", "", "bf16", {}, {}, wgmma_expected=True), 80, row)
 
@@ -81,3 +85,50 @@ def test_resource_line_is_parsed():
     assert compile_check.parse_resources(text) == dict(regs=168, stack=8, static_shared=0, local=4)
     with pytest.raises(RuntimeError, match="no resource usage"):
         compile_check.parse_resources("nothing")
+
+
+def test_copy_engine_and_mma_shape_are_read_from_sass():
+    sass = ("  /*0a0*/ UTMALDG.2D [UR8], [UR6] ;\n  /*0b0*/ LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;\n"
+            "  /*0c0*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;\n  /*0d0*/ LDG.E R3, desc[UR4][R4.64] ;")
+    assert compile_check.copy_engine(sass) == "UTMALDG"
+    assert compile_check.copy_engine(sass.replace("UTMALDG", "NOP")) == "LDGSTS"
+    assert compile_check.copy_engine("LDG.E.64 R2, desc[UR4][R4.64] ;") == "LDG"
+    assert compile_check.mma_shapes(sass) == "HGMMA.64x128x16"
+    assert compile_check.mma_shapes("HMMA.16816.F32.BF16 R4, R8, R12, R4 ;") == "HMMA.16816"
+    assert compile_check.mma_shapes("FFMA R1, R2, R3, R1 ;") == "-"
+
+
+def test_the_check_fails_when_tma_or_wide_mma_is_missing():
+    row = {"stack": 0, "local": 0, "local_ops": 0, "hgmma": 4, "copy": "LDGSTS", "mma_shape": "HGMMA.64x64x16"}
+    tma = Variant("m", "k", "", "bf16", {}, {"TMA": True, "QUARTERS": True}, wgmma_expected=True, targets=(90,))
+    assert len(compile_check.problems(tma, 90, row)) == 2
+    assert not compile_check.problems(tma, 90, {**row, "copy": "UTMALDG", "mma_shape": "HGMMA.64x128x16"})
+
+
+def test_hopper_only_candidates_compile_for_sm_90_only():
+    """tma / q4 encoder variants exist for both 16-bit dtypes and are never compiled for sm_80."""
+    hopper = [v for v in all_variants() if v.constexprs.get("TMA") or v.constexprs.get("QUARTERS")]
+    assert {v.dtype for v in hopper} == {"bf16", "fp16"}
+    assert all(v.targets == (90,) for v in hopper)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not is_hopper(torch.device("cuda")),
+                    reason="tensor descriptors are compiled and checked for sm_90 only")
+@pytest.mark.parametrize("d_in", [24, 13])  # 13: rows not 16-byte aligned, so the launcher falls back to loads
+def test_hopper_candidates_match_the_plain_tiles(d_in):
+    """The tma / q4 kernels (the Hopper-only candidates, run here in the interpreter or on an sm_90 GPU) give
+    what the same tiles give through plain loads and a whole-tile epilogue: bit for bit in the interpreter,
+    and to fp32 summation-order error compiled (the two may pick different MMA layouts)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, d_in, generator=gen).to(device, torch.bfloat16)
+    W = (torch.randn(150, d_in, generator=gen) / 4).to(device, torch.bfloat16)
+    b = (torch.randn(150, generator=gen) / 8).to(device, torch.bfloat16)
+    theta = (0.2 * torch.rand(150, generator=gen)).to(device)
+    plain, hopper = EncoderConfig(16, 64, 16, 4, 1), EncoderConfig(16, 64, 16, 4, 1, tma=True, quarters=True)
+    for got, want in ((encoder_topk(x, W, b, 7, splits=2, config=hopper), encoder_topk(x, W, b, 7, splits=2,
+                                                                                       config=plain)),
+                      (encoder_threshold(x, W, b, theta, 64, splits=2, config=hopper),
+                       encoder_threshold(x, W, b, theta, 64, splits=2, config=plain))):
+        for g, w in zip(got, want, strict=True):  # integer outputs (indices, counts) must match exactly
+            torch.testing.assert_close(g, w, rtol=0 if device == "cpu" else 1e-5, atol=0 if device == "cpu" else 1e-5)
