@@ -132,13 +132,17 @@ def sparse_variants() -> list[Variant]:
     out = []
     for dtype in DTYPES:
         for block_m, block_d in sorted({sparse_decode.blocks(d_in) for d_in in range(1, 4097)}):
-            for coef in sorted({dtype, "fp32"}):  # decode takes values in the SAE's dtype or fp32 gradients
+            # decode takes values in the SAE's dtype (with b_dec: the forward; without: the encoders' input
+            # gradient, ops' gather_rows of g cast to W's dtype) or fp32 gradients
+            for coef, has_bias in sorted({(dtype, True), (dtype, False), ("fp32", False)}):
                 out.append(Variant(
-                    f"{__package__}.sparse_decode", "_decode_kernel", f"values {coef} BLOCK {block_m}x{block_d}", dtype,
+                    f"{__package__}.sparse_decode", "_decode_kernel",
+                    f"values {coef}{'' if has_bias else ' no bias'} BLOCK {block_m}x{block_d}", dtype,
                     types={"val_ptr": f"*{coef}", "idx_ptr": "*i64", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
                            "out_ptr": f"*{dtype}"},
-                    constexprs={"HAS_BIAS": coef == dtype, "BLOCK_M": block_m, "BLOCK_D": block_d},
-                    plain=("width",), tags=("quick",) if (dtype, coef, block_d) == ("bf16", "bf16", 128) else ()))
+                    constexprs={"HAS_BIAS": has_bias, "BLOCK_M": block_m, "BLOCK_D": block_d},
+                    plain=("width",), tags=("quick",) if (dtype, coef, has_bias, block_d) == ("bf16", "bf16", True, 128)
+                    else ()))
             out.append(Variant(
                 f"{__package__}.sparse_decode", "_value_grad_kernel", f"BLOCK {block_m}x{block_d}", dtype,
                 types={"grad_ptr": f"*{dtype}", "idx_ptr": "*i64", "w_ptr": f"*{dtype}", "out_ptr": "*fp32"},
