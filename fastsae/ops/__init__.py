@@ -66,6 +66,12 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
   reference's own gradients are checked against finite differences; tests/ops/test_reference.py checks
   decode's autograd against decode_value_grad and segment_sum.
 
+Under torch.compile, `backend_for` gives fastsae/ops/custom_ops.py instead: the three encoders and decode,
+and their backwards (`encode_grads`, the SparseEncode backward; `decode_grads`, the backends' decode
+backward, torch_backend.decode_grads and triton_backend.decode_grads), as `torch.ops.fastsae` custom ops
+that run the backend in force, with fakes for the shapes; tests/modules/test_sae_compile.py checks each
+activation compiled against eager.
+
 The latent-sharded ops (`distributed.py`) run the backend's op on each rank's slice of the latents and
 join the slices with collectives; their reference is the unsharded op (replicate, which feeds every
 rank's encoder the same input, is the identity forward and sums its gradient over the latent group), and
@@ -93,6 +99,8 @@ import os
 from types import ModuleType
 
 import torch
+
+from . import custom_ops  # registers torch.ops.fastsae; it needs nothing from this package at import
 
 BACKENDS = ("reference", "torch", "triton")
 _ENV = "FASTSAE_BACKEND"
@@ -153,7 +161,12 @@ def _module(name: str) -> ModuleType:
 
 
 def backend_for(device: torch.device) -> ModuleType:
-    return _module(get_backend(device))
+    """The backend module for tensors on device; while torch.compile traces, the same ops registered as
+    custom ops (ops/custom_ops.py) that run this backend, since Dynamo cannot trace the backends themselves."""
+    name = get_backend(device)
+    if name != "reference" and torch.compiler.is_compiling():
+        return custom_ops
+    return _module(name)
 
 
 def decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

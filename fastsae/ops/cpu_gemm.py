@@ -38,6 +38,8 @@ def _op():
 
 def applies(x: Tensor, W: Tensor, b: Tensor | None = None) -> bool:
     """Whether linear(x, W, b) takes oneDNN's GEMM."""
+    if torch.compiler.is_compiling():  # Inductor picks oneDNN for a traced F.linear itself, and cannot lower this op
+        return False
     tensors = (x, W) if b is None else (x, W, b)
     return (torch.backends.mkldnn.enabled and _op() is not None and x.dim() >= 2 and W.dim() == 2
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided

@@ -200,12 +200,20 @@ class _DecodeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         values, indices, W = ctx.saved_tensors
-        grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:  # <grad[n], W[idx[n, j]]>
-            grad_values = rows_dot(grad, indices, W).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_W = segment_rows_sum(indices, values, grad, W.shape[0]).to(W.dtype)
+        grad_values, grad_W = decode_grads(grad, values, indices, W, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return grad_values, None, grad_W
+
+
+def decode_grads(grad: Tensor, values: Tensor, indices: Tensor, W: Tensor, need_values: bool,
+                 need_W: bool) -> tuple[Tensor | None, Tensor | None]:
+    """decode's backward without its bias: grad (N, d_in) -> grad_values (N, w), grad_W (d_sae, d_in), None where
+    not asked for (also ops/custom_ops.py's decode_grads under torch.compile)."""
+    grad_values = grad_W = None
+    if need_values:  # <grad[n], W[idx[n, j]]>
+        grad_values = rows_dot(grad, indices, W).to(values.dtype)
+    if need_W:
+        grad_W = segment_rows_sum(indices, values, grad, W.shape[0]).to(W.dtype)
+    return grad_values, grad_W
 
 
 def decode_rows(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:

@@ -167,14 +167,21 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         values, indices, W_dec = ctx.saved_tensors
-        grad_values = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_values = _dec.sparse_value_grad(grad_out, indices, W_dec).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_W = _seg.segment_reduce(indices, values, grad_out, W_dec.shape[0], out_dtype=W_dec.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_b = grad_out.float().sum(0).to(W_dec.dtype)
+        grad_values, grad_W = decode_grads(grad_out, values, indices, W_dec, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[2])
+        grad_b = grad_out.float().sum(0).to(W_dec.dtype) if ctx.needs_input_grad[3] else None
         return grad_values, None, grad_W, grad_b
+
+
+def decode_grads(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, need_values: bool,
+                 need_W: bool) -> tuple[Tensor | None, Tensor | None]:
+    """decode's backward without its bias: grad_values (N, w), grad_W (d_sae, d_in), None where not asked for."""
+    grad_values = grad_W = None
+    if need_values:
+        grad_values = _dec.sparse_value_grad(grad_out, indices, W_dec).to(values.dtype)
+    if need_W:
+        grad_W = _seg.segment_reduce(indices, values, grad_out, W_dec.shape[0], out_dtype=W_dec.dtype)
+    return grad_values, grad_W
 
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
