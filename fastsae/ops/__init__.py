@@ -93,71 +93,19 @@ which costs a host sync.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
 from types import ModuleType
 
 import torch
 
-from . import custom_ops  # registers torch.ops.fastsae; it needs nothing from this package at import
-
-BACKENDS = ("reference", "torch", "triton")
-_ENV = "FASTSAE_BACKEND"
-_chosen: str | None = None
-
-
-def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def set_backend(name: str | None) -> None:
-    """Pick the backend for every SAE in this process; None goes back to the default."""
-    global _chosen
-    if name is not None:
-        _check_name(name, "backend")
-        _module(name)  # fail now, not at the first forward, if it cannot be imported
-    _chosen = name
-
-
-def get_backend(device: torch.device | None = None) -> str:
-    """The backend in force: set_backend(), else $FASTSAE_BACKEND, else triton on CUDA and torch elsewhere."""
-    if _chosen is not None:
-        return _chosen
-    env = os.environ.get(_ENV)
-    if env:
-        return _check_name(env, f"${_ENV}")
-    if device is not None and device.type == "cuda" and triton_available():
-        return "triton"
-    return "torch"
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Temporarily switch backend: `with use_backend("reference"): ...`."""
-    global _chosen
-    previous = _chosen
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _chosen = previous
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _module(name: str) -> ModuleType:
-    if name == "triton" and not triton_available():
-        raise ImportError("backend 'triton' needs the triton package (Linux): pip install triton")
-    return importlib.import_module(f"{__name__}.{name}_backend" if name != "reference" else f"{__name__}.reference")
+from . import custom_ops  # registers torch.ops.fastsae
+from .backend_choice import (  # noqa: F401 (the package face: fastsae.ops.set_backend etc.)
+    BACKENDS,
+    backend_module,
+    get_backend,
+    set_backend,
+    triton_available,
+    use_backend,
+)
 
 
 def backend_for(device: torch.device) -> ModuleType:
@@ -166,7 +114,7 @@ def backend_for(device: torch.device) -> ModuleType:
     name = get_backend(device)
     if name != "reference" and torch.compiler.is_compiling():
         return custom_ops
-    return _module(name)
+    return backend_module(name)
 
 
 def decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

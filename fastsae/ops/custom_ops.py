@@ -30,16 +30,16 @@ from typing import Optional  # the op signatures' annotation; custom_op parses i
 import torch
 from torch import Tensor
 
+from .backend_choice import backend_module, get_backend
+
 _MUTATES: tuple = ()
 
 
 def _backend(device: torch.device):
-    from . import _module, get_backend  # the package imports this module lazily; no cycle at import
-
     name = get_backend(device)
     if name == "reference":  # a backend switched between tracing and running: the same math, sparse
         name = "torch"
-    return _module(name)
+    return backend_module(name)
 
 
 @contextlib.contextmanager

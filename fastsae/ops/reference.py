@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 
-
 def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """x @ W.T + b in float64: (N, d_in), (d_out, d_in), (d_out,) -> (N, d_out) float64 (not cast back: it is the
     pre-activations the encoders select from, and ops/cpu_gemm.py's `linear` is tested against it)."""
