@@ -135,7 +135,8 @@ def fit_activations(lm, site: str, store: ActivationStore | None, windows: torch
     store's first rows where it keeps the site in full precision, else the model's own over the corpus's first
     windows (the tokens a store harvests first). A store's bfloat16 rounding is too coarse for FastICA: on the
     main job's 32,768 activations its fit ran all 400 iterations without converging (tol 1e-3), where the same
-    tokens in float32 converge after 106 and give a lower held-out FVU (bench/results/evaluation/ica-cpu-2026-11-21-*)."""
+    tokens in float32 converge after 106 and give a lower held-out FVU
+    (bench/results/evaluation/ica-cpu-2026-11-21-*)."""
     from ..model import capture, keep_mask
 
     if store is not None and site in store.sites and store.dtype in FULL_PRECISION:

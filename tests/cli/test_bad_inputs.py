@@ -99,7 +99,8 @@ def test_mixed_precision_training_leaves_the_callers_sae_taking_fp32():
 
 
 def test_resuming_into_a_run_of_another_optimizer_is_named(tmp_path):
-    """(see also tests/train/test_checkpoint.py) the fused SAEAdam's state and torch's Adam's are not interchangeable."""
+    """(see also tests/train/test_checkpoint.py) the fused SAEAdam's state and torch's Adam's are not
+    interchangeable."""
     sae = SAE(SAEConfig(8, 16, activation="topk", k=2), seed=0)
     batches = [torch.randn(32, 8) for _ in range(2)]
     train(sae, batches, TrainConfig.flat(optimizer="fused", checkpoint_every=1, progress=False), run_dir=tmp_path)

@@ -153,5 +153,6 @@ def test_every_sae_latent_and_its_error_restore_the_clean_run(lm, prompts):
     model, tok = lm
     sae = make_sae(32, 96, "topk", k=8)
     state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
-    ld, size = ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(sae), prompts, True)(range(96), patch_error=True)
+    patcher = ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(sae), prompts, True)
+    ld, size = patcher(range(96), patch_error=True)
     assert ld == pytest.approx(state.clean_ld, abs=1e-5) and size > 0
