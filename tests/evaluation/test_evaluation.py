@@ -161,7 +161,7 @@ def test_baselines_have_the_requested_directions_and_sparsity():
         baselines.fit("nmf", x, 4, 2)
 
 
-def test_ica_baseline():  # fastsae.evaluation.ica needs no scikit-learn (tests/evaluation/test_ica.py checks it against it)
+def test_ica_baseline():  # fastsae.evaluation.ica needs no scikit-learn (tests/evaluation/test_ica.py compares)
     gen = torch.Generator().manual_seed(0)
     sources = torch.rand(2000, 4, generator=gen) - 0.5  # uniform: non-Gaussian, so ICA can unmix
     x = sources @ torch.randn(4, 4, generator=gen)
