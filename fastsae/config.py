@@ -34,6 +34,10 @@ class SAEConfig:
     jumprelu_threshold: float = 1e-3
     # Weights and activations; accumulation is always fp32.
     dtype: str = "float32"
+    # Matryoshka SAE (Nabeshima 2024; Bussmann et al. 2025): the reconstruction loss is the mean over these
+    # nested prefixes of the dictionary (the first m latents, strictly increasing) of each one's mse; d_sae is
+    # appended when the last is smaller, as SAELens does. None: a plain SAE.
+    matryoshka_widths: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("d_in", "d_sae"):
@@ -66,6 +70,8 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.jumprelu_threshold must be > 0, got {self.jumprelu_threshold}")
         if self.dtype not in DTYPES:
             raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.matryoshka_widths is not None:
+            self.matryoshka_widths = _matryoshka_widths(self.matryoshka_widths, self.d_sae)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -81,3 +87,16 @@ class SAEConfig:
         if unknown:
             raise ValueError(f"SAEConfig got unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**d)
+
+
+def _matryoshka_widths(widths, d_sae: int) -> tuple[int, ...]:
+    """widths as a strictly increasing tuple of ints in [1, d_sae] ending with d_sae (appended if missing)."""
+    name = "SAEConfig.matryoshka_widths"
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple)) or not widths \
+            or any(isinstance(m, bool) or not isinstance(m, int) for m in widths):
+        raise ValueError(f"{name} must be a non-empty list of ints, got {widths!r}")
+    if any(a >= b for a, b in zip(widths, widths[1:], strict=False)):
+        raise ValueError(f"{name} must be strictly increasing (no duplicates), got {list(widths)}")
+    if widths[0] < 1 or widths[-1] > d_sae:
+        raise ValueError(f"{name} must lie in [1, d_sae={d_sae}], got {list(widths)}")
+    return tuple(widths) if widths[-1] == d_sae else (*widths, d_sae)

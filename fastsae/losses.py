@@ -2,6 +2,9 @@
 
     loss = mse + l1_coefficient · l1 + auxk_coefficient · auxk + kl_coefficient · kl
     mse  = mean over rows of Σ_d (x - x_hat)²
+           Matryoshka SAEs train on the mean over their P nested prefixes of each prefix's mse instead
+           (`prefix_mse`, ops/matryoshka.py; the mean, as dictionary_learning's default weights 1/P, so that
+           P = 1 is the plain loss and the coefficients keep their scale); mse stays the whole dictionary's
     l1   = mean over rows of Σ_i z_i · w_i, w_i = ||W_dec[i]|| (Anthropic, April 2024) or 1     relu/jumprelu
     auxk = mse of the top k_aux dead latents' reconstruction of the residual x - x_hat            topk/batchtopk
            (Gao et al. 2024; `SAE` computes it, it needs the encoder)
@@ -43,6 +46,7 @@ class LossTerms:
     auxk: Tensor | None  # scalar (topk/batchtopk trained with AuxK)
     kl: Tensor | None  # scalar (training through a spliced model)
     loss: Tensor  # the weighted sum above
+    prefix_mse: Tensor | None = None  # (P,) each Matryoshka prefix's mse (the last is mse)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,11 +71,13 @@ def l1_penalty(values: Tensor, indices: Tensor, W_dec: Tensor | None = None) -> 
 
 
 def loss_terms(x: Tensor, x_hat: Tensor, coefficients: LossCoefficients, *, l1: Tensor | None = None,
-               auxk: Tensor | None = None, kl: Callable[[Tensor], Tensor] | Tensor | None = None) -> LossTerms:
+               auxk: Tensor | None = None, kl: Callable[[Tensor], Tensor] | Tensor | None = None,
+               prefix_mse: Tensor | None = None) -> LossTerms:
     """The terms and their weighted sum for one SAE on x (N, d_in). A term left None is not in the loss;
-    kl may be a function of x_hat that returns the KL term (what `SpliceKL` gives)."""
-    rec = mse(x, x_hat)
-    loss = rec
+    kl may be a function of x_hat that returns the KL term (what `SpliceKL` gives). prefix_mse (P,), a
+    Matryoshka SAE's per-prefix mse (the last the whole dictionary's), replaces mse in the loss by its mean."""
+    rec = mse(x, x_hat) if prefix_mse is None else prefix_mse[-1]
+    loss = rec if prefix_mse is None else prefix_mse.mean()
     if l1 is not None:
         loss = loss + coefficients.l1 * l1
     if auxk is not None:
@@ -80,7 +86,7 @@ def loss_terms(x: Tensor, x_hat: Tensor, coefficients: LossCoefficients, *, l1: 
         kl = kl(x_hat)
     if kl is not None:
         loss = loss + coefficients.kl * kl
-    return LossTerms(rec, l1, auxk, kl, loss)
+    return LossTerms(rec, l1, auxk, kl, loss, prefix_mse)
 
 
 def kl_div(clean_logprobs: Tensor, logprobs: Tensor) -> Tensor:

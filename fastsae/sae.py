@@ -43,6 +43,7 @@ class SAEOutput:
     loss: Tensor  # scalar: fastsae.losses.loss_terms with the coefficients forward was given
     kl: Tensor | None = None  # scalar: KL(clean || spliced), when forward was given a kl term
     threshold: Tensor | None = None  # (): BatchTopK in training, this batch's threshold (the trainer averages it)
+    prefix_mse: Tensor | None = None  # (P,): a Matryoshka SAE's mse per prefix (its loss takes their mean)
 
 
 def encode_flat(cfg: SAEConfig, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
@@ -242,7 +243,7 @@ class SAE(SAEWeights):
             raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
         x2, lead = self.flatten_input(x)
         values, indices, tau = self._encode_flat(x2)
-        x_hat = self._decode_flat(values, indices)  # (N, d_in)
+        x_hat, prefix_mse = self._decode_flat(values, indices, x2)  # (N, d_in), Matryoshka's (P,) or None
         l1 = auxk = None
         if self.cfg.activation in ("relu", "jumprelu"):
             l1 = l1_penalty(values, indices, self.W_dec if self.cfg.decoder_norm_l1 else None)
@@ -250,9 +251,9 @@ class SAE(SAEWeights):
             auxk = self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
         kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
         terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
-                           auxk=auxk, kl=kl_term)
+                           auxk=auxk, kl=kl_term, prefix_mse=prefix_mse)
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau)
+        return SAEOutput(x_hat.reshape(*lead, -1), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau, prefix_mse)
 
     def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
@@ -276,10 +277,9 @@ class SAE(SAEWeights):
         return encode_flat(self.cfg, x, self.cast(self.W_enc), self.cast(self.b_enc), self.cast(self.b_dec),
                            getattr(self, "threshold", None), self.training)
 
-    def _decode_flat(self, values: Tensor, indices: Tensor) -> Tensor:
-        return backend_for(values.device).decode(values, indices, self.cast(self.W_dec), self.cast(self.b_dec))
-
-    # ---- dtype ----------------------------------------------------------------------------------------
+    def _decode_flat(self, values: Tensor, indices: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return ops.decode_prefixes(values, indices, self.cast(self.W_dec), self.cast(self.b_dec), x,
+                                   self.cfg.matryoshka_widths)
 
     def _apply(self, fn, recurse=True):
         """`sae.to(torch.bfloat16)` and friends: cfg.dtype follows the weights (a new config object, since

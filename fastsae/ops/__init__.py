@@ -11,6 +11,8 @@ Every backend module offers the same functions on 2-D inputs
     encode_threshold(x, W_enc, b_enc, threshold) -> values, indices          (N, w)
     encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau     (N, w), tau the batch threshold ()
     decode(values, indices, W_dec, b_dec)        -> x_hat                    (N, d_in)
+    matryoshka_decode(values, indices, W_dec, b_dec, x, widths)
+                                                 -> x_hat (N, d_in), loss (P,) each nested prefix's mse
 
 and the two in-place updates of training (a Triton kernel each on CUDA):
 
@@ -34,6 +36,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | encode_threshold  | encoder_threshold.encoder_threshold  | threshold_variants | _autograd.SparseEncode       |
 | encode_batchtopk  | encoder_topk.encoder_topk_candidates | topk_variants      | _autograd.SparseEncode       |
 | decode            | sparse_decode.sparse_decode          | sparse_variants    | triton_backend._SparseDecode |
+| matryoshka_decode | —                                    | —                  | matryoshka._MatryoshkaDecode |
 | decode_value_grad | sparse_decode.sparse_value_grad      | sparse_variants    | triton_backend._SparseDecode |
 | gather_rows       | sparse_decode.sparse_decode          | sparse_variants    | _autograd.SparseEncode       |
 | segment_sum       | segment_reduce.segment_reduce        | sparse_variants    | _autograd.SparseEncode       |
@@ -47,6 +50,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | encode_threshold  | torch_backend.encode_threshold | reference.encode_threshold  | test_kernels, test_backends     |
 | encode_batchtopk  | torch_backend.encode_batchtopk | reference.encode_batchtopk  | test_kernels, test_backends     |
 | decode            | torch_backend.decode           | reference.decode            | test_kernels, test_backends     |
+| matryoshka_decode | matryoshka.matryoshka_decode   | reference.matryoshka_decode | test_matryoshka                 |
 | decode_value_grad | torch_backend.rows_dot         | reference.decode_value_grad | test_kernels, test_sparse_prims |
 | gather_rows       | torch_backend.PRIMS            | reference.gather_rows       | test_kernels, test_sparse_prims |
 | segment_sum       | torch_backend.segment_rows_sum | reference.segment_sum       | test_kernels, test_sparse_prims |
@@ -54,6 +58,11 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | adam_step         | torch_backend.adam_step        | reference.adam_step         | test_optim                      |
 | resample_rows     | torch_backend.resample_rows    | reference.resample_rows     | test_resample                   |
 
+- matryoshka_decode is the Matryoshka loss's decode (ops/matryoshka.py): every prefix's reconstruction
+  error in one pass over the active latents, and a backward that shares the prefixes' work too (suffix sums
+  of their residuals), never one (N, d_in) reconstruction per prefix. No Triton kernel yet: the triton
+  backend runs the torch path (on CUDA tensors too). Its float64 reference is the naive sum of per-prefix
+  dense decodes; `python -m bench.matryoshka` times it against that and its torch.compile.
 - decode_value_grad is decode's gradient with respect to its values, <grad[n], W_dec[idx[n, j]]>; the torch
   path's autograd for it and for decode is torch_backend._DecodeRows.
 - gather_rows and segment_sum are the two `_autograd.SparsePrims`: the encoders' input gradient, and their
@@ -68,7 +77,8 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 
 Under torch.compile, `backend_for` gives fastsae/ops/custom_ops.py instead: the three encoders and decode,
 and their backwards (`encode_grads`, the SparseEncode backward; `decode_grads`, the backends' decode
-backward, torch_backend.decode_grads and triton_backend.decode_grads), as `torch.ops.fastsae` custom ops
+backward, torch_backend.decode_grads and triton_backend.decode_grads), and matryoshka_decode with its
+backward (`matryoshka_grads`), as `torch.ops.fastsae` custom ops
 that run the backend in force, with fakes for the shapes; tests/modules/test_sae_compile.py checks each
 activation compiled against eager.
 
@@ -128,3 +138,13 @@ def decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_d
         if low < 0 or high >= d_sae:
             raise ValueError(f"decode: latent indices must be in [0, d_sae={d_sae}), got values in [{low}, {high}]")
     return backend_for(values.device).decode(values, indices.long(), W_dec, b_dec)
+
+
+def decode_prefixes(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                    x: torch.Tensor, widths: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """decode (x_hat (N, d_in)) of latents the encoders made, and with Matryoshka prefix widths each prefix's
+    mse of x (P,) from the same fused pass (ops/matryoshka.py); widths None: (x_hat, None)."""
+    backend = backend_for(values.device)
+    if widths is None:
+        return backend.decode(values, indices, W_dec, b_dec), None
+    return backend.matryoshka_decode(values, indices, W_dec, b_dec, x, widths)

@@ -30,6 +30,7 @@ from typing import Optional  # the op signatures' annotation; custom_op parses i
 import torch
 from torch import Tensor
 
+from . import matryoshka
 from .backend_choice import backend_module, get_backend
 
 _MUTATES: tuple = ()
@@ -181,6 +182,59 @@ def _decode_backward(ctx, grad: Tensor):
 _decode.register_autograd(_decode_backward, setup_context=_decode_setup)
 
 
+# ---- the Matryoshka prefix decode -------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsae::matryoshka_decode", mutates_args=_MUTATES)
+def _matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
+                       widths: list[int]) -> tuple[Tensor, Tensor]:
+    with _eager(values.device):
+        x_hat, loss = _backend(values.device).matryoshka_decode(values, indices, W_dec, b_dec, x, tuple(widths))
+    return x_hat.contiguous(), loss.contiguous()
+
+
+@_matryoshka_decode.register_fake
+def _(values, indices, W_dec, b_dec, x, widths):
+    acc = torch.promote_types(W_dec.dtype, torch.float32)
+    return W_dec.new_empty(values.shape[0], W_dec.shape[1]), W_dec.new_empty(len(widths), dtype=acc)
+
+
+@torch.library.custom_op("fastsae::matryoshka_grads", mutates_args=_MUTATES)
+def _matryoshka_grads(grad_x_hat: Tensor, grad_loss: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor,
+                      b_dec: Tensor, x: Tensor, x_hat: Tensor, widths: list[int]
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ops/matryoshka.py's backward: grad_values, grad_W_dec, grad_b_dec, grad_x."""
+    with _eager(values.device):
+        grads = matryoshka.backward(grad_x_hat, grad_loss, values, indices, W_dec, b_dec, x, x_hat, tuple(widths))
+    return tuple(g.contiguous() for g in grads)
+
+
+@_matryoshka_grads.register_fake
+def _(grad_x_hat, grad_loss, values, indices, W_dec, b_dec, x, x_hat, widths):
+    return torch.empty_like(values), torch.empty_like(W_dec), torch.empty_like(b_dec), torch.empty_like(x)
+
+
+def _matryoshka_setup(ctx, inputs, output) -> None:
+    values, indices, W_dec, b_dec, x, widths = inputs
+    ctx.save_for_backward(values, indices, W_dec, b_dec, x, output[0])
+    ctx.widths = widths
+
+
+def _matryoshka_backward(ctx, grad_x_hat: Tensor | None, grad_loss: Tensor | None):
+    values, indices, W_dec, b_dec, x, x_hat = ctx.saved_tensors
+    grad_x_hat = torch.zeros_like(x_hat) if grad_x_hat is None else grad_x_hat
+    grad_loss = x_hat.new_zeros(len(ctx.widths), dtype=torch.promote_types(W_dec.dtype, torch.float32)) \
+        if grad_loss is None else grad_loss
+    grads = torch.ops.fastsae.matryoshka_grads(grad_x_hat, grad_loss, values, indices, W_dec, b_dec, x, x_hat,
+                                               ctx.widths)
+    (grad_values, grad_W, grad_b, grad_x), need = grads, ctx.needs_input_grad
+    return (grad_values if need[0] else None, None, grad_W if need[2] else None, grad_b if need[3] else None,
+            grad_x if need[4] else None, None)
+
+
+_matryoshka_decode.register_autograd(_matryoshka_backward, setup_context=_matryoshka_setup)
+
+
 # ---- the backend interface (what `fastsae.ops.backend_for` returns while compiling) -----------------
 
 
@@ -198,3 +252,8 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     return torch.ops.fastsae.decode(values, indices, W_dec, b_dec)
+
+
+def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
+                      widths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    return torch.ops.fastsae.matryoshka_decode(values, indices, W_dec, b_dec, x, list(widths))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .matryoshka import check_widths  # the same refusal of bad widths as every backend
+
 
 def linear(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """x @ W.T + b in float64: (N, d_in), (d_out, d_in), (d_out,) -> (N, d_out) float64 (not cast back: it is the
@@ -61,6 +63,19 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     z = _scatter(values, indices, W_dec.shape[0])  # (N, d_sae) float64
     return (z @ W_dec.double() + b_dec.double()).to(values.dtype)
+
+
+def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
+                      widths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The Matryoshka loss's decode, naively: one dense decode per prefix of widths (the first m_p latents),
+    x_hat (N, d_in) of the whole dictionary in values' dtype and loss (P,) float64, loss_p the mean over rows of
+    ||x - x̂_p||²; the ops/matryoshka.py docstring has the formulas its fused version shares the work of."""
+    widths = check_widths(widths, W_dec.shape[0])
+    z = _scatter(values, indices, W_dec.shape[0])  # (N, d_sae)
+    W, b, target = W_dec.double(), b_dec.double(), x.double()
+    x_hats = [z[:, :m] @ W[:m] + b for m in widths]  # P dense (N, d_in): obviously right, not frugal
+    losses = torch.stack([(target - x_hat).square().sum(1).mean() for x_hat in x_hats])
+    return x_hats[-1].to(values.dtype), losses
 
 
 def _scatter(coef: Tensor, indices: Tensor, d_sae: int) -> Tensor:

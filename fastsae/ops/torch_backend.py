@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import cpu_gemm
 from ._autograd import SparseEncode, SparsePrims
+from .matryoshka import matryoshka_decode  # noqa: F401 (the backend's op, written in ops/matryoshka.py)
 
 
 def latent_segments(indices: Tensor, coef: Tensor, num_segments: int) -> tuple[Tensor, Tensor, Tensor]:

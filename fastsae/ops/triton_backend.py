@@ -39,6 +39,7 @@ from ..kernels import sparse_decode as _dec
 from ..kernels._common import interpreting, next_pow2, set_fp32_matmul  # noqa: F401 (re-exported)
 from . import torch_backend
 from ._autograd import SparseEncode, SparsePrims
+from .matryoshka import matryoshka_decode  # noqa: F401 (no Triton kernel yet: the torch path, which runs on CUDA tensors too)
 
 STATS: Counter = Counter()
 # Capacity per (row, slice) of the threshold encoder's compact buffer, per d_sae.

@@ -73,6 +73,8 @@ class ShardedSAE(SAEWeights):
                  seed: int = 0):
         """This rank's rows of `SAE(cfg, seed=seed)` (the same initial weights when built on CPU)."""
         super().__init__(cfg)
+        if cfg.matryoshka_widths is not None:  # its fused prefix decode is not sharded yet: refuse, not ignore
+            raise ValueError("ShardedSAE: SAEConfig.matryoshka_widths (a Matryoshka SAE) trains in one process only")
         self.grid = grid or ProcessGrid()
         self.shard = LatentShard.of(cfg.d_sae, self.grid)
         device = torch.device(device) if device is not None else torch.device("cpu")
