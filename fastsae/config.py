@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+SPARSITY_MODES = ("step", "tanh", "quadratic")  # JumpReLU's sparsity term (fastsae/ops/jumprelu.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -16,11 +17,13 @@ class SAEConfig:
     d_in: int
     d_sae: int
     activation: str = "relu"
-    # Active latents per row (topk) or per row on average over the batch (batchtopk).
+    # Active latents per row (topk) or per row on average over the batch (batchtopk); for
+    # jumprelu with jumprelu_sparsity="quadratic", the target L0 t of the penalty 2/t·(L0 − t)².
     k: int | None = None
-    # Weight of the L1 term for relu/jumprelu. None picks 5.0, the coefficient of
-    # Anthropic's April 2024 update for inputs scaled to E||x|| = sqrt(d_in) with
-    # mse summed over d_in; TopK SAEs take their sparsity from k and use 0.
+    # The sparsity coefficient: weight of the L1 term for relu, of the sparsity term for jumprelu
+    # (jumprelu_sparsity's L0 or tanh, SAELens's l0_coefficient). None picks 5.0, the L1 coefficient of
+    # Anthropic's April 2024 update for inputs scaled to E||x|| = sqrt(d_in) with mse summed over d_in;
+    # TopK SAEs take their sparsity from k and use 0.
     l1_coefficient: float | None = None
     # Encoder weight is the decoder's transpose (the seed paper's tied SAEs).
     tied: bool = False
@@ -30,8 +33,14 @@ class SAEConfig:
     normalize_decoder: bool = True
     # Subtract b_dec from the input before encoding.
     apply_b_dec_to_input: bool = True
-    # Initial JumpReLU threshold, the same for every latent.
+    # Initial JumpReLU threshold θ, the same for every latent; θ is then trained (fastsae/ops/jumprelu.py).
     jumprelu_threshold: float = 1e-3
+    # Width ε of the rectangle kernel of θ's straight-through gradient: 1e-3 as in Rajamanoharan et al. 2024.
+    # Entries within ε/2 of θ carry θ's gradient and are kept beside the active ones, so memory grows with ε.
+    jumprelu_bandwidth: float = 1e-3
+    # JumpReLU's sparsity term: "step" (L0 through the step's STE, DeepMind), "tanh" (Σ tanh(4·z·||W_dec||),
+    # Anthropic; 4 is SAELens's jumprelu_tanh_scale) or "quadratic" (2/k·(L0 − k)², Gemma Scope 2).
+    jumprelu_sparsity: str = "step"
     # Weights and activations; accumulation is always fp32.
     dtype: str = "float32"
     # Matryoshka SAE (Nabeshima 2024; Bussmann et al. 2025): the reconstruction loss is the mean over these
@@ -58,16 +67,26 @@ class SAEConfig:
                     f"SAEConfig.l1_coefficient must be 0 for activation={self.activation!r} "
                     f"(sparsity comes from k), got {self.l1_coefficient}"
                 )
+        elif self.activation == "jumprelu" and self.jumprelu_sparsity == "quadratic":
+            if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
+                raise ValueError(f"SAEConfig.k (the target L0) must be an int in [1, d_sae={self.d_sae}] for "
+                                 f"jumprelu_sparsity='quadratic', got {self.k!r}")
         else:
             if self.k is not None:
                 raise ValueError(f"SAEConfig.k is only used by topk/batchtopk, got k={self.k} "
                                  f"with activation={self.activation!r}")
-            if self.l1_coefficient is None:
-                self.l1_coefficient = 5.0
+        if self.l1_coefficient is None:
+            self.l1_coefficient = 5.0
         if not (self.l1_coefficient >= 0.0 and self.l1_coefficient < float("inf")):
             raise ValueError(f"SAEConfig.l1_coefficient must be finite and >= 0, got {self.l1_coefficient}")
         if self.activation == "jumprelu" and not self.jumprelu_threshold > 0:
             raise ValueError(f"SAEConfig.jumprelu_threshold must be > 0, got {self.jumprelu_threshold}")
+        bandwidth = self.jumprelu_bandwidth
+        if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not 0 < bandwidth < float("inf"):
+            raise ValueError(f"SAEConfig.jumprelu_bandwidth must be a finite float > 0, got {bandwidth!r}")
+        if self.jumprelu_sparsity not in SPARSITY_MODES:
+            raise ValueError(f"SAEConfig.jumprelu_sparsity must be one of {SPARSITY_MODES}, "
+                             f"got {self.jumprelu_sparsity!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.matryoshka_widths is not None:

@@ -1,11 +1,13 @@
 """The loss an SAE trains on, and the measures of fit training and evaluation share: each written once, here.
 
-    loss = mse + l1_coefficient · l1 + auxk_coefficient · auxk + kl_coefficient · kl
+    loss = mse + l1_coefficient · (l1 or l0) + auxk_coefficient · auxk + kl_coefficient · kl
     mse  = mean over rows of Σ_d (x - x_hat)²
            Matryoshka SAEs train on the mean over their P nested prefixes of each prefix's mse instead
            (`prefix_mse`, ops/matryoshka.py; the mean, as dictionary_learning's default weights 1/P, so that
            P = 1 is the plain loss and the coefficients keep their scale); mse stays the whole dictionary's
     l1   = mean over rows of Σ_i z_i · w_i, w_i = ||W_dec[i]|| (Anthropic, April 2024) or 1     relu/jumprelu
+    l0   = JumpReLU's sparsity term, mean over rows of: L0 (step) | 2/t·(L0 − t)² (quadratic) |          jumprelu
+           Σ_i tanh(c·z_i·w_i) (tanh); θ's gradients are the straight-through estimators of fastsae/ops/jumprelu.py
     auxk = mse of the top k_aux dead latents' reconstruction of the residual x - x_hat            topk/batchtopk
            (Gao et al. 2024; `SAE` computes it, it needs the encoder)
     kl   = mean over positions of KL(p_clean || p_spliced), the model's next-token distributions
@@ -24,6 +26,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .config import SAEConfig
+from .ops.jumprelu import StepL0
+
+TANH_SCALE = 4.0  # c of the tanh sparsity term: SAELens's jumprelu_tanh_scale default
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class LossTerms:
     kl: Tensor | None  # scalar (training through a spliced model)
     loss: Tensor  # the weighted sum above
     prefix_mse: Tensor | None = None  # (P,) each Matryoshka prefix's mse (the last is mse)
+    l0: Tensor | None = None  # scalar (jumprelu's sparsity term, weighted by the l1 coefficient)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,23 +78,63 @@ def l1_penalty(values: Tensor, indices: Tensor, W_dec: Tensor | None = None) -> 
     return z.sum(-1).mean()
 
 
+def jumprelu_sparsity(values: Tensor, indices: Tensor, window: Tensor | None, threshold: Tensor, mode: str,
+                      bandwidth: float, W_dec: Tensor | None = None, target_l0: int | None = None,
+                      tanh_scale: float = TANH_SCALE) -> Tensor:
+    """JumpReLU's sparsity term, mean over rows (values, indices (N, w) from an encoder; window (N, w) the
+    slots within ε/2 of θ that `encode_jumprelu` gives, or None: the value without θ's STE). step and
+    quadratic reach θ through the step's STE (StepL0); tanh, a function of z, through the values' own
+    (ThresholdSTE). W_dec None weighs every latent 1 in tanh."""
+    if mode == "tanh":
+        acc = accumulation_dtype(values.dtype)
+        z = values.to(acc) if W_dec is None else values.to(acc) * W_dec.to(acc).norm(dim=1)[indices]
+        return torch.tanh(tanh_scale * z).sum(-1).mean()
+    if mode not in ("step", "quadratic"):
+        raise ValueError(f"mode must be 'step', 'tanh' or 'quadratic', got {mode!r}")
+    if window is None:
+        l0 = (values > 0).sum(-1).to(accumulation_dtype(values.dtype))
+    else:
+        l0 = StepL0.apply(values, indices, window, threshold, bandwidth)  # (N,)
+    if mode == "quadratic":
+        if isinstance(target_l0, bool) or not isinstance(target_l0, int) or target_l0 < 1:
+            raise ValueError(f"target_l0 must be an int >= 1 for mode='quadratic', got {target_l0!r}")
+        l0 = 2.0 / target_l0 * (l0 - target_l0) ** 2
+    return l0.mean()
+
+
+def sparsity_terms(cfg: SAEConfig, values: Tensor, indices: Tensor, window: Tensor | None, threshold: Tensor | None,
+                   W_dec: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(l1, l0) of an SAE with config cfg: relu's L1, jumprelu's sparsity term (window: what encode_flat gave
+    with the latents, None when θ is not trained), None for the other activations."""
+    norms = W_dec if cfg.decoder_norm_l1 else None
+    if cfg.activation == "relu":
+        return l1_penalty(values, indices, norms), None
+    if cfg.activation == "jumprelu":
+        return None, jumprelu_sparsity(values, indices, window, threshold, cfg.jumprelu_sparsity,
+                                       cfg.jumprelu_bandwidth, norms, cfg.k)
+    return None, None
+
+
 def loss_terms(x: Tensor, x_hat: Tensor, coefficients: LossCoefficients, *, l1: Tensor | None = None,
                auxk: Tensor | None = None, kl: Callable[[Tensor], Tensor] | Tensor | None = None,
-               prefix_mse: Tensor | None = None) -> LossTerms:
+               prefix_mse: Tensor | None = None, l0: Tensor | None = None) -> LossTerms:
     """The terms and their weighted sum for one SAE on x (N, d_in). A term left None is not in the loss;
     kl may be a function of x_hat that returns the KL term (what `SpliceKL` gives). prefix_mse (P,), a
-    Matryoshka SAE's per-prefix mse (the last the whole dictionary's), replaces mse in the loss by its mean."""
+    Matryoshka SAE's per-prefix mse (the last the whole dictionary's), replaces mse in the loss by its mean;
+    l0, JumpReLU's sparsity term (`jumprelu_sparsity`), is weighted by coefficients.l1, the sparsity coefficient."""
     rec = mse(x, x_hat) if prefix_mse is None else prefix_mse[-1]
     loss = rec if prefix_mse is None else prefix_mse.mean()
     if l1 is not None:
         loss = loss + coefficients.l1 * l1
+    if l0 is not None:
+        loss = loss + coefficients.l1 * l0
     if auxk is not None:
         loss = loss + coefficients.auxk * auxk
     if callable(kl):
         kl = kl(x_hat)
     if kl is not None:
         loss = loss + coefficients.kl * kl
-    return LossTerms(rec, l1, auxk, kl, loss, prefix_mse)
+    return LossTerms(rec, l1, auxk, kl, loss, prefix_mse, l0)
 
 
 def kl_div(clean_logprobs: Tensor, logprobs: Tensor) -> Tensor:

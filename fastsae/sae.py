@@ -3,9 +3,8 @@
     z     = act(W_enc (x - b_dec) + b_enc)      act: relu | topk | batchtopk | jumprelu
     x_hat = W_dec z + b_dec
 
-Both weights are stored (d_sae, d_in), one row per latent: the sparse kernels
-gather and update whole latent rows, and a tied SAE simply uses W_dec as its
-encoder. Import/export in `fastsae.interop` converts to other libraries' layouts.
+Both weights are stored (d_sae, d_in), one row per latent: the sparse kernels gather and update whole latent
+rows, and a tied SAE simply uses W_dec as its encoder. `fastsae.interop` converts to other libraries' layouts.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from . import interop, io, ops
 from .config import DTYPES, SAEConfig
 from .latents import SparseLatents
-from .losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
+from .losses import LossCoefficients, accumulation_dtype, loss_terms, mse, sparsity_terms
 from .ops import backend_for
 
 # 2: cfg.json records the SHA-256 of sae.safetensors, which load() verifies. 1 (no checksum) is still read.
@@ -44,12 +43,13 @@ class SAEOutput:
     kl: Tensor | None = None  # scalar: KL(clean || spliced), when forward was given a kl term
     threshold: Tensor | None = None  # (): BatchTopK in training, this batch's threshold (the trainer averages it)
     prefix_mse: Tensor | None = None  # (P,): a Matryoshka SAE's mse per prefix (its loss takes their mean)
+    l0: Tensor | None = None  # scalar: JumpReLU's sparsity term (cfg.jumprelu_sparsity), weighted by l1_coefficient
 
 
 def encode_flat(cfg: SAEConfig, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
                 threshold: Tensor | None = None, training: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The encoder as a function of its weights: x (N, d_in) → values, indices (N, w), and BatchTopK's batch
-    threshold when training (else None). Every op goes through the backend in force."""
+    """x (N, d_in) → values, indices (N, w), and BatchTopK's batch threshold in training, JumpReLU's window (N, w)
+    when θ is trained (ops/jumprelu.py; latents then hold the halo, value 0), else None. Backend in force."""
     ops = backend_for(x.device)
     if cfg.apply_b_dec_to_input:
         x = x - b_dec
@@ -58,6 +58,8 @@ def encode_flat(cfg: SAEConfig, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: 
     if cfg.activation == "relu":
         return (*ops.encode_threshold(x, W_enc, b_enc, None), None)
     if cfg.activation == "jumprelu":
+        if threshold is not None and threshold.requires_grad and torch.is_grad_enabled():
+            return ops.encode_jumprelu(x, W_enc, b_enc, threshold, cfg.jumprelu_bandwidth)
         return (*ops.encode_threshold(x, W_enc, b_enc, threshold), None)
     # batchtopk: the batch's top N·k while training; at inference the learnt threshold makes rows independent.
     if not training:
@@ -93,10 +95,8 @@ class SAEWeights(nn.Module):
             self.W_enc = nn.Parameter(W.to(dtype).clone())  # (n, d_in)
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
-        if cfg.activation == "jumprelu":
-            # Per-latent, fixed here: its straight-through training (Rajamanoharan et al. 2024) needs pre-activations
-            self.threshold = nn.Parameter(
-                torch.full((n,), cfg.jumprelu_threshold, device=device, dtype=torch.float32), requires_grad=False)
+        if cfg.activation == "jumprelu":  # per latent, trained through its straight-through estimator (ops/jumprelu.py)
+            self.threshold = nn.Parameter(torch.full((n,), cfg.jumprelu_threshold, device=device, dtype=torch.float32))
         elif cfg.activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
 
@@ -234,26 +234,26 @@ class SAE(SAEWeights):
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
                 coefficients: LossCoefficients | None = None, kl: Callable[[Tensor], Tensor] | None = None
                 ) -> SAEOutput:
-        """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default
-        mse + cfg.l1_coefficient · l1. With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute AuxK
-        (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual
-        x - x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
+        """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default mse +
+        cfg.l1_coefficient · l1 (jumprelu: · l0). With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute
+        AuxK (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual x -
+        x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
         if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int)
                                   or not 1 <= k_aux <= self.cfg.d_sae):
             raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
         x2, lead = self.flatten_input(x)
-        values, indices, tau = self._encode_flat(x2)
+        values, indices, extra = self._encode_flat(x2)
         x_hat, prefix_mse = self._decode_flat(values, indices, x2)  # (N, d_in), Matryoshka's (P,) or None
-        l1 = auxk = None
-        if self.cfg.activation in ("relu", "jumprelu"):
-            l1 = l1_penalty(values, indices, self.W_dec if self.cfg.decoder_norm_l1 else None)
-        if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
-            auxk = self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
+        l1, l0 = sparsity_terms(self.cfg, values, indices, extra, getattr(self, "threshold", None), self.W_dec)
+        auxk = (self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
+                if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk") else None)
         kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
         terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
-                           auxk=auxk, kl=kl_term, prefix_mse=prefix_mse)
+                           auxk=auxk, kl=kl_term, prefix_mse=prefix_mse, l0=l0)
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
-        return SAEOutput(x_hat.reshape(*lead, -1), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau, prefix_mse)
+        tau = extra if self.cfg.activation == "batchtopk" else None
+        return SAEOutput(x_hat.reshape(x.shape), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau, prefix_mse,
+                         l0)
 
     def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:

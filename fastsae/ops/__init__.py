@@ -35,6 +35,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | encode_topk       | encoder_topk.encoder_topk            | topk_variants      | _autograd.SparseEncode       |
 | encode_threshold  | encoder_threshold.encoder_threshold  | threshold_variants | _autograd.SparseEncode       |
 | encode_batchtopk  | encoder_topk.encoder_topk_candidates | topk_variants      | _autograd.SparseEncode       |
+| encode_jumprelu   | encoder_threshold.encoder_threshold  | threshold_variants | jumprelu.ThresholdSTE        |
 | decode            | sparse_decode.sparse_decode          | sparse_variants    | triton_backend._SparseDecode |
 | matryoshka_decode | —                                    | —                  | matryoshka._MatryoshkaDecode |
 | decode_value_grad | sparse_decode.sparse_value_grad      | sparse_variants    | triton_backend._SparseDecode |
@@ -43,12 +44,14 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | linear            | —                                    | —                  | —                            |
 | adam_step         | adam.adam_step                       | optimizer_variants | —                            |
 | resample_rows     | resample.resample_rows               | optimizer_variants | —                            |
+| jumprelu_l0       | —                                    | —                  | jumprelu.StepL0              |
 
 | op                | torch path                     | float64 reference           | tests                           |
 |-------------------|--------------------------------|-----------------------------|---------------------------------|
 | encode_topk       | torch_backend.encode_topk      | reference.encode_topk       | test_kernels, test_backends     |
 | encode_threshold  | torch_backend.encode_threshold | reference.encode_threshold  | test_kernels, test_backends     |
 | encode_batchtopk  | torch_backend.encode_batchtopk | reference.encode_batchtopk  | test_kernels, test_backends     |
+| encode_jumprelu   | torch_backend.encode_jumprelu  | reference.encode_jumprelu   | test_jumprelu_ste               |
 | decode            | torch_backend.decode           | reference.decode            | test_kernels, test_backends     |
 | matryoshka_decode | matryoshka.matryoshka_decode   | reference.matryoshka_decode | test_matryoshka                 |
 | decode_value_grad | torch_backend.rows_dot         | reference.decode_value_grad | test_kernels, test_sparse_prims |
@@ -57,6 +60,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | linear            | cpu_gemm.linear                | reference.linear            | test_cpu_gemm                   |
 | adam_step         | torch_backend.adam_step        | reference.adam_step         | test_optim                      |
 | resample_rows     | torch_backend.resample_rows    | reference.resample_rows     | test_resample                   |
+| jumprelu_l0       | jumprelu.StepL0                | reference.jumprelu_loss     | test_jumprelu_ste               |
 
 - matryoshka_decode is the Matryoshka loss's decode (ops/matryoshka.py): every prefix's reconstruction
   error in one pass over the active latents, and a backward that shares the prefixes' work too (suffix sums
@@ -68,6 +72,12 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 - gather_rows and segment_sum are the two `_autograd.SparsePrims`: the encoders' input gradient, and their
   weight and bias gradients (segment_sum is the decoder's weight gradient too). The torch path's
   gather_rows is the `F.embedding_bag` in torch_backend.PRIMS.
+- encode_jumprelu is JumpReLU with θ trained (fastsae/ops/jumprelu.py): the threshold encoder run with θ − ε/2
+  (on Triton the fused kernel itself; the torch path where some θ < ε/2) keeps the active latents and the *halo*
+  below θ, and the window of slots within ε/2 of θ. SparseEncode gives x's, W_enc's and b_enc's gradients,
+  ThresholdSTE θ's (reconstruction), as a latent-sorted sum over the (N, w) slots: no (N, d_sae) tensor and no
+  θ kernel. jumprelu_l0 is the L0 term's step (StepL0, in fastsae.losses.jumprelu_sparsity). Their reference is
+  the dense estimator: reference.Step and reference.JumpReLU (SAELens's), in reference.jumprelu_loss.
 - linear is the torch path's encoder GEMM (oneDNN's fp32 GEMM on CPU; no autograd, F.linear where a
   gradient is asked for).
 - Every op also runs inside the whole SAE, forward and every gradient against the reference, in

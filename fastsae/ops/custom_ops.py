@@ -9,6 +9,7 @@ compiler works around them.
     fastsae::encode_topk(x, W_enc, b_enc, k)              -> values, indices       (N, k)
     fastsae::encode_threshold(x, W_enc, b_enc, threshold) -> values, indices       (N, w)
     fastsae::encode_batchtopk(x, W_enc, b_enc, k)         -> values, indices, tau  (N, w), ()
+    fastsae::encode_jumprelu(x, W_enc, b_enc, θ, ε)       -> values, indices, window (N, w) (ops/jumprelu.py)
     fastsae::decode(values, indices, W_dec, b_dec)        -> x_hat                 (N, d_in)
 
 and their backwards, `fastsae::encode_grads` (the SparseEncode backward of ops/_autograd.py) and
@@ -30,7 +31,7 @@ from typing import Optional  # the op signatures' annotation; custom_op parses i
 import torch
 from torch import Tensor
 
-from . import matryoshka
+from . import jumprelu, matryoshka
 from .backend_choice import backend_module, get_backend
 
 _MUTATES: tuple = ()
@@ -85,6 +86,22 @@ def _(x, W_enc, b_enc, threshold):
     return _compact_fake(x, W_enc.shape[0])
 
 
+@torch.library.custom_op("fastsae::encode_jumprelu", mutates_args=_MUTATES)
+def _encode_jumprelu(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, bandwidth: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The active latents and the halo, and the window (ops/jumprelu.py); θ's gradient is added outside, by
+    jumprelu.attach_threshold (its backward is torch ops on the (N, w) slots, which Dynamo traces)."""
+    with _eager(x.device):
+        values, indices, window = _backend(x.device).encode_jumprelu(x, W_enc, b_enc, threshold, bandwidth)
+    return values.contiguous(), indices.contiguous(), window.contiguous()
+
+
+@_encode_jumprelu.register_fake
+def _(x, W_enc, b_enc, threshold, bandwidth):
+    values, indices = _compact_fake(x, W_enc.shape[0])
+    return values, indices, torch.empty_like(indices, dtype=torch.bool)
+
+
 @torch.library.custom_op("fastsae::encode_batchtopk", mutates_args=_MUTATES)
 def _encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     with _eager(x.device):
@@ -134,6 +151,8 @@ def _encode_backward(ctx, grad_values: Tensor, *_grad_rest):
 
 for _op in (_encode_topk, _encode_threshold, _encode_batchtopk):
     _op.register_autograd(_encode_backward, setup_context=_encode_setup)
+_encode_jumprelu.register_autograd(lambda ctx, *grads: (*_encode_backward(ctx, *grads), None),
+                                   setup_context=_encode_setup)
 
 
 # ---- decode -----------------------------------------------------------------------------------------
@@ -244,6 +263,12 @@ def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor
 
 def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.ops.fastsae.encode_threshold(x, W_enc, b_enc, None if threshold is None else threshold.detach())
+
+
+def encode_jumprelu(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor,
+                    bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+    values, indices, window = torch.ops.fastsae.encode_jumprelu(x, W_enc, b_enc, threshold.detach(), bandwidth)
+    return jumprelu.attach_threshold(values, indices, window, threshold, bandwidth), indices, window
 
 
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -51,6 +51,81 @@ def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor 
     return _compact(z, x.dtype)
 
 
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+class Step(torch.autograd.Function):
+    """H(pre − θ), dense: ∂/∂θ = −(1/ε)·K((pre − θ)/ε) summed over rows, nothing to pre (Rajamanoharan et al.
+    2024, eq. 11; SAELens's `Step`)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        ste = _rectangle((pre - theta) / ctx.bandwidth) / ctx.bandwidth * grad
+        return None, -ste.sum(0), None
+
+
+class JumpReLU(torch.autograd.Function):
+    """pre · H(pre − θ), dense: ∂/∂pre = H(pre − θ), ∂/∂θ = −(θ/ε)·K((pre − θ)/ε) (SAELens's `JumpReLU`)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        ste = theta / ctx.bandwidth * _rectangle((pre - theta) / ctx.bandwidth) * grad
+        return (pre > theta) * grad, -ste.sum(0), None
+
+
+def encode_jumprelu(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor,
+                    bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backend contract of ops/jumprelu.py, densely: the slots with pre > θ − ε/2 (the active latents and
+    the halo, value 0) gathered from the dense JumpReLU above, and the window 1[|pre − θ| < ε/2] (N, w)."""
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth (JumpReLU's ε) must be > 0, got {bandwidth!r}")
+    pre = _pre_activations(x, W_enc, b_enc)
+    theta = threshold.double()
+    z = JumpReLU.apply(pre, theta, bandwidth)
+    keep = pre > theta.detach() - bandwidth / 2
+    width = max(1, int(keep.sum(-1).max()))
+    slots = torch.topk(torch.where(keep, pre.detach(), -torch.inf), width, dim=-1).indices  # (N, w)
+    window = keep.gather(1, slots) & ((pre.detach() - theta.detach()).abs() < bandwidth / 2).gather(1, slots)
+    return z.gather(1, slots).to(x.dtype), slots, window
+
+
+def jumprelu_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, threshold: Tensor, *,
+                  bandwidth: float, mode: str, coefficient: float, target_l0: int | None = None,
+                  tanh_scale: float = 4.0, decoder_norm: bool = True) -> Tensor:
+    """The whole JumpReLU training loss in float64 through dense (N, d_sae) tensors, as SAELens's
+    JumpReLUTrainingSAE computes it: mse (mean over rows of Σ_d) + coefficient · mean over rows of the
+    sparsity term — step: L0 = Σ_i H(pre_i − θ_i); quadratic: 2/t·(L0 − t)², t = target_l0 (Gemma Scope 2);
+    tanh: Σ_i tanh(c · z_i · ||W_dec[i]||) (Anthropic). x is the raw input (b_dec subtracted here)."""
+    x, theta = x.double(), threshold.double()
+    pre = _pre_activations(x - b_dec.double(), W_enc, b_enc)  # (N, d_sae)
+    z = JumpReLU.apply(pre, theta, bandwidth)
+    x_hat = z @ W_dec.double() + b_dec.double()
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    if mode == "tanh":
+        norms = W_dec.double().norm(dim=1) if decoder_norm else torch.ones_like(theta)
+        per_row = torch.tanh(tanh_scale * z * norms).sum(-1)
+    else:
+        per_row = Step.apply(pre, theta, bandwidth).sum(-1)
+        if mode == "quadratic":
+            per_row = 2.0 / target_l0 * (per_row - target_l0) ** 2
+    return mse + coefficient * per_row.mean()
+
+
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Active iff relu(pre) >= tau and > 0, tau the (N·k)-th largest relu(pre) in the batch."""
     z = torch.relu(_pre_activations(x, W_enc, b_enc))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_gemm
+from . import cpu_gemm, jumprelu
 from ._autograd import SparseEncode, SparsePrims
 from .matryoshka import matryoshka_decode  # noqa: F401 (the backend's op, written in ops/matryoshka.py)
 
@@ -176,6 +176,22 @@ def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor
 def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None) -> tuple[Tensor, Tensor]:
     theta = torch.zeros((), dtype=x.dtype, device=x.device) if threshold is None else threshold.detach()
     return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_active(pre, pre > theta)), PRIMS)
+
+
+def encode_jumprelu(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor,
+                    bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+    """JumpReLU with θ's straight-through gradient (ops/jumprelu.py): the active latents and the halo
+    (pre in (θ − ε/2, θ], value 0), and the window (N, w) bool of the slots within ε/2 of θ."""
+    theta = threshold.detach()
+    low = theta - bandwidth / 2
+
+    def select(pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        rows, cols = (pre > low).nonzero(as_tuple=True)  # padding -inf: outside every window
+        packed, columns = _pack_rows(pre.shape[0], rows, pre[rows, cols], cols, float("-inf"))
+        return jumprelu.split_window(packed, columns, theta, bandwidth)
+
+    values, indices, window = SparseEncode.apply(x, W_enc, b_enc, _dense_select(select), PRIMS)
+    return jumprelu.attach_threshold(values, indices, window, threshold, bandwidth), indices, window
 
 
 def _select_batchtopk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

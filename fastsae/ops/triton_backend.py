@@ -37,7 +37,7 @@ from ..kernels import resample as _resample
 from ..kernels import segment_reduce as _seg
 from ..kernels import sparse_decode as _dec
 from ..kernels._common import interpreting, next_pow2, set_fp32_matmul  # noqa: F401 (re-exported)
-from . import torch_backend
+from . import jumprelu, torch_backend
 from ._autograd import SparseEncode, SparsePrims
 from .matryoshka import matryoshka_decode  # noqa: F401 (no Triton kernel yet: the torch path, which runs on CUDA tensors too)
 
@@ -117,6 +117,27 @@ def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor 
     _check_device(x, W_enc, b_enc)
     theta = None if threshold is None else threshold.detach()
     return SparseEncode.apply(x, W_enc, b_enc, _select_threshold(theta), PRIMS)
+
+
+def encode_jumprelu(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor,
+                    bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+    """JumpReLU with θ's straight-through gradient (ops/jumprelu.py): the fused threshold encoder with its
+    threshold lowered by ε/2 selects the active latents and the halo. Its compaction ranks slots by value
+    with padding 0, so it needs θ − ε/2 > 0 everywhere; else the torch path (dense pre-activations), exact too.
+    θ's gradient itself is the torch ops of ops/jumprelu.py on the (N, w) slots, not a kernel."""
+    _check_device(x, W_enc, b_enc)
+    theta = threshold.detach()
+    low = (theta.float() - bandwidth / 2).contiguous()
+    if not bool((low > 0).all()):
+        STATS["jumprelu_dense_fallback"] += 1
+        return torch_backend.encode_jumprelu(x, W_enc, b_enc, threshold, bandwidth)
+    fused = _select_threshold(low)
+
+    def select(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return jumprelu.split_window(*fused(x, W_enc, b_enc), theta, bandwidth)  # padding 0 <= low: no window
+
+    values, indices, window = SparseEncode.apply(x, W_enc, b_enc, select, PRIMS)
+    return jumprelu.attach_threshold(values, indices, window, threshold, bandwidth), indices, window
 
 
 # ---- BatchTopK --------------------------------------------------------------------------------------

@@ -204,6 +204,11 @@ class Trainer:
         self.optimizer.step()
         if constrain:
             sae.normalize_decoder_()
+        if sae.cfg.activation == "jumprelu" and sae.threshold.requires_grad:
+            # θ trained directly, kept >= 0 by projection (SAELens's choice: a log-threshold moves multiplicatively,
+            # so Adam's ~lr steps barely shift a small θ, SAELens issue #494); θ 0 is a ReLU, θ < 0 would pass
+            # negative pre-activations
+            sae.threshold.data.clamp_(min=0.0)
         if out.threshold is not None:
             record_batch_threshold_(sae.threshold, out.threshold)
 

@@ -88,7 +88,8 @@ def test_each_op_is_one_node_of_the_traced_graphs(activation):
 
     sae, (x, probe) = _sae(activation), _inputs()
     _step(torch.compile(sae, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), sae, x, probe)
-    encoder = {"topk": "encode_topk", "batchtopk": "encode_batchtopk"}.get(activation, "encode_threshold")
+    encoder = {"topk": "encode_topk", "batchtopk": "encode_batchtopk", "jumprelu": "encode_jumprelu"}.get(
+        activation, "encode_threshold")
     for op in (encoder, "decode", "encode_grads", "decode_grads"):
         assert f"fastsae.{op}.default" in targets, (op, sorted(set(targets)))
 

@@ -88,7 +88,7 @@ def _functions(module) -> set[str]:
 
 def test_every_backend_op_and_every_reference_has_a_row():
     contract = _functions(reference) & _functions(torch_backend) & _functions(triton_backend)
-    assert contract == {"encode_topk", "encode_threshold", "encode_batchtopk", "decode", "adam_step",
+    assert contract == {"encode_topk", "encode_threshold", "encode_batchtopk", "encode_jumprelu", "decode", "adam_step",
                         "resample_rows"}
     assert contract <= {row["op"] for row in TABLES[0]}
     assert {f"reference.{n}" for n in _functions(reference)} <= _column("float64 reference")
