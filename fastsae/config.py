@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
-SPARSITY_MODES = ("step", "tanh", "quadratic")  # JumpReLU's sparsity term (fastsae/ops/jumprelu.py)
+SPARSITY_MODES = ("step", "tanh", "quadratic", "l1")  # JumpReLU's sparsity term (fastsae/ops/jumprelu.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,7 +39,8 @@ class SAEConfig:
     # Entries within ε/2 of θ carry θ's gradient and are kept beside the active ones, so memory grows with ε.
     jumprelu_bandwidth: float = 1e-3
     # JumpReLU's sparsity term: "step" (L0 through the step's STE, DeepMind), "tanh" (Σ tanh(4·z·||W_dec||),
-    # Anthropic; 4 is SAELens's jumprelu_tanh_scale) or "quadratic" (2/k·(L0 − k)², Gemma Scope 2).
+    # Anthropic; 4 is SAELens's jumprelu_tanh_scale), "quadratic" (2/k·(L0 − k)², Gemma Scope 2), or "l1": the
+    # relu L1 term with θ frozen at jumprelu_threshold (fastsae before θ was trained; latent-sharded training).
     jumprelu_sparsity: str = "step"
     # Weights and activations; accumulation is always fp32.
     dtype: str = "float32"

@@ -107,7 +107,7 @@ def sparsity_terms(cfg: SAEConfig, values: Tensor, indices: Tensor, window: Tens
     """(l1, l0) of an SAE with config cfg: relu's L1, jumprelu's sparsity term (window: what encode_flat gave
     with the latents, None when θ is not trained), None for the other activations."""
     norms = W_dec if cfg.decoder_norm_l1 else None
-    if cfg.activation == "relu":
+    if cfg.activation == "relu" or (cfg.activation == "jumprelu" and cfg.jumprelu_sparsity == "l1"):
         return l1_penalty(values, indices, norms), None
     if cfg.activation == "jumprelu":
         return None, jumprelu_sparsity(values, indices, window, threshold, cfg.jumprelu_sparsity,

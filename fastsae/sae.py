@@ -95,8 +95,9 @@ class SAEWeights(nn.Module):
             self.W_enc = nn.Parameter(W.to(dtype).clone())  # (n, d_in)
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
-        if cfg.activation == "jumprelu":  # per latent, trained through its straight-through estimator (ops/jumprelu.py)
-            self.threshold = nn.Parameter(torch.full((n,), cfg.jumprelu_threshold, device=device, dtype=torch.float32))
+        if cfg.activation == "jumprelu":  # per latent, trained by its straight-through estimator (ops/jumprelu.py)
+            self.threshold = nn.Parameter(torch.full((n,), cfg.jumprelu_threshold, device=device, dtype=torch.float32),
+                                          requires_grad=cfg.jumprelu_sparsity != "l1")  # "l1": θ frozen
         elif cfg.activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
 
@@ -386,9 +387,8 @@ class SAE(SAEWeights):
 
 
 def _threshold_problem(theta: Tensor | None) -> str | None:
-    if theta is None or theta.device.type == "meta" or bool(torch.isfinite(theta).all() and (theta >= 0).all()):
-        return None
-    return "tensor 'threshold' must be finite and >= 0"
+    ok = theta is None or theta.device.type == "meta" or bool(torch.isfinite(theta).all() and (theta >= 0).all())
+    return None if ok else "tensor 'threshold' must be finite and >= 0"
 
 
 def _nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:

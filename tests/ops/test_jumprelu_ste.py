@@ -172,7 +172,7 @@ def test_training_moves_theta_and_a_larger_coefficient_lowers_l0(mode):
     (dict(jumprelu_bandwidth=0.0), "jumprelu_bandwidth"),
     (dict(jumprelu_bandwidth=-1e-3), "jumprelu_bandwidth"),
     (dict(jumprelu_bandwidth=float("inf")), "jumprelu_bandwidth"),
-    (dict(jumprelu_sparsity="l1"), "jumprelu_sparsity"),
+    (dict(jumprelu_sparsity="L0"), "jumprelu_sparsity"),
     (dict(jumprelu_sparsity="quadratic"), "SAEConfig.k"),
 ])
 def test_bad_settings_are_refused_naming_the_field(settings, field):
@@ -187,3 +187,20 @@ def test_ops_refuse_a_bad_bandwidth():
     for backend in (torch_backend, reference):
         with pytest.raises(ValueError, match="bandwidth"):
             backend.encode_jumprelu(x, W, b, theta, 0.0)
+
+
+def test_l1_mode_keeps_theta_frozen_with_the_l1_term():
+    sae, x = _sae("l1"), torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3))
+    assert not sae.threshold.requires_grad
+    assert not any(p is sae.threshold for g in SAEAdam(sae).param_groups for p in g["params"])
+    out = sae(x)
+    assert out.l0 is None and out.l1 is not None
+    norms = sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(out.l1, (out.latents.to_dense() * norms).sum(-1).mean())
+
+
+def test_latent_sharded_jumprelu_needs_the_l1_mode():
+    from fastsae.train.sharded import ShardedSAE
+
+    with pytest.raises(ValueError, match="jumprelu_sparsity"):
+        ShardedSAE(SAEConfig(D_IN, D_SAE, activation="jumprelu"))

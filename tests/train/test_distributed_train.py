@@ -30,7 +30,8 @@ CASES = {  # name: (latent shards, SAE config, train config)
     "dp_relu": (1, dict(activation="relu", l1_coefficient=0.2), dict(resample_every=5, optimizer="fused")),
     "shard_topk": (2, dict(activation="topk", k=4), dict(auxk_coefficient=1 / 32, resample_every=5)),
     "shard_batchtopk_fused": (2, dict(activation="batchtopk", k=3), dict(optimizer="fused", resample_every=5)),
-    "shard_jumprelu_tied": (2, dict(activation="jumprelu", tied=True, l1_coefficient=0.2), dict()),
+    "shard_jumprelu_tied": (2, dict(activation="jumprelu", tied=True, l1_coefficient=0.2, jumprelu_sparsity="l1"),
+                            dict()),
 }
 
 

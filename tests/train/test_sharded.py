@@ -33,7 +33,7 @@ CASES = {
     "topk_bf16": dict(activation="topk", k=5),  # mixed precision: bf16 compute on fp32 master weights
     "batchtopk": dict(activation="batchtopk", k=4),
     "relu": dict(activation="relu", l1_coefficient=0.3),
-    "jumprelu": dict(activation="jumprelu", jumprelu_threshold=0.05, l1_coefficient=0.3),
+    "jumprelu": dict(activation="jumprelu", jumprelu_threshold=0.05, l1_coefficient=0.3, jumprelu_sparsity="l1"),
 }
 
 
