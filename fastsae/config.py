@@ -106,6 +106,8 @@ class SAEConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"SAEConfig got unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        if d.get("activation") == "jumprelu" and "jumprelu_sparsity" not in d:
+            d = {**d, "jumprelu_sparsity": "l1"}  # written before θ trained: resuming it keeps its frozen-θ L1 loss
         return cls(**d)
 
 

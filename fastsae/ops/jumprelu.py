@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .latent_groups import latent_segments
+
 
 def check_bandwidth(bandwidth: float) -> None:
     if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not 0 < bandwidth < float("inf"):
@@ -47,8 +49,6 @@ def split_window(pre: Tensor, indices: Tensor, threshold: Tensor, bandwidth: flo
 
 def _latent_sums(indices: Tensor, coef: Tensor, d_sae: int) -> Tensor:
     """Σ_{(n, j): indices[n, j] = i} coef[n, j] → (d_sae,) fp32 (fp64 for fp64 coef), in latent-sorted order."""
-    from .torch_backend import latent_segments  # the torch path's deterministic segment sum (same ops layer)
-
     if coef.dtype == torch.float64:
         return torch.zeros(d_sae, dtype=torch.float64, device=coef.device).index_add_(
             0, indices.reshape(-1), coef.reshape(-1))

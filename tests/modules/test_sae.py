@@ -166,3 +166,10 @@ def test_input_dtype_follows_the_module():
     sae = make_sae(6, 10, "relu").to(torch.bfloat16)
     out = sae(torch.randn(3, 6, dtype=torch.bfloat16))
     assert out.x_hat.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+
+
+def test_a_jumprelu_config_written_before_theta_trained_keeps_its_l1_training():
+    old = SAEConfig(d_in=4, d_sae=8, activation="jumprelu").to_dict()
+    del old["jumprelu_sparsity"]
+    assert SAEConfig.from_dict(old).jumprelu_sparsity == "l1"
+    assert SAEConfig(d_in=4, d_sae=8, activation="jumprelu").jumprelu_sparsity == "step"
