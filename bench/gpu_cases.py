@@ -103,16 +103,7 @@ def naive_closure(op: str, c, ctx: Ctx, dtype, compile_backend: str | None = Non
                 p.grad = None
             encode(x, sae.W_enc, sae.b_enc, sae.b_dec, c.activation, c.k).float().sum().backward()
         return encoder
-    forward = wrap(suite.naive_forward)
-    opt = torch.optim.Adam(params, lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        forward(x, *params, c.activation, c.k, sae.cfg.l1_coefficient).backward()
-        sae.remove_parallel_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
-    return step
+    return suite.naive_step(sae, x, params, wrap(suite.naive_forward), c)
 
 
 def compile_limits() -> None:

@@ -283,6 +283,12 @@ def _build_naive(case: Case, x: torch.Tensor, compiled: bool):
     if op == "decode":
         lat = _latents(case, x.device, x.dtype)
         return lambda: (lat.to_dense() @ sae.W_dec + sae.b_dec).float().sum().backward()
+    return naive_step(sae, x, params, forward, case)
+
+
+def naive_step(sae, x: torch.Tensor, params: list, forward: Callable, case: Case) -> Callable[[], None]:
+    """A training step as most SAE code writes it: the dense forward (naive_forward, or its compiled form),
+    torch.optim.Adam, and the decoder constraint as separate passes."""
     opt = torch.optim.Adam(params, lr=1e-4)
 
     def step():
