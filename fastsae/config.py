@@ -9,6 +9,7 @@ import torch
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 SPARSITY_MODES = ("step", "tanh", "quadratic", "l1")  # JumpReLU's sparsity term (fastsae/ops/jumprelu.py)
+KINDS = ("sae", "transcoder", "skip_transcoder")  # what the dictionary reads and writes (fastsae/transcoder.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +49,10 @@ class SAEConfig:
     # nested prefixes of the dictionary (the first m latents, strictly increasing) of each one's mse; d_sae is
     # appended when the last is smaller, as SAELens does. None: a plain SAE.
     matryoshka_widths: tuple[int, ...] | None = None
+    # "sae" rebuilds its input; a "transcoder" reads one site (x, e.g. mlp_in.6) and predicts another (the
+    # target y, mlp_out.6) of the same width d_in; "skip_transcoder" adds a learned dense map: ŷ = W_dec z + b_dec
+    # + W_skip x (fastsae/transcoder.py). A transcoder's b_dec is the output's bias: apply_b_dec_to_input=False.
+    kind: str = "sae"
 
     def __post_init__(self):
         for name in ("d_in", "d_sae"):
@@ -90,6 +95,12 @@ class SAEConfig:
                              f"got {self.jumprelu_sparsity!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"SAEConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind != "sae" and (self.apply_b_dec_to_input or self.tied):
+            raise ValueError(f"SAEConfig.kind={self.kind!r} needs apply_b_dec_to_input=False and tied=False: b_dec "
+                             f"is the output's bias, not the input's centre, and W_enc reads another site than W_dec "
+                             f"writes (got apply_b_dec_to_input={self.apply_b_dec_to_input}, tied={self.tied})")
         if self.matryoshka_widths is not None:
             self.matryoshka_widths = _matryoshka_widths(self.matryoshka_widths, self.d_sae)
 

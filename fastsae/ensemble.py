@@ -54,6 +54,8 @@ class SAEEnsemble(nn.Module):
                                      f"{getattr(first, field)!r}: ensemble members share {_SHARED}")
         if first.activation == "jumprelu":
             raise ValueError("SAEEnsemble supports relu, topk and batchtopk members")
+        if first.kind != "sae":
+            raise ValueError(f"SAEEnsemble: members must be SAEs (SAEConfig.kind='sae'), got kind={first.kind!r}")
         self.cfgs = [m.cfg for m in members]
         self.n, self.d_sae, self.d_in = len(members), first.d_sae, first.d_in
         with torch.no_grad():

@@ -79,3 +79,12 @@ class SparseLatents:
             width = max(1, int((z > 0).sum(-1).max()) if z.numel() else 0)
         values, indices = torch.topk(z, width, dim=-1)
         return cls(values.clamp_min(0), indices, z.shape[-1])
+
+
+def nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense (*lead, d_sae) → values, indices (*lead, w) holding every non-zero entry, signs kept;
+    w = the largest count of a row, at least 1. Shorter rows are padded with some of their zero
+    entries, which decode to nothing."""
+    width = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
+    indices = z.abs().topk(width, dim=-1).indices
+    return z.gather(-1, indices), indices

@@ -1,7 +1,7 @@
 """`SAE`: the public, drop-in `nn.Module`.
 
     z     = act(W_enc (x - b_dec) + b_enc)      act: relu | topk | batchtopk | jumprelu
-    x_hat = W_dec z + b_dec
+    x_hat = W_dec z + b_dec                     transcoders: predict y, another site (fastsae/transcoder.py)
 
 Both weights are stored (d_sae, d_in), one row per latent: the sparse kernels gather and update whole latent
 rows, and a tied SAE simply uses W_dec as its encoder. `fastsae.interop` converts to other libraries' layouts.
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import interop, io, ops
+from . import interop, io, ops, transcoder
 from .config import DTYPES, SAEConfig
-from .latents import SparseLatents
+from .latents import SparseLatents, nonzero_entries
 from .losses import LossCoefficients, accumulation_dtype, loss_terms, mse, sparsity_terms
 from .ops import backend_for
 
@@ -100,6 +100,8 @@ class SAEWeights(nn.Module):
                                           requires_grad=cfg.jumprelu_sparsity != "l1")  # "l1": θ frozen
         elif cfg.activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
+        if cfg.kind == "skip_transcoder":  # (d_in, d_in), zero
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, device=device, dtype=dtype))
 
     def __getattr__(self, name: str):
         if name == "W_enc" and self.cfg.tied:
@@ -169,14 +171,17 @@ class SAEWeights(nn.Module):
         g.sub_((parallel * W.float()).to(g.dtype))
 
     @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> SAEWeights:
+    def fold_input_scale_(self, scale: float, output_scale: float | None = None) -> SAEWeights:
         """An SAE trained on inputs multiplied by scale becomes one that takes raw inputs, exactly:
         act(W_enc(s·x - b_dec) + b_enc) = act((s·W_enc)(x - b_dec/s) + b_enc) and x_hat/s = (W_dec/s) z + b_dec/s.
-        Latent values are unchanged; decoder rows end with norm 1/s (as in SAELens's folding)."""
+        Latent values are unchanged; decoder rows end with norm 1/s (as in SAELens's folding). A transcoder
+        trained on targets multiplied by output_scale (default scale) folds each where it acts."""
         if not (scale > 0 and scale < float("inf")):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
         if self.cfg.tied:
             raise ValueError("fold_input_scale_: a tied SAE cannot scale its encoder and decoder apart")
+        if self.cfg.kind != "sae" or output_scale is not None:
+            return transcoder.fold_scales_(self, scale, output_scale)
         self.W_enc.mul_(scale)
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
@@ -220,7 +225,7 @@ class SAE(SAEWeights):
                                  f"got {tuple(latents.shape)}")
             if latents.requires_grad:  # (*lead, d_sae) @ (d_sae, d_in), accumulated in fp32
                 return latents.to(self.dtype) @ self.cast(self.W_dec) + self.cast(self.b_dec)
-            values, indices = _nonzero_entries(latents)
+            values, indices = nonzero_entries(latents)
         elif isinstance(latents, SparseLatents):
             if latents.d_sae != self.cfg.d_sae:
                 raise ValueError(f"decode: latents have d_sae={latents.d_sae}, this SAE has d_sae={self.cfg.d_sae}")
@@ -232,37 +237,41 @@ class SAE(SAEWeights):
         x_hat = ops.decode(values, indices.reshape(-1, w), self.cast(self.W_dec), self.cast(self.b_dec))
         return x_hat.reshape(*lead, self.cfg.d_in)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                coefficients: LossCoefficients | None = None, kl: Callable[[Tensor], Tensor] | None = None
-                ) -> SAEOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None, dead_mask: Tensor | None = None,
+                k_aux: int | None = None, coefficients: LossCoefficients | None = None,
+                kl: Callable[[Tensor], Tensor] | None = None) -> SAEOutput:
         """Reconstruction and loss terms; loss = fastsae.losses.loss_terms(coefficients), by default mse +
         cfg.l1_coefficient · l1 (jumprelu: · l0). With dead_mask (d_sae,) bool, TopK/BatchTopK SAEs also compute
         AuxK (Gao et al. 2024): the top k_aux (default d_in // 2) dead latents reconstruct the detached residual x -
-        x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's)."""
+        x_hat. kl: a function of x_hat (*lead, d_in) giving a KL term (a SpliceKL's). target: a transcoder's y."""
         if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int)
                                   or not 1 <= k_aux <= self.cfg.d_sae):
             raise ValueError(f"k_aux must be None or an int in [1, d_sae={self.cfg.d_sae}], got {k_aux!r}")
-        x2, lead = self.flatten_input(x)
+        x2, y2, lead = transcoder.flatten_pair(self, x, target)  # (N, d_in) each; y2 is x2 for an SAE
         values, indices, extra = self._encode_flat(x2)
-        x_hat, prefix_mse = self._decode_flat(values, indices, x2)  # (N, d_in), Matryoshka's (P,) or None
+        x_hat, prefix_mse = transcoder.decode_with_skip(self, values, indices, x2, y2)  # (N, d_in), (P,) | None
         l1, l0 = sparsity_terms(self.cfg, values, indices, extra, getattr(self, "threshold", None), self.W_dec)
-        auxk = (self._auxk(x2, x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
+        auxk = (self._auxk(x2, y2 - x_hat, dead_mask, k_aux, accumulation_dtype(x2.dtype))
                 if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk") else None)
         kl_term = None if kl is None else (lambda x_hat: kl(x_hat.reshape(*lead, self.cfg.d_in)))
-        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
+        terms = loss_terms(y2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1,
                            auxk=auxk, kl=kl_term, prefix_mse=prefix_mse, l0=l0)
         latents = SparseLatents(values, indices, self.cfg.d_sae).reshape(*lead)
         tau = extra if self.cfg.activation == "batchtopk" else None
         return SAEOutput(x_hat.reshape(x.shape), latents, terms.mse, l1, auxk, terms.loss, terms.kl, tau, prefix_mse,
                          l0)
 
-    def _auxk(self, x: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
+    def skip(self, x: Tensor) -> Tensor:
+        """A skip transcoder's skip term W_skip x: (*lead, d_in) -> (*lead, d_in)."""
+        return transcoder.skip_term(self, x)
+
+    def _auxk(self, x: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int | None, acc: torch.dtype) -> Tensor:
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of shape ({self.cfg.d_sae},), "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         dead = dead_mask.nonzero().squeeze(1)  # (n_dead,)
         if dead.numel() == 0:
-            return x_hat.new_zeros((), dtype=acc)
+            return residual.new_zeros((), dtype=acc)
         k_aux = min(k_aux if k_aux is not None else max(1, self.cfg.d_in // 2), dead.numel())
         ops = backend_for(x.device)
         x_c = x - self.cast(self.b_dec) if self.cfg.apply_b_dec_to_input else x
@@ -270,8 +279,7 @@ class SAE(SAEWeights):
         values, slots = ops.encode_topk(x_c, self.cast(self.W_enc[dead]), self.cast(self.b_enc[dead]), k_aux)
         no_bias = torch.zeros_like(self.cast(self.b_dec))  # the residual has no b_dec to add back
         e_hat = ops.decode(values, dead[slots], self.cast(self.W_dec), no_bias)
-        residual = (x - x_hat).detach()
-        return mse(residual, e_hat)
+        return mse(residual.detach(), e_hat)  # residual: target - x_hat
 
     def _encode_flat(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(N, d_in) → values, indices (N, w), and BatchTopK's batch threshold in training."""
@@ -390,11 +398,3 @@ def _threshold_problem(theta: Tensor | None) -> str | None:
     ok = theta is None or theta.device.type == "meta" or bool(torch.isfinite(theta).all() and (theta >= 0).all())
     return None if ok else "tensor 'threshold' must be finite and >= 0"
 
-
-def _nonzero_entries(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense (*lead, d_sae) → values, indices (*lead, w) holding every non-zero entry, signs kept;
-    w = the largest count of a row, at least 1. Shorter rows are padded with some of their zero
-    entries, which decode to nothing."""
-    width = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
-    indices = z.abs().topk(width, dim=-1).indices
-    return z.gather(-1, indices), indices

@@ -75,6 +75,8 @@ class ShardedSAE(SAEWeights):
         super().__init__(cfg)
         if cfg.matryoshka_widths is not None:  # its fused prefix decode is not sharded yet: refuse, not ignore
             raise ValueError("ShardedSAE: SAEConfig.matryoshka_widths (a Matryoshka SAE) trains in one process only")
+        if cfg.kind != "sae":  # the target and skip term are not sharded yet: refuse, not ignore
+            raise ValueError(f"ShardedSAE: SAEConfig.kind={cfg.kind!r} (a transcoder) trains in one process only")
         if cfg.activation == "jumprelu" and cfg.jumprelu_sparsity != "l1":  # θ's STE is not sharded yet
             raise ValueError(f"ShardedSAE: a latent-sharded JumpReLU keeps θ frozen: set SAEConfig.jumprelu_sparsity="
                              f"'l1' (got {cfg.jumprelu_sparsity!r}); θ trains through its STE in one process")
