@@ -17,7 +17,9 @@ FLAG_NAMES = {
     "--dtype": ("SAEConfig.dtype",), "--lr": ("OptimizerConfig.lr",), "--steps": ("ScheduleConfig.total_steps",),
     "--checkpoint-every": ("CheckpointConfig.every",), "--resample-every": ("DeadLatentConfig.resample_every",),
     "--auxk": ("DeadLatentConfig.auxk_coefficient",), "--shard-latents": ("shard_latents",),
-    "--config": ("run settings",),
+    "--config": ("run settings",), "--kind": ("SAEConfig.kind",),  # --in-site is --site: errors name --site
+    "--out-site": ("DataConfig.target_site", "target_site"), "--jumprelu-sparsity": ("SAEConfig.jumprelu_sparsity",),
+    "--matryoshka-widths": ("SAEConfig.matryoshka_widths",),
 }
 
 
@@ -44,6 +46,15 @@ def register(subparsers) -> None:
     p.add_argument("--d-sae", type=int)
     p.add_argument("--activation", choices=("relu", "topk", "batchtopk", "jumprelu"))
     p.add_argument("--k", type=int)
+    p.add_argument("--kind", choices=("sae", "transcoder", "skip_transcoder"),
+                   help="'transcoder': read --in-site, predict --out-site (e.g. mlp_in.6 -> mlp_out.6, from one "
+                        "store); 'skip_transcoder' adds a learned linear map in -> out (default: sae)")
+    p.add_argument("--in-site", help="a transcoder's input site in the store (the same as --site)")
+    p.add_argument("--out-site", help="a transcoder's output site in the store, harvested with the input site")
+    p.add_argument("--jumprelu-sparsity", choices=("step", "tanh", "quadratic", "l1"),
+                   help="jumprelu's sparsity term (default step; l1 keeps θ frozen)")
+    p.add_argument("--matryoshka-widths", type=int, nargs="+", metavar="M",
+                   help="a Matryoshka SAE's nested prefix widths (d_sae appended when missing)")
     p.add_argument("--l1", type=float, help="L1 coefficient (relu/jumprelu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--lr", type=float)
@@ -70,16 +81,22 @@ def _given(values: dict) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from ..pipeline import settings_from, train_run
 
+    if args.in_site and args.site and args.in_site != args.site:
+        raise ValueError(f"--in-site: it names the same setting as --site; got {args.in_site!r} and {args.site!r}")
+    site = args.in_site or args.site
+    transcoder = args.kind in ("transcoder", "skip_transcoder")  # b_dec is the output's bias, not the input's centre
     settings = settings_from(  # the config file's settings, the flags given on top
         args.config,
         sae=_given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,
-                    "dtype": args.dtype}),
+                    "dtype": args.dtype, "kind": args.kind, "jumprelu_sparsity": args.jumprelu_sparsity,
+                    "matryoshka_widths": args.matryoshka_widths,
+                    "apply_b_dec_to_input": False if transcoder else None}),
         train=_given({"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
                       "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
                       "b_dec_init": args.b_dec_init}),
-        data=_given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": args.site,
+        data=_given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": site,
                      "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
-                     "context_size": args.context_size}))
+                     "context_size": args.context_size, "target_site": args.out_site}))
     train_run(args.out, settings, resume=args.resume, progress=flags.progress(args),
               shard_latents=args.shard_latents, total_steps=args.steps)  # --resume --steps N: the run's new length
     return 0

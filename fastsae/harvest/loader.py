@@ -10,6 +10,10 @@ served. The order depends only on the seed and the epoch.
 normalize=True multiplies every vector by the store's norm_scale(site) (mean norm
 sqrt(d)); `batches(steps)` runs whole epochs back to back for a fixed step count.
 
+target_site (a transcoder's output site) serves (x, y) pairs: the two sites' rows of the same tokens,
+read side by side (one (rows, d_x + d_y) block per group, so one permutation shuffles both) and split
+on the way out; each is scaled by its own site's norm_scale (`target_scale`). One process only for now.
+
 Data parallel (rank, world_size): every rank draws the same order and serves its
 own contiguous part of each batch (`tensor_split` of the batch into world_size
 parts), so the ranks' batches of one step, joined in rank order, are the
@@ -34,11 +38,15 @@ from .store import ActivationStore, CorruptShardError
 class ShuffledLoader:
     def __init__(self, store: ActivationStore, site: str, batch_size: int, *, seed: int = 0, shards_in_memory: int = 4,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_index: bool = False,
-                 normalize: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 normalize: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 target_site: str | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if site not in store.sites:
             raise ValueError(f"site {site!r} is not in the store; it has {sorted(store.sites)}")
+        if target_site is not None and (target_site not in store.sites or world_size > 1 or with_index):
+            raise ValueError(f"target_site must be a site of the store ({sorted(store.sites)}), without with_index, "
+                             f"in one process (world_size 1); got {target_site!r}, world_size={world_size}")
         if batch_size < 1 or shards_in_memory < 1:
             raise ValueError(f"batch_size and shards_in_memory must be >= 1, got {batch_size}, {shards_in_memory}")
         self.store, self.site, self.batch_size = store, site, batch_size
@@ -46,6 +54,8 @@ class ShuffledLoader:
         self.dtype, self.device, self.with_index = dtype or store.dtype, torch.device(device), with_index
         self.epoch = 0
         self.scale = store.norm_scale(site) if normalize else 1.0
+        self.target_site = target_site
+        self.target_scale = store.norm_scale(target_site) if normalize and target_site is not None else 1.0
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self._verified: set[int] = set()  # shards this rank has checked (data parallel)
@@ -80,7 +90,9 @@ class ShuffledLoader:
         order = torch.randperm(len(self.store.shards), generator=gen).tolist()
         for g in range(0, len(order), self.shards_in_memory):
             group = order[g:g + self.shards_in_memory]
-            acts = torch.cat([self.store.load_shard(i, keys=(self.site,))[self.site] for i in group])
+            keys = (self.site,) if self.target_site is None else (self.site, self.target_site)
+            shards = [self.store.load_shard(i, keys=keys) for i in group]
+            acts = torch.cat([torch.cat([shard[key] for key in keys], dim=1) for shard in shards])  # (rows, Σ d)
             index = torch.cat([torch.arange(self._offsets[i], self._offsets[i + 1]) for i in group])
             perm = torch.randperm(acts.shape[0], generator=gen)
             yield acts[perm], index[perm]
@@ -192,6 +204,9 @@ class ShuffledLoader:
 
     def _out(self, acts: Tensor, index: Tensor):
         batch = acts.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if self.target_site is not None:  # the two sites side by side: (x, y)
+            x, y = batch.split([self.store.sites[self.site], self.store.sites[self.target_site]], dim=1)
+            return x * self.scale, y * self.target_scale  # contiguous copies, not views of the joint block
         if self.scale != 1.0:
             batch = batch * self.scale
         return (batch, index) if self.with_index else batch

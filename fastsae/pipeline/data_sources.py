@@ -32,6 +32,7 @@ class DataConfig:
     batch_size: int = 1024
     seed: int = 0  # the batch order (store, array, toy) or the window order and mixing (stream)
     site: str | None = None  # the store's site (needed when it holds several); the model's with "stream"
+    target_site: str | None = None  # a transcoder's output site: a store serves (site, target_site) pairs
     normalize: bool | None = None  # scale to mean norm sqrt(d) (folded into the saved SAE); None: on for store/stream
     # "stream" only: the model, its device, and the corpus windows it runs on
     model: str | None = None
@@ -56,6 +57,9 @@ class DataConfig:
         check("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an int >= 1")
         check("seed", is_int(self.seed), "an int")
         check("site", self.site is None or (isinstance(self.site, str) and bool(self.site)), "a site name or None")
+        check("target_site", self.target_site is None or (isinstance(self.target_site, str) and bool(self.site)
+                                                          and self.source not in SOURCES),
+              "None, or a site name given with site= and a store source")
         check("normalize", self.normalize in (None, True, False), "True, False or None")
         check("context_size", is_int(self.context_size) and self.context_size >= 2, "an int >= 2")
         check("tokens", self.tokens is None or (is_int(self.tokens) and self.tokens >= self.context_size),
@@ -94,6 +98,7 @@ class DataSource:
     make_batches: Callable[[int], Iterable[torch.Tensor]] = field(repr=False)
     scale: float = 1.0  # the factor every batch was multiplied by (the loader's own); folded into the SAE
     provenance: dict = field(default_factory=dict)  # model, site, store, windows: recorded in SAE.metadata
+    target_scale: float | None = None  # a transcoder's output-site scale (pairs' y), folded into its decoder
 
     def batches(self, steps: int) -> Iterable[torch.Tensor]:
         """The batches of a run of `steps` steps."""
@@ -107,6 +112,9 @@ def open_data(cfg: DataConfig, dtype: torch.dtype = torch.float32, *, rank: int 
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
     kind = cfg.kind
+    if cfg.target_site is not None and kind != "store":
+        raise ValueError(f"DataConfig.target_site: (x, y) pairs come from an activation store only, got source "
+                         f"{cfg.source!r}")
     if kind == "toy":
         return _toy(cfg)
     if kind == "store":
@@ -120,8 +128,8 @@ def finish_sae(sae: SAE, data: DataSource) -> SAE:
     """Make the trained SAE take raw activations and say where they came from: the loader's own scale
     folded in (once: fold_input_scale_ records it in metadata), the provenance recorded."""
     sae.metadata.update(data.provenance)
-    if data.scale != 1.0:
-        sae.fold_input_scale_(data.scale)
+    if data.scale != 1.0 or data.target_scale not in (None, 1.0):
+        sae.fold_input_scale_(data.scale, output_scale=data.target_scale)
     return sae
 
 
@@ -160,18 +168,26 @@ def _store(cfg: DataConfig, dtype: torch.dtype, rank: int = 0, world_size: int =
         if len(store.sites) != 1:
             raise ValueError(f"DataConfig.site: the store {store.path} holds {sorted(store.sites)}; name one")
         site = next(iter(store.sites))
-    if site not in store.sites:
-        raise ValueError(f"DataConfig.site: site {site!r} is not in the store {store.path}; it holds "
-                         f"{sorted(store.sites)}")
+    for name, value in (("site", site), ("target_site", cfg.target_site or site)):
+        if value not in store.sites:
+            raise ValueError(f"DataConfig.{name}: site {value!r} is not in the store {store.path}; it holds "
+                             f"{sorted(store.sites)}")
+    if cfg.target_site is not None and store.sites[cfg.target_site] != store.sites[site]:
+        raise ValueError(f"DataConfig.target_site: a transcoder's output width is its input's (d_in); "
+                         f"{cfg.target_site} has d={store.sites[cfg.target_site]}, {site} has d={store.sites[site]}")
     cfg = dataclasses.replace(cfg, site=site, normalize=True if cfg.normalize is None else cfg.normalize)
     # normalize=True raises here, clearly, for a store harvested before it kept norm statistics
     loader = ShuffledLoader(store, site, cfg.batch_size, seed=cfg.seed, dtype=dtype, normalize=cfg.normalize,
-                            drop_last=True, rank=rank, world_size=world_size, device=device)
+                            drop_last=True, rank=rank, world_size=world_size, device=device,
+                            target_site=cfg.target_site)
     provenance = {"model": store.meta["model"], "site": site, "store": str(store.path.resolve())}
+    if cfg.target_site is not None:  # a transcoder: it reads site and writes target_site
+        provenance["out_site"] = cfg.target_site
     windows = harvested_windows(store)
     if windows is not None:
         provenance["windows"] = windows
-    return DataSource(cfg, store.sites[site], loader.batches, loader.scale, provenance)
+    return DataSource(cfg, store.sites[site], loader.batches, loader.scale, provenance,
+                      loader.target_scale if cfg.target_site is not None else None)
 
 
 def _stream(cfg: DataConfig) -> DataSource:

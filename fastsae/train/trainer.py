@@ -41,7 +41,7 @@ from ..losses import LossCoefficients, fvu
 from ..sae import SAE, SAEOutput
 from . import checkpoint as ckpt
 from .checkpoint_loading import is_sharded_checkpoint, load_single_process_state, load_training_state
-from .inputs import check_batch, init_b_dec_mean_
+from .inputs import check_transcoder_training, init_b_dec_mean_, split_batch
 from .kl import SpliceKL
 from .optim import SAEAdam, build_optimizer
 from .resample import resample_dead_latents
@@ -87,6 +87,7 @@ class Trainer:
         if (self.cfg.kl_coefficient > 0) != (kl is not None):
             raise ValueError("TrainConfig.kl_coefficient > 0 and Trainer(kl=SpliceKL(...)) go together")
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        check_transcoder_training(sae, self.cfg.dead_latents.resample_every, kl)
         if self.cfg.checkpoints.every and self.run_dir is None:
             raise ValueError("CheckpointConfig.every needs a run_dir")
         if self.cfg.dead_latents.auxk_coefficient and sae.cfg.activation not in ("topk", "batchtopk"):
@@ -140,23 +141,25 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self, batch: Tensor, metrics: bool = True) -> dict:
-        """One optimizer step on a batch of activations (..., d_in), or of token ids (B, T) with a SpliceKL.
+        """One optimizer step on a batch of activations (..., d_in), an (x, y) pair of them for a transcoder, or
+        of token ids (B, T) with a SpliceKL.
 
         metrics=False skips the logged metrics, each a host sync on a GPU: fit asks for them only on
         the steps it logs. "step" (and "resampled", on a resampling step) are always returned."""
         sae, dead_cfg = self.sae, self.cfg.dead_latents
         sae.train()
-        check_batch(batch, self.step_count)
+        batch, target = split_batch(sae, batch, self.step_count)  # target: a transcoder's y (b_dec is its bias)
         b_dec_before = None  # given back if the first step diverges: the caller's SAE ends as it began
         if self.step_count == 0 and self.cfg.b_dec_init == "mean" and self.kl is None:
             b_dec_before = sae.b_dec.detach().clone()
-            init_b_dec_mean_(sae, batch, self._rows_mean)
+            init_b_dec_mean_(sae, batch if target is None else target, self._rows_mean)
         x, kl = self._inputs(batch)
+        y = {} if target is None else {"target": target.to(sae.dtype)}  # ShardedSAE.forward takes no target
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optimizer.lr * self.lr_scale(self.step_count)
         use_auxk = dead_cfg.auxk_coefficient > 0 and self.tokens_seen >= dead_cfg.window_tokens
         coefficients = self.coefficients(self.step_count)
-        out = sae(x, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
+        out = sae(x, **y, dead_mask=self.dead_mask() if use_auxk else None, k_aux=dead_cfg.auxk_k,
                   coefficients=coefficients, kl=kl)
         if sae.check_finite and not torch.isfinite(out.loss):  # one host sync, as the input check is
             if b_dec_before is not None:
@@ -172,7 +175,7 @@ class Trainer:
             self.step_count += 1
             if dead_cfg.resample_every:
                 self.pool = torch.cat([self.pool, self._pool_rows(rows).to(self.pool.dtype)])[-dead_cfg.resample_pool:]
-            logged = self._metrics(x, out, coefficients) if metrics else {"step": self.step_count}
+            logged = self._metrics(y.get("target", x), out, coefficients) if metrics else {"step": self.step_count}
             if dead_cfg.resample_every and self.step_count % dead_cfg.resample_every == 0:
                 dead = self.dead_mask()
                 logged["resampled"] = self._resample(dead)
