@@ -89,6 +89,8 @@ def export_saelens(sae: nn.Module, path: str | Path) -> Path:
     """Write sae (a fastsae SAE) as a SAELens directory at path."""
     cfg = sae.cfg
     path = Path(path)
+    if cfg.kind != "sae":  # W_skip and the output site would be lost: SAELens loads its transcoders otherwise
+        raise ValueError(f"export_saelens: exports SAEs (SAEConfig.kind='sae'), not a {cfg.kind} (not supported yet)")
     arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[cfg.activation]
     tensors = {"W_enc": sae.W_enc.detach().T, "W_dec": sae.W_dec.detach(),
                "b_enc": sae.b_enc.detach(), "b_dec": sae.b_dec.detach()}

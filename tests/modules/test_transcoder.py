@@ -200,3 +200,13 @@ def test_sharded_and_ensemble_refuse_transcoders():
         ShardedSAE(cfg)
     with pytest.raises(ValueError, match="members must be SAEs"):
         SAEEnsemble([SAE(cfg)])
+
+
+def test_exports_refuse_transcoders_rather_than_drop_w_skip(tmp_path):
+    from fastsae.interop import export_saelens, export_sparsify
+
+    sae = make_transcoder("skip_transcoder", activation="topk", k=4)
+    with pytest.raises(ValueError, match="export_saelens: exports SAEs"):
+        export_saelens(sae, tmp_path / "saelens")
+    with pytest.raises(ValueError, match="export_sparsify"):
+        export_sparsify(sae, tmp_path / "sparsify")

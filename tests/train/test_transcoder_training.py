@@ -72,3 +72,11 @@ def test_cli_trains_a_transcoder_from_a_store_and_records_both_sites(tmp_path):
     assert sae.metadata["site"] == SITES[0] and sae.metadata["out_site"] == SITES[1]
     assert sae.metadata["input_scale_folded"] == pytest.approx(store.norm_scale(SITES[0]))
     assert sae.metadata["output_scale_folded"] == pytest.approx(store.norm_scale(SITES[1]))
+    for extra, field, want in ((["--activation", "topk", "--k", "4", "--matryoshka-widths", "16"],
+                                "matryoshka_widths", (16, 64)),
+                               (["--activation", "jumprelu", "--jumprelu-sparsity", "tanh"],
+                                "jumprelu_sparsity", "tanh")):
+        out = tmp_path / field
+        assert main(["train", "--data", str(tmp_path / "store"), "--site", SITES[0], "--d-sae", "64", "--steps", "2",
+                     "--batch-size", "16", "--out", str(out), "--no-progress", *extra]) == 0
+        assert getattr(SAE.load(out / "sae").cfg, field) == want
