@@ -117,6 +117,7 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     (fastsae.evaluation.whole_forward, one whole forward per variant) to float tolerance
     (tests/evaluation/test_eval_fast.py). reference=True takes that straightforward path (benchmarks); so
     does a family fastsae.model.upper does not know."""
+    _refuse_transcoders(decompositions)
     if reference or not supports_site_runs(model):
         return evaluate_reference(model, site, windows, decompositions, batch_size=batch_size,
                                   exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,
@@ -209,3 +210,14 @@ def evaluate_with_baselines(model: nn.Module, site: str, windows: Tensor, saes: 
         results[kind]["n_directions"] = decompositions[kind].d_codes
         results[kind]["k"] = decompositions[kind].k
     return results
+
+
+def _refuse_transcoders(decompositions: dict) -> None:
+    """A transcoder reads one site and writes another: measured here as an SAE (x against its reconstruction,
+    spliced at one site) its numbers would be wrong without a word, so it is refused until the splice that
+    replaces the output site from the input site exists."""
+    for name, d in decompositions.items():
+        kind = getattr(getattr(d, "cfg", None), "kind", "sae")
+        if kind != "sae":
+            raise ValueError(f"evaluate: {name!r} is a {kind}; evaluating transcoders (output FVU, CE loss with the "
+                             "MLP's output replaced) is not supported yet")

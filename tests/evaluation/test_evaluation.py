@@ -217,3 +217,11 @@ def test_baselines_fit_on_full_precision_activations(tmp_path, dtype):
         assert not torch.equal(x, every[:50].bfloat16().float())
     x, source = fit_activations(model, "resid_post.0", None, ids, [1], fit_tokens=1000, batch_size=5, device="cpu")
     assert source == "model" and torch.equal(x, every)  # fewer windows than fit_tokens: all of them
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_transcoder_is_refused_not_measured_as_an_sae(reference):
+    model, ids = tiny_pythia(), windows()
+    tc = SAE(SAEConfig(d_in=32, d_sae=48, activation="topk", k=4, kind="transcoder", apply_b_dec_to_input=False))
+    with pytest.raises(ValueError, match="'tc' is a transcoder"):
+        evaluate(model, "resid_post.0", ids, {"tc": tc}, batch_size=4, progress=False, reference=reference)
