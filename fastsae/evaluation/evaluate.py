@@ -19,6 +19,15 @@ attention-masked mean of the final hidden states (sentence-transformers' pooling
 
     embedding_cossim_with_sae, embedding_cossim_with_ablation, embedding_cossim_with_mean_ablation,
     embedding_cossim_with_sae_and_error    E cos(e_clean, e_variant) over sequences
+
+Transcoders (SAEConfig.kind "transcoder" / "skip_transcoder") read site and predict their out-site (e.g.
+mlp_in.6 -> mlp_out.6; from sae.metadata["out_site"] or evaluate's out_sites=): the reconstruction metrics
+compare the out-site's y with ŷ = decode(encode(x)) [+ skip(x)], "with_sae" replaces the out-site by ŷ
+(fastsae.model.splice_transcoder), and the ablations are of the out-site, so ce_loss_recovered is against
+zeroing the MLP's output. They run the straightforward path (one whole forward per variant,
+fastsae.evaluation.whole_forward), once per out-site; each transcoder's results also hold its out-site's
+ablation numbers (ce_loss_with_ablation, ...) and "site" / "out_site". "model" holds the SAEs' site's, or
+with transcoders only, the first out-site's.
 """
 
 from __future__ import annotations
@@ -105,7 +114,8 @@ def _head_sums(model: nn.Module, hidden: Tensor, ids: Tensor, mask: Tensor, vari
 @torch.no_grad()
 def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict, *, batch_size: int = 8,
              exclude_token_ids: list[int] | None = None, no_error_check: tuple[str, ...] = (),
-             progress: bool = True, head_rows: int = HEAD_ROWS, reference: bool = False) -> dict[str, dict]:
+             progress: bool = True, head_rows: int = HEAD_ROWS, reference: bool = False,
+             out_sites: dict[str, str] | None = None) -> dict[str, dict]:
     """Metrics for every decomposition (name -> SAE or baseline) on windows (S, T) at site. Returns
     {name: metrics} plus the shared numbers under "model".
     no_error_check: names whose error-term forward (the splice self-check) is skipped, to save time.
@@ -116,8 +126,12 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     applied a chunk of scored positions at a time. The same numbers as the straightforward evaluation
     (fastsae.evaluation.whole_forward, one whole forward per variant) to float tolerance
     (tests/evaluation/test_eval_fast.py). reference=True takes that straightforward path (benchmarks); so
-    does a family fastsae.model.upper does not know."""
-    _refuse_transcoders(decompositions)
+    does a family fastsae.model.upper does not know. out_sites: name -> a transcoder's output site, where its
+    metadata does not record it (module docstring)."""
+    if any(_kind(d) != "sae" for d in decompositions.values()):
+        return _evaluate_with_transcoders(model, site, windows, decompositions, out_sites or {}, batch_size=batch_size,
+                                          exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,
+                                          progress=progress, head_rows=head_rows, reference=reference)
     if reference or not supports_site_runs(model):
         return evaluate_reference(model, site, windows, decompositions, batch_size=batch_size,
                                   exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,
@@ -195,6 +209,9 @@ def evaluate_with_baselines(model: nn.Module, site: str, windows: Tensor, saes: 
     start = time.perf_counter()
     decompositions = dict(saes)
     if kinds:
+        if any(_kind(d) != "sae" for d in saes.values()):  # fitted on the in-site, they would rebuild x, not y
+            raise ValueError(f"evaluate_with_baselines: baselines ({', '.join(kinds)}) of a transcoder are not "
+                             "defined yet; evaluate transcoders with kinds=() (fastsae eval --baselines none)")
         if fit_x is None:
             raise ValueError("baselines need fit_x, activations to fit them on")
         fit_x = fit_x.to(next(model.parameters()).device)
@@ -212,12 +229,36 @@ def evaluate_with_baselines(model: nn.Module, site: str, windows: Tensor, saes: 
     return results
 
 
-def _refuse_transcoders(decompositions: dict) -> None:
-    """A transcoder reads one site and writes another: measured here as an SAE (x against its reconstruction,
-    spliced at one site) its numbers would be wrong without a word, so it is refused until the splice that
-    replaces the output site from the input site exists."""
+def _kind(decomposition) -> str:
+    return getattr(getattr(decomposition, "cfg", None), "kind", "sae")
+
+
+# a transcoder's own out-site baselines, copied into its results (the shared "model" numbers may be another site's)
+OUT_SITE_KEYS = ("ce_loss_with_ablation", "ce_loss_with_mean_ablation", "kl_div_with_ablation",
+                 "kl_div_with_mean_ablation", "embedding_cossim_with_ablation", "embedding_cossim_with_mean_ablation")
+
+
+def _evaluate_with_transcoders(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
+                               out_sites: dict[str, str], **kwargs) -> dict[str, dict]:
+    """evaluate() of the SAEs (as usual) and of the transcoders, grouped by out-site, each group on the
+    straightforward path with the transcoder splice (the fast path runs the upper blocks from one site)."""
+    groups: dict[str, dict] = {}
     for name, d in decompositions.items():
-        kind = getattr(getattr(d, "cfg", None), "kind", "sae")
-        if kind != "sae":
-            raise ValueError(f"evaluate: {name!r} is a {kind}; evaluating transcoders (output FVU, CE loss with the "
-                             "MLP's output replaced) is not supported yet")
+        if _kind(d) == "sae":
+            continue
+        out = out_sites.get(name) or getattr(d, "metadata", {}).get("out_site")
+        if not out:
+            raise ValueError(f"evaluate: {name!r} is a {_kind(d)} whose output site is unknown (its metadata has no "
+                             f"'out_site'): pass out_sites={{{name!r}: 'mlp_out.L'}}")
+        groups.setdefault(out, {})[name] = d
+    saes = {name: d for name, d in decompositions.items() if _kind(d) == "sae"}
+    results = evaluate(model, site, windows, saes, **kwargs) if saes else {}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("head_rows", "reference")}
+    for out, group in groups.items():
+        part = evaluate_reference(model, site, windows, group, out_site=out, **kwargs)
+        shared = part.pop("model")
+        for m in part.values():
+            m.update({k: shared[k] for k in OUT_SITE_KEYS if k in shared}, site=site, out_site=out)
+        results.setdefault("model", shared)
+        results.update(part)
+    return {name: results[name] for name in ("model", *decompositions)}

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..losses import kl_div
-from ..model import capture, splice
+from ..model import capture, splice, splice_transcoder
 from .variant_records import (
     MetricSums,
     evaluation_results,
@@ -59,17 +59,22 @@ def activation_mean(model: nn.Module, site: str, windows: Tensor, keep: Tensor, 
 @torch.no_grad()
 def evaluate_reference(model: nn.Module, site: str, windows: Tensor, decompositions: dict, *, batch_size: int = 8,
                        exclude_token_ids: list[int] | None = None, no_error_check: tuple[str, ...] = (),
-                       progress: bool = True) -> dict[str, dict]:
-    """evaluate(), one whole forward per variant: the same arguments and results."""
+                       progress: bool = True, out_site: str | None = None) -> dict[str, dict]:
+    """evaluate(), one whole forward per variant: the same arguments and results.
+    out_site: the decompositions are transcoders from site to out_site (fastsae.model.splice_transcoder);
+    the ablations, and the activations their metrics compare with, are then out_site's."""
     device = next(model.parameters()).device
     causal = is_causal_lm(model)
     keep_all = scored_positions(model, windows, exclude_token_ids, causal)
-    mean = activation_mean(model, site, windows, keep_all, batch_size).float()
+    replaced = site if out_site is None else out_site
+    mean = activation_mean(model, replaced, windows, keep_all, batch_size).float()
     recon = reconstruction_records(decompositions)
     sums = MetricSums()
 
-    def variant(ids: Tensor, keep: Tensor, **kw) -> tuple[Tensor, object]:
-        with splice(model, site, **kw) as sp:
+    def variant(ids: Tensor, keep: Tensor, sae=None, **kw) -> tuple[Tensor, object]:
+        spliced = (splice_transcoder(model, site, out_site, sae, **kw) if sae is not None and out_site is not None
+                   else splice(model, replaced, sae, **kw))
+        with spliced as sp:
             sp.keep = keep
             return _forward(model, ids, causal), sp
 

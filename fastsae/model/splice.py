@@ -13,6 +13,12 @@
 BOS/pad positions clean, as it excludes them from the store). Recorded latents are detached
 unless error_term is set; with record=True, `sp.activations` holds the clean inputs and
 `sp.reconstructions` the x_hat of every position (before keep and the error term).
+
+    with splice_transcoder(model, "mlp_in.6", "mlp_out.6", tc) as sp:   # a transcoder replaces the MLP:
+        model(input_ids)                          # mlp_out.6 becomes decode(encode(x)) [+ skip(x)], x = mlp_in.6
+
+The in-site hook only records x; the out-site hook replaces y from it (the MLP's input is reached before its
+output in every forward). keep, record (activations = the clean y) and error_term work as for splice.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sae import SAE
-from .hooks import hook_site
+from .hooks import hook_site, hook_sites
 
 
 class Splice:
@@ -80,4 +86,41 @@ def splice(model: nn.Module, site: str, sae: SAE | None = None, *, replace: str 
     sae: an SAE, or anything with encode(x) / decode(codes) (a baseline decomposition)."""
     state = Splice(sae, replace, error_term, record)
     with hook_site(model, site, state):
+        yield state
+
+
+class TranscoderSplice(Splice):
+    """A Splice whose reconstruction of the out-site's y comes from the x its in-site hook recorded."""
+
+    def __init__(self, sae, error_term: bool, record: bool):
+        kind = getattr(getattr(sae, "cfg", None), "kind", None)
+        if kind not in ("transcoder", "skip_transcoder"):
+            raise ValueError(f"splice_transcoder needs a transcoder (SAEConfig.kind 'transcoder' or "
+                             f"'skip_transcoder'), got kind={kind!r}; splice an SAE with splice()")
+        super().__init__(sae, None, error_term, record)
+        self.x: Tensor | None = None
+
+    def read(self, x: Tensor) -> None:
+        self.x = x
+
+    def _reconstruct(self, y: Tensor) -> Tensor:
+        if self.x is None:
+            raise RuntimeError("splice_transcoder: the out-site was reached before the in-site in this forward")
+        x, self.x = self.x.to(getattr(self.sae, "dtype", y.dtype)), None  # each x serves one out-site call
+        latents = self.sae.encode(x)
+        if self.record:
+            self.latents.append(latents if self.error_term else latents.detach())
+        y_hat = self.sae.decode(latents)
+        if self.sae.cfg.kind == "skip_transcoder":  # decode is the dictionary's part; forward adds W_skip x
+            y_hat = y_hat + self.sae.skip(x)
+        return y_hat.to(y.dtype)
+
+
+@contextmanager
+def splice_transcoder(model: nn.Module, in_site: str, out_site: str, sae: SAE, *, error_term: bool = False,
+                      record: bool = False) -> Iterator[TranscoderSplice]:
+    """Within the block, every forward of model sees the transcoder's prediction from in_site's activation in
+    place of out_site's (e.g. mlp_in.6 -> mlp_out.6: the MLP replaced by the transcoder)."""
+    state = TranscoderSplice(sae, error_term, record)
+    with hook_sites(model, {in_site: state.read, out_site: state}):
         yield state

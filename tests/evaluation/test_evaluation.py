@@ -219,9 +219,74 @@ def test_baselines_fit_on_full_precision_activations(tmp_path, dtype):
     assert source == "model" and torch.equal(x, every)  # fewer windows than fit_tokens: all of them
 
 
+@torch.no_grad()
+def manual_transcoder_eval(model, ids, tc):
+    """Output FVU, l0 and CE (clean, transcoder in, mlp_out.0 zeroed) by raw torch hooks on the MLP, at the
+    positions evaluate scores (not BOS)."""
+    keep = ids != 1
+    mlp, seen = model.gpt_neox.layers[0].mlp, {}
+
+    def run(replace):
+        h1 = mlp.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+
+        def post(_m, _args, y):
+            seen["y"] = y
+            return None if replace is None else torch.where(keep[..., None], replace(seen["x"], y), y)
+
+        h2 = mlp.register_forward_hook(post)
+        try:
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+        finally:
+            h1.remove()
+            h2.remove()
+        return float(-logp.gather(-1, ids[:, 1:, None])[..., 0][keep[:, :-1]].mean())
+
+    clean = run(None)
+    x, y = seen["x"][keep], seen["y"][keep]
+    out = tc(x, target=y)
+    y, y_hat = y.double(), out.x_hat.double()
+    fvu = float((y - y_hat).square().sum() / (y - y.mean(0)).square().sum())
+    with_tc = run(lambda x, y: tc(x, target=y).x_hat)
+    zero = run(lambda x, y: torch.zeros_like(y))
+    l0 = float((out.latents.values != 0).sum(-1).double().mean())
+    return {"fvu": fvu, "l0": l0, "ce_loss_without_sae": clean, "ce_loss_with_sae": with_tc,
+            "ce_loss_with_ablation": zero, "ce_loss_recovered": (zero - with_tc) / (zero - clean)}
+
+
 @pytest.mark.parametrize("reference", [False, True])
-def test_a_transcoder_is_refused_not_measured_as_an_sae(reference):
+@pytest.mark.parametrize("kind", ["transcoder", "skip_transcoder"])
+def test_a_transcoder_is_measured_at_its_out_site_against_a_manual_computation(reference, kind):
+    model, ids = tiny_pythia(), windows()
+    tc = SAE(SAEConfig(d_in=32, d_sae=48, activation="topk", k=4, kind=kind, apply_b_dec_to_input=False), seed=0)
+    with torch.no_grad():  # a large MLP output, so that zeroing it moves the loss well beyond float noise
+        model.gpt_neox.layers[0].mlp.dense_4h_to_h.weight.mul_(30)
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.bias.normal_(generator=torch.Generator().manual_seed(4))
+        tc.b_dec.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
+        if kind == "skip_transcoder":
+            tc.W_skip.copy_(0.3 * torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))
+    tc.metadata["out_site"] = "mlp_out.0"
+    sae = identity_sae(32)
+    r = evaluate(model, "mlp_in.0", ids, {"sae": sae, "tc": tc}, batch_size=4, progress=False, reference=reference)
+    expected = manual_transcoder_eval(model, ids, tc)
+    assert r["model"]["ce_loss_without_sae"] == pytest.approx(expected.pop("ce_loss_without_sae"), rel=1e-5)
+    for key, value in expected.items():
+        assert r["tc"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert r["tc"]["out_site"] == "mlp_out.0" and r["tc"]["site"] == "mlp_in.0"
+    assert r["tc"]["ce_loss_with_sae_and_error"] == pytest.approx(r["model"]["ce_loss_without_sae"], abs=1e-5)
+    # the SAE beside it is measured at the in-site as ever: an identity rebuilds it, and "model" is its site's
+    assert r["sae"]["fvu"] == pytest.approx(0.0, abs=1e-6) and r["sae"]["ce_loss_recovered"] == pytest.approx(1.0)
+    assert r["model"]["ce_loss_with_ablation"] != pytest.approx(expected["ce_loss_with_ablation"])
+    alone = evaluate(model, "mlp_in.0", ids, {"tc": tc}, batch_size=4, progress=False, reference=reference)
+    assert alone["model"]["ce_loss_with_ablation"] == pytest.approx(expected["ce_loss_with_ablation"], rel=1e-4)
+
+
+def test_a_transcoder_needs_its_out_site():
     model, ids = tiny_pythia(), windows()
     tc = SAE(SAEConfig(d_in=32, d_sae=48, activation="topk", k=4, kind="transcoder", apply_b_dec_to_input=False))
-    with pytest.raises(ValueError, match="'tc' is a transcoder"):
-        evaluate(model, "resid_post.0", ids, {"tc": tc}, batch_size=4, progress=False, reference=reference)
+    with pytest.raises(ValueError, match="'tc' is a transcoder whose output site is unknown"):
+        evaluate(model, "mlp_in.0", ids, {"tc": tc}, batch_size=4, progress=False)
+    r = evaluate(model, "mlp_in.0", ids, {"tc": tc}, batch_size=4, progress=False, out_sites={"tc": "mlp_out.0"},
+                 no_error_check=("tc",))
+    assert r["tc"]["out_site"] == "mlp_out.0" and "ce_loss_with_sae_and_error" not in r["tc"]
+    with pytest.raises(ValueError, match="baselines .* of a transcoder are not defined"):
+        evaluate_with_baselines(model, "mlp_in.0", ids, {"tc": tc}, torch.zeros(8, 32), kinds=("pca",))
