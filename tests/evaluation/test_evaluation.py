@@ -290,3 +290,14 @@ def test_a_transcoder_needs_its_out_site():
     assert r["tc"]["out_site"] == "mlp_out.0" and "ce_loss_with_sae_and_error" not in r["tc"]
     with pytest.raises(ValueError, match="baselines .* of a transcoder are not defined"):
         evaluate_with_baselines(model, "mlp_in.0", ids, {"tc": tc}, torch.zeros(8, 32), kinds=("pca",))
+
+
+def test_the_report_of_a_transcoder_and_an_sae_is_written(tmp_path):
+    from fastsae.evaluation.eval_report import write_report
+
+    model, ids = tiny_pythia(), windows()
+    tc = SAE(SAEConfig(d_in=32, d_sae=48, activation="topk", k=4, kind="transcoder", apply_b_dec_to_input=False))
+    r = evaluate(model, "mlp_in.0", ids, {"sae": identity_sae(32), "tc": tc}, batch_size=4, progress=False,
+                 out_sites={"tc": "mlp_out.0"})
+    files = write_report(tmp_path, r)
+    assert (tmp_path / "metrics.json").is_file() and all(f.is_file() for f in files)
