@@ -40,10 +40,15 @@ $(LATEST)/.installed: pyproject.toml
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" "$(TORCH)"
 	touch $@
 
-test-latest: $(LATEST)/.installed  ## the suite on the newest versions the ranges allow
+# The Triton interpreter's kernel tests (about 4 of CI's 45 minutes) run in the locked suite only: CI's time
+# budget, and they exercise triton and torch, not the ranges that move (torch is pinned; a triton release
+# reaches them when `make lock` takes it).
+LATEST_SKIP := --ignore=tests/ops/test_kernels.py --ignore=tests/modules/test_sae_backends.py \
+               --ignore=tests/ops/test_jumprelu_ste.py
+test-latest: $(LATEST)/.installed  ## the suite on the newest versions the ranges allow (kernel tests aside)
 	@$(MAKE) -s browser || echo "no Chromium (make browser needs apt-get as root): the browser tests will skip"
 	$(LATEST)/bin/python -m pip list --format freeze 2>/dev/null | grep -Ei '^(torch|transformers|kernels|triton|numpy|sae-lens|eai-sparsify)=' || true
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python -m pytest -q $(LATEST_SKIP)
 
 lock:                          ## refresh requirements.lock: the newest versions the ranges allow, CPU torch
 	python3 -m venv .venv-lock
