@@ -15,6 +15,8 @@ Sources (`read_documents`):
                          Each of these names takes a split: "NAME:train" or "NAME:test"; every tenth
                          document (by position in its file) is in test, the rest in train, so
                          evaluation on NAME:test reads text that training on NAME:train never saw.
+                         "research:SPLIT:KIND" keeps the documents of one kind ("narrative",
+                         "technical", "speech", ...): e.g. held-out narrative, "research:test:narrative".
                          scripts/build_corpus.py rebuilds the files from their packages.
     a .txt file          one document
     a directory          every *.txt inside it (sorted), one document each; or a Hugging Face `datasets`
@@ -52,14 +54,24 @@ TEST_EVERY = 10  # document i of a built-in file is held out (test) iff i % TEST
 
 
 def _builtin(name: str) -> tuple[tuple[str, ...], str | None] | None:
-    """("files", split) for a built-in or cached corpus name with an optional ":train"/":test", else None.
-    A cached corpus's files are one name, "cache:NAME": it shares none with the built-in files."""
-    base, _, split = name.partition(":")
+    """("files", split) for a built-in or cached corpus name with an optional ":train"/":test" (and, for a
+    cached corpus, ":KIND" after it), else None. A cached corpus's files are one name, "cache:NAME": it shares
+    none with the built-in files."""
+    base, _, rest = name.partition(":")
     if base not in BUILTIN and base not in CACHED:
         return None
+    split, _, kind = rest.partition(":")
     if split and split not in SPLITS:
         raise ValueError(f"corpus {name!r}: the split must be one of {SPLITS}, got {split!r}")
+    if kind and base not in CACHED:  # the built-in files' records carry no kind
+        raise ValueError(f"corpus {name!r}: a kind filter (NAME:SPLIT:KIND) needs a corpus whose records carry "
+                         f"kinds, one of {list(CACHED)}")
     return BUILTIN.get(base, (f"cache:{base}",)), split or None
+
+
+def _kind(name: str) -> str | None:
+    """The ":KIND" of "NAME:SPLIT:KIND", else None (checked by _builtin)."""
+    return str(name).split(":", 2)[2] if str(name).count(":") >= 2 else None
 
 
 def _builtin_files(files: tuple[str, ...]) -> Iterator[Path]:
@@ -149,6 +161,9 @@ def may_overlap(a: str, b: str) -> bool:
 def read_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
     """The documents of a corpus source, as strings (see the module docstring for what source may be)."""
     builtin = _builtin(str(source))
+    if builtin is not None and _kind(str(source)):
+        yield from (record["text"] for record in read_records(str(source)))
+        return
     if builtin is not None:
         files, split = builtin
         for path in _builtin_files(files):
@@ -185,12 +200,17 @@ def read_records(name: str) -> Iterator[dict]:
     if builtin is None:
         raise ValueError(f"corpus {name!r}: records (titles, sources, kinds) come only with the built-in and "
                          f"cached names {sorted(BUILTIN) + list(CACHED)}")
-    files, split = builtin
+    (files, split), kind = builtin, _kind(name)
+    found = set()
     for path in _builtin_files(files):
         for i, (line_no, record) in enumerate(_jsonl_records(path)):
             _text(record.get("text"), path, "text", line_no)
-            if split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1):
+            found.add(record.get("kind"))
+            if (split is None or (split == "test") == (i % TEST_EVERY == TEST_EVERY - 1)) \
+                    and (kind is None or record.get("kind") == kind):
                 yield record
+    if kind is not None and kind not in found:  # a typo would otherwise be an empty corpus
+        raise ValueError(f"corpus {name!r}: no document of kind {kind!r}; its kinds: {sorted(map(str, found))}")
 
 
 def _read_text(path: Path) -> str:

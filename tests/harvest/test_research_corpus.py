@@ -191,6 +191,20 @@ def test_split_holds_out_every_tenth_document_of_each_file(built):
         list(read_documents("research:dev"))
 
 
+def test_a_kind_filter_keeps_one_kind_of_a_split(built):
+    test = list(read_records("research:test"))
+    speech = list(read_records("research:test:speech"))
+    assert speech and speech == [r for r in test if r["kind"] == "speech"]
+    assert list(read_documents("research:test:speech")) == [r["text"] for r in speech]
+    assert {r["kind"] for r in read_records("research:train:narrative")} == {"narrative"}
+    assert may_overlap("research:test:speech", "research:test")
+    assert not may_overlap("research:test:speech", "research:train")
+    with pytest.raises(ValueError, match="no document of kind 'novel'.*narrative"):
+        list(read_documents("research:test:novel"))
+    with pytest.raises(ValueError, match="kind filter"):
+        list(read_documents("english:test:narrative"))
+
+
 def test_may_overlap_treats_research_as_its_own_corpus():
     assert not may_overlap("research:train", "research:test") and may_overlap("research", "research:test")
     assert not may_overlap("research", "english") and not may_overlap("english:test", "research:train")
