@@ -1,0 +1,90 @@
+"""bench.seeds' machinery: jobs run once and resume, a failure names its job, and the report's rows come from the
+evaluation and comparison files (a row whose jobs have not run is 'pending', never made up)."""
+
+import json
+import sys
+
+import pytest
+
+from bench import seeds
+
+
+def _job(name: str, code: int = 0) -> seeds.Job:
+    return seeds.Job(name, "train", lambda w: ["--version"] if code == 0 else ["no-such-command"])
+
+
+def test_a_job_runs_once_and_its_marker_skips_it(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(seeds.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    seeds.run_job(_job("a"), tmp_path)
+    seeds.run_job(_job("a"), tmp_path)
+    assert calls == [[sys.executable, "-m", "fastsae", "--version"]]
+    assert json.loads((tmp_path / "done" / "a.json").read_text())["argv"] == ["--version"]
+
+
+def test_a_failed_job_names_itself_and_leaves_no_marker(tmp_path, monkeypatch):
+    monkeypatch.setattr(seeds.subprocess, "call", lambda cmd: 3)
+    with pytest.raises(SystemExit, match="b failed .exit 3.; rerun"):
+        seeds.run_job(_job("b", 3), tmp_path)
+    assert not (tmp_path / "done" / "b.json").exists()
+
+
+def _harvested(w, store="seeds", rows=10_300_001):
+    (w / f"harvest-{store}").mkdir(parents=True)
+    (w / f"harvest-{store}" / "manifest.json").write_text(json.dumps({"tokens": rows}))
+    seeds.run_job(seeds.Job(f"harvest-{store}", "harvest", lambda w: []), w)
+
+
+def test_train_jobs_never_repeat_a_token_and_resume_their_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(seeds.subprocess, "call", lambda cmd: 0)
+    with pytest.raises(KeyError, match="harvest-seeds"):  # no steps before the harvest has its rows
+        seeds.TRAIN_JOBS[0].argv(tmp_path)
+    _harvested(tmp_path)
+    _eval(tmp_path, "relu-resample", "technical", l0=30.0)
+    steps = {}
+    for job in seeds.TRAIN_JOBS:
+        argv = job.argv(tmp_path)
+        steps[job.name] = int(argv[argv.index("--steps") + 1])
+        assert steps[job.name] * seeds.BATCH <= 10_300_001, job.name
+        assert "--resume" not in argv
+    assert steps["scale-0.25M"] == 64 and steps["scale-10M"] == 10_300_001 // seeds.BATCH == 2514
+    (tmp_path / "train" / "scale-1M").mkdir(parents=True)
+    (tmp_path / "train" / "scale-1M" / "run.json").write_text("{}")
+    assert "--resume" in next(j for j in seeds.JOBS if j.name == "scale-1M").argv(tmp_path)
+
+
+def _eval(w, name, tag, **m):
+    path = w / "eval" / f"{name}-{tag}" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"results": {"model": {}, name: m}}))
+
+
+def test_the_matched_topk_takes_the_relus_measured_l0(tmp_path, monkeypatch):
+    monkeypatch.setattr(seeds.subprocess, "call", lambda cmd: 0)
+    job = next(j for j in seeds.JOBS if j.name == "topk-matched")
+    _harvested(tmp_path)
+    with pytest.raises(KeyError):
+        job.argv(tmp_path)
+    _eval(tmp_path, "relu-resample", "technical", l0=41.6)
+    argv = job.argv(tmp_path)
+    assert argv[argv.index("--k") + 1] == "42"
+
+
+def test_the_report_fills_a_row_from_its_files_and_marks_the_rest_pending(tmp_path):
+    for i, name in enumerate(("scale-0.25M", "scale-1M", "scale-4M", "scale-10M")):
+        for tag in seeds.EVAL_CORPORA:
+            _eval(tmp_path, name, tag, fvu=0.2 - 0.04 * i, ce_loss_recovered=0.9 + 0.02 * i)
+    path = seeds.write_report(tmp_path, tmp_path / "out")
+    rows = json.loads(path.with_suffix(".json").read_text())["rows"]
+    scale = rows[0]
+    assert scale["verdict"] == "reproduced" and "10M: FVU 0.080/0.080, CE rec. 0.960/0.960" in scale["ours"]
+    assert [r["verdict"] for r in rows[1:]] == ["pending"] * (len(rows) - 1)
+    assert "eval-relu-resample-technical" in rows[1]["reason"]
+    assert "| Scale:" in path.with_suffix(".md").read_text()
+
+
+def test_list_and_unknown_jobs(tmp_path, capsys):
+    seeds.main(["--list", "--work", str(tmp_path)])
+    assert "harvest-seeds" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        seeds.main(["--only", "nope", "--work", str(tmp_path)])
