@@ -32,7 +32,8 @@ def register(subparsers) -> None:
                            "--data stream")
     flags.add_model(p, default=None, help="--data stream: the model to run ('gemma-3-270m', a directory)")
     flags.add_corpus(p, help="--data stream: the corpus (default english-classics)")
-    flags.add_tokens(p, help="--data stream: token budget of the corpus windows")
+    flags.add_tokens(p, help="token budget: of the corpus windows (--data stream), or the first whole shards of a "
+                             "store holding at least this many vectors (default: all)")
     flags.add_context_size(p, help="--data stream: window length (default 128)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="scale store activations to mean norm sqrt(d) while training, folded into the saved SAE "

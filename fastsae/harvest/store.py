@@ -28,6 +28,7 @@ splicing see raw activations, with no scale to forget.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,11 @@ class ActivationStore:
         if "norm_sums" not in self.meta:
             raise ValueError(f"store {self.path} has no norm statistics (harvested before they were kept): "
                              f"harvest it again, or train with normalize=False")
-        return self.meta["norm_sums"][self._site(site)] / self.tokens
+        sums = self.meta["norm_sums"]
+        if self._site(site) not in sums:  # a prefix (above): measured on its own rows, once, shard by shard
+            sums[site] = sum(float(self.load_shard(i, keys=(site,))[site].double().norm(dim=1).sum())
+                             for i in range(len(self.shards)))
+        return sums[site] / self.tokens
 
     def norm_scale(self, site: str) -> float:
         """The factor that makes site's vectors have mean norm sqrt(d)."""
@@ -152,6 +157,24 @@ class ActivationStore:
             rows.append(self.load_shard(i, keys=(self._site(site),))[site])
             got += rows[-1].shape[0]
         return torch.cat(rows)[:n] if rows else torch.empty(0, self.sites[self._site(site)], dtype=self.dtype)
+
+    def prefix(self, n: int) -> ActivationStore:
+        """The store's first whole shards holding >= n rows, as a store of their own: a training budget of n
+        distinct vectors (the whole store when it holds fewer). Their norm statistics are measured on those
+        rows, so a run on the first n rows is the same whatever a harvest still running appends after them."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"prefix: n must be an int >= 1, got {n!r}")
+        count, rows = 0, 0
+        while count < len(self.shards) and rows < n:
+            rows, count = rows + self.shards[count].rows, count + 1
+        if count == len(self.shards):
+            return self
+        view = copy.copy(self)
+        view.shards, view.tokens = self.shards[:count], rows
+        last = self.load_shard(count - 1, keys=("sequence",))["sequence"]
+        view.meta = {**self.meta, "shards": self.meta["shards"][:count], "tokens": rows,
+                     "sequences_done": int(last.max()) + 1, "norm_sums": {}}
+        return view
 
     def verify(self) -> None:
         """Check every shard; raises CorruptShardError naming the first bad one."""

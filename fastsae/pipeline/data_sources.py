@@ -39,7 +39,9 @@ class DataConfig:
     device: str | None = None
     corpus: str = "english-classics"
     text_field: str = "text"
-    tokens: int | None = None  # token budget of the windows (None: the whole corpus)
+    # the token budget: of the windows with "stream" (None: the whole corpus); of a store, its first whole shards
+    # holding >= tokens vectors (ActivationStore.prefix; None: all of it)
+    tokens: int | None = None
     context_size: int = 128
     # "stream" only: the scale measured on the first windows, kept so a resumed run uses the same
     norm_scale: float | None = None
@@ -62,8 +64,9 @@ class DataConfig:
               "None, or a site name given with site= and a store source")
         check("normalize", self.normalize in (None, True, False), "True, False or None")
         check("context_size", is_int(self.context_size) and self.context_size >= 2, "an int >= 2")
-        check("tokens", self.tokens is None or (is_int(self.tokens) and self.tokens >= self.context_size),
-              f"None or an int >= context_size={self.context_size}")
+        least = self.context_size if self.source == "stream" else 1  # a stream's budget holds whole windows
+        check("tokens", self.tokens is None or (is_int(self.tokens) and self.tokens >= least),
+              f"None or an int >= {least}" + (" (context_size)" if least > 1 else ""))
         check("norm_scale", self.norm_scale is None or (isinstance(self.norm_scale, (int, float))
                                                         and 0 < self.norm_scale < math.inf), "None or a number > 0")
         if self.source == "stream":
@@ -163,6 +166,8 @@ def _store(cfg: DataConfig, dtype: torch.dtype, rank: int = 0, world_size: int =
     from ..harvest import ActivationStore, ShuffledLoader, harvested_windows
 
     store = ActivationStore(cfg.source)
+    if cfg.tokens is not None:
+        store = store.prefix(cfg.tokens)
     site = cfg.site
     if site is None:
         if len(store.sites) != 1:
@@ -180,7 +185,7 @@ def _store(cfg: DataConfig, dtype: torch.dtype, rank: int = 0, world_size: int =
     loader = ShuffledLoader(store, site, cfg.batch_size, seed=cfg.seed, dtype=dtype, normalize=cfg.normalize,
                             drop_last=True, rank=rank, world_size=world_size, device=device,
                             target_site=cfg.target_site)
-    provenance = {"model": store.meta["model"], "site": site, "store": str(store.path.resolve())}
+    provenance = {"model": store.meta["model"], "site": site, "store": str(store.path.resolve()), "rows": store.tokens}
     if cfg.target_site is not None:  # a transcoder: it reads site and writes target_site
         provenance["out_site"] = cfg.target_site
     windows = harvested_windows(store)

@@ -154,6 +154,28 @@ def test_norm_statistics_normalised_loader_and_fixed_step_batches(tmp_path):
     assert len(steps) == 2 * len(batches) + 1  # whole epochs, then one more batch
 
 
+def test_a_prefix_is_the_first_whole_shards_with_their_own_norms(tmp_path):
+    from fastsae.pipeline.data_sources import DataConfig, open_data
+
+    store = _run(tmp_path)
+    first = store.shards[0].rows  # shards of about 20 rows (whole sequences)
+    view = store.prefix(first + 1)  # the first two
+    two = first + store.shards[1].rows
+    assert view.tokens == two and len(view.shards) == 2 and store.tokens > two
+    rows = torch.cat([store.load_shard(i)["resid_post.0"] for i in range(2)]).double()
+    assert view.mean_norm("resid_post.0") == pytest.approx(rows.norm(dim=1).mean().item(), rel=1e-12)
+    assert view.mean_norm("resid_post.0") != pytest.approx(store.mean_norm("resid_post.0"), rel=1e-9)
+    last = store.load_shard(1, keys=("sequence",))["sequence"]
+    assert view.meta["sequences_done"] == int(last.max()) + 1 < store.meta["sequences_done"]
+    assert store.prefix(store.tokens) is store and store.prefix(10**9) is store
+    served = torch.cat(list(ShuffledLoader(view, "resid_post.0", 8)))
+    assert sorted(served.sum(1).tolist()) == sorted(rows.float().sum(1).tolist())  # only the prefix, each once
+    data = open_data(DataConfig(source=str(tmp_path), site="resid_post.0", tokens=first + 1, batch_size=8))
+    assert data.provenance["rows"] == two and data.scale == pytest.approx(view.norm_scale("resid_post.0"))
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        store.prefix(0)
+
+
 def test_fold_input_scale_gives_the_same_reconstruction_on_raw_inputs(tmp_path):
     from fastsae import SAE, SAEConfig
 
