@@ -31,6 +31,8 @@ x @ W_skip.T, W_skip (d_in, d_in) in sae.safetensors: they import as SAEConfig k
 sparsify keeps no decoder norm for transcoders (its trainer skips the renormalisation), so they import with
 normalize_decoder=False. Its hookpoint is the directory's name (relative to the model's base_model): one ending in
 `<L>.mlp` gives the metadata's site/out_site mlp_in.L / mlp_out.L, others are recorded as "hookpoint" only.
+(mlp_out.L is the MLP module's output in GPT-NeoX, GPT-2 and Llama; Gemma 3's is after its post-feedforward norm,
+so a Gemma 3 transcoder of sparsify needs its out-site given, e.g. evaluate's out_sites=.)
 An SAE with skip_connection but no transcode has no fastsae kind and is refused. `multi_topk`
 trains the SAE to reconstruct with k and with 4k latents (Gao et al. 2024); sparsify's
 `encode` keeps k, but its `forward().sae_out` then decodes 4k. The import keeps k (with a
