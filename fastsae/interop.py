@@ -24,7 +24,16 @@ EleutherAI sparsify (`SparseCoder.load_from_disk`): a directory with
                        "multi_topk", "skip_connection", "transcode", "d_in"}
     sae.safetensors   encoder.weight (num_latents, d_in), encoder.bias (num_latents,),
                       W_dec (num_latents, d_in), b_dec (d_in,)
-sparsify SAEs are TopK SAEs that always subtract b_dec from the input. `multi_topk`
+sparsify SAEs are TopK SAEs that always subtract b_dec from the input. Its transcoders (`transcode=True`:
+encode the module's input, predict its output) do not subtract it, and with `skip_connection=True` add
+x @ W_skip.T, W_skip (d_in, d_in) in sae.safetensors: they import as SAEConfig kind "transcoder" /
+"skip_transcoder", whose forward(x, target=y) is theirs, W_skip in the same orientation (fastsae/transcoder.py).
+sparsify keeps no decoder norm for transcoders (its trainer skips the renormalisation), so they import with
+normalize_decoder=False. Its hookpoint is the directory's name (relative to the model's base_model): one ending in
+`<L>.mlp` gives the metadata's site/out_site mlp_in.L / mlp_out.L, others are recorded as "hookpoint" only.
+(mlp_out.L is the MLP module's output in GPT-NeoX, GPT-2 and Llama; Gemma 3's is after its post-feedforward norm,
+so a Gemma 3 transcoder of sparsify needs its out-site given, e.g. evaluate's out_sites=.)
+An SAE with skip_connection but no transcode has no fastsae kind and is refused. `multi_topk`
 trains the SAE to reconstruct with k and with 4k latents (Gao et al. 2024); sparsify's
 `encode` keeps k, but its `forward().sae_out` then decodes 4k. The import keeps k (with a
 warning saying so), or the k you pass (`SAE.from_tensors(*read_sparsify(path, k=4 * k))` matches that
@@ -39,6 +48,7 @@ import `fastsae.sae`: the exports read an SAE's attributes only.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -156,17 +166,22 @@ def _fold_decoder_norms(t: dict) -> dict:
 
 
 def export_sparsify(sae: nn.Module, path: str | Path) -> Path:
-    """Write sae (a fastsae TopK SAE) as a sparsify directory at path."""
+    """Write sae (a fastsae TopK SAE, transcoder or skip transcoder) as a sparsify directory at path."""
     cfg = sae.cfg
     path = Path(path)
-    if cfg.activation != "topk" or not cfg.apply_b_dec_to_input:
-        raise ValueError("export_sparsify: sparsify loads TopK SAEs that subtract b_dec from the input; "
-                         f"this SAE has activation={cfg.activation!r}, apply_b_dec_to_input={cfg.apply_b_dec_to_input}")
+    transcode = cfg.kind in ("transcoder", "skip_transcoder")  # a transcoder never subtracts b_dec (SAEConfig)
+    if cfg.activation != "topk" or not (transcode or cfg.apply_b_dec_to_input) or cfg.matryoshka_widths:
+        raise ValueError("export_sparsify: sparsify loads TopK SAEs that subtract b_dec from the input, and TopK "
+                         f"transcoders; this {cfg.kind} has activation={cfg.activation!r}, apply_b_dec_to_input="
+                         f"{cfg.apply_b_dec_to_input}, matryoshka_widths={cfg.matryoshka_widths}")
     tensors = {"encoder.weight": sae.W_enc.detach(), "encoder.bias": sae.b_enc.detach(),
                "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
+    if cfg.kind == "skip_transcoder":
+        tensors["W_skip"] = sae.W_skip.detach()  # (d_out, d_in): sparsify adds x @ W_skip.mT, as fastsae does
     meta = {"activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
             "normalize_decoder": cfg.normalize_decoder, "num_latents": cfg.d_sae, "k": cfg.k,
-            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": cfg.d_in}
+            "multi_topk": False, "skip_connection": cfg.kind == "skip_transcoder", "transcode": transcode,
+            "d_in": cfg.d_in}
     io.write_tensors(path / SPARSIFY_WEIGHTS_FILE, tensors)
     io.write_json(path / "cfg.json", meta)
     return path
@@ -178,9 +193,10 @@ def read_sparsify(path: str | Path, device: str = "cpu", k: int | None = None) -
     path = Path(path)
     meta = io.read_json(path / "cfg.json")
     _check_format("sparsify", meta, "activation", ("topk", None), path)
-    for flag in ("skip_connection", "transcode"):
-        if meta.get(flag):
-            raise ValueError(f"{path}: sparsify {flag}=True has no fastsae equivalent")
+    transcode, skip = bool(meta.get("transcode", False)), bool(meta.get("skip_connection", False))
+    if skip and not transcode:
+        raise ValueError(f"{path}: sparsify skip_connection=True without transcode=True (an SAE with a skip term) "
+                         "has no fastsae equivalent; its skip transcoders (both True) import")
     _fields("sparsify", meta, path, k=(int,))
     tensors = io.read_tensors(path / SPARSIFY_WEIGHTS_FILE, device=device)
     weight = tensors.get("encoder.weight")
@@ -199,12 +215,29 @@ def read_sparsify(path: str | Path, device: str = "cpu", k: int | None = None) -
         warnings.warn(f"{path}: a sparsify multi_topk SAE, imported as TopK with its k={meta['k']} "
                       f"(sparsify's encode); its forward() decodes {4 * meta['k']} latents: "
                       f"pass k={4 * meta['k']} for that", stacklevel=2)
+    kind = ("skip_transcoder" if skip else "transcoder") if transcode else "sae"
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=meta["k"] if k is None else k,
-                    normalize_decoder=bool(meta.get("normalize_decoder", True)), dtype=_DTYPE_NAMES[dtype])
+                    normalize_decoder=bool(meta.get("normalize_decoder", True)) and not transcode,
+                    dtype=_DTYPE_NAMES[dtype], kind=kind, apply_b_dec_to_input=not transcode)
     ours = {"W_enc": tensors.pop("encoder.weight", None), "b_enc": tensors.pop("encoder.bias", None),
             "W_dec": tensors.pop("W_dec", None), "b_dec": tensors.pop("b_dec", None)}
+    if skip:
+        ours["W_skip"] = tensors.pop("W_skip", None)
     provenance = {"library": "sparsify", "path": str(path), "multi_topk": multi_topk, "trained_k": meta["k"]}
-    return _imported(cfg, ours, tensors, {"imported_from": provenance}, path / SPARSIFY_WEIGHTS_FILE)
+    return _imported(cfg, ours, tensors, {"imported_from": provenance, **_sparsify_sites(path, transcode)},
+                     path / SPARSIFY_WEIGHTS_FILE)
+
+
+def _sparsify_sites(path: Path, transcode: bool) -> dict:
+    """A sparsify transcoder's sites, from its directory's name (the hookpoint, e.g. layers.6.mlp: it reads the
+    module's input and writes its output). {} for an SAE (its site is the run's business, as before)."""
+    if not transcode:
+        return {}
+    match = re.search(r"(?:^|\.)(\d+)\.mlp$", path.name)
+    if match is None:
+        return {"hookpoint": path.name}
+    layer = int(match.group(1))
+    return {"hookpoint": path.name, "site": f"mlp_in.{layer}", "out_site": f"mlp_out.{layer}"}
 
 
 def read_other_library(path: Path, meta: dict, device: str = "cpu") -> ImportedSAE:

@@ -1,7 +1,8 @@
 """What the analysis tools accept as a dictionary: anything with `encode(x) -> SparseLatents` or dense codes
 (..., width) and a width (`cfg.d_sae`, `d_sae` or `d_codes`) — an SAE, or a baseline of
 fastsae.evaluation.baselines (PCA, ICA, neurons). A code's activation is its value where positive;
-`SplitSigns` reads both directions of a signed baseline as separate features.
+`SplitSigns` reads both directions of a signed baseline as separate features. A transcoder (SAEConfig.kind
+"transcoder" / "skip_transcoder") encodes its in-site and writes its out-site (`transcoder_out_site`).
 """
 
 from __future__ import annotations
@@ -89,3 +90,20 @@ def fingerprint(decomposition) -> str:
         digest.update(name.encode())
         digest.update(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def transcoder_out_site(dictionary, out_site: str | None = None) -> str | None:
+    """A transcoder's out-site (out_site, else its metadata's "out_site"); None for an SAE or a basis, which
+    must not be given one."""
+    sae = getattr(dictionary, "sae", dictionary)  # an adapter (latent_edits.SAEDictionary) or the SAE
+    kind = getattr(getattr(sae, "cfg", None), "kind", "sae")
+    if kind == "sae":
+        if out_site is not None:
+            raise ValueError(f"out_site: only a transcoder writes another site; this dictionary is an SAE "
+                             f"(got out_site={out_site!r})")
+        return None
+    out_site = out_site or getattr(sae, "metadata", {}).get("out_site")
+    if not out_site:
+        raise ValueError(f"out_site: this {kind} does not record its output site (metadata 'out_site'); pass "
+                         f"out_site= (e.g. 'mlp_out.6')")
+    return out_site

@@ -208,5 +208,6 @@ def test_exports_refuse_transcoders_rather_than_drop_w_skip(tmp_path):
     sae = make_transcoder("skip_transcoder", activation="topk", k=4)
     with pytest.raises(ValueError, match="export_saelens: exports SAEs"):
         export_saelens(sae, tmp_path / "saelens")
+    # sparsify has skip transcoders (tests/modules/test_interop_transcoders.py), but no relu ones
     with pytest.raises(ValueError, match="export_sparsify"):
-        export_sparsify(sae, tmp_path / "sparsify")
+        export_sparsify(make_transcoder("skip_transcoder"), tmp_path / "sparsify")

@@ -201,7 +201,9 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
 
     out = Path(out)
     da = load_dictionary(a, site=site)
-    db = load_dictionary(b, site=site or (da.metadata.get("site") if isinstance(da, SAE) else None))
+    # a baseline beside a transcoder is fitted where its decoder directions live: its out-site
+    db = load_dictionary(b, site=site or (da.metadata.get("out_site") or da.metadata.get("site")
+                                          if isinstance(da, SAE) else None))
     names = (describe(a, da), describe(b, db))
     cmp = compare(da, db, tau=tau, absolute=absolute, one_to_one_matching=one_to_one, device=device)
     report = {"a": names[0], "b": names[1], "summary": cmp.summary(),

@@ -98,6 +98,11 @@ class _Inputs:
         from ...sae import SAE
 
         self.s_in, self.s_out = SAE.load(sae_in), SAE.load(sae_out)
+        for name, sae in (("sae_in", self.s_in), ("sae_out", self.s_out)):
+            if sae.cfg.kind != "sae":  # its encoder reads its in-site only: it cannot code the other side
+                raise ValueError(f"{name}: connect learns the map between an SAE at an MLP's input and one at its "
+                                 f"output; {name} is a {sae.cfg.kind}, which is that map already (its latents "
+                                 f"read {sae.metadata.get('site')!r} and write {sae.metadata.get('out_site')!r})")
         self.site_in = site_in or self.s_in.metadata.get("site")
         self.site_out = site_out or self.s_out.metadata.get("site")
         if not self.site_in or not self.site_out:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ... import io
 from ...model import special_token_ids
-from ..decompositions import directions_of
+from ..decompositions import directions_of, transcoder_out_site
 from .context_attribution import context_attribution
 from .feature_cache import FeatureCache
 from .logit_effects import ablation_effects, direct_logit_effects
@@ -63,6 +63,9 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
     n = n if contexts is None else min(n, contexts)
     settings = {"latents": chosen, "contexts": n, "attribution_contexts": attribution_contexts, "mode": mode,
                 "site": site, "features": cache.meta.get("decomposition"), "windows": windows is not None}
+    out_site = transcoder_out_site(decomposition)
+    if out_site is not None:  # a transcoder is ablated where it writes (logit_effects.py)
+        settings["out_site"] = out_site
     if out.is_file() and (cache.path / EFFECTS_META).is_file():
         done_meta = io.read_json(cache.path / EFFECTS_META)
         if done_meta.get("format_version") == FORMAT_VERSION and done_meta.get("settings") == settings:

@@ -8,7 +8,8 @@ The model and site default to what the SAE recorded; the activations come from i
 (with the harvested windows rebuilt from the store's corpus settings, so contexts show BOS/EOS and effects
 see each context's whole prefix), or from a corpus through the model when no store is given. Ablation and
 attribution run the model once per feature, so they are measured for `effects` features (the best by the
-one-token score, ranking.py; None: all), the direct logit effect for all.
+one-token score, ranking.py; None: all), the direct logit effect for all. A transcoder's site is its
+in-site (the pass encodes its activations there); its ablations act at its out-site (logit_effects.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def run_features(sae_path: str | Path, out: str | Path, *, store: str | Path | N
         windows = token_windows(tokenizer, read_documents(corpus), context_size, tokens, seed=0)
         source = ModelSource(lm, site, windows, exclude_token_ids=excluded, name=model)
     meta = {"sae": str(Path(sae_path).resolve()), "model": model, "site": site}
+    if sae.cfg.kind != "sae":  # a transcoder's latents read site (the pass encodes it) and write its out-site
+        meta["out_site"] = sae.metadata.get("out_site")
     cache = collect_features(sae, source, out, config, progress=progress, meta=meta, overwrite=True)
     write_vocab(cache.path, tokenizer)
     cache = FeatureCache.load(cache.path)

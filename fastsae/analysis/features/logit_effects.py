@@ -10,7 +10,10 @@ it is the *direct* path). Gemma's final logit soft-cap is monotone and left out 
 Ablation effect (measured): the site's activation x becomes decode(z with latent j set to 0) + (x - decode(z)),
 the reconstruction without that latent spliced with the SAE's error term, so that only that latent changes
 (Bricken et al. 2023, "feature ablation"); the effect on each token is Δ log p(token | the tokens before it),
-ablated minus clean. Clean and ablated forwards of all a feature's contexts run as one batch.
+ablated minus clean. Clean and ablated forwards of all a feature's contexts run as one batch. A transcoder (site
+its in-site) is ablated where it writes: its out-site's y becomes y + decode(z without j) - decode(z), z the codes
+of the in-site's x (out_site=, or its metadata's "out_site"). Its direct effect is that of its decoder rows,
+which it writes at the out-site.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ...latents import SparseLatents
-from ...model import hook_site, keep_mask, special_token_ids
+from ...model import hook_sites, keep_mask, special_token_ids
+from ..decompositions import transcoder_out_site
 
 FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
 
@@ -84,10 +88,12 @@ def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, bloc
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def without_latent(decomposition, x: Tensor, latent: int) -> Tensor:
-    """decode(codes with latent set to 0) + (x - decode(codes)): x with only that latent removed."""
+def without_latent(decomposition, x: Tensor, latent: int, y: Tensor | None = None) -> Tensor:
+    """decode(codes with latent set to 0) + (x - decode(codes)): x with only that latent removed. y: a
+    transcoder's out-site activation (codes from x, its in-site's): y with only that latent's output removed."""
     dtype = getattr(decomposition, "dtype", x.dtype)
     x_in = x.to(dtype)
+    target = x_in if y is None else y.to(dtype)
     codes = decomposition.encode(x_in)
     if isinstance(codes, SparseLatents):
         ablated = SparseLatents(torch.where(codes.indices == latent, 0.0, codes.values), codes.indices,
@@ -96,13 +102,13 @@ def without_latent(decomposition, x: Tensor, latent: int) -> Tensor:
         ablated = codes.clone()
         ablated[..., latent] = 0
     x_hat, x_hat_ablated = decomposition.decode(codes), decomposition.decode(ablated)
-    return (x_hat_ablated + (x_in - x_hat)).to(x.dtype)
+    return (x_hat_ablated + (target - x_hat)).to(x.dtype)
 
 
 @torch.no_grad()
 def ablation_effects(model: nn.Module, site: str, decomposition, latent: int, token_ids: Tensor,
                      exclude_token_ids: list[int] | None = None, positions: Tensor | None = None,
-                     max_logits: int = 1 << 28) -> Tensor:
+                     max_logits: int = 1 << 28, out_site: str | None = None) -> Tensor:
     """out[b, i] = log p_ablated(ids[b, t] | ids[b, :t]) - log p_clean(same) at t = positions[b, i] (default:
     every position, out (B, T)); NaN at t = 0. token_ids (B, T) may be right-padded (the model is causal:
     padding never changes earlier positions). Positions holding an excluded token (BOS/EOS/pad by default)
@@ -120,11 +126,13 @@ def ablation_effects(model: nn.Module, site: str, decomposition, latent: int, to
     if positions.dim() != 2 or positions.shape[0] != B or bool((positions < 0).any() | (positions >= T).any()):
         raise ValueError(f"positions must be ({B}, P) indices into the {T} tokens, got {tuple(positions.shape)}")
     device = next(model.parameters()).device
+    out_site = transcoder_out_site(decomposition, out_site)  # None: ablated where it reads
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
     vocab = model.get_output_embeddings().weight.shape[0]
     sliced = "logits_to_keep" in inspect.signature(model.forward).parameters
     per_forward = max(1, max_logits // (2 * (positions.shape[1] if sliced else T) * vocab))
     effect = torch.full(positions.shape, float("nan"))
+    read_in: list[Tensor] = []  # a transcoder's in-site x of the running forward, for its out-site hook
     for first in range(0, B, per_forward):
         ids = token_ids[first:first + per_forward].to(device)
         at = positions[first:first + per_forward].to(device)
@@ -132,11 +140,15 @@ def ablation_effects(model: nn.Module, site: str, decomposition, latent: int, to
         keep = keep_mask(ids, excluded)[..., None]
 
         def ablate(x: Tensor, keep: Tensor = keep, b: int = b) -> Tensor:  # (2b, T, d): clean rows, then ablated
-            new = torch.where(keep, without_latent(decomposition, x[b:], latent), x[b:])
-            return torch.cat([x[:b], new])
+            if out_site is not None:  # x is the out-site's y; the codes come from the in-site's x read before
+                new = without_latent(decomposition, read_in.pop()[b:], latent, x[b:])
+            else:
+                new = without_latent(decomposition, x[b:], latent)
+            return torch.cat([x[:b], torch.where(keep, new, x[b:])])
 
+        hooks = {site: ablate} if out_site is None else {site: read_in.append, out_site: ablate}
         both, read = torch.cat([ids, ids]), torch.cat([at, at]) - 1  # the logits at t - 1 predict token t
-        with hook_site(model, site, ablate):
+        with hook_sites(model, hooks):
             if sliced:
                 logits = model(input_ids=both, logits_to_keep=read.clamp_min(0)).logits  # (2b, P, V)
             else:

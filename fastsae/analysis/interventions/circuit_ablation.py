@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ... import io
-from ...model import hook_site, hook_sites, keep_mask, special_token_ids
+from ...model import hook_site, keep_mask, special_token_ids
 from ..features.feature_contexts import Example
-from .latent_edits import Intervention, SAEDictionary
+from .latent_edits import Intervention, SAEDictionary, hook_interventions
 from .padded_prompts import PromptBatch, pad_id
 
 
@@ -44,7 +44,7 @@ def _forward(model: nn.Module, contexts: PromptBatch, ivs: dict[str, Interventio
     def halt(_x):
         raise _Reached
 
-    with hook_sites(model, ivs), hook_site(model, stop, halt):
+    with hook_interventions(model, ivs), hook_site(model, stop, halt):
         try:
             model(**contexts.to(device).inputs())
         except _Reached:

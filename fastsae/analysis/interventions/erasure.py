@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from ... import io
 from ...evaluation import baselines
-from ...model import capture, hook_site, keep_mask, special_token_ids
-from .latent_edits import Intervention, as_dictionary
+from ...model import capture, keep_mask, special_token_ids
+from ..decompositions import transcoder_out_site
+from .latent_edits import Intervention, as_dictionary, hook_interventions
 from .padded_prompts import widen
 
 # Gendered English pronouns, each with a leading space (a word inside a sentence) and capitalised.
@@ -94,7 +95,7 @@ def _losses(model: nn.Module, windows: Tensor, keep: Tensor, batch_size: int, si
         ids = windows[first:first + batch_size].to(device)
         if iv is not None:
             iv.positions = keep[first:first + batch_size].to(device)
-            with hook_site(model, site, iv):
+            with hook_interventions(model, {site: iv}):
                 logits = model(input_ids=ids).logits
         else:
             logits = model(input_ids=ids).logits
@@ -119,13 +120,14 @@ def erasure(model: nn.Module, site: str, sae, windows: Tensor, target: Tensor, *
     if not 0 < fit_windows < windows.shape[0]:
         raise ValueError(f"fit_windows must be in (0, {windows.shape[0]}), got {fit_windows}")
     device = next(model.parameters()).device
-    acts = torch.cat([capture(model, [site], input_ids=windows[i:min(i + batch_size, fit_windows)].to(device))[site]
-                      .cpu() for i in range(0, fit_windows, batch_size)])  # (fit, T, d)
+    # a transcoder reads site and ablates at its out-site: the baselines are fitted and ablated there too
+    out_site = transcoder_out_site(sae) if isinstance(sae, nn.Module) else None
+    acts, base_acts = _fit_activations(model, site, out_site or site, windows[:fit_windows], batch_size)
     fit_keep, fit_target = keep[:fit_windows], target[:fit_windows]
     dictionaries = {"sae": sae}
     for kind in against:
         d = acts.shape[-1]
-        dictionaries[kind] = baselines.fit(kind, acts[fit_keep].float(), d, d)
+        dictionaries[kind] = baselines.fit(kind, base_acts[fit_keep].float(), d, d)
     eval_windows, eval_keep = windows[fit_windows:], keep[fit_windows:]
     # the loss at position t is that of predicting token t+1: it counts when t is kept and t+1 is a real token
     counted = eval_keep[:, :-1] & keep_mask(eval_windows[:, 1:], excluded)
@@ -139,21 +141,35 @@ def erasure(model: nn.Module, site: str, sae, windows: Tensor, target: Tensor, *
     for name, dic in dictionaries.items():
         dic = as_dictionary(dic)
         with torch.no_grad():
-            codes = dic.codes(acts.to(device))
+            codes = dic.codes((acts if name == "sae" else base_acts).to(device))
         scores = association(dic, codes, fit_target.to(device), fit_keep.to(device))
         order = scores.abs().argsort(descending=True)
+        where = site if name == "sae" else out_site or site
         for n in counts:
             chosen = order[:n].tolist()
-            losses = _losses(model, eval_windows, eval_keep, batch_size, site, Intervention(dic, zero=chosen))
+            losses = _losses(model, eval_windows, eval_keep, batch_size, where, Intervention(dic, zero=chosen))
             loss_target, loss_other = float(losses[eval_target].mean()), float(losses[eval_other].mean())
             dt, do = loss_target - base_target, loss_other - base_other
             rows.append({"method": name, "n": n, "latents": chosen, "association": [float(scores[i]) for i in chosen],
                          "loss_target": loss_target, "loss_other": loss_other, "delta_target": dt, "delta_other": do,
                          "selectivity": selectivity(dt, do)})
-    return {"site": site, "fit_windows": fit_windows, "eval_windows": int(eval_windows.shape[0]),
+    return {"site": site, **({"out_site": out_site} if out_site else {}), "fit_windows": fit_windows,
+            "eval_windows": int(eval_windows.shape[0]),
             "target_positions": int(eval_target.sum()), "other_positions": int(eval_other.sum()),
             "clean_loss_target": base_target, "clean_loss_other": base_other, "rows": rows,
             "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def _fit_activations(model: nn.Module, site: str, base_site: str, windows: Tensor,
+                     batch_size: int) -> tuple[Tensor, Tensor]:
+    """The activations (S, T, d) the dictionary encodes (site) and those the baselines fit (base_site: a
+    transcoder's out-site, else the same tensor)."""
+    device = next(model.parameters()).device
+    parts = [capture(model, [site, base_site], input_ids=windows[i:i + batch_size].to(device))
+             for i in range(0, windows.shape[0], batch_size)]
+    acts = torch.cat([p[site].cpu() for p in parts])
+    return acts, acts if base_site == site else torch.cat([p[base_site].cpu() for p in parts])
 
 
 def selectivity(delta_target: float, delta_other: float) -> float | None:

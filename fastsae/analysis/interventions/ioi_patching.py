@@ -196,6 +196,11 @@ def compare(model: nn.Module, site: str, sae, prompts: IOIPrompts, *, max_m: int
     """Curves for the SAE and each baseline (fitted on this site's clean and corrupted activations of the
     prompts, all d directions), the clean and corrupted LD, and the SAE's all-latents ceiling."""
     start = time.perf_counter()
+    kind = getattr(getattr(sae, "cfg", None), "kind", "sae")
+    if kind != "sae":  # its codes are read at one site and its edits land at another, the baselines' at one
+        raise ValueError(f"sae: the IOI patching curves compare dictionaries of one site, and this is a {kind} "
+                         f"(reads {site}, writes its out-site); patch its latents with intervene(..., patch=, "
+                         f"source=<the clean run's in-site activations>)")
     if excluded is None:
         excluded = special_token_ids(model)
     state = SiteRuns(model, site, prompts, excluded)

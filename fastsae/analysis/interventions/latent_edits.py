@@ -30,6 +30,13 @@ positions=(B, T) bool restricts every edit to some positions (tools pass the rea
 batch). record=True keeps each forward's codes and inputs; grad=True keeps each forward's output at the
 site in the autograd graph (iv.outputs) for attribution: torch.autograd.grad(metric, iv.outputs).
 
+A transcoder (SAEConfig.kind "transcoder" / "skip_transcoder") reads its in-site and writes its out-site: its
+codes come from the in-site's activation x, and the edit Σ_i (z'_i - z_i) W_dec[i] is added at the out-site (a
+latent's decoder direction is written there; W_skip x is the same in both and cancels). `site` is then the
+in-site (the metadata's "site"), the out-site is the metadata's "out_site" or out_site=; record keeps the codes
+and the in-site's x; patch's source is the source forward's in-site activations; patch_error is refused (it would
+need the source's out-site too). `hook_interventions` hooks both sites; `intervene` uses it.
+
 The dictionary is an SAE, a baseline `Decomposition` (fastsae.evaluation.baselines; edited through all its
 linear coefficients c = A (x - μ), not the top-k it keeps for reconstruction metrics), or any object with
 the methods of `SAEDictionary`.
@@ -44,8 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from ...latents import SparseLatents
-from ...model import hook_site, hook_sites
+from ...model import hook_sites
 from ...sae import SAE
+from ..decompositions import transcoder_out_site
 
 # Rows of gathered decoder vectors per chunk in SAEDictionary.contributions: chunk·w·d floats stay near 16 MB.
 CONTRIBUTION_CHUNK_FLOATS = 1 << 22
@@ -60,6 +68,7 @@ class SAEDictionary:
                              "threshold: call sae.eval() before intervening")
         self.sae = sae
         self.size = sae.cfg.d_sae
+        self.kind = sae.cfg.kind  # a transcoder's codes come from its in-site, its edits go to its out-site
 
     def codes(self, x: Tensor) -> SparseLatents:
         """(…, d) -> SparseLatents (…, w)."""
@@ -161,8 +170,13 @@ class Intervention:
                  clamp: Mapping[int, tuple[float | None, float | None]] | None = None,
                  steer: Mapping[int, float] | None = None, patch: Iterable[int] | Tensor = (),
                  source: Tensor | None = None, patch_error: bool = False, positions: Tensor | None = None,
-                 record: bool = False, grad: bool = False):
+                 record: bool = False, grad: bool = False, out_site: str | None = None):
         self.dictionary = as_dictionary(dictionary)
+        self.out_site = transcoder_out_site(dictionary, out_site)  # None: an SAE, edited where it reads
+        if self.out_site is not None and patch_error:
+            raise ValueError("patch_error: a transcoder's error term is at its out-site, from another forward's "
+                             "out-site activations; patch its latents (patch=) instead")
+        self._codes_in: tuple | None = None  # a transcoder's (x, codes), read at its in-site for its out-site
         size = self.dictionary.size
         ops = [("zero", _ids("zero", zero, size), None, None)]
         for kind, given in (("scale", scale), ("set", set_to), ("steer", steer)):
@@ -234,11 +248,36 @@ class Intervention:
                 new[..., cols] = self.dictionary.values(self._source_codes(x), ids).to(old.dtype)
         return new
 
+    def _needs_codes(self) -> bool:
+        only_steer = all(kind == "steer" for kind, *_ in self._ops) and not self.patch_error
+        return self.record or not only_steer  # steering adds α W_dec[i] whatever z_i is: no encoder pass
+
+    def read(self, x: Tensor) -> None:
+        """A transcoder's in-site hook: its codes from x (recorded here, so a forward stopped before the
+        out-site still records them), kept for the out-site call of the same forward."""
+        codes = self.dictionary.codes(x) if self._needs_codes() else None
+        self._codes_in = (x, codes)
+        if self.record:
+            self.codes.append(codes if self.grad else _detach(codes))
+            self.inputs.append(x.detach())
+
+    def _codes_for(self, x: Tensor):
+        """The codes that edit the activation x at the hooked site: x's own (an SAE), or the in-site's."""
+        if self.out_site is None:
+            return self.dictionary.codes(x) if self._needs_codes() else None
+        if self._codes_in is None:
+            raise RuntimeError(f"intervene: the transcoder's out-site {self.out_site!r} was reached before its "
+                               f"in-site in this forward")
+        (x_in, codes), self._codes_in = self._codes_in, None  # each in-site read serves one out-site call
+        if self.source is not None and self.source.shape != x_in.shape:
+            raise ValueError(f"source must have the in-site's shape {tuple(x_in.shape)}, "
+                             f"got {tuple(self.source.shape)}")
+        return codes
+
     def __call__(self, x: Tensor) -> Tensor | None:
         acc = torch.promote_types(x.dtype, torch.float32)
         mask = self._mask(x)
-        only_steer = all(kind == "steer" for kind, *_ in self._ops) and not self.patch_error
-        codes = None if (only_steer and not self.record) else self.dictionary.codes(x)
+        codes = self._codes_for(x)
         edit = None
         if self._ops:
             latents = self.latents.to(x.device)
@@ -258,8 +297,9 @@ class Intervention:
             edit = edit * mask[..., None]
         out = x if edit is None else x + edit.to(x.dtype)
         if self.record:
-            self.codes.append(codes if self.grad else _detach(codes))
-            self.inputs.append(x.detach())
+            if self.out_site is None:  # a transcoder records its codes and x at its in-site (read)
+                self.codes.append(codes if self.grad else _detach(codes))
+                self.inputs.append(x.detach())
             self.edits.append(torch.zeros_like(x) if edit is None else edit.detach().to(x.dtype))
         if self.grad:
             if not out.requires_grad:
@@ -285,11 +325,33 @@ def intervene(model: nn.Module, site: str | Mapping[str, Intervention], dictiona
         for name, iv in site.items():
             if not isinstance(iv, Intervention):
                 raise TypeError(f"intervene: site {name!r} must map to an Intervention, got {type(iv).__name__}")
-        with hook_sites(model, dict(site)):
+        with hook_interventions(model, dict(site)):
             yield dict(site)
         return
     if dictionary is None:
         raise ValueError("intervene: a single site needs its dictionary (an SAE or a baseline decomposition)")
     iv = Intervention(dictionary, **edits)
-    with hook_site(model, site, iv):
+    with hook_interventions(model, {site: iv}):
         yield iv
+
+
+def intervention_hooks(interventions: Mapping[str, Intervention]) -> dict[str, object]:
+    """{site: hook}: each SAE's Intervention at its site; a transcoder's read at its in-site (the key) and its
+    Intervention at its out-site. A site hooked twice is refused (one edit per site and forward)."""
+    hooks: dict[str, object] = {}
+    for site, iv in interventions.items():
+        pairs = [(site, iv)] if iv.out_site is None else [(site, iv.read), (iv.out_site, iv)]
+        for name, fn in pairs:
+            if name in hooks:
+                raise ValueError(f"intervene: site {name!r} would be hooked twice (a transcoder's in- or out-site "
+                                 f"is another intervention's site); edit it with one intervention")
+            hooks[name] = fn
+    return hooks
+
+
+@contextmanager
+def hook_interventions(model: nn.Module, interventions: Mapping[str, Intervention]) -> Iterator[None]:
+    """Within the block, every forward of model runs the interventions ({site: Intervention}, transcoders
+    hooked at both their sites)."""
+    with hook_sites(model, intervention_hooks(interventions)):
+        yield

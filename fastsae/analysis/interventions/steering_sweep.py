@@ -6,9 +6,10 @@ the next-token distribution moves.
 
 α is in the latent's own units (z_i -> z_i + α, i.e. x -> x + α W_dec[i] at every real non-BOS position, the
 generated ones included), so the latent's typical activation (its max on the prompt is reported) says what
-a large α is. For each α: the greedy continuation, and at the prompt's last position the KL divergence
-KL(p_α || p_0) from the unsteered next-token distribution, its top tokens, and the tokens whose log-probability
-rose most.
+a large α is. A transcoder (site its in-site) is steered at its out-site, where its decoder writes: y -> y + α
+W_dec[i] there (result["out_site"]). For each α: the greedy continuation, and at the prompt's last position the
+KL divergence KL(p_α || p_0) from the unsteered next-token distribution, its top tokens, and the tokens whose
+log-probability rose most.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from ... import io
-from ...model import hook_site, special_token_ids
-from .latent_edits import Intervention, SAEDictionary
+from ...model import special_token_ids
+from .latent_edits import Intervention, SAEDictionary, hook_interventions
 from .padded_prompts import PromptBatch, last_logits
 
 
@@ -41,13 +42,13 @@ def steer(model: nn.Module, tokenizer, site: str, sae, latent: int, prompt: str,
     batch = PromptBatch.from_texts(tokenizer, [prompt]).to(device)
     keep = batch.keep(special_token_ids(model, tokenizer))
     record = Intervention(sae, record=True)
-    with hook_site(model, site, record):
+    with hook_interventions(model, {site: record}):
         base = torch.log_softmax(last_logits(model, batch)[0], -1)  # (V,)
     on_prompt = SAEDictionary(sae).values(record.codes[0], torch.tensor([latent], device=device))[0, :, 0]
     rows, logps = [], []
     for alpha in alphas:
         iv = Intervention(sae, steer={latent: float(alpha)}, positions=keep)
-        with hook_site(model, site, iv):
+        with hook_interventions(model, {site: iv}):
             logp = torch.log_softmax(last_logits(model, batch)[0], -1)
             out = model.generate(**{k: v for k, v in batch.inputs().items() if k != "position_ids"},
                                  max_new_tokens=max_new_tokens, do_sample=False,
@@ -67,7 +68,8 @@ def steer(model: nn.Module, tokenizer, site: str, sae, latent: int, prompt: str,
     watched = [ids[0] for ids in watched if len(ids) == 1]
     for row, logp in zip(rows, logps, strict=True):
         row["watched"] = {tokenizer.decode([i]): float(logp[i].exp()) for i in watched}
-    return {"site": site, "latent": latent, "prompt": prompt, "latent_max_on_prompt": float(on_prompt.max()),
+    where = {"site": site, **({"out_site": record.out_site} if record.out_site else {})}
+    return {**where, "latent": latent, "prompt": prompt, "latent_max_on_prompt": float(on_prompt.max()),
             "max_new_tokens": max_new_tokens, "rows": rows, "seconds": time.perf_counter() - start}
 
 
