@@ -64,16 +64,17 @@ def _harvest(name: str, sites: tuple[str, ...], tokens: int) -> Job:
 
 
 def _train(name: str, tokens: int | None, *flags: str, store: str = "seeds") -> Job:
-    """A dictionary trained on `tokens` distinct vectors of a store (None: all of them); steps = tokens // BATCH,
-    so that no vector is seen twice."""
+    """A dictionary trained on the store's first `tokens` vectors (None: all of them), steps = tokens // BATCH, so
+    that no vector is seen twice and the smaller budgets are prefixes of the larger ones."""
     def argv(w: Path) -> list[str]:
         out = w / "train" / name
         rows = store_rows(w, store)
         extra = [f(w) if callable(f) else f for f in flags]
         resume = ["--resume"] if (out / "run.json").exists() else []
+        budget = ["--tokens", str(tokens)] if tokens else []  # the store's first shards (ActivationStore.prefix)
         return ["train", "--data", str(w / f"harvest-{store}"), "--site", SITE, "--batch-size", str(BATCH),
-                "--steps", str(min(tokens or rows, rows) // BATCH), "--checkpoint-every", "100", "--out", str(out),
-                *extra, *resume]
+                "--steps", str(min(tokens or rows, rows) // BATCH), *budget, "--checkpoint-every", "100",
+                "--out", str(out), *extra, *resume]
     return Job(name, "train", argv)
 
 
@@ -86,7 +87,7 @@ def store_rows(w: Path, store: str) -> int:
 
 def _matched_k(w: Path) -> str:
     """TopK's k at the L1 ReLU's measured L0 (its evaluation on held-out technical prose), for the matched pair."""
-    l0 = _metrics(w, "relu-resample", "technical")["l0"]
+    l0 = eval_metrics(w, "relu-resample", "technical")["l0"]
     return str(max(1, round(l0)))
 
 
@@ -144,7 +145,7 @@ def run_job(job: Job, w: Path) -> None:
                                     "seconds": round((dt.datetime.now() - started).total_seconds(), 1)})
 
 
-def _metrics(w: Path, name: str, tag: str) -> dict:
+def eval_metrics(w: Path, name: str, tag: str) -> dict:
     """One dictionary's evaluation results on one held-out corpus (KeyError while it has not run)."""
     path = w / "eval" / f"{name}-{tag}" / "metrics.json"
     if not path.exists():
@@ -162,10 +163,10 @@ def _fmt(x: float, digits: int = 3) -> str:
 def _scale_row(w: Path) -> dict:
     ours = []
     for name in ("scale-0.25M", "scale-1M", "scale-4M", "scale-10M"):
-        t, n = _metrics(w, name, "technical"), _metrics(w, name, "narrative")
+        t, n = eval_metrics(w, name, "technical"), eval_metrics(w, name, "narrative")
         ours.append(f"{name.removeprefix('scale-')}: FVU {_fmt(t['fvu'])}/{_fmt(n['fvu'])}, "
                     f"CE rec. {_fmt(t['ce_loss_recovered'])}/{_fmt(n['ce_loss_recovered'])}")
-    best = min(_metrics(w, "scale-10M", tag)["ce_loss_recovered"] for tag in EVAL_CORPORA)
+    best = min(eval_metrics(w, "scale-10M", tag)["ce_loss_recovered"] for tag in EVAL_CORPORA)
     verdict = "reproduced" if best >= 0.95 else "not reproduced"
     return {"finding": "Scale: more training tokens, better dictionary; the dictionary model keeps ~95% of the "
                        "model's performance",
@@ -176,7 +177,7 @@ def _scale_row(w: Path) -> dict:
 
 
 def _resample_row(w: Path) -> dict:
-    r, t = _metrics(w, "relu-resample", "technical"), _metrics(w, "topk-matched", "technical")
+    r, t = eval_metrics(w, "relu-resample", "technical"), eval_metrics(w, "topk-matched", "technical")
     return {"finding": "L1 ReLU with Anthropic resampling vs TopK with AuxK at matched L0",
             "seed": "001: resampling dead neurons keeps the dictionary alive (dead fraction low)",
             "ours": f"ReLU+resampling: L0 {r['l0']:.1f}, dead {r['dead_fraction']:.3f}, FVU {_fmt(r['fvu'])}, CE rec. "
