@@ -37,11 +37,16 @@ def to_json(results: dict[str, dict]) -> dict:
 
 
 def write_report(out: str | Path, results: dict[str, dict], meta: dict | None = None,
-                 baselines: tuple[str, ...] = ()) -> list[Path]:
-    """Write out/metrics.json (atomically) and, when matplotlib is installed, the plots. Returns the files."""
+                 baselines: tuple[str, ...] = (), extra: dict | None = None, text: str | None = None) -> list[Path]:
+    """Write out/metrics.json (atomically) and, when matplotlib is installed, the plots. Returns the files.
+    extra: more sections of metrics.json ("absorption", "sparse_probing": fastsae.evaluation.probe_metrics);
+    text: the report's text, written to out/report.md."""
     out = Path(out)
-    io.write_json(out / "metrics.json", {"meta": meta or {}, "results": to_json(results)})
+    io.write_json(out / "metrics.json", {"meta": meta or {}, "results": to_json(results), **(extra or {})})
     files = [out / "metrics.json"]
+    if text is not None:
+        io.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text + "\n"))
+        files.append(out / "report.md")
     try:
         import matplotlib
 

@@ -4,6 +4,9 @@ The model, site, corpus and window settings default to what the SAE's metadata r
 SAE records which windows of its corpus' seeded order it trained on (`metadata["windows"]`, from
 its store's manifest or its stream; SAEs from before the record fall back to their store's
 manifest), and the eval windows are the last of the others: held out from training by record.
+
+`metrics` adds metrics beyond the reconstruction and downstream ones: "absorption" and "sparse-probing"
+(fastsae.evaluation.probe_metrics), into metrics.json and the report's text (report.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..harvest.store import ActivationStore, is_store
 from ..sae import CONFIG_FILE, SAE
 from .eval_report import write_report
 from .evaluate import evaluate_with_baselines
+from .probe_metrics import format_probe_metrics, parse_metrics, run_probe_metrics
 
 HEADLINE = ("l0", "fvu", "explained_variance", "cossim", "ce_loss_recovered", "kl_div_with_sae",
             "perplexity_increase", "dead_fraction", "embedding_cossim_with_sae")
@@ -69,11 +73,13 @@ def trained_windows(sae: SAE) -> dict | None:
 def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None = None, site: str | None = None,
              corpus: str | None = None, tokens: int = 16_384, context_size: int | None = None,
              baselines: tuple[str, ...] = ("pca", "ica", "neurons", "random"), fit_tokens: int = 32_768,
-             batch_size: int = 4, device: str = "cpu", progress: bool = True, reference: bool = False) -> dict:
+             batch_size: int = 4, device: str = "cpu", progress: bool = True, reference: bool = False,
+             metrics: tuple[str, ...] = ()) -> dict:
     """Evaluate the SAEs at sae_paths against baselines and write the report to out (module docstring).
     reference: the straightforward evaluation, one whole forward per variant (for benchmarks)."""
     from ..model import capture, load, special_token_ids
 
+    metrics = parse_metrics(metrics)
     paths = find_saes(sae_paths)
     saes = {name: SAE.load(path, device=device) for name, path in paths.items()}
     first = next(iter(saes.values()))
@@ -115,15 +121,23 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
     results = evaluate_with_baselines(lm, site, windows, saes, fit_x, kinds=tuple(baselines), batch_size=batch_size,
                                       exclude_token_ids=excluded, progress=progress, reference=reference,
                                       seconds=seconds)
+    extra = run_probe_metrics(metrics, lm, tokenizer, site, saes, corpus, fit_x, tuple(baselines), context_size,
+                              excluded, batch_size, device, seed, seconds)
     meta = {"model": model, "site": site, "corpus": str(corpus), "eval_windows": n_eval,
             "eval_window_ranges": _ranges(held_out.tolist()), "window_seed": seed, "overlap_windows": overlap,
             "context_size": context_size, "saes": {n: str(p) for n, p in paths.items()},
             "baseline_fit_tokens": None if fit_x is None else fit_x.shape[0], "baseline_fit_source": fit_source,
             "seconds": {k: round(v, 3) for k, v in seconds.items()}}
-    files = write_report(out, results, meta, baselines=tuple(baselines))
-    print(format_table(results))
-    print("report: " + ", ".join(str(Path(f).resolve()) for f in files))
+    _write(out, results, meta, tuple(baselines), extra)
     return results
+
+
+def _write(out: str | Path, results: dict, meta: dict, baselines: tuple[str, ...], extra: dict) -> None:
+    """Write the report (with report.md when extra holds more metrics) and print its text and files."""
+    text = format_table(results) + format_probe_metrics(extra)
+    files = write_report(out, results, meta, baselines=baselines, extra=extra, text=text if extra else None)
+    print(text)
+    print("report: " + ", ".join(str(Path(f).resolve()) for f in files))
 
 
 FULL_PRECISION = (torch.float32, torch.float64)
