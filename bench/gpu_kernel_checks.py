@@ -1,6 +1,7 @@
 """Stage 1's kernel groups: the fused TopK and threshold encoders at every tile config the autotuner may
-pick, the sparse decode and its value gradient, the segment reduction (and its determinism), fused Adam
-and resampling, each in every dtype against its float64 reference (bench/gpu_correctness.py)."""
+pick, the sparse decode and its value gradient, the Matryoshka prefix decode, the segment reduction (and its
+determinism), fused Adam and resampling, each in every dtype against its float64 reference
+(bench/gpu_correctness.py)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,29 @@ def decode_group(rec, ctx) -> None:
                 got = sparse_value_grad(*on_device(ctx, grad, indices, W))
                 want = reference.decode_value_grad(grad.double(), indices, W.double())
                 row.update(compare(got, want, 4 * TOL["fp32"][0] * d_in**0.5, TOL["fp32"][1]))  # fp32 out
+            prefix_check(rec, ctx, shape, values, indices, W, bias, torch.randn(n, d_in, generator=g).to(dtype))
+
+
+def prefix_check(rec, ctx, shape: str, values, indices, W, bias, x) -> None:
+    """The Matryoshka prefix decode (kernels/prefix_decode.py): x_hat and three nested prefixes' losses against
+    the float64 per-prefix sum, and the same bits on a second run."""
+    from fastsae.kernels.prefix_decode import prefix_decode
+    from fastsae.ops import reference
+
+    fam, d_sae = DTYPE_FAMILY[W.dtype], W.shape[0]
+    atol, rtol = TOL[fam]
+    widths = tuple(sorted({max(1, d_sae // 7), max(2, d_sae // 2), d_sae}))
+    want_hat, want_loss = reference.matryoshka_decode(values.double(), indices, W.double(), bias.double(), x.double(),
+                                                      widths)  # x_hat unrounded, as decode's check
+    with rec.check(kernel="prefix_decode", dtype=fam, shape=shape, config=f"widths {list(widths)}") as row:
+        args = on_device(ctx, values, indices, W, bias, x)
+        x_hat, loss = prefix_decode(*args, widths)
+        again = prefix_decode(*args, widths)
+        # a loss sums N·d_in squares in fp32 from inputs rounded to the dtype: rtol of the dtype on the sum
+        row.update(worst(compare(x_hat, want_hat, 4 * atol * values.shape[1] ** 0.5, rtol),
+                         compare(loss, want_loss, 0.0, 4 * rtol)))
+        row["deterministic"] = bool(torch.equal(x_hat, again[0]) and torch.equal(loss, again[1]))
+        row["passed"] = row["tol_ratio"] <= 1 and row["deterministic"] and x_hat.dtype == W.dtype
 
 
 def segment_group(rec, ctx) -> None:

@@ -158,6 +158,25 @@ def sparse_variants() -> list[Variant]:
     return out
 
 
+def prefix_variants() -> list[Variant]:
+    """The Matryoshka prefix decode (x_hat and every prefix's loss): every block size its launcher picks (the
+    decode's), one variant for any number of prefixes (a runtime loop)."""
+    from . import sparse_decode
+    from .prefix_decode import num_warps
+
+    out = []
+    for dtype in DTYPES:
+        for block_m, block_d in sorted({sparse_decode.blocks(d_in) for d_in in range(1, 4097)}):
+            out.append(Variant(
+                f"{__package__}.prefix_decode", "_prefix_decode_kernel", f"BLOCK {block_m}x{block_d}", dtype,
+                types={"val_ptr": f"*{dtype}", "idx_ptr": "*i64", "ends_ptr": "*i32", "w_ptr": f"*{dtype}",
+                       "bias_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "part_ptr": "*fp32"},
+                constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps(block_d),
+                plain=("n_prefixes", "stride_vm", "stride_em"),
+                tags=("quick",) if (dtype, block_d) == ("bf16", 128) else ()))
+    return out
+
+
 def optimizer_variants() -> list[Variant]:
     """Adam (elementwise, and per unit row at every block the launcher picks for d_in >= 16) and resampling
     (every flag combination at the widest block, every block for the fp32 SAE with optimizer state)."""
@@ -192,4 +211,4 @@ def optimizer_variants() -> list[Variant]:
 
 
 def all_variants() -> list[Variant]:
-    return topk_variants() + threshold_variants() + sparse_variants() + optimizer_variants()
+    return topk_variants() + threshold_variants() + sparse_variants() + prefix_variants() + optimizer_variants()

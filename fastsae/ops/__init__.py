@@ -37,7 +37,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | encode_batchtopk  | encoder_topk.encoder_topk_candidates | topk_variants      | _autograd.SparseEncode       |
 | encode_jumprelu   | encoder_threshold.encoder_threshold  | threshold_variants | jumprelu.ThresholdSTE        |
 | decode            | sparse_decode.sparse_decode          | sparse_variants    | triton_backend._SparseDecode |
-| matryoshka_decode | —                                    | —                  | matryoshka._MatryoshkaDecode |
+| matryoshka_decode | prefix_decode.prefix_decode          | prefix_variants    | triton_backend._PrefixDecode |
 | decode_value_grad | sparse_decode.sparse_value_grad      | sparse_variants    | triton_backend._SparseDecode |
 | gather_rows       | sparse_decode.sparse_decode          | sparse_variants    | _autograd.SparseEncode       |
 | segment_sum       | segment_reduce.segment_reduce        | sparse_variants    | _autograd.SparseEncode       |
@@ -64,8 +64,10 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 
 - matryoshka_decode is the Matryoshka loss's decode (ops/matryoshka.py): every prefix's reconstruction
   error in one pass over the active latents, and a backward that shares the prefixes' work too (suffix sums
-  of their residuals), never one (N, d_in) reconstruction per prefix. No Triton kernel yet: the triton
-  backend runs the torch path (on CUDA tensors too). Its float64 reference is the naive sum of per-prefix
+  of their residuals), never one (N, d_in) reconstruction per prefix. On Triton one kernel
+  (kernels/prefix_decode.py) walks each row's latent-sorted entries and writes x_hat and every prefix's loss;
+  the backward is the torch path's (matryoshka._MatryoshkaDecode's, torch ops on the CUDA tensors), and
+  float64 inputs take the torch path. Its float64 reference is the naive sum of per-prefix
   dense decodes; `python -m bench.matryoshka` times it against that and its torch.compile.
 - decode_value_grad is decode's gradient with respect to its values, <grad[n], W_dec[idx[n, j]]>; the torch
   path's autograd for it and for decode is torch_backend._DecodeRows.

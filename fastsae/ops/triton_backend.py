@@ -12,6 +12,8 @@
   doubled and the batch redone.
 - Decode and every backward: gathers over active rows and a latent-sorted
   segment reduction; deterministic.
+- Matryoshka: one kernel gives x_hat and every prefix's loss (kernels/prefix_decode.py);
+  its backward is the torch path's (ops/matryoshka.py), on the same CUDA tensors.
 - fp32 SAEs: the encoder GEMMs run in TF32 on the tensor cores (about 1e-3
   relative error on a pre-activation); `set_fp32_matmul("ieee")` or
   FASTSAE_FP32_MATMUL=ieee asks for exact fp32. 16-bit SAEs are unaffected.
@@ -33,13 +35,13 @@ from torch import Tensor
 from ..kernels import adam as _adam
 from ..kernels import encoder_threshold as _thr
 from ..kernels import encoder_topk as _topk
+from ..kernels import prefix_decode as _prefix
 from ..kernels import resample as _resample
 from ..kernels import segment_reduce as _seg
 from ..kernels import sparse_decode as _dec
 from ..kernels._common import interpreting, next_pow2, set_fp32_matmul  # noqa: F401 (re-exported)
-from . import jumprelu, torch_backend
+from . import jumprelu, matryoshka, torch_backend
 from ._autograd import SparseEncode, SparsePrims
-from .matryoshka import matryoshka_decode  # noqa: F401 (no Triton kernel yet: the torch path, which runs on CUDA tensors too)
 
 STATS: Counter = Counter()
 # Capacity per (row, slice) of the threshold encoder's compact buffer, per d_sae.
@@ -209,6 +211,44 @@ def decode_grads(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tenso
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     _check_device(values, W_dec)
     return _SparseDecode.apply(values, indices, W_dec, b_dec)
+
+
+class _PrefixDecode(torch.autograd.Function):
+    """Forward: the fused prefix-decode kernel; backward: ops/matryoshka.py's (torch ops, any device)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
+                widths: tuple[int, ...]):
+        x_hat, losses = _prefix.prefix_decode(values, indices, W_dec, b_dec, x, widths)
+        ctx.save_for_backward(values, indices, W_dec, b_dec, x, x_hat)
+        ctx.widths = widths
+        return x_hat, losses
+
+    @staticmethod
+    def backward(ctx, grad_x_hat: Tensor | None, grad_loss: Tensor | None):
+        values, indices, W_dec, b_dec, x, x_hat = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros(len(ctx.widths), dtype=torch.float32, device=x.device)
+        grads = matryoshka.backward(grad_x_hat, grad_loss, values, indices, W_dec, b_dec, x, x_hat, ctx.widths)
+        (grad_values, grad_W, grad_b, grad_x), need = grads, ctx.needs_input_grad
+        return (grad_values if need[0] else None, None, grad_W if need[2] else None, grad_b if need[3] else None,
+                grad_x if need[4] else None, None)
+
+
+def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
+                      widths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """x_hat (N, d_in) and each nested prefix's mse (P,) fp32, as ops/matryoshka.py's matryoshka_decode; float64
+    inputs take that torch path (the kernel accumulates in fp32, the contract there is float64)."""
+    _check_device(values, W_dec, x)
+    widths = matryoshka.check_widths(widths, W_dec.shape[0])
+    if torch.float64 in (values.dtype, W_dec.dtype, x.dtype):
+        STATS["matryoshka_float64_torch"] += 1
+        return matryoshka.matryoshka_decode(values, indices, W_dec, b_dec, x, widths)
+    if x.shape != (values.shape[0], W_dec.shape[1]):
+        raise ValueError(f"matryoshka_decode: x must be (N, d_in) = {(values.shape[0], W_dec.shape[1])}, "
+                         f"got {tuple(x.shape)}")
+    STATS["matryoshka_fused"] += 1
+    return _PrefixDecode.apply(values, indices, W_dec, b_dec, x, widths)
 
 
 # ---- the optimizer step and resampling -------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {1: "1-kernels.json", 2: "2-targets.json", 3: "3-sweep.json", 4: "4-capacity.json", 5: "5-extra.json"}
-KERNELS = {"encoder_topk", "encoder_threshold", "sparse_decode", "sparse_value_grad", "segment_reduce", "adam",
+KERNELS = {"encoder_topk", "encoder_threshold", "sparse_decode", "sparse_value_grad", "prefix_decode", "segment_reduce",
+           "adam",
            "resample", "SAE forward + backward", "encoder_topk (Triton backend op)"}
 
 
