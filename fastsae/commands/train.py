@@ -21,6 +21,8 @@ FLAG_NAMES = {
     "--out-site": ("DataConfig.target_site", "target_site"), "--jumprelu-sparsity": ("SAEConfig.jumprelu_sparsity",),
     "--matryoshka-widths": ("SAEConfig.matryoshka_widths",),
 }
+FLAG_NAMES.update({"--kl": ("TrainConfig.kl_coefficient",), "--resample": ("DeadLatentConfig.preset",),
+                   "--no-b-dec": ("TrainConfig.b_dec_init",)})
 
 
 def register(subparsers) -> None:
@@ -63,6 +65,7 @@ def register(subparsers) -> None:
     flags.add_batch_size(p)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--resample-every", type=int)
+    _add_preset_flags(p)
     p.add_argument("--auxk", type=float, help="AuxK coefficient (topk/batchtopk; Gao et al. use 1/32)")
     flags.add_seed(p, default=None)
     p.add_argument("--b-dec-init", choices=("zeros", "mean"),
@@ -72,6 +75,25 @@ def register(subparsers) -> None:
                    help="under torchrun: split the latents over every rank (or over N ranks, the others being data "
                         "replicas); without it, torchrun trains data parallel")
     p.set_defaults(func=_train, flag_names=FLAG_NAMES)
+
+
+def _add_preset_flags(p: argparse.ArgumentParser) -> None:
+    """--resample, --tied, --no-b-dec and --kl: the seeds' training variants (docs/guides/training.md)."""
+    p.add_argument("--resample", choices=("anthropic",),
+                   help="'anthropic': Towards Monosemanticity's resampling schedule (resample at 25k/50k/75k/100k "
+                        "steps, dead = silent for 12.5k steps), taken as a 125k-step run and scaled to --steps "
+                        "(rounded down): resample at 20/40/60/80%% of the run, dead window 10%% of the run (times "
+                        "--batch-size rows), none in the last 20%%")
+    p.add_argument("--tied", action="store_true", help="W_enc = W_dec^T (implies --no-normalize: a tied SAE "
+                                                       "cannot fold the input scale)")
+    p.add_argument("--no-b-dec", action="store_true",
+                   help="no decoder bias: b_dec stays 0 and untrained, not subtracted from the input (with --tied: "
+                        "Cunningham et al. 2023's SAE)")
+    p.add_argument("--kl", type=float, metavar="COEF",
+                   help="KL + reconstruction: loss += COEF * KL(clean || spliced), the model's next-token "
+                        "distribution with x_hat spliced in at the site; trains on token windows (a store's recorded "
+                        "corpus windows and its model, or --data stream's), BOS/pad positions left clean and "
+                        "uncounted")
 
 
 def _given(values: dict) -> dict:
@@ -91,13 +113,38 @@ def _train(args: argparse.Namespace) -> int:
         sae=_given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,
                     "dtype": args.dtype, "kind": args.kind, "jumprelu_sparsity": args.jumprelu_sparsity,
                     "matryoshka_widths": args.matryoshka_widths,
-                    "apply_b_dec_to_input": False if transcoder else None}),
+                    "apply_b_dec_to_input": False if transcoder or args.no_b_dec else None,
+                    "tied": True if args.tied else None}),
         train=_given({"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
                       "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
-                      "b_dec_init": args.b_dec_init}),
+                      "b_dec_init": args.b_dec_init, "kl_coefficient": args.kl}),
         data=_given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": site,
                      "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
                      "context_size": args.context_size, "target_site": args.out_site}))
+    _presets(args, settings)
     train_run(args.out, settings, resume=args.resume, progress=flags.progress(args),
               shard_latents=args.shard_latents, total_steps=args.steps)  # --resume --steps N: the run's new length
     return 0
+
+
+def _presets(args: argparse.Namespace, settings) -> None:
+    """--resample, --tied and --no-b-dec, on the settings of the config file and the other flags."""
+    import dataclasses
+
+    from ..train.train_config import DeadLatentConfig
+
+    if args.resample:
+        if args.resample_every is not None:
+            raise ValueError("--resample: give --resample or --resample-every, not both")
+        dead = DeadLatentConfig.preset(args.resample, steps=settings.train.schedule.total_steps,
+                                       batch_size=settings.data.batch_size)
+        settings.train = settings.train.replace(resample_every=None, resample_at=dead.resample_at,
+                                                dead_window_tokens=dead.window_tokens)
+    if args.no_b_dec:
+        if args.b_dec_init not in (None, "none"):
+            raise ValueError(f"--no-b-dec: b_dec stays 0, so --b-dec-init {args.b_dec_init} does not apply")
+        settings.train = settings.train.replace(b_dec_init="none")
+    if args.tied:
+        if args.normalize:
+            raise ValueError("--tied: a tied SAE cannot fold the input scale (W_enc = W_dec^T); drop --normalize")
+        settings.data = dataclasses.replace(settings.data, normalize=False)

@@ -138,7 +138,15 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
     if grid.is_main:
         io.write_json(out / RUN_FILE, settings.to_dict())
     torch.manual_seed(train_cfg.seed)
-    batches = data.batches(train_cfg.schedule.total_steps)
+    batches, kl = data.batches(train_cfg.schedule.total_steps), None
+    if train_cfg.kl_coefficient > 0:  # KL + reconstruction: token windows and the model to splice into
+        from .kl_data import kl_training, window_batches
+
+        if grid.world_size > 1:
+            raise ValueError("TrainConfig.kl_coefficient > 0 (--kl) trains in one process, not under torchrun")
+        kl, windows = kl_training(data)
+        batches = window_batches(windows, data.cfg.batch_size, train_cfg.schedule.total_steps, data.cfg.seed,
+                                 next(kl.model.parameters()).device)
     if grid.world_size > 1:
         from ..train.distributed_training import DistributedTrainer, ShardedSAE, check_batch, save_final, slice_batches
 
@@ -150,7 +158,7 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
         sae = finish_sae(result.sae, data)
         save_final(sae, out / "sae")
     else:
-        result = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out).fit(batches, resume=resume)
+        result = Trainer(SAE(sae_cfg, seed=train_cfg.seed), train_cfg, run_dir=out, kl=kl).fit(batches, resume=resume)
         sae = finish_sae(result.sae, data)
         sae.save(out / "sae")
     if grid.is_main:

@@ -27,7 +27,8 @@ from .train_config import TrainConfig
 from .trainer import TrainingDivergedError
 
 # (concern, field) -> the only value train_ensemble supports yet
-_UNSUPPORTED = {("dead_latents", "resample_every"): None, ("dead_latents", "auxk_coefficient"): 0.0,
+_UNSUPPORTED = {("dead_latents", "resample_every"): None, ("dead_latents", "resample_at"): None,
+                ("dead_latents", "auxk_coefficient"): 0.0,
                 (None, "kl_coefficient"): 0.0, ("checkpoints", "every"): None,
                 ("optimizer", "mixed_precision"): None}
 

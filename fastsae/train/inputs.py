@@ -54,3 +54,14 @@ def check_transcoder_training(sae: SAE, resample_every: int, kl) -> None:
     if sae.cfg.kind != "sae" and (resample_every or kl is not None):
         raise ValueError(f"a {sae.cfg.kind} trains without DeadLatentConfig.resample_every and without a SpliceKL "
                          f"(not supported yet: use AuxK, DeadLatentConfig.auxk_coefficient, for dead latents)")
+
+
+def freeze_b_dec(sae: SAE, b_dec_init: str) -> None:
+    """b_dec_init='none' (no decoder bias, Cunningham et al. 2023): b_dec must be 0 and is taken out of training
+    (requires_grad False, so the optimizer never holds it), so it stays exactly 0."""
+    if b_dec_init != "none":
+        return
+    if bool(sae.b_dec.detach().ne(0).any()):
+        raise ValueError("TrainConfig.b_dec_init='none' trains without a decoder bias: the SAE's b_dec must be all "
+                         "0, got a non-zero b_dec")
+    sae.b_dec.requires_grad_(False)

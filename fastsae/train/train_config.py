@@ -106,6 +106,23 @@ class ScheduleConfig:
                              f"{self.lr_warmup_fraction} + {self.lr_decay_fraction}")
 
 
+# Towards Monosemanticity (Bricken et al. 2023), "Neuron Resampling": resample at 25k, 50k, 75k and 100k steps;
+# a neuron is dead when it has not fired in the previous 12.5k steps. The paper names these points, not the length
+# of the run they sit in (its A/1 dictionary saw 8B activations, far more steps). We take the schedule as a run of
+# 125k steps: after the last resample, as long a stretch without one as between two resamples. Scaled to a run of
+# N steps: resamples at 20/40/60/80 % of N, a dead window of 10 % of N, none in the last 20 % (where the trainer
+# decays the LR, ScheduleConfig.lr_decay_fraction). DeadLatentConfig.preset(paper_steps=...) takes another length.
+ANTHROPIC_RESAMPLE_STEPS = (25_000, 50_000, 75_000, 100_000)
+ANTHROPIC_DEAD_STEPS = 12_500
+ANTHROPIC_PAPER_STEPS = 125_000
+
+
+def _scaled(paper_step: int, steps: int, paper_steps: int) -> int:
+    """paper_step of a paper_steps-long run, at the same fraction of a steps-long one, rounded down (so no
+    resample falls later in the run than the paper's did)."""
+    return paper_step * steps // paper_steps
+
+
 @dataclass
 class DeadLatentConfig:
     # A latent is dead when it has not fired on any of the last window_tokens rows.
@@ -114,6 +131,8 @@ class DeadLatentConfig:
     # resample_pool rows (Anthropic resampled 4 times, every 25k steps).
     resample_every: int | None = None
     resample_pool: int = 16_384
+    # Or resample after exactly these steps (1-based step counts, ascending), as preset("anthropic", ...) sets.
+    resample_at: tuple[int, ...] | None = None
     # AuxK (Gao et al. 2024; TopK/BatchTopK only): loss += auxk_coefficient · AuxK over the top auxk_k
     # dead latents. Gao et al. use 1/32 and k_aux = 512; None picks d_in // 2.
     auxk_coefficient: float = 0.0
@@ -124,6 +143,40 @@ class DeadLatentConfig:
         _positive(c, self, "window_tokens", "resample_pool")
         _positive_or_none(c, self, "resample_every", "auxk_k")
         _non_negative(c, self, "auxk_coefficient")
+        if self.resample_at is not None:
+            at = tuple(self.resample_at) if isinstance(self.resample_at, (list, tuple)) else self.resample_at
+            _check(c, "resample_at", isinstance(at, tuple) and len(at) > 0 and all(_is_int(s) and s >= 1 for s in at)
+                   and list(at) == sorted(set(at)), "None or ascending distinct ints >= 1", self.resample_at)
+            self.resample_at = at
+            if self.resample_every is not None:
+                raise ValueError("DeadLatentConfig: give resample_every or resample_at, not both")
+
+    @property
+    def resampling(self) -> bool:
+        return bool(self.resample_every) or self.resample_at is not None
+
+    def resamples_at(self, step: int) -> bool:
+        """Whether dead latents are resampled once step steps (1-based) have been taken."""
+        if self.resample_at is not None:
+            return step in self.resample_at
+        return bool(self.resample_every) and step % self.resample_every == 0
+
+    @classmethod
+    def preset(cls, name: str, *, steps: int, batch_size: int, paper_steps: int = ANTHROPIC_PAPER_STEPS,
+               **settings) -> DeadLatentConfig:
+        """name "anthropic": Towards Monosemanticity's schedule scaled from paper_steps to a run of steps steps
+        of batch_size rows (see ANTHROPIC_PAPER_STEPS): resample_at the four scaled points, window_tokens the
+        scaled 12.5k steps times batch_size. settings: the other fields (resample_pool, auxk_...)."""
+        if name != "anthropic":
+            raise ValueError(f"DeadLatentConfig.preset: name must be 'anthropic', got {name!r}")
+        for arg, value in (("steps", steps), ("batch_size", batch_size), ("paper_steps", paper_steps)):
+            _check("DeadLatentConfig.preset", arg, _is_int(value) and value >= 1, "an int >= 1", value)
+        at = tuple(_scaled(s, steps, paper_steps) for s in ANTHROPIC_RESAMPLE_STEPS)
+        if at[0] < 1 or len(set(at)) < len(at) or at[-1] >= steps:
+            raise ValueError(f"DeadLatentConfig.preset('anthropic'): steps={steps} is too short to place "
+                             f"{len(at)} distinct resamples before its end (scaled: {list(at)})")
+        window = max(1, _scaled(ANTHROPIC_DEAD_STEPS, steps, paper_steps))
+        return cls(window_tokens=window * batch_size, resample_at=at, **settings)
 
 
 @dataclass
@@ -157,7 +210,8 @@ FLAT_NAMES: dict[str, tuple[str | None, str]] = {
     "total_steps": ("schedule", "total_steps"), "lr_warmup_fraction": ("schedule", "lr_warmup_fraction"),
     "lr_decay_fraction": ("schedule", "lr_decay_fraction"), "l1_warmup_fraction": ("schedule", "l1_warmup_fraction"),
     "dead_window_tokens": ("dead_latents", "window_tokens"), "resample_every": ("dead_latents", "resample_every"),
-    "resample_pool": ("dead_latents", "resample_pool"), "auxk_coefficient": ("dead_latents", "auxk_coefficient"),
+    "resample_pool": ("dead_latents", "resample_pool"),
+    "resample_at": ("dead_latents", "resample_at"), "auxk_coefficient": ("dead_latents", "auxk_coefficient"),
     "auxk_k": ("dead_latents", "auxk_k"), "log_every": ("logging", "log_every"),
     "tensorboard": ("logging", "tensorboard"), "wandb_project": ("logging", "wandb_project"),
     "progress": ("logging", "progress"), "checkpoint_every": ("checkpoints", "every"),
@@ -177,7 +231,9 @@ class TrainConfig:
     # and batches of token ids).
     kl_coefficient: float = 0.0
     # "mean": before the first step, b_dec = the first batch's mean (activations with a large common
-    # offset, like a residual stream, otherwise spend the early steps learning it).
+    # offset, like a residual stream, otherwise spend the early steps learning it). "none": no decoder bias,
+    # b_dec stays 0 and is not trained (Cunningham et al. 2023's tied SAE, with SAEConfig tied=True and
+    # apply_b_dec_to_input=False).
     b_dec_init: str = "zeros"
     seed: int = 0  # the trainer's own generator (resampling draws)
 
@@ -187,8 +243,8 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, "
                                 f"got {type(getattr(self, name)).__name__}")
         _non_negative("TrainConfig", self, "kl_coefficient")
-        _check("TrainConfig", "b_dec_init", self.b_dec_init in ("zeros", "mean"), "'zeros' or 'mean'",
-               self.b_dec_init)
+        _check("TrainConfig", "b_dec_init", self.b_dec_init in ("zeros", "mean", "none"),
+               "'zeros', 'mean' or 'none'", self.b_dec_init)
         _check("TrainConfig", "seed", _is_int(self.seed), "an int", self.seed)
 
     @classmethod

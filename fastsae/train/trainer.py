@@ -41,7 +41,7 @@ from ..losses import LossCoefficients, fvu
 from ..sae import SAE, SAEOutput
 from . import checkpoint as ckpt
 from .checkpoint_loading import is_sharded_checkpoint, load_single_process_state, load_training_state
-from .inputs import check_transcoder_training, init_b_dec_mean_, split_batch
+from .inputs import check_transcoder_training, freeze_b_dec, init_b_dec_mean_, split_batch
 from .kl import SpliceKL
 from .optim import SAEAdam, build_optimizer
 from .resample import resample_dead_latents
@@ -87,7 +87,8 @@ class Trainer:
         if (self.cfg.kl_coefficient > 0) != (kl is not None):
             raise ValueError("TrainConfig.kl_coefficient > 0 and Trainer(kl=SpliceKL(...)) go together")
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        check_transcoder_training(sae, self.cfg.dead_latents.resample_every, kl)
+        check_transcoder_training(sae, self.cfg.dead_latents.resampling, kl)
+        freeze_b_dec(sae, self.cfg.b_dec_init)
         if self.cfg.checkpoints.every and self.run_dir is None:
             raise ValueError("CheckpointConfig.every needs a run_dir")
         if self.cfg.dead_latents.auxk_coefficient and sae.cfg.activation not in ("topk", "batchtopk"):
@@ -173,10 +174,10 @@ class Trainer:
             self.tokens_since_fired[self._fired(out.latents)] = 0
             self.tokens_seen += self._global_rows(rows.shape[0])
             self.step_count += 1
-            if dead_cfg.resample_every:
+            if dead_cfg.resampling:
                 self.pool = torch.cat([self.pool, self._pool_rows(rows).to(self.pool.dtype)])[-dead_cfg.resample_pool:]
             logged = self._metrics(y.get("target", x), out, coefficients) if metrics else {"step": self.step_count}
-            if dead_cfg.resample_every and self.step_count % dead_cfg.resample_every == 0:
+            if dead_cfg.resamples_at(self.step_count):
                 dead = self.dead_mask()
                 logged["resampled"] = self._resample(dead)
                 self.tokens_since_fired[dead] = 0  # a fresh window to prove themselves
@@ -187,11 +188,7 @@ class Trainer:
         SpliceKL, whose batch is token ids: its input is the clean model's activation at the site)."""
         if self.kl is None:
             return batch.to(self.sae.dtype), None
-        x, clean_logprobs = self.kl.clean(batch)
-
-        def kl(x_hat: Tensor) -> Tensor:
-            return self.kl.kl(batch, x_hat, clean_logprobs)
-
+        x, kl = self.kl.inputs(batch)  # the rows of the kept (not BOS/pad) positions
         return x.to(self.sae.dtype), kl
 
     def _update(self, out: SAEOutput) -> None:
@@ -354,8 +351,7 @@ class Trainer:
                     break
                 upcoming = self.step_count + 1
                 last = self.total_steps is not None and upcoming == self.total_steps
-                resample_every = self.cfg.dead_latents.resample_every
-                resampling = bool(resample_every) and upcoming % resample_every == 0
+                resampling = self.cfg.dead_latents.resamples_at(upcoming)
                 log_now = upcoming % log.log_every == 0 or last or resampling
                 metrics = self.step(x, metrics=log_now)
                 bar.update(1)

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fastsae import SAE, SAEConfig
+from fastsae.losses import kl_div
+from fastsae.model import hook_site
 from fastsae.train import TrainConfig, Trainer
 from fastsae.train.kl import SpliceKL
 
@@ -62,3 +64,27 @@ def test_bad_site_and_mismatched_settings():
         SpliceKL(tiny_pythia(), "resid_post.7")
     with pytest.raises(ValueError, match="kl_coefficient"):
         Trainer(SAE(SAEConfig(32, 64)), TrainConfig.flat(kl_coefficient=1.0))
+
+
+def test_inputs_leave_excluded_positions_clean_and_out_of_the_mean():
+    model = tiny_pythia()
+    ids = torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 1  # BOS opens every window
+    ids[1, 4] = 0  # and a pad inside one
+    excluded = [0, 1]
+    kl = SpliceKL(model, "resid_post.0", exclude_token_ids=excluded, scale=2.0)
+    x, kl_of = kl.inputs(ids)
+    acts, clean = SpliceKL(model, "resid_post.0").clean(ids)
+    keep = (ids != 0) & (ids != 1)
+    assert x.shape == (int(keep.sum()), 32) == (26, 32)
+    torch.testing.assert_close(x, 2.0 * acts[keep])  # the SAE sees the kept rows at the source's scale
+    assert kl_of(x).abs() < 1e-6  # a perfect reconstruction of the kept rows: the excluded ones were left clean
+    noisy = x + torch.randn_like(x)
+    full = acts.clone()
+    full[keep] = noisy / 2.0
+    with hook_site(model, kl.site, lambda hidden: full):  # the same splice, every position's KL
+        per_position = kl_div(clean, torch.log_softmax(model(input_ids=ids).logits.float(), -1))  # (3, 10)
+    assert per_position[~keep].abs().max() > 1e-6  # the pad's KL is not 0 (it attends to spliced positions)
+    torch.testing.assert_close(kl_of(noisy), per_position[keep].mean())  # the excluded positions are not counted
+    with pytest.raises(ValueError, match="excluded token"):
+        kl.inputs(torch.ones(2, 5, dtype=torch.long))
