@@ -41,7 +41,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 1e-3
     # JumpReLU's sparsity term: "step" (L0 through the step's STE, DeepMind), "tanh" (Σ tanh(4·z·||W_dec||),
     # Anthropic; 4 is SAELens's jumprelu_tanh_scale), "quadratic" (2/k·(L0 − k)², Gemma Scope 2), or "l1": the
-    # relu L1 term with θ frozen at jumprelu_threshold (fastsae before θ was trained; latent-sharded training).
+    # relu L1 term with θ frozen at jumprelu_threshold (fastsae before θ was trained).
     jumprelu_sparsity: str = "step"
     # Weights and activations; accumulation is always fp32.
     dtype: str = "float32"

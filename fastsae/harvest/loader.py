@@ -12,7 +12,8 @@ sqrt(d)); `batches(steps)` runs whole epochs back to back for a fixed step count
 
 target_site (a transcoder's output site) serves (x, y) pairs: the two sites' rows of the same tokens,
 read side by side (one (rows, d_x + d_y) block per group, so one permutation shuffles both) and split
-on the way out; each is scaled by its own site's norm_scale (`target_scale`). One process only for now.
+on the way out; each is scaled by its own site's norm_scale (`target_scale`). Data parallel too: a rank reads
+both sites' rows of its part. (Latent-sharded ranks are not data ranks: each loads the whole batch, world_size 1.)
 
 Data parallel (rank, world_size): every rank draws the same order and serves its
 own contiguous part of each batch (`tensor_split` of the batch into world_size
@@ -44,9 +45,9 @@ class ShuffledLoader:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if site not in store.sites:
             raise ValueError(f"site {site!r} is not in the store; it has {sorted(store.sites)}")
-        if target_site is not None and (target_site not in store.sites or world_size > 1 or with_index):
-            raise ValueError(f"target_site must be a site of the store ({sorted(store.sites)}), without with_index, "
-                             f"in one process (world_size 1); got {target_site!r}, world_size={world_size}")
+        if target_site is not None and (target_site not in store.sites or with_index):
+            raise ValueError(f"target_site must be a site of the store ({sorted(store.sites)}), without with_index; "
+                             f"got {target_site!r}")
         if batch_size < 1 or shards_in_memory < 1:
             raise ValueError(f"batch_size and shards_in_memory must be >= 1, got {batch_size}, {shards_in_memory}")
         self.store, self.site, self.batch_size = store, site, batch_size
@@ -55,6 +56,7 @@ class ShuffledLoader:
         self.epoch = 0
         self.scale = store.norm_scale(site) if normalize else 1.0
         self.target_site = target_site
+        self._keys = (site,) if target_site is None else (site, target_site)  # read side by side, split in _out
         self.target_scale = store.norm_scale(target_site) if normalize and target_site is not None else 1.0
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
@@ -90,9 +92,8 @@ class ShuffledLoader:
         order = torch.randperm(len(self.store.shards), generator=gen).tolist()
         for g in range(0, len(order), self.shards_in_memory):
             group = order[g:g + self.shards_in_memory]
-            keys = (self.site,) if self.target_site is None else (self.site, self.target_site)
-            shards = [self.store.load_shard(i, keys=keys) for i in group]
-            acts = torch.cat([torch.cat([shard[key] for key in keys], dim=1) for shard in shards])  # (rows, Σ d)
+            shards = [self.store.load_shard(i, keys=self._keys) for i in group]
+            acts = torch.cat([torch.cat([shard[key] for key in self._keys], dim=1) for shard in shards])  # (rows, Σ d)
             index = torch.cat([torch.arange(self._offsets[i], self._offsets[i + 1]) for i in group])
             perm = torch.randperm(acts.shape[0], generator=gen)
             yield acts[perm], index[perm]
@@ -178,7 +179,8 @@ class ShuffledLoader:
         """Read the rows of every part (global ids) at once, shard by shard; return (rows, ids) per part."""
         ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
         shard_of = torch.searchsorted(torch.tensor(self._offsets), ids, right=True) - 1
-        out = torch.empty(ids.shape[0], self.store.sites[self.site], dtype=self.store.dtype)
+        width = sum(self.store.sites[key] for key in self._keys)  # the sites side by side, as _groups gives them
+        out = torch.empty(ids.shape[0], width, dtype=self.store.dtype)
         for s in shard_of.unique().tolist():
             where = (shard_of == s).nonzero().squeeze(1)
             local = ids[where] - self._offsets[s]
@@ -196,11 +198,14 @@ class ShuffledLoader:
             self._verified.add(index)
         if not path.is_file():
             store.load_shard(index, verify=False)  # raises CorruptShardError
+        parts = []
         with io.open_tensors(path, error=CorruptShardError) as f:  # a bad header names the shard
-            sliced = f.get_slice(self.site)
-            if sliced.get_shape()[0] != shard.rows:
-                store.load_shard(index, keys=(self.site,), verify=False)  # raises CorruptShardError
-            return sliced[rows.tolist()]
+            for key in self._keys:
+                sliced = f.get_slice(key)
+                if sliced.get_shape()[0] != shard.rows:
+                    store.load_shard(index, keys=(key,), verify=False)  # raises CorruptShardError
+                parts.append(sliced[rows.tolist()])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _out(self, acts: Tensor, index: Tensor):
         batch = acts.to(device=self.device, dtype=self.dtype, non_blocking=True)

@@ -97,7 +97,8 @@ activation compiled against eager.
 The latent-sharded ops (`distributed.py`) run the backend's op on each rank's slice of the latents and
 join the slices with collectives; their reference is the unsharded op (replicate, which feeds every
 rank's encoder the same input, is the identity forward and sums its gradient over the latent group), and
-tests/train/test_sharded.py checks them against the unsharded SAE.
+tests/train/test_sharded.py checks them against the unsharded SAE (tests/train/test_sharded_kinds.py: JumpReLU with θ
+trained, Matryoshka and transcoders, ops/sharded_terms.py).
 
 | sharded op       | code                         | autograd                      | float64 reference          |
 |------------------|------------------------------|-------------------------------|----------------------------|
@@ -106,6 +107,9 @@ tests/train/test_sharded.py checks them against the unsharded SAE.
 | encode_batchtopk | distributed.encode_batchtopk | —                             | reference.encode_batchtopk |
 | encode_threshold | distributed.encode_threshold | —                             | reference.encode_threshold |
 | decode           | distributed.decode           | distributed._SumShards        | reference.decode           |
+| encode_jumprelu  | sharded_terms.encode_jumprelu | jumprelu.ThresholdSTE        | reference.encode_jumprelu  |
+| sparsity_terms   | sharded_terms.sparsity_terms | distributed._SumShards        | reference.jumprelu_loss    |
+| decode_prefixes  | sharded_terms.decode_prefixes | distributed._SumShards       | reference.matryoshka_decode |
 
 `decode` here is the checked entry point for latents that come from outside (a user's SparseLatents):
 it refuses indices outside [0, d_sae) once, for every backend (the Triton gather would read another

@@ -264,18 +264,19 @@ class _SumShards(torch.autograd.Function):
 
 
 class _GatherCandidates(torch.autograd.Function):
-    """Every rank's (N, c) candidate values and int64 indices → (N, size · c) each, rank-major in a row.
-    One all-gather: the indices travel as int32 bit patterns beside the fp32 values. The backward
-    hands each rank the gradient of its own candidates, with no communication (the loss is replicated)."""
+    """Every rank's (N, c) candidate values and int64 indices → (N, size · c) each, rank-major in a row. One
+    all-gather: the indices travel as int32 bits beside fp32 values (int64 beside float64 ones, the tests' reference
+    copies). The backward hands each rank the gradient of its own candidates, with no communication."""
 
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, group) -> tuple[Tensor, Tensor]:
         n, c = values.shape
-        packed = torch.cat([values.float(), indices.to(torch.int32).view(torch.float32)], dim=1)  # (N, 2c)
+        fdt, idt = (torch.float64, torch.int64) if values.dtype == torch.float64 else (torch.float32, torch.int32)
+        packed = torch.cat([values.to(fdt), indices.to(idt).view(fdt)], dim=1)  # (N, 2c)
         out = all_gather(packed, group, name="candidates_all_gather").view(-1, n, 2 * c).transpose(0, 1)
         size = out.shape[1]
         cand_values = out[..., :c].reshape(n, size * c).to(values.dtype)
-        cand_indices = out[..., c:].contiguous().view(torch.int32).reshape(n, size * c).long()
+        cand_indices = out[..., c:].contiguous().view(idt).reshape(n, size * c).long()
         ctx.mark_non_differentiable(cand_indices)
         ctx.rank, ctx.c = group_rank(group), c
         return cand_values, cand_indices
@@ -334,7 +335,7 @@ def encode_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, shard: Latent
 def batch_threshold(values: Tensor, count: int, group) -> Tensor:
     """The count-th largest of the union over group of every rank's values (any shape, >= 0).
     Each rank sends only its own top count values (zeros where it has fewer)."""
-    flat = values.detach().reshape(-1).float()
+    flat = values.detach().reshape(-1).to(torch.promote_types(values.dtype, torch.float32))  # float64 stays
     top = torch.topk(flat, min(count, flat.numel())).values
     if top.numel() < count:
         top = torch.cat([top, top.new_zeros(count - top.numel())])
@@ -352,7 +353,7 @@ def encode_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, shard: L
     values, local, _ = ops.encode_batchtopk(x_c, W_enc, b_enc, -(-need // x_c.shape[0]))
     tau = batch_threshold(values, need, batch_group)
     keep = (values >= tau.to(values.dtype)) & (values > 0)
-    return values * keep, local + shard.start, tau
+    return values * keep, local + shard.start, tau.float()
 
 
 def encode_threshold(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None,
@@ -385,16 +386,15 @@ def gather_compact(values: Tensor, indices: Tensor, group) -> tuple[Tensor, Tens
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, shard: LatentShard) -> Tensor:
     """x_hat (N, d_in) = Σ over the latent group of each rank's Σ_j v[n, j] · W_dec[idx[n, j]] over the
     entries it owns, + b_dec. values/indices (N, w) may hold other ranks' entries (they are skipped).
-    The partial sums travel in fp32, so bf16 compute rounds once, as on one device."""
+    The partial sums travel in fp32 (fp64 for float64), so bf16 compute rounds once, as on one device."""
     ops = backend_for(values.device)
     no_bias = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
     if shard.group is None:  # every latent is here: the single-device decode
         return ops.decode(values, indices - shard.start, W_dec, no_bias if b_dec is None else b_dec)
-    start = shard.start
-    own = (indices >= start) & (indices < start + W_dec.shape[0])
-    local = torch.where(own, indices - start, torch.zeros_like(indices))
+    own = (indices >= shard.start) & (indices < shard.stop)
+    local = torch.where(own, indices - shard.start, torch.zeros_like(indices))
     partial = ops.decode(values * own, local, W_dec, no_bias)  # (N, d_in)
-    x_hat = sum_shards(partial.float(), shard.group)
-    if b_dec is not None:
-        x_hat = x_hat + b_dec.float()
+    acc = torch.promote_types(partial.dtype, torch.float32)  # fp32, fp64 for float64
+    x_hat = sum_shards(partial.to(acc), shard.group)
+    x_hat = x_hat if b_dec is None else x_hat + b_dec.to(acc)
     return x_hat.to(values.dtype)

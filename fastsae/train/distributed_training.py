@@ -9,7 +9,9 @@ latent shards (`fastsae.ops.distributed`); the model is a `ShardedSAE` (one shar
 
 Supported: every grid data × latent = world size (latent shards dividing the world size, d_sae >= the
 shard count, the batch divisible by the data replicas); every activation, tied or not, AuxK, resampling,
-mixed precision and both optimizers. Not supported: KL training (`SpliceKL`, one process only).
+mixed precision and both optimizers; every kind: SAEs, transcoders and skip transcoders (a replicated W_skip,
+averaged over the data group as any parameter), JumpReLU with θ trained, Matryoshka SAEs (train/sharded.py).
+Not supported: KL training (`SpliceKL`, one process only).
 
 Data parallel. Each rank gets its tensor_split part of the global batch (`ShuffledLoader(rank=,
 world_size=)`, or `slice_batches` over any batch source), so the ranks' batches of a step join into the
@@ -66,15 +68,22 @@ from .trainer import Trainer
 
 
 class _Sliced:
-    """A batch source's batches, each cut to this data rank's part (and moved to device), keeping len()."""
+    """A batch source's batches, each cut to this data rank's part (and moved to device), keeping len(). A
+    transcoder's (x, y) pair is cut alike, so each rank keeps the same tokens of both sites."""
 
     def __init__(self, batches, grid: ProcessGrid, device: torch.device | str | None):
         self.batches, self.grid, self.device = batches, grid, device
 
     def __iter__(self) -> Iterator[Tensor]:
         for batch in self.batches:
-            part = batch.tensor_split(self.grid.data_size)[self.grid.data_rank]
-            yield part if self.device is None else part.to(self.device)
+            if isinstance(batch, (tuple, list)):
+                yield tuple(self._part(t) for t in batch)
+            else:
+                yield self._part(batch)
+
+    def _part(self, batch: Tensor) -> Tensor:
+        part = batch.tensor_split(self.grid.data_size)[self.grid.data_rank]
+        return part if self.device is None else part.to(self.device)
 
     def __len__(self) -> int:
         return len(self.batches)

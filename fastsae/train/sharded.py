@@ -1,9 +1,13 @@
 """`ShardedSAE`: an SAE whose d_sae latents are split over the ranks of a latent group; sharded files.
 
-Each rank holds rows start:stop of W_enc, W_dec, b_enc (and a JumpReLU threshold) and the whole b_dec
-(and a BatchTopK threshold). The forward is the SAE's, with the ops of `fastsae.ops.distributed`: the
-same x_hat, loss terms and latents (TopK indices identical to the unsharded SAE's) on every rank of a
-latent group. With a grid of one latent shard it is an SAE (plain data parallel).
+Each rank holds rows start:stop of W_enc, W_dec, b_enc (and a JumpReLU threshold θ) and the whole b_dec
+(and a BatchTopK threshold, a skip transcoder's W_skip). The forward is the SAE's, with the ops of
+`fastsae.ops.distributed` and `fastsae.ops.sharded_terms`: the same x_hat, loss terms and latents (TopK
+indices identical to the unsharded SAE's) on every rank of a latent group. With a grid of one latent shard
+it is an SAE (plain data parallel). Every kind and activation shards: a transcoder's encoder reads x and its
+loss rebuilds target y; W_skip x is added once, after the decode's all-reduce, so W_skip's gradient is whole
+on every rank (the data group averages it as any parameter's); θ trains per latent, its sparsity terms
+summed over the group before any non-linear function of them; Matryoshka prefixes are over global indices.
 
 Row-wise work needs nothing new: the decoder-norm constraint, Adam (SAEAdam or torch's), folding an
 input scale and the resampling rewrite all act on whole latent rows, so they run on each rank's rows
@@ -30,11 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import io
+from .. import io, transcoder
 from ..config import SAEConfig
 from ..latents import SparseLatents
-from ..losses import LossCoefficients, accumulation_dtype, l1_penalty, loss_terms, mse
+from ..losses import LossCoefficients, accumulation_dtype, loss_terms, mse
 from ..ops import distributed as D
+from ..ops import sharded_terms as T
 from ..ops.distributed import LatentShard, ProcessGrid
 from ..sae import SAE, SAEOutput, SAEWeights
 
@@ -73,13 +78,6 @@ class ShardedSAE(SAEWeights):
                  seed: int = 0):
         """This rank's rows of `SAE(cfg, seed=seed)` (the same initial weights when built on CPU)."""
         super().__init__(cfg)
-        if cfg.matryoshka_widths is not None:  # its fused prefix decode is not sharded yet: refuse, not ignore
-            raise ValueError("ShardedSAE: SAEConfig.matryoshka_widths (a Matryoshka SAE) trains in one process only")
-        if cfg.kind != "sae":  # the target and skip term are not sharded yet: refuse, not ignore
-            raise ValueError(f"ShardedSAE: SAEConfig.kind={cfg.kind!r} (a transcoder) trains in one process only")
-        if cfg.activation == "jumprelu" and cfg.jumprelu_sparsity != "l1":  # θ's STE is not sharded yet
-            raise ValueError(f"ShardedSAE: a latent-sharded JumpReLU keeps θ frozen: set SAEConfig.jumprelu_sparsity="
-                             f"'l1' (got {cfg.jumprelu_sparsity!r}); θ trains through its STE in one process")
         self.grid = grid or ProcessGrid()
         self.shard = LatentShard.of(cfg.d_sae, self.grid)
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -112,25 +110,42 @@ class ShardedSAE(SAEWeights):
                          self.cast(self.W_dec), self.cast(self.b_dec), self.shard)
         return x_hat.reshape(*lead, self.cfg.d_in)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                coefficients: LossCoefficients | None = None, kl=None) -> SAEOutput:
-        """`SAE.forward`, sharded: dead_mask (n,) is this rank's rows'. Every output is the same on every
-        rank of the latent group (latents detached for relu/jumprelu/batchtopk). kl is not supported."""
+    def forward(self, x: Tensor, *, target: Tensor | None = None, dead_mask: Tensor | None = None,
+                k_aux: int | None = None, coefficients: LossCoefficients | None = None, kl=None) -> SAEOutput:
+        """`SAE.forward`, sharded: dead_mask (n,) is this rank's rows'; target a transcoder's y. Every output is
+        the same on every rank of the latent group (latents detached for relu/jumprelu/batchtopk). kl is not
+        supported."""
         if kl is not None:
             raise ValueError("ShardedSAE: training through a spliced model (kl) runs in one process only")
-        x2, lead = self.flatten_input(x)
+        cfg, shard = self.cfg, self.shard
+        x2, y2, lead = transcoder.flatten_pair(self, x, target)  # y2 is x2 for an SAE
         x_c = self._centre(x2)
-        values, indices, latents, tau = self._encode_flat(x_c)  # values/indices: at least this rank's entries
-        x_hat = D.decode(values, indices, self.cast(self.W_dec), self.cast(self.b_dec), self.shard)  # (N, d_in)
-        l1 = auxk = None
-        if self.cfg.activation in ("relu", "jumprelu"):  # values hold this rank's entries only
-            W_dec = self.W_dec if self.cfg.decoder_norm_l1 else None
-            l1 = D.sum_shards(l1_penalty(values, indices - self.shard.start, W_dec), self.shard.group)
-        if dead_mask is not None and self.cfg.activation in ("topk", "batchtopk"):
-            auxk = self._auxk(x2, x_c, x_hat, dead_mask, k_aux)
-        terms = loss_terms(x2, x_hat, coefficients or LossCoefficients(l1=self.cfg.l1_coefficient), l1=l1, auxk=auxk)
-        return SAEOutput(x_hat.reshape(*lead, self.cfg.d_in), latents.reshape(*lead), terms.mse, l1, auxk, terms.loss,
-                         None, tau)
+        values, indices, latents, extra = self._encode_flat(x_c)  # values/indices: at least this rank's entries
+        # the dictionary's decode (all-reduced partial sums) plus, for a skip transcoder, W_skip x once: it is
+        # replicated and added after the all-reduce, so every rank has its whole gradient (no collective)
+        x_hat, prefix_mse = transcoder.decode_with_skip(self, values, indices, x2, y2)  # (N, d_in), (P,) | None
+        window = extra if cfg.activation == "jumprelu" else None
+        # relu/jumprelu values hold this rank's entries only (local indices); the others have no sparsity term
+        l1, l0 = T.sparsity_terms(cfg, values, indices - shard.start, window, getattr(self, "threshold", None),
+                                  self.W_dec, shard.group)
+        auxk = (self._auxk(x_c, y2 - x_hat, dead_mask, k_aux)
+                if dead_mask is not None and cfg.activation in ("topk", "batchtopk") else None)
+        terms = loss_terms(y2, x_hat, coefficients or LossCoefficients(l1=cfg.l1_coefficient), l1=l1, auxk=auxk,
+                           prefix_mse=prefix_mse, l0=l0)
+        tau = extra if cfg.activation == "batchtopk" else None
+        return SAEOutput(x_hat.reshape(*lead, cfg.d_in), latents.reshape(*lead), terms.mse, l1, auxk, terms.loss,
+                         None, tau, prefix_mse, l0)
+
+    def skip(self, x: Tensor) -> Tensor:
+        """A skip transcoder's skip term W_skip x (W_skip is replicated): (*lead, d_in) -> (*lead, d_in)."""
+        return transcoder.skip_term(self, x)
+
+    def _decode_flat(self, values: Tensor, indices: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x_hat (N, d_in) over the latent group, and with Matryoshka widths each prefix's mse of target (P,)."""
+        W_dec, b_dec = self.cast(self.W_dec), self.cast(self.b_dec)
+        if self.cfg.matryoshka_widths is None:
+            return D.decode(values, indices, W_dec, b_dec, self.shard), None
+        return T.decode_prefixes(values, indices, W_dec, b_dec, target, self.cfg.matryoshka_widths, self.shard)
 
     def _centre(self, x: Tensor) -> Tensor:
         """The encoder input, fed to every shard: its gradient (to b_dec, or x) sums over the latent group."""
@@ -140,40 +155,45 @@ class ShardedSAE(SAEWeights):
         return D.replicate(x, group)
 
     def _encode_flat(self, x_c: Tensor) -> tuple[Tensor, Tensor, SparseLatents, Tensor | None]:
-        """values, indices (at least this rank's entries), the latents of every rank, BatchTopK's batch
-        threshold in training (the trainer records it, as for SAE)."""
+        """values, indices (at least this rank's entries), the latents of every rank, and `encode_flat`'s extra:
+        BatchTopK's batch threshold in training (the trainer records it, as for SAE), JumpReLU's window (this
+        rank's slots) when θ is trained, else None."""
         cfg, shard = self.cfg, self.shard
         W_enc, b_enc = self.cast(self.W_enc), self.cast(self.b_enc)
-        tau = None
+        extra = None
+        theta = getattr(self, "threshold", None)
         if cfg.activation == "topk":
             values, indices = D.encode_topk(x_c, W_enc, b_enc, cfg.k, shard)
             return values, indices, SparseLatents(values, indices, cfg.d_sae), None
         if cfg.activation == "batchtopk" and self.training:
             rows = x_c.shape[0] * self.grid.data_size  # every data rank holds as many rows
-            values, indices, tau = D.encode_batchtopk(x_c, W_enc, b_enc, cfg.k, shard, self.grid.batch_group, rows)
+            values, indices, extra = D.encode_batchtopk(x_c, W_enc, b_enc, cfg.k, shard, self.grid.batch_group, rows)
+        elif cfg.activation == "jumprelu" and theta.requires_grad and torch.is_grad_enabled():  # θ trained
+            values, indices, extra = T.encode_jumprelu(x_c, W_enc, b_enc, theta, cfg.jumprelu_bandwidth, shard)
         else:
-            theta = {"relu": None, "jumprelu": getattr(self, "threshold", None)}.get(cfg.activation)
+            theta = theta if cfg.activation == "jumprelu" else None
             if cfg.activation == "batchtopk":  # inference: the learnt threshold, row by row
                 theta = self.threshold.expand(shard.size).contiguous()
             values, indices = D.encode_threshold(x_c, W_enc, b_enc, theta, shard)
         all_values, all_indices = D.gather_compact(values, indices, shard.group)
-        return values, indices, SparseLatents(all_values, all_indices, cfg.d_sae), tau
+        return values, indices, SparseLatents(all_values, all_indices, cfg.d_sae), extra
 
-    def _auxk(self, x: Tensor, x_c: Tensor, x_hat: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
-        """SAE.forward's AuxK over the dead latents of every shard: the same sharded top-k and decode."""
+    def _auxk(self, x_c: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int | None) -> Tensor:
+        """SAE.forward's AuxK over the dead latents of every shard: the same sharded top-k and decode, rebuilding
+        residual (N, d_in), the target minus x_hat (detached here)."""
         if dead_mask.shape != (self.shard.size,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of this rank's ({self.shard.size},) latents, "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         dead = dead_mask.nonzero().squeeze(1)  # (n_dead,) local rows
-        total = int(D.all_reduce_(torch.tensor([dead.numel()], device=x.device), self.shard.group,
+        total = int(D.all_reduce_(torch.tensor([dead.numel()], device=x_c.device), self.shard.group,
                                   name="dead_all_reduce"))
         if total == 0:
-            return x_hat.new_zeros((), dtype=accumulation_dtype(x.dtype))
+            return residual.new_zeros((), dtype=accumulation_dtype(residual.dtype))
         k_aux = min(k_aux or max(1, self.cfg.d_in // 2), total)
         values, indices = D.encode_topk(x_c, self.cast(self.W_enc[dead]), self.cast(self.b_enc[dead]), k_aux,
                                         self.shard, latent_ids=dead + self.shard.start)
         e_hat = D.decode(values, indices, self.cast(self.W_dec), None, self.shard)
-        return mse((x - x_hat).detach(), e_hat)
+        return mse(residual.detach(), e_hat)
 
     # ---- to and from one process -------------------------------------------------------------------
 

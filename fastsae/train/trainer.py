@@ -155,7 +155,7 @@ class Trainer:
             b_dec_before = sae.b_dec.detach().clone()
             init_b_dec_mean_(sae, batch if target is None else target, self._rows_mean)
         x, kl = self._inputs(batch)
-        y = {} if target is None else {"target": target.to(sae.dtype)}  # ShardedSAE.forward takes no target
+        y = {} if target is None else {"target": target.to(sae.dtype)}  # an SAE (kind "sae") takes no target
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optimizer.lr * self.lr_scale(self.step_count)
         use_auxk = dead_cfg.auxk_coefficient > 0 and self.tokens_seen >= dead_cfg.window_tokens

@@ -191,13 +191,10 @@ def test_folding_input_and_output_scales_is_exact(kind):
         SAE(SAEConfig(d_in=4, d_sae=8)).fold_input_scale_(2.0, output_scale=3.0)
 
 
-def test_sharded_and_ensemble_refuse_transcoders():
+def test_ensemble_refuses_transcoders():  # latent sharding trains them: tests/train/test_sharded_kinds.py
     from fastsae.ensemble import SAEEnsemble
-    from fastsae.train.sharded import ShardedSAE
 
     cfg = SAEConfig(d_in=8, d_sae=16, kind="transcoder", apply_b_dec_to_input=False)
-    with pytest.raises(ValueError, match="trains in one process only"):
-        ShardedSAE(cfg)
     with pytest.raises(ValueError, match="members must be SAEs"):
         SAEEnsemble([SAE(cfg)])
 

@@ -198,9 +198,3 @@ def test_l1_mode_keeps_theta_frozen_with_the_l1_term():
     norms = sae.W_dec.detach().norm(dim=1)
     torch.testing.assert_close(out.l1, (out.latents.to_dense() * norms).sum(-1).mean())
 
-
-def test_latent_sharded_jumprelu_needs_the_l1_mode():
-    from fastsae.train.sharded import ShardedSAE
-
-    with pytest.raises(ValueError, match="jumprelu_sparsity"):
-        ShardedSAE(SAEConfig(D_IN, D_SAE, activation="jumprelu"))
