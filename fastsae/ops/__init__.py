@@ -108,7 +108,6 @@ trained, Matryoshka and transcoders, ops/sharded_terms.py).
 | encode_threshold | distributed.encode_threshold | —                             | reference.encode_threshold |
 | decode           | distributed.decode           | distributed._SumShards        | reference.decode           |
 | encode_jumprelu  | sharded_terms.encode_jumprelu | jumprelu.ThresholdSTE        | reference.encode_jumprelu  |
-| sparsity_terms   | sharded_terms.sparsity_terms | distributed._SumShards        | reference.jumprelu_loss    |
 | decode_prefixes  | sharded_terms.decode_prefixes | distributed._SumShards       | reference.matryoshka_decode |
 
 `decode` here is the checked entry point for latents that come from outside (a user's SparseLatents):

@@ -1,5 +1,6 @@
 """Latent-sharded forms of the terms beyond the plain encode and decode (those are ops/distributed.py): JumpReLU's
-encoder with θ trained, its sparsity terms, and the Matryoshka prefix losses.
+encoder with θ trained and the Matryoshka prefix losses. The sparsity terms' sharded form is
+train/sharded.py's `sparsity_terms` (it builds on fastsae.losses, a layer above the ops).
 
 Each rank computes on its own latents; the collectives join the partial sums over latents before any
 non-linear function of them is taken, so every rank holds the single-process value:
@@ -8,8 +9,9 @@ non-linear function of them is taken, so every rank holds the single-process val
                    (ops/jumprelu.py). θ is per latent: each rank holds its slice and θ's gradient is a sum
                    over that latent's slots, all local. The window and the indices the STE saved are this
                    rank's (local), the indices returned global.
-  sparsity_terms   L1, the step's L0 and tanh are sums over latents of each row: each rank's mean over rows,
-                   summed over the group (`sum_shards`, whose backward hands each rank the common gradient).
+  sparsity_terms   (in train/sharded.py) L1, the step's L0 and tanh are sums over latents of each row: each
+                   rank's mean over rows, summed over the group (`sum_shards`, whose backward hands each rank
+                   the common gradient).
                    quadratic-L0, 2/k·(L0 − k)², squares each row's *total* L0: the per-row counts (N,) are
                    summed over the group first, then squared.
   decode_prefixes  the prefixes are over global latent indices: each rank decodes its own entries bucket by
@@ -26,11 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import losses
-from ..config import SAEConfig
 from . import backend_for
 from .distributed import LatentShard, sum_shards
-from .jumprelu import StepL0
 
 
 def encode_jumprelu(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, bandwidth: float,
@@ -40,22 +39,6 @@ def encode_jumprelu(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor
     global indices (N, w), window (N, w) bool."""
     values, local, window = backend_for(x_c.device).encode_jumprelu(x_c, W_enc, b_enc, threshold, bandwidth)
     return values, local + shard.start, window
-
-
-def sparsity_terms(cfg: SAEConfig, values: Tensor, local: Tensor, window: Tensor | None, threshold: Tensor | None,
-                   W_dec: Tensor, group) -> tuple[Tensor | None, Tensor | None]:
-    """`losses.sparsity_terms` (l1, l0) over the whole latent group, from this rank's compact latents: values,
-    local (N, w) indices into this rank's rows, window as the encoder gave it (None: θ not trained), threshold
-    and W_dec this rank's rows. The same on every rank of group."""
-    if cfg.activation == "jumprelu" and cfg.jumprelu_sparsity == "quadratic":
-        if window is None:  # θ not trained here (inference, no_grad): the count itself
-            rows = (values > 0).sum(-1).to(losses.accumulation_dtype(values.dtype))
-        else:
-            rows = StepL0.apply(values, local, window, threshold, cfg.jumprelu_bandwidth)  # (N,) this rank's L0
-        l0 = sum_shards(rows, group)  # each row's total L0, before the square
-        return None, (2.0 / cfg.k * (l0 - cfg.k) ** 2).mean()  # losses.jumprelu_sparsity's quadratic term
-    l1, l0 = losses.sparsity_terms(cfg, values, local, window, threshold, W_dec)  # linear in the latents
-    return (None if l1 is None else sum_shards(l1, group)), (None if l0 is None else sum_shards(l0, group))
 
 
 def decode_prefixes(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, target: Tensor,

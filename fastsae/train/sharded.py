@@ -38,9 +38,11 @@ from .. import io, transcoder
 from ..config import SAEConfig
 from ..latents import SparseLatents
 from ..losses import LossCoefficients, accumulation_dtype, loss_terms, mse
+from ..losses import sparsity_terms as sparsity_terms_of
 from ..ops import distributed as D
 from ..ops import sharded_terms as T
-from ..ops.distributed import LatentShard, ProcessGrid
+from ..ops.distributed import LatentShard, ProcessGrid, sum_shards
+from ..ops.jumprelu import StepL0
 from ..sae import SAE, SAEOutput, SAEWeights
 
 FORMAT_VERSION = 1
@@ -126,7 +128,7 @@ class ShardedSAE(SAEWeights):
         x_hat, prefix_mse = transcoder.decode_with_skip(self, values, indices, x2, y2)  # (N, d_in), (P,) | None
         window = extra if cfg.activation == "jumprelu" else None
         # relu/jumprelu values hold this rank's entries only (local indices); the others have no sparsity term
-        l1, l0 = T.sparsity_terms(cfg, values, indices - shard.start, window, getattr(self, "threshold", None),
+        l1, l0 = sparsity_terms(cfg, values, indices - shard.start, window, getattr(self, "threshold", None),
                                   self.W_dec, shard.group)
         auxk = (self._auxk(x_c, y2 - x_hat, dead_mask, k_aux)
                 if dead_mask is not None and cfg.activation in ("topk", "batchtopk") else None)
@@ -355,3 +357,19 @@ def shard_sae(sae: SAE, path: str | Path, shards: int) -> Path:
     io.write_tensors(path / REPLICATED, {n: t for n, t in state.items() if n not in rows_names})
     write_manifest(path, sae.cfg, json.loads(json.dumps(sae.metadata)), shards)
     return path
+
+
+def sparsity_terms(cfg: SAEConfig, values: Tensor, local: Tensor, window: Tensor | None, threshold: Tensor | None,
+                   W_dec: Tensor, group) -> tuple[Tensor | None, Tensor | None]:
+    """`sparsity_terms_of` (l1, l0) over the whole latent group, from this rank's compact latents: values,
+    local (N, w) indices into this rank's rows, window as the encoder gave it (None: θ not trained), threshold
+    and W_dec this rank's rows. The same on every rank of group."""
+    if cfg.activation == "jumprelu" and cfg.jumprelu_sparsity == "quadratic":
+        if window is None:  # θ not trained here (inference, no_grad): the count itself
+            rows = (values > 0).sum(-1).to(accumulation_dtype(values.dtype))
+        else:
+            rows = StepL0.apply(values, local, window, threshold, cfg.jumprelu_bandwidth)  # (N,) this rank's L0
+        l0 = sum_shards(rows, group)  # each row's total L0, before the square
+        return None, (2.0 / cfg.k * (l0 - cfg.k) ** 2).mean()  # losses.jumprelu_sparsity's quadratic term
+    l1, l0 = sparsity_terms_of(cfg, values, local, window, threshold, W_dec)  # linear in the latents
+    return (None if l1 is None else sum_shards(l1, group)), (None if l0 is None else sum_shards(l0, group))
