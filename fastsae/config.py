@@ -9,7 +9,8 @@ import torch
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 SPARSITY_MODES = ("step", "tanh", "quadratic", "l1")  # JumpReLU's sparsity term (fastsae/ops/jumprelu.py)
-KINDS = ("sae", "transcoder", "skip_transcoder")  # what the dictionary reads and writes (fastsae/transcoder.py)
+# what the dictionary reads and writes (fastsae/transcoder.py, fastsae/crosscoder.py)
+KINDS = ("sae", "transcoder", "skip_transcoder", "crosscoder")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,7 +53,12 @@ class SAEConfig:
     # "sae" rebuilds its input; a "transcoder" reads one site (x, e.g. mlp_in.6) and predicts another (the
     # target y, mlp_out.6) of the same width d_in; "skip_transcoder" adds a learned dense map: ŷ = W_dec z + b_dec
     # + W_skip x (fastsae/transcoder.py). A transcoder's b_dec is the output's bias: apply_b_dec_to_input=False.
+    # A "crosscoder" (acausal, Lindsey et al. 2024) is an SAE on n_sites sites' activations side by side, with
+    # the sparsity weighted by the sum of each latent's per-site decoder norms (fastsae/crosscoder.py).
     kind: str = "sae"
+    # The sites a "crosscoder" reads and rebuilds (e.g. resid_post.3, .6, .9; fastsae/crosscoder.py): d_in is
+    # then their concatenated width n_sites·d. 1 for every other kind; a crosscoder needs >= 2.
+    n_sites: int = 1
 
     def __post_init__(self):
         for name in ("d_in", "d_sae"):
@@ -97,7 +103,8 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.kind not in KINDS:
             raise ValueError(f"SAEConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind != "sae" and (self.apply_b_dec_to_input or self.tied):
+        _check_sites(self)
+        if self.kind in ("transcoder", "skip_transcoder") and (self.apply_b_dec_to_input or self.tied):
             raise ValueError(f"SAEConfig.kind={self.kind!r} needs apply_b_dec_to_input=False and tied=False: b_dec "
                              f"is the output's bias, not the input's centre, and W_enc reads another site than W_dec "
                              f"writes (got apply_b_dec_to_input={self.apply_b_dec_to_input}, tied={self.tied})")
@@ -120,6 +127,19 @@ class SAEConfig:
         if d.get("activation") == "jumprelu" and "jumprelu_sparsity" not in d:
             d = {**d, "jumprelu_sparsity": "l1"}  # written before θ trained: resuming it keeps its frozen-θ L1 loss
         return cls(**d)
+
+
+def _check_sites(cfg: SAEConfig) -> None:
+    """n_sites: an int, >= 2 for a crosscoder (one site is an SAE), 1 for other kinds, dividing d_in."""
+    n = cfg.n_sites
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"SAEConfig.n_sites must be a positive int, got {n!r}")
+    if (cfg.kind == "crosscoder") != (n > 1):
+        raise ValueError(f"SAEConfig.n_sites must be >= 2 for kind='crosscoder' and 1 for any other kind, got "
+                         f"n_sites={n} with kind={cfg.kind!r}")
+    if cfg.d_in % n:
+        raise ValueError(f"SAEConfig.d_in={cfg.d_in} must be divisible by n_sites={n}: a crosscoder reads "
+                         f"n_sites sites of equal width, concatenated")
 
 
 def _matryoshka_widths(widths, d_sae: int) -> tuple[int, ...]:

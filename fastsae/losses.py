@@ -6,6 +6,7 @@
            (`prefix_mse`, ops/matryoshka.py; the mean, as dictionary_learning's default weights 1/P, so that
            P = 1 is the plain loss and the coefficients keep their scale); mse stays the whole dictionary's
     l1   = mean over rows of Σ_i z_i · w_i, w_i = ||W_dec[i]|| (Anthropic, April 2024) or 1     relu/jumprelu
+           (a crosscoder's w_i = Σ_l ||W_dec^l[i]||, the sum of its per-site norms: `decoder_norms`)
     l0   = JumpReLU's sparsity term, mean over rows of: L0 (step) | 2/t·(L0 − t)² (quadratic) |          jumprelu
            Σ_i tanh(c·z_i·w_i) (tanh); θ's gradients are the straight-through estimators of fastsae/ops/jumprelu.py
     auxk = mse of the top k_aux dead latents' reconstruction of the residual x - x_hat            topk/batchtopk
@@ -68,26 +69,41 @@ def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat.to(acc) - x.to(acc)).pow(2).sum(-1).mean()
 
 
-def l1_penalty(values: Tensor, indices: Tensor, W_dec: Tensor | None = None) -> Tensor:
+def decoder_norms(cfg: SAEConfig, W_dec: Tensor) -> Tensor:
+    """Each latent's decoder norm, the weight of its sparsity term: W_dec (d_sae, d_in) -> (d_sae,) in the
+    accumulation dtype, differentiable. ||W_dec[i]|| for an SAE or transcoder; for a crosscoder the sum over its
+    n_sites sites of the per-site norms Σ_l ||W_dec^l[i]|| (Anthropic's crosscoder loss: a latent that writes to
+    L sites pays as L per-site SAE latents would, not as one row of the concatenation)."""
+    W = W_dec.to(accumulation_dtype(W_dec.dtype))
+    if cfg.kind != "crosscoder":
+        return W.norm(dim=1)
+    return W.reshape(W.shape[0], cfg.n_sites, -1).norm(dim=2).sum(1)  # (d_sae, n_sites) -> (d_sae,)
+
+
+def l1_penalty(values: Tensor, indices: Tensor, W_dec: Tensor | None = None, *, norms: Tensor | None = None) -> Tensor:
     """Mean over rows of Σ_j z_j · ||W_dec[idx_j]|| (values, indices (N, w) of the compact latents);
-    W_dec None weighs every latent 1."""
+    W_dec None weighs every latent 1; norms (d_sae,) (`decoder_norms`) gives the weights instead of W_dec's rows."""
     acc = accumulation_dtype(values.dtype)
     z = values.to(acc)
     if W_dec is not None:
-        z = z * W_dec.to(acc).norm(dim=1)[indices]
+        norms = W_dec.to(acc).norm(dim=1)
+    if norms is not None:
+        z = z * norms.to(acc)[indices]
     return z.sum(-1).mean()
 
 
 def jumprelu_sparsity(values: Tensor, indices: Tensor, window: Tensor | None, threshold: Tensor, mode: str,
                       bandwidth: float, W_dec: Tensor | None = None, target_l0: int | None = None,
-                      tanh_scale: float = TANH_SCALE) -> Tensor:
+                      tanh_scale: float = TANH_SCALE, norms: Tensor | None = None) -> Tensor:
     """JumpReLU's sparsity term, mean over rows (values, indices (N, w) from an encoder; window (N, w) the
     slots within ε/2 of θ that `encode_jumprelu` gives, or None: the value without θ's STE). step and
     quadratic reach θ through the step's STE (StepL0); tanh, a function of z, through the values' own
-    (ThresholdSTE). W_dec None weighs every latent 1 in tanh."""
+    (ThresholdSTE). W_dec None weighs every latent 1 in tanh; norms (d_sae,) weighs it instead of W_dec's rows."""
     if mode == "tanh":
         acc = accumulation_dtype(values.dtype)
-        z = values.to(acc) if W_dec is None else values.to(acc) * W_dec.to(acc).norm(dim=1)[indices]
+        if W_dec is not None:
+            norms = W_dec.to(acc).norm(dim=1)
+        z = values.to(acc) if norms is None else values.to(acc) * norms.to(acc)[indices]
         return torch.tanh(tanh_scale * z).sum(-1).mean()
     if mode not in ("step", "quadratic"):
         raise ValueError(f"mode must be 'step', 'tanh' or 'quadratic', got {mode!r}")
@@ -106,12 +122,13 @@ def sparsity_terms(cfg: SAEConfig, values: Tensor, indices: Tensor, window: Tens
                    W_dec: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """(l1, l0) of an SAE with config cfg: relu's L1, jumprelu's sparsity term (window: what encode_flat gave
     with the latents, None when θ is not trained), None for the other activations."""
-    norms = W_dec if cfg.decoder_norm_l1 else None
+    weighted = cfg.decoder_norm_l1 and (cfg.activation == "relu" or cfg.jumprelu_sparsity in ("l1", "tanh"))
+    norms = decoder_norms(cfg, W_dec) if weighted else None  # (d_sae,): per-site norms summed for a crosscoder
     if cfg.activation == "relu" or (cfg.activation == "jumprelu" and cfg.jumprelu_sparsity == "l1"):
-        return l1_penalty(values, indices, norms), None
+        return l1_penalty(values, indices, norms=norms), None
     if cfg.activation == "jumprelu":
         return None, jumprelu_sparsity(values, indices, window, threshold, cfg.jumprelu_sparsity,
-                                       cfg.jumprelu_bandwidth, norms, cfg.k)
+                                       cfg.jumprelu_bandwidth, target_l0=cfg.k, norms=norms)
     return None, None
 
 

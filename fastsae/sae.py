@@ -180,7 +180,7 @@ class SAEWeights(nn.Module):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
         if self.cfg.tied:
             raise ValueError("fold_input_scale_: a tied SAE cannot scale its encoder and decoder apart")
-        if self.cfg.kind != "sae" or output_scale is not None:
+        if self.cfg.kind not in ("sae", "crosscoder") or output_scale is not None:
             return transcoder.fold_scales_(self, scale, output_scale)
         self.W_enc.mul_(scale)
         self.W_dec.div_(scale)

@@ -26,7 +26,7 @@ def flatten_pair(sae, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor,
     target is x for an SAE; a transcoder's y (*lead, d_in) must have x's dtype and device, finite if x must be."""
     cfg = sae.cfg
     x2, lead = sae.flatten_input(x)
-    if cfg.kind == "sae":
+    if cfg.kind in ("sae", "crosscoder"):  # a crosscoder rebuilds its input too: its sites side by side
         if target is not None:
             raise ValueError("target: an SAE (SAEConfig.kind='sae') rebuilds its input; pass target only to a "
                              "transcoder (SAEConfig(kind='transcoder' or 'skip_transcoder'))")
@@ -69,7 +69,7 @@ def fold_scales_(sae, scale: float, output_scale: float | None):
     """A transcoder trained on (s·x, t·y) becomes one that takes raw x and predicts raw y, exactly:
     act(W_enc s·x + b_enc) = act((s·W_enc) x + b_enc), and ŷ/t = (W_dec/t) z + b_dec/t + (s/t · W_skip) x.
     output_scale None: t = s. An SAE's output is its input: t must be s (then SAE.fold_input_scale_ folds it)."""
-    if sae.cfg.kind == "sae":
+    if sae.cfg.kind in ("sae", "crosscoder"):  # a crosscoder's per-site scales: crosscoder.fold_site_scales_
         if output_scale != scale:
             raise ValueError(f"output_scale: an SAE's output is its input, so it must equal scale={scale}, "
                              f"got {output_scale}")

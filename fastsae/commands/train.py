@@ -19,7 +19,7 @@ FLAG_NAMES = {
     "--auxk": ("DeadLatentConfig.auxk_coefficient",), "--shard-latents": ("shard_latents",),
     "--config": ("run settings",), "--kind": ("SAEConfig.kind",),  # --in-site is --site: errors name --site
     "--out-site": ("DataConfig.target_site", "target_site"), "--jumprelu-sparsity": ("SAEConfig.jumprelu_sparsity",),
-    "--matryoshka-widths": ("SAEConfig.matryoshka_widths",),
+    "--matryoshka-widths": ("SAEConfig.matryoshka_widths",), "--sites": ("DataConfig.sites", "sites"),
 }
 FLAG_NAMES.update({"--kl": ("TrainConfig.kl_coefficient",), "--resample": ("DeadLatentConfig.preset",),
                    "--no-b-dec": ("TrainConfig.b_dec_init",)})
@@ -49,9 +49,13 @@ def register(subparsers) -> None:
     p.add_argument("--d-sae", type=int)
     p.add_argument("--activation", choices=("relu", "topk", "batchtopk", "jumprelu"))
     p.add_argument("--k", type=int)
-    p.add_argument("--kind", choices=("sae", "transcoder", "skip_transcoder"),
+    p.add_argument("--kind", choices=("sae", "transcoder", "skip_transcoder", "crosscoder"),
                    help="'transcoder': read --in-site, predict --out-site (e.g. mlp_in.6 -> mlp_out.6, from one "
-                        "store); 'skip_transcoder' adds a learned linear map in -> out (default: sae)")
+                        "store); 'skip_transcoder' adds a learned linear map in -> out; 'crosscoder': one dictionary "
+                        "over --sites (default: sae)")
+    p.add_argument("--sites", nargs="+", metavar="SITE",
+                   help="a crosscoder's sites in the store, in order (e.g. resid_post.3 resid_post.6 resid_post.9), "
+                        "each normalised apart")
     p.add_argument("--in-site", help="a transcoder's input site in the store (the same as --site)")
     p.add_argument("--out-site", help="a transcoder's output site in the store, harvested with the input site")
     p.add_argument("--jumprelu-sparsity", choices=("step", "tanh", "quadratic", "l1"),
@@ -107,12 +111,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.in_site and args.site and args.in_site != args.site:
         raise ValueError(f"--in-site: it names the same setting as --site; got {args.in_site!r} and {args.site!r}")
     site = args.in_site or args.site
+    if args.sites and (args.kind not in (None, "crosscoder") or site):
+        raise ValueError("--sites: a crosscoder (--kind crosscoder) reads --sites, two or more, instead of --site; "
+                         f"got --kind {args.kind}, --sites {args.sites}, --site {site}")
     transcoder = args.kind in ("transcoder", "skip_transcoder")  # b_dec is the output's bias, not the input's centre
     settings = settings_from(  # the config file's settings, the flags given on top
         args.config,
         sae=_given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,
                     "dtype": args.dtype, "kind": args.kind, "jumprelu_sparsity": args.jumprelu_sparsity,
                     "matryoshka_widths": args.matryoshka_widths,
+                    "n_sites": len(args.sites) if args.sites else None,
                     "apply_b_dec_to_input": False if transcoder or args.no_b_dec else None,
                     "tied": True if args.tied else None}),
         train=_given({"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
@@ -120,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
                       "b_dec_init": args.b_dec_init, "kl_coefficient": args.kl}),
         data=_given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": site,
                      "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,
-                     "context_size": args.context_size, "target_site": args.out_site}))
+                     "context_size": args.context_size, "target_site": args.out_site, "sites": args.sites}))
     _presets(args, settings)
     train_run(args.out, settings, resume=args.resume, progress=flags.progress(args),
               shard_latents=args.shard_latents, total_steps=args.steps)  # --resume --steps N: the run's new length

@@ -109,10 +109,13 @@ def run_eval(sae_paths: list[str | Path], out: str | Path, *, model: str | None 
               f"{sum(b - a for a, b in used)}, so {overlap} of the {n_eval} used for evaluation overlap them")
     windows = all_windows[held_out]
     width = capture(lm, [site], input_ids=windows[:1].to(device))[site].shape[-1]  # resolves the site, too
-    if width != first.cfg.d_in:
+    if width != first.cfg.d_in // first.cfg.n_sites:  # a crosscoder's d_in: its n_sites sites side by side
         raise ValueError(f"the SAEs take d_in={first.cfg.d_in} but site {site!r} of model {model!r} has width "
                          f"{width}: pass the --model and --site they were trained on")
     excluded = store.meta["excluded_token_ids"] if store else special_token_ids(lm, tokenizer)
+    if baselines and any(s.cfg.kind == "crosscoder" for s in saes.values()):
+        print(f"note: baselines ({', '.join(baselines)}) are not defined for crosscoders; evaluating without them")
+        baselines = ()
     start = time.perf_counter()
     fit_x, fit_source = None, None
     if baselines:

@@ -28,6 +28,10 @@ zeroing the MLP's output. They run the straightforward path (one whole forward p
 fastsae.evaluation.whole_forward), once per out-site; each transcoder's results also hold its out-site's
 ablation numbers (ce_loss_with_ablation, ...) and "site" / "out_site". "model" holds the SAEs' site's, or
 with transcoders only, the first out-site's.
+
+Crosscoders (SAEConfig.kind "crosscoder") replace all their sites at once, each by its reconstruction from the
+clean activations of every site; the ablations are of all their sites, and the results add per-site FVU
+(fastsae/evaluation/crosscoder_eval.py).
 """
 
 from __future__ import annotations
@@ -128,6 +132,13 @@ def evaluate(model: nn.Module, site: str, windows: Tensor, decompositions: dict,
     (tests/evaluation/test_eval_fast.py). reference=True takes that straightforward path (benchmarks); so
     does a family fastsae.model.upper does not know. out_sites: name -> a transcoder's output site, where its
     metadata does not record it (module docstring)."""
+    if any(_kind(d) == "crosscoder" for d in decompositions.values()):  # all its sites spliced at once
+        from .crosscoder_eval import evaluate_with_crosscoders
+
+        return evaluate_with_crosscoders(evaluate, model, site, windows, decompositions, batch_size=batch_size,
+                                         exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,
+                                         progress=progress, head_rows=head_rows, reference=reference,
+                                         out_sites=out_sites)
     if any(_kind(d) != "sae" for d in decompositions.values()):
         return _evaluate_with_transcoders(model, site, windows, decompositions, out_sites or {}, batch_size=batch_size,
                                           exclude_token_ids=exclude_token_ids, no_error_check=no_error_check,

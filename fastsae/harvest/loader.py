@@ -15,6 +15,10 @@ read side by side (one (rows, d_x + d_y) block per group, so one permutation shu
 on the way out; each is scaled by its own site's norm_scale (`target_scale`). Data parallel too: a rank reads
 both sites' rows of its part. (Latent-sharded ranks are not data ranks: each loads the whole batch, world_size 1.)
 
+sites (a crosscoder's, site being sites[0]) serves the concatenation of several sites' rows of the same tokens,
+(batch, Σ d), each site scaled by its own norm_scale (`site_scales`, Anthropic normalises each layer apart), so
+that layers of different norms weigh alike; read side by side as the pairs are. One process only for now.
+
 Data parallel (rank, world_size): every rank draws the same order and serves its
 own contiguous part of each batch (`tensor_split` of the batch into world_size
 parts), so the ranks' batches of one step, joined in rank order, are the
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -40,7 +44,7 @@ class ShuffledLoader:
     def __init__(self, store: ActivationStore, site: str, batch_size: int, *, seed: int = 0, shards_in_memory: int = 4,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu", with_index: bool = False,
                  normalize: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 target_site: str | None = None):
+                 target_site: str | None = None, sites: Sequence[str] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if site not in store.sites:
@@ -48,16 +52,19 @@ class ShuffledLoader:
         if target_site is not None and (target_site not in store.sites or with_index):
             raise ValueError(f"target_site must be a site of the store ({sorted(store.sites)}), without with_index; "
                              f"got {target_site!r}")
+        sites = _check_sites(store, site, sites, target_site, world_size)
         if batch_size < 1 or shards_in_memory < 1:
             raise ValueError(f"batch_size and shards_in_memory must be >= 1, got {batch_size}, {shards_in_memory}")
         self.store, self.site, self.batch_size = store, site, batch_size
         self.seed, self.shards_in_memory = seed, shards_in_memory
         self.dtype, self.device, self.with_index = dtype or store.dtype, torch.device(device), with_index
         self.epoch = 0
-        self.scale = store.norm_scale(site) if normalize else 1.0
+        self.scale = store.norm_scale(site) if normalize and sites is None else 1.0  # sites: site_scales
         self.target_site = target_site
-        self._keys = (site,) if target_site is None else (site, target_site)  # read side by side, split in _out
         self.target_scale = store.norm_scale(target_site) if normalize and target_site is not None else 1.0
+        self.sites = sites
+        self.site_scales = tuple(store.norm_scale(s) if normalize else 1.0 for s in sites or ())
+        self._keys = tuple(sites or ()) or ((site,) if target_site is None else (site, target_site))
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self._verified: set[int] = set()  # shards this rank has checked (data parallel)
@@ -212,6 +219,32 @@ class ShuffledLoader:
         if self.target_site is not None:  # the two sites side by side: (x, y)
             x, y = batch.split([self.store.sites[self.site], self.store.sites[self.target_site]], dim=1)
             return x * self.scale, y * self.target_scale  # contiguous copies, not views of the joint block
+        if self.sites is not None:  # a crosscoder's sites side by side, each times its own scale
+            widths = [self.store.sites[s] for s in self.sites]
+            scale = torch.tensor(self.site_scales, dtype=torch.float32, device=batch.device).repeat_interleave(
+                torch.tensor(widths, device=batch.device))  # (Σ d,)
+            batch = (batch * scale).to(self.dtype)
+            return (batch, index) if self.with_index else batch
         if self.scale != 1.0:
             batch = batch * self.scale
         return (batch, index) if self.with_index else batch
+
+
+def _check_sites(store: ActivationStore, site: str, sites: Sequence[str] | None, target_site: str | None,
+                 world_size: int) -> tuple[str, ...] | None:
+    """sites as a tuple (None stays None): >= 2 distinct sites of the store, the first being site, of one width,
+    without target_site, in one process; else a ValueError naming sites."""
+    if sites is None:
+        return None
+    sites = (sites,) if isinstance(sites, str) else tuple(sites)
+    unknown = [s for s in sites if s not in store.sites]
+    if len(sites) < 2 or len(set(sites)) != len(sites) or unknown or sites[0] != site:
+        raise ValueError(f"sites must be >= 2 distinct sites of the store ({sorted(store.sites)}), the first being "
+                         f"site={site!r}; got {list(sites)}")
+    if len({store.sites[s] for s in sites}) != 1:
+        raise ValueError(f"sites must have one width (a crosscoder's per-site blocks are equal), got "
+                         f"{ {s: store.sites[s] for s in sites} }")
+    if target_site is not None or world_size > 1:
+        raise ValueError(f"sites: served in one process (world_size 1) and without target_site, got "
+                         f"target_site={target_site!r}, world_size={world_size}")
+    return sites

@@ -19,6 +19,13 @@ unless error_term is set; with record=True, `sp.activations` holds the clean inp
 
 The in-site hook only records x; the out-site hook replaces y from it (the MLP's input is reached before its
 output in every forward). keep, record (activations = the clean y) and error_term work as for splice.
+
+    with splice_crosscoder(model, sites, cc, input_ids=ids) as sp:   # a crosscoder replaces all its sites:
+        model(input_ids=ids)                      # every site l becomes x̂_l, decoded from the clean x of all sites
+
+A crosscoder is acausal (site 3's reconstruction reads site 9), so entering runs one clean forward on the inputs
+given, records the sites and reconstructs them; the forwards in the block see every site replaced by its block of
+x̂. keep, record (activations / reconstructions: all sites side by side) and error_term work as for splice.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sae import SAE
-from .hooks import hook_site, hook_sites
+from .hooks import capture, hook_site, hook_sites
 
 
 class Splice:
@@ -123,4 +130,51 @@ def splice_transcoder(model: nn.Module, in_site: str, out_site: str, sae: SAE, *
     place of out_site's (e.g. mlp_in.6 -> mlp_out.6: the MLP replaced by the transcoder)."""
     state = TranscoderSplice(sae, error_term, record)
     with hook_sites(model, {in_site: state.read, out_site: state}):
+        yield state
+
+
+class CrosscoderSplice(Splice):
+    """Each of a crosscoder's sites replaced by its block of x̂, reconstructed from one clean forward (`prepare`)."""
+
+    def __init__(self, sae, sites: list[str], error_term: bool, record: bool):
+        cfg = getattr(sae, "cfg", None)
+        if getattr(cfg, "kind", None) != "crosscoder" or len(sites) != cfg.n_sites:
+            raise ValueError(f"splice_crosscoder needs a crosscoder (SAEConfig.kind 'crosscoder') and one site per "
+                             f"n_sites, got kind={getattr(cfg, 'kind', None)!r} and sites {list(sites)}")
+        super().__init__(sae, None, error_term, record)
+        self.sites, self.blocks = list(sites), {}
+
+    @torch.no_grad()
+    def prepare(self, model: nn.Module, **inputs) -> None:
+        """The clean forward: every site's activation (B, T, d), side by side, reconstructed by the crosscoder."""
+        acts = capture(model, self.sites, **inputs)
+        x = torch.cat([acts[s] for s in self.sites], dim=-1)  # (B, T, L·d)
+        latents = self.sae.encode(x.to(self.sae.dtype))
+        x_hat = self.sae.decode(latents).to(x.dtype)
+        if self.record:
+            self.latents.append(latents)
+            self.activations.append(x)
+            self.reconstructions.append(x_hat)
+        self.blocks = dict(zip(self.sites, x_hat.split(x.shape[-1] // len(self.sites), dim=-1), strict=True))
+
+    def site_hook(self, site: str) -> Callable[[Tensor], Tensor]:
+        """x (B, T, d) at site -> its reconstruction (with the error term and keep, as Splice)."""
+        def replace(x: Tensor) -> Tensor:
+            x_hat = self.blocks[site]
+            if self.error_term:
+                x_hat = x_hat + (x - x_hat).detach()
+            if self.keep is not None:
+                x_hat = torch.where(self.keep.to(x.device)[..., None], x_hat, x)
+            return x_hat
+        return replace
+
+
+@contextmanager
+def splice_crosscoder(model: nn.Module, sites: list[str], sae: SAE, *, error_term: bool = False, record: bool = False,
+                      **inputs) -> Iterator[CrosscoderSplice]:
+    """Run model(**inputs) clean once, then within the block every forward sees each of sites replaced by the
+    crosscoder's reconstruction of it from that clean forward (module docstring); inputs: e.g. input_ids=ids."""
+    state = CrosscoderSplice(sae, sites, error_term, record)
+    state.prepare(model, **inputs)
+    with hook_sites(model, {site: state.site_hook(site) for site in state.sites}):
         yield state

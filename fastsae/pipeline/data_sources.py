@@ -33,6 +33,7 @@ class DataConfig:
     seed: int = 0  # the batch order (store, array, toy) or the window order and mixing (stream)
     site: str | None = None  # the store's site (needed when it holds several); the model's with "stream"
     target_site: str | None = None  # a transcoder's output site: a store serves (site, target_site) pairs
+    sites: list[str] | None = None  # a crosscoder's sites, in order: a store serves them side by side (site: the first)
     normalize: bool | None = None  # scale to mean norm sqrt(d) (folded into the saved SAE); None: on for store/stream
     # "stream" only: the model, its device, and the corpus windows it runs on
     model: str | None = None
@@ -62,6 +63,12 @@ class DataConfig:
         check("target_site", self.target_site is None or (isinstance(self.target_site, str) and bool(self.site)
                                                           and self.source not in SOURCES),
               "None, or a site name given with site= and a store source")
+        if isinstance(self.sites, tuple):
+            self.sites = list(self.sites)
+        check("sites", self.sites is None or (isinstance(self.sites, list) and len(self.sites) >= 2 and all(
+            isinstance(s, str) and s for s in self.sites) and self.source not in SOURCES and self.target_site is None
+            and self.site in (None, self.sites[0])), "None, or >= 2 site names of a store source (site, if given, "
+              "the first; no target_site)")
         check("normalize", self.normalize in (None, True, False), "True, False or None")
         check("context_size", is_int(self.context_size) and self.context_size >= 2, "an int >= 2")
         least = self.context_size if self.source == "stream" else 1  # a stream's budget holds whole windows
@@ -102,6 +109,7 @@ class DataSource:
     scale: float = 1.0  # the factor every batch was multiplied by (the loader's own); folded into the SAE
     provenance: dict = field(default_factory=dict)  # model, site, store, windows: recorded in SAE.metadata
     target_scale: float | None = None  # a transcoder's output-site scale (pairs' y), folded into its decoder
+    site_scales: tuple[float, ...] | None = None  # a crosscoder's per-site scales, folded per site (crosscoder.py)
 
     def batches(self, steps: int) -> Iterable[torch.Tensor]:
         """The batches of a run of `steps` steps."""
@@ -118,6 +126,9 @@ def open_data(cfg: DataConfig, dtype: torch.dtype = torch.float32, *, rank: int 
     if cfg.target_site is not None and kind != "store":
         raise ValueError(f"DataConfig.target_site: (x, y) pairs come from an activation store only, got source "
                          f"{cfg.source!r}")
+    if cfg.sites and kind != "store":
+        raise ValueError(f"DataConfig.sites: a crosscoder's sites come from an activation store only, got source "
+                         f"{cfg.source!r}")
     if kind == "toy":
         return _toy(cfg)
     if kind == "store":
@@ -131,6 +142,10 @@ def finish_sae(sae: SAE, data: DataSource) -> SAE:
     """Make the trained SAE take raw activations and say where they came from: the loader's own scale
     folded in (once: fold_input_scale_ records it in metadata), the provenance recorded."""
     sae.metadata.update(data.provenance)
+    if data.site_scales is not None and any(s != 1.0 for s in data.site_scales):
+        from ..crosscoder import fold_site_scales_
+
+        fold_site_scales_(sae, data.site_scales)
     if data.scale != 1.0 or data.target_scale not in (None, 1.0):
         sae.fold_input_scale_(data.scale, output_scale=data.target_scale)
     return sae
@@ -168,12 +183,13 @@ def _store(cfg: DataConfig, dtype: torch.dtype, rank: int = 0, world_size: int =
     store = ActivationStore(cfg.source)
     if cfg.tokens is not None:
         store = store.prefix(cfg.tokens)
-    site = cfg.site
+    site = cfg.sites[0] if cfg.sites else cfg.site
     if site is None:
         if len(store.sites) != 1:
             raise ValueError(f"DataConfig.site: the store {store.path} holds {sorted(store.sites)}; name one")
         site = next(iter(store.sites))
-    for name, value in (("site", site), ("target_site", cfg.target_site or site)):
+    for name, value in (("site", site), ("target_site", cfg.target_site or site),
+                        *(("sites", s) for s in cfg.sites or ())):
         if value not in store.sites:
             raise ValueError(f"DataConfig.{name}: site {value!r} is not in the store {store.path}; it holds "
                              f"{sorted(store.sites)}")
@@ -184,15 +200,17 @@ def _store(cfg: DataConfig, dtype: torch.dtype, rank: int = 0, world_size: int =
     # normalize=True raises here, clearly, for a store harvested before it kept norm statistics
     loader = ShuffledLoader(store, site, cfg.batch_size, seed=cfg.seed, dtype=dtype, normalize=cfg.normalize,
                             drop_last=True, rank=rank, world_size=world_size, device=device,
-                            target_site=cfg.target_site)
+                            target_site=cfg.target_site, sites=cfg.sites)
     provenance = {"model": store.meta["model"], "site": site, "store": str(store.path.resolve()), "rows": store.tokens}
     if cfg.target_site is not None:  # a transcoder: it reads site and writes target_site
         provenance["out_site"] = cfg.target_site
+    if cfg.sites:  # a crosscoder: it reads and rebuilds these sites, side by side in this order
+        provenance["sites"] = list(cfg.sites)
     windows = harvested_windows(store)
     if windows is not None:
         provenance["windows"] = windows
-    return DataSource(cfg, store.sites[site], loader.batches, loader.scale, provenance,
-                      loader.target_scale if cfg.target_site is not None else None)
+    return DataSource(cfg, store.sites[site] * len(cfg.sites or [site]), loader.batches, loader.scale, provenance,
+                      loader.target_scale if cfg.target_site is not None else None, loader.site_scales or None)
 
 
 def _stream(cfg: DataConfig) -> DataSource:

@@ -130,7 +130,8 @@ def _train_locked(out: Path, settings: RunSettings | None, resume: bool, progres
         raise ValueError(f"SAEConfig.dtype must be one of {tuple(DTYPES)}, got {settings.sae['dtype']!r}")
     # the site is resolved (and checked) before anything is built; a store serves each data rank its part
     data = open_data(settings.data, dtype, rank=grid.data_rank, world_size=grid.data_size, device=device)
-    sae_cfg = SAEConfig.from_dict({"d_in": data.d_in, "d_sae": D_SAE_PER_D_IN * data.d_in, **settings.sae})
+    sites = {"n_sites": len(data.cfg.sites), "kind": "crosscoder"} if data.cfg.sites else {}  # a crosscoder's sites
+    sae_cfg = SAEConfig.from_dict({"d_in": data.d_in, "d_sae": D_SAE_PER_D_IN * data.d_in, **sites, **settings.sae})
     if sae_cfg.d_in != data.d_in:
         raise ValueError(f"SAEConfig.d_in={sae_cfg.d_in} but the data {settings.data.source!r} has d_in={data.d_in}")
     train_cfg = settings.train.replace(progress=progress)

@@ -40,7 +40,7 @@ def init_b_dec_mean_(sae: SAE, batch: Tensor, rows_mean=lambda rows: rows.double
 def split_batch(sae: SAE, batch: object, step: int) -> tuple[Tensor, Tensor | None]:
     """(x, target): an SAE's batch is x, its target None; a transcoder's is an (x, y) pair, the input and output
     sites' activations of the same tokens (`ShuffledLoader(..., target_site=...)` serves them aligned)."""
-    if sae.cfg.kind == "sae":
+    if sae.cfg.kind in ("sae", "crosscoder"):  # a crosscoder's batch: its sites' rows side by side
         return check_batch(batch, step), None
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(f"batches must yield (x, y) pairs for a {sae.cfg.kind} (the input and output sites' "
@@ -51,7 +51,9 @@ def split_batch(sae: SAE, batch: object, step: int) -> tuple[Tensor, Tensor | No
 def check_transcoder_training(sae: SAE, resample_every: int, kl) -> None:
     """What a transcoder cannot train with yet: resampling (its pool holds inputs without their targets) and the
     KL term (a splice that reads one site and writes another)."""
-    if sae.cfg.kind != "sae" and (resample_every or kl is not None):
+    if sae.cfg.kind == "crosscoder" and kl is not None:
+        raise ValueError("a crosscoder trains without a SpliceKL (a splice of one site; not supported yet)")
+    if sae.cfg.kind not in ("sae", "crosscoder") and (resample_every or kl is not None):
         raise ValueError(f"a {sae.cfg.kind} trains without DeadLatentConfig.resample_every and without a SpliceKL "
                          f"(not supported yet: use AuxK, DeadLatentConfig.auxk_coefficient, for dead latents)")
 

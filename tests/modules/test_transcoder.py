@@ -134,7 +134,7 @@ def test_matryoshka_prefixes_carry_the_skip_term(backend):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(kind="crosscoder"), "SAEConfig.kind must be one of"),
+    (dict(kind="causal_crosscoder"), "SAEConfig.kind must be one of"),
     (dict(kind="transcoder"), "apply_b_dec_to_input=False"),
     (dict(kind="skip_transcoder", apply_b_dec_to_input=False, tied=True), "tied=False"),
 ])
