@@ -30,7 +30,8 @@ TOPK = ("--activation", "topk", "--k", "32")
 KINDS = {  # name: (what it is, the train flags)
     "topk": ("SAE, TopK k=32 (the reference)", ("--site", "resid_post.6", *TOPK)),
     "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE",
-                      ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "step")),
+                      ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "step",
+                       "--l1", "1")),  # λ of the L0 term: the default 5 prices a latent above its mse gain
     "jumprelu-quadratic": ("JumpReLU, θ trained, quadratic L0 penalty towards 32",
                            ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "quadratic",
                             "--k", "32")),
