@@ -40,6 +40,9 @@ LR = 1e-4
 TRANSCODER = {"apply_b_dec_to_input": False}
 
 
+TRANSCODERS = ("transcoder", "skip_transcoder")  # the kinds trained on (x, y) pairs
+
+
 def kinds(d_sae: int, k: int) -> dict[str, dict]:
     """name: the SAEConfig fields beyond d_in, d_sae. JumpReLU's θ starts where unit-variance pre-activations
     fire k of d_sae latents, the sparsity the others have."""
@@ -53,16 +56,18 @@ def kinds(d_sae: int, k: int) -> dict[str, dict]:
         "matryoshka batchtopk": {"activation": "batchtopk", "k": k, "matryoshka_widths": widths},
         "transcoder": {"kind": "transcoder", "activation": "topk", "k": k, **TRANSCODER},
         "skip transcoder": {"kind": "skip_transcoder", "activation": "topk", "k": k, **TRANSCODER},
+        # d_in is the sites side by side (2 of d_in/2 here): the same kernels as an SAE of that width
+        "crosscoder (2 sites)": {"kind": "crosscoder", "n_sites": 2, "activation": "topk", "k": k},
     }
 
 
 def _batch(sae: SAE, x: torch.Tensor, y: torch.Tensor):
     """What the trainer takes: x, or a transcoder's (x, y) pair."""
-    return x if sae.cfg.kind == "sae" else (x, y)
+    return (x, y) if sae.cfg.kind in TRANSCODERS else x
 
 
 def _forward_args(sae: SAE, x: torch.Tensor, y: torch.Tensor) -> dict:
-    return {} if sae.cfg.kind == "sae" else {"target": y}
+    return {"target": y} if sae.cfg.kind in TRANSCODERS else {}
 
 
 def _make_sae(cfg: SAEConfig, device: str) -> SAE:

@@ -86,7 +86,7 @@ def naive_loss(sae, x: Tensor, y: Tensor) -> Tensor:
     cfg = sae.cfg
     if cfg.activation == "jumprelu" and cfg.jumprelu_sparsity == "l1":
         raise ValueError("naive_loss: jumprelu_sparsity='l1' (θ frozen) has no naive form here")
-    target = x if cfg.kind == "sae" else y
+    target = y if cfg.kind in ("transcoder", "skip_transcoder") else x
     x_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
     threshold = getattr(sae, "threshold", None)
     pre = x_in @ sae.W_enc.T + sae.b_enc  # (N, d_sae)
