@@ -184,7 +184,7 @@ def top_ops(step: Callable[[], object], steps: int, rows: int = 12) -> list[dict
 def environment() -> dict:
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "fastsae": fastsae.__version__ if hasattr(fastsae, "__version__") else None,
-           "python": platform.python_version(), "device": _cpu_name(), "cores": os.cpu_count(),
+           "python": platform.python_version(), "device": cpu_name(), "cores": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     try:
         from importlib.metadata import version
@@ -195,7 +195,7 @@ def environment() -> dict:
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench.cpu_step import cpu_name
 from bench.saving import RESULTS, run_environment, save_report
 from bench.seeds import BATCH, Job, run_job
 from bench.seeds import _marker as marker
@@ -81,7 +82,7 @@ def kind_row(w: Path, name: str) -> dict:
 
 
 def write_report(w: Path, out: Path | None = None, matryoshka: dict | None = None) -> Path:
-    env = run_environment("cpu", cpu=_cpu(), store=str(w / "harvest-layers"), train_tokens=TOKENS, d_sae=D_SAE,
+    env = run_environment("cpu", cpu=cpu_name(), store=str(w / "harvest-layers"), train_tokens=TOKENS, d_sae=D_SAE,
                           eval_tokens=EVAL_TOKENS)
     out = out or RESULTS / f"dictionaries-{env['device']}-{env['date']}"
     rows = [kind_row(w, name) for name in KINDS]
@@ -99,12 +100,6 @@ def write_report(w: Path, out: Path | None = None, matryoshka: dict | None = Non
                   "site's, its CE loss recovered with the MLP output replaced; a crosscoder's CE with every site "
                   f"replaced. CPU: {env['cpu']}."]
     return save_report(out, "dictionaries", {"environment": env, "rows": rows}, "\n".join(lines))
-
-
-def _cpu() -> str:
-    from bench.seeds import _cpu_model
-
-    return _cpu_model()
 
 
 def main(argv: list[str] | None = None) -> None:

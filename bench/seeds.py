@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench.cpu_step import cpu_name
 from bench.saving import RESULTS, run_environment, save_report
 from fastsae import io
 
@@ -246,23 +247,13 @@ def report_rows(w: Path) -> list[dict]:
 
 def write_report(w: Path, out: Path | None = None) -> Path:
     rows = report_rows(w)
-    env = run_environment("cpu", cpu=_cpu_model(), work=str(w))
+    env = run_environment("cpu", cpu=cpu_name(), work=str(w))
     out = out or RESULTS / f"seeds-{env['device']}-{env['date']}"
     lines = ["| finding | seed's claim | ours | verdict | reason |", "|---|---|---|---|---|"]
     lines += [f"| {r['finding']} | {r['seed']} | {r['ours']} | {r['verdict']} | {r['reason']} |" for r in rows]
     done = sorted(p.stem for p in (w / "done").glob("*.json"))
     payload = {"environment": env, "rows": rows, "jobs_done": done}
     return save_report(out, "report", payload, "\n".join(lines))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | encode_batchtopk  | encoder_topk.encoder_topk_candidates | topk_variants      | _autograd.SparseEncode       |
 | encode_jumprelu   | encoder_threshold.encoder_threshold  | threshold_variants | jumprelu.ThresholdSTE        |
 | decode            | sparse_decode.sparse_decode          | sparse_variants    | triton_backend._SparseDecode |
-| matryoshka_decode | prefix_decode.prefix_decode          | prefix_variants    | triton_backend._PrefixDecode |
+| matryoshka_decode | prefix_decode.prefix_decode          | prefix_variants    | matryoshka._MatryoshkaDecode |
 | decode_value_grad | sparse_decode.sparse_value_grad      | sparse_variants    | triton_backend._SparseDecode |
 | gather_rows       | sparse_decode.sparse_decode          | sparse_variants    | _autograd.SparseEncode       |
 | segment_sum       | segment_reduce.segment_reduce        | sparse_variants    | _autograd.SparseEncode       |

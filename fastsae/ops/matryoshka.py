@@ -135,10 +135,13 @@ def backward(grad_x_hat: Tensor | None, grad_loss: Tensor, values: Tensor, indic
 
 
 class _MatryoshkaDecode(torch.autograd.Function):
+    """fused: the forward pass, this module's `forward` or the Triton kernel (triton_backend); the backward is
+    this module's on any device."""
+
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
-                widths: tuple[int, ...]):
-        x_hat, losses = forward(values, indices, W_dec, b_dec, x, widths)
+                widths: tuple[int, ...], fused=forward):
+        x_hat, losses = fused(values, indices, W_dec, b_dec, x, widths)
         ctx.save_for_backward(values, indices, W_dec, b_dec, x, x_hat)
         ctx.widths = widths
         return x_hat, losses
@@ -151,7 +154,7 @@ class _MatryoshkaDecode(torch.autograd.Function):
         grads = backward(grad_x_hat, grad_loss, values, indices, W_dec, b_dec, x, x_hat, ctx.widths)
         (grad_values, grad_W, grad_b, grad_x), need = grads, ctx.needs_input_grad
         return (grad_values if need[0] else None, None, grad_W if need[2] else None, grad_b if need[3] else None,
-                grad_x if need[4] else None, None)
+                grad_x if need[4] else None, None, None)
 
 
 def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,

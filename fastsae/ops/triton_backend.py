@@ -213,28 +213,6 @@ def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Ten
     return _SparseDecode.apply(values, indices, W_dec, b_dec)
 
 
-class _PrefixDecode(torch.autograd.Function):
-    """Forward: the fused prefix-decode kernel; backward: ops/matryoshka.py's (torch ops, any device)."""
-
-    @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
-                widths: tuple[int, ...]):
-        x_hat, losses = _prefix.prefix_decode(values, indices, W_dec, b_dec, x, widths)
-        ctx.save_for_backward(values, indices, W_dec, b_dec, x, x_hat)
-        ctx.widths = widths
-        return x_hat, losses
-
-    @staticmethod
-    def backward(ctx, grad_x_hat: Tensor | None, grad_loss: Tensor | None):
-        values, indices, W_dec, b_dec, x, x_hat = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros(len(ctx.widths), dtype=torch.float32, device=x.device)
-        grads = matryoshka.backward(grad_x_hat, grad_loss, values, indices, W_dec, b_dec, x, x_hat, ctx.widths)
-        (grad_values, grad_W, grad_b, grad_x), need = grads, ctx.needs_input_grad
-        return (grad_values if need[0] else None, None, grad_W if need[2] else None, grad_b if need[3] else None,
-                grad_x if need[4] else None, None)
-
-
 def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor,
                       widths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """x_hat (N, d_in) and each nested prefix's mse (P,) fp32, as ops/matryoshka.py's matryoshka_decode; float64
@@ -248,7 +226,8 @@ def matryoshka_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
         raise ValueError(f"matryoshka_decode: x must be (N, d_in) = {(values.shape[0], W_dec.shape[1])}, "
                          f"got {tuple(x.shape)}")
     STATS["matryoshka_fused"] += 1
-    return _PrefixDecode.apply(values, indices, W_dec, b_dec, x, widths)
+    # the kernel's forward, ops/matryoshka.py's backward (torch ops on the CUDA tensors)
+    return matryoshka._MatryoshkaDecode.apply(values, indices, W_dec, b_dec, x, widths, _prefix.prefix_decode)
 
 
 # ---- the optimizer step and resampling -------------------------------------------------------------
