@@ -77,7 +77,8 @@ def check_scales(cfg, scales: Sequence[float]) -> tuple[float, ...]:
 def fold_site_scales_(sae, scales: Sequence[float]):
     """A crosscoder trained on sites scaled by s_l (x_l' = s_l·x_l) becomes one that takes and rebuilds raw
     activations, exactly: W_enc^l (s_l x_l - b_dec^l) = (s_l W_enc^l)(x_l - b_dec^l/s_l), and x̂_l = x̂_l'/s_l =
-    (W_dec^l/s_l) z + b_dec^l/s_l. Latent values are unchanged. Returns sae."""
+    (W_dec^l/s_l) z + b_dec^l/s_l. Latent values are unchanged. Column blocks of every latent row: a ShardedSAE
+    folds its own rows (and its whole b_dec) the same way. Returns sae."""
     cfg = sae.cfg
     if cfg.kind != "crosscoder":
         raise ValueError(f"fold_site_scales_: per-site scales are a crosscoder's, this is a {cfg.kind!r}")

@@ -17,7 +17,8 @@ both sites' rows of its part. (Latent-sharded ranks are not data ranks: each loa
 
 sites (a crosscoder's, site being sites[0]) serves the concatenation of several sites' rows of the same tokens,
 (batch, Σ d), each site scaled by its own norm_scale (`site_scales`, Anthropic normalises each layer apart), so
-that layers of different norms weigh alike; read side by side as the pairs are. One process only for now.
+that layers of different norms weigh alike; read side by side as the pairs are, so data parallel too: a rank reads
+every site's rows of its part.
 
 Data parallel (rank, world_size): every rank draws the same order and serves its
 own contiguous part of each batch (`tensor_split` of the batch into world_size
@@ -52,7 +53,7 @@ class ShuffledLoader:
         if target_site is not None and (target_site not in store.sites or with_index):
             raise ValueError(f"target_site must be a site of the store ({sorted(store.sites)}), without with_index; "
                              f"got {target_site!r}")
-        sites = _check_sites(store, site, sites, target_site, world_size)
+        sites = _check_sites(store, site, sites, target_site)
         if batch_size < 1 or shards_in_memory < 1:
             raise ValueError(f"batch_size and shards_in_memory must be >= 1, got {batch_size}, {shards_in_memory}")
         self.store, self.site, self.batch_size = store, site, batch_size
@@ -230,10 +231,11 @@ class ShuffledLoader:
         return (batch, index) if self.with_index else batch
 
 
-def _check_sites(store: ActivationStore, site: str, sites: Sequence[str] | None, target_site: str | None,
-                 world_size: int) -> tuple[str, ...] | None:
+def _check_sites(store: ActivationStore, site: str, sites: Sequence[str] | None,
+                 target_site: str | None) -> tuple[str, ...] | None:
     """sites as a tuple (None stays None): >= 2 distinct sites of the store, the first being site, of one width,
-    without target_site, in one process; else a ValueError naming sites."""
+    without target_site; else a ValueError naming sites. Any data rank: `_read_parts` reads every site's rows of
+    its part side by side."""
     if sites is None:
         return None
     sites = (sites,) if isinstance(sites, str) else tuple(sites)
@@ -244,7 +246,6 @@ def _check_sites(store: ActivationStore, site: str, sites: Sequence[str] | None,
     if len({store.sites[s] for s in sites}) != 1:
         raise ValueError(f"sites must have one width (a crosscoder's per-site blocks are equal), got "
                          f"{ {s: store.sites[s] for s in sites} }")
-    if target_site is not None or world_size > 1:
-        raise ValueError(f"sites: served in one process (world_size 1) and without target_site, got "
-                         f"target_site={target_site!r}, world_size={world_size}")
+    if target_site is not None:
+        raise ValueError(f"sites: a crosscoder's sites are served without target_site, got target_site={target_site!r}")
     return sites

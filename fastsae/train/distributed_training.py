@@ -10,7 +10,8 @@ latent shards (`fastsae.ops.distributed`); the model is a `ShardedSAE` (one shar
 Supported: every grid data × latent = world size (latent shards dividing the world size, d_sae >= the
 shard count, the batch divisible by the data replicas); every activation, tied or not, AuxK, resampling,
 mixed precision and both optimizers; every kind: SAEs, transcoders and skip transcoders (a replicated W_skip,
-averaged over the data group as any parameter), JumpReLU with θ trained, Matryoshka SAEs (train/sharded.py).
+averaged over the data group as any parameter), JumpReLU with θ trained, Matryoshka SAEs and crosscoders
+(train/sharded.py; `ShuffledLoader(sites=)` serves each data rank every site's rows of its part).
 Not supported: KL training (`SpliceKL`, one process only).
 
 Data parallel. Each rank gets its tensor_split part of the global batch (`ShuffledLoader(rank=,

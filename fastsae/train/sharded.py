@@ -7,11 +7,14 @@ indices identical to the unsharded SAE's) on every rank of a latent group. With 
 it is an SAE (plain data parallel). Every kind and activation shards: a transcoder's encoder reads x and its
 loss rebuilds target y; W_skip x is added once, after the decode's all-reduce, so W_skip's gradient is whole
 on every rank (the data group averages it as any parameter's); θ trains per latent, its sparsity terms
-summed over the group before any non-linear function of them; Matryoshka prefixes are over global indices.
+summed over the group before any non-linear function of them; Matryoshka prefixes are over global indices. A
+crosscoder is an SAE on its sites side by side: each latent's row holds all its per-site decoders, so the
+sparsity weight Σ_l ||W_dec^l[i]|| (`losses.decoder_norms`) is computed from this rank's rows alone.
 
 Row-wise work needs nothing new: the decoder-norm constraint, Adam (SAEAdam or torch's), folding an
-input scale and the resampling rewrite all act on whole latent rows, so they run on each rank's rows
-unchanged (`SAEWeights`, which this class shares with SAE, holds them and the parameter setup).
+input scale (or a crosscoder's per-site scales, `crosscoder.fold_site_scales_`) and the resampling rewrite
+all act on whole latent rows, so they run on each rank's rows unchanged (`SAEWeights`, which this class
+shares with SAE, holds them and the parameter setup).
 
 Files: a sharded SAE is a directory
 
