@@ -4,6 +4,9 @@
         logits.top_ids, logits.top_values          (d_sae, k)   direct effect: most promoted tokens
         logits.bottom_ids, logits.bottom_values    (d_sae, k)   ... and most suppressed (logit_effects.py)
         logits.mean, logits.std                    (d_sae,)     over the vocabulary: the browser shows z-scores
+        logits.hist, logits.hist_lo, logits.hist_hi (d_sae, 32), (d_sae,) the logit changes over the vocabulary
+                                                                when the latent is ablated: counts in equal bins
+                                                                from lo to hi (mlp_hidden: through W_down)
         measured.latent                            (m,)         latents whose contexts were measured
         ablation                                   (m, n, W)    Δ log p of each token of each top context when
                                                                 the latent is removed upstream (logit_effects.py)
@@ -30,7 +33,7 @@ from ...model import special_token_ids
 from ..decompositions import directions_of, transcoder_out_site
 from .context_attribution import context_attribution
 from .feature_cache import FeatureCache
-from .logit_effects import ablation_effects, direct_logit_effects
+from .logit_effects import ablation_effects, direct_logit_effects, down_projection
 
 FORMAT_VERSION = 1
 EFFECTS_FILE = "effects.safetensors"
@@ -70,7 +73,7 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
         done_meta = io.read_json(cache.path / EFFECTS_META)
         if done_meta.get("format_version") == FORMAT_VERSION and done_meta.get("settings") == settings:
             return out  # measured already
-    tensors, notes = _logit_effects(model, decomposition, logit_k)
+    tensors, notes = _logit_effects(model, decomposition, logit_k, site)
     excluded = special_token_ids(model) if exclude_token_ids is None else exclude_token_ids
     measure = windows is not None and chosen and getattr(model, "can_generate", lambda: False)()
     if windows is None:
@@ -97,15 +100,19 @@ def measure_effects(cache: FeatureCache, model: nn.Module, site: str, decomposit
     return out
 
 
-def _logit_effects(model: nn.Module, decomposition, logit_k: int) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(the logits.* tensors, notes): the direct logit effects, or a note saying why there are none."""
+def _logit_effects(model: nn.Module, decomposition, logit_k: int,
+                   site: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(the logits.* tensors, notes): the direct logit effects (through the down-projection at an mlp_hidden
+    site), or a note saying why there are none."""
     tensors: dict[str, Tensor] = {}
     notes: dict[str, str] = {}
     directions = directions_of(decomposition)
     try:
         if directions is None:
             raise ValueError("the decomposition has no decoder directions")
-        tensors.update({f"logits.{k}": v for k, v in direct_logit_effects(model, directions, logit_k).items()})
+        down = down_projection(model, site) if site.startswith("mlp_hidden.") else None
+        effects = direct_logit_effects(model, directions, logit_k, down=down)
+        tensors.update({f"logits.{k}": v for k, v in effects.items()})
     except ValueError as err:
         notes["logits"] = str(err)
     return tensors, notes

@@ -6,6 +6,12 @@ fixed scale and the unembedding, Δlogits ∝ W_U (g ⊙ P d), g the norm's gain
 LayerNorm (identity for RMSNorm). The norm's 1/rms(x) is a positive factor shared by every token, so the
 ranking of promoted and suppressed tokens is exact under this approximation (later layers are ignored:
 it is the *direct* path). Gemma's final logit soft-cap is monotone and left out too.
+At an `mlp_hidden` site a direction lives in the MLP's hidden space: it reaches the residual stream through the
+MLP's down-projection, d_resid = W_down d (down_projection), and then the path above (Gemma's
+post-feedforward norm after W_down is left out, like the final norm's scale).
+The histogram of a latent's direct logit changes over the vocabulary when it is ablated (the seed's figure;
+removing the latent moves the logits by -W_U (g ⊙ P d)): "hist" (width, HIST_BINS) counts over equal bins from
+"hist_lo" to "hist_hi" (width,) each.
 
 Ablation effect (measured): the site's activation x becomes decode(z with latent j set to 0) + (x - decode(z)),
 the reconstruction without that latent spliced with the SAE's error term, so that only that latent changes
@@ -28,6 +34,25 @@ from ...model import hook_sites, keep_mask, special_token_ids
 from ..decompositions import transcoder_out_site
 
 FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
+DOWN_PROJECTIONS = ("dense_4h_to_h", "down_proj", "c_proj", "fc2")  # GPT-NeoX, Llama/Gemma, GPT-2, OPT-likes
+HIST_BINS = 32  # bins of the logit-drop histogram: enough to show a heavy tail in the browser's small figure
+
+
+def down_projection(model: nn.Module, site: str) -> Tensor:
+    """(d_model, d_mlp) float32: the MLP down-projection of an mlp_hidden.L site's layer (GPT-2's Conv1D
+    stores it transposed, (d_mlp, d_model): it is turned round)."""
+    from ...model.sites import resolve
+
+    kind, _, layer = site.partition(".")
+    if kind != "mlp_hidden" or not layer.isdigit():
+        raise ValueError(f"site must be mlp_hidden.L for a down-projection, got {site!r}")
+    mlp = model.get_submodule(resolve(model, f"mlp_in.{layer}").module)
+    for name in DOWN_PROJECTIONS:
+        module = getattr(mlp, name, None)
+        if module is not None and hasattr(module, "weight"):
+            weight = module.weight.detach().float()
+            return weight.T if type(module).__name__ == "Conv1D" else weight
+    raise ValueError(f"{type(mlp).__name__} at {site}: no down-projection found (looked for {DOWN_PROJECTIONS})")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -57,22 +82,30 @@ def norm_gain(norm: nn.Module, d: int) -> tuple[Tensor, bool]:
 
 
 @torch.no_grad()
-def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, block: int = 512) -> dict[str, Tensor]:
+def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, block: int = 512,
+                         down: Tensor | None = None, bins: int = HIST_BINS) -> dict[str, Tensor]:
     """Top-k promoted and suppressed tokens of each direction (width, d): {"top_ids", "top_values",
     "bottom_ids", "bottom_values"}, each (width, k), the largest first / the most negative first, and the
     mean and std over the vocabulary of each direction's logit changes, "mean" and "std" (width,): the
-    values' scale depends on the decoder's norm and the final norm's gain, (value - mean) / std does not."""
+    values' scale depends on the decoder's norm and the final norm's gain, (value - mean) / std does not.
+    down: (d_model, d_mlp) the down-projection of an mlp_hidden site (directions (width, d_mlp)). Also the
+    histogram of each latent's ablation logit changes, "hist" (width, bins), "hist_lo", "hist_hi" (width,)."""
     unembed = model.get_output_embeddings()
     if unembed is None:
         raise ValueError(f"{type(model).__name__} has no unembedding (an encoder?): no direct logit effect")
     W_U = unembed.weight.float()  # (V, d)
+    if down is not None:
+        if down.shape[0] != W_U.shape[1] or down.shape[1] != directions.shape[1]:
+            raise ValueError(f"down must be (d_model={W_U.shape[1]}, d_mlp={directions.shape[1]}), "
+                             f"got {tuple(down.shape)}")
+        directions = directions.to(down) @ down.T  # (width, d_model): the hidden direction written to the residual
     if directions.shape[1] != W_U.shape[1]:
         raise ValueError(f"directions have width {directions.shape[1]}, the residual stream has {W_U.shape[1]}: "
                          f"the direct effect needs a residual-stream site (not mlp_hidden)")
     gain, centres = norm_gain(final_norm(model), W_U.shape[1])
     k = min(k, W_U.shape[0])
     out: dict[str, list[Tensor]] = {"top_ids": [], "top_values": [], "bottom_ids": [], "bottom_values": [],
-                                    "mean": [], "std": []}
+                                    "mean": [], "std": [], "hist": [], "hist_lo": [], "hist_hi": []}
     for first in range(0, directions.shape[0], block):
         d = directions[first:first + block].to(W_U)
         if centres:
@@ -85,7 +118,22 @@ def direct_logit_effects(model: nn.Module, directions: Tensor, k: int = 10, bloc
         out["bottom_values"].append(bottom.values.cpu())
         out["mean"].append(logits.mean(dim=1).cpu())
         out["std"].append(logits.std(dim=1).cpu())
+        for name, value in zip(("hist", "hist_lo", "hist_hi"), histogram(-logits, bins), strict=True):
+            out[name].append(value.cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def histogram(values: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of values (b, V): counts (b, bins) int32 over bins equal bins from the row's min to its max
+    (a value at the max goes in the last bin), and the (b,) lows and highs."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    lo, hi = values.min(dim=1).values, values.max(dim=1).values
+    width = (hi - lo).clamp_min(1e-12)
+    index = ((values - lo[:, None]) / width[:, None] * bins).long().clamp(0, bins - 1)  # (b, V)
+    counts = torch.zeros(values.shape[0], bins, dtype=torch.int32, device=values.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+    return counts, lo, hi
 
 
 def without_latent(decomposition, x: Tensor, latent: int, y: Tensor | None = None) -> Tensor:

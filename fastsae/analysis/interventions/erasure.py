@@ -18,6 +18,14 @@ gendered pronouns, the built-in example) or every position of labelled prompts. 
      rest. selectivity = Δloss_target / Δloss_other: high when the edit removes the concept and little else;
      None when the other tokens' loss does not rise (Δloss_other <= 0: the edit costs the rest nothing, which
      no ratio expresses; a negative ratio would rank that best case below every positive one).
+  3. LEACE (against "leace", default beside PCA; fastsae.analysis.interventions.concept_leace): the
+     least-squares linear eraser of the concept, fitted on the same fit-window activations and labels (the
+     target mask, or labels= for a concept of more classes), applied at the same site and positions. It is one
+     edit, not a ranking, so it has one row whatever the counts: n = its rank r (number of classes - 1 for a
+     one-hot concept, 1 for a target mask), its row's "directions".
+Every row has "directions": how many directions the edit removes (n).
+
+Two concepts are built in (CONCEPTS): the next token a gendered pronoun, or a first name (the IOI task's names).
 """
 
 from __future__ import annotations
@@ -33,11 +41,16 @@ from ... import io
 from ...evaluation import baselines
 from ...model import capture, keep_mask, special_token_ids
 from ..decompositions import transcoder_out_site
+from .concept_leace import fit_leace
+from .ioi import NAMES
 from .latent_edits import Intervention, as_dictionary, hook_interventions
 from .padded_prompts import widen
 
 # Gendered English pronouns, each with a leading space (a word inside a sentence) and capitalised.
 PRONOUNS = ("he", "she", "him", "her", "his", "hers", "himself", "herself")
+# The built-in concepts: the words whose next-token positions are the target (token_ids keeps the single tokens).
+CONCEPTS = {"gendered_pronouns": PRONOUNS, "names": NAMES}
+AGAINST = ("pca", "ica", "neurons", "random", "leace")
 
 
 def token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -105,14 +118,13 @@ def _losses(model: nn.Module, windows: Tensor, keep: Tensor, batch_size: int, si
 
 
 def erasure(model: nn.Module, site: str, sae, windows: Tensor, target: Tensor, *, counts: Sequence[int] = (1, 4, 16),
-            fit_windows: int | None = None, against: Sequence[str] = ("pca",), batch_size: int = 2,
-            excluded: Sequence[int] | None = None) -> dict:
+            fit_windows: int | None = None, against: Sequence[str] = ("pca", "leace"), batch_size: int = 2,
+            excluded: Sequence[int] | None = None, labels: Tensor | None = None) -> dict:
     """Loss increase on target vs other positions after ablating the n most associated latents, n in counts,
-    for the SAE and each baseline (fitted on the fit windows' activations). See the module docstring."""
+    for the SAE and each baseline (fitted on the fit windows' activations), and after LEACE. labels: (S, T)
+    integer classes LEACE erases (default the target mask: two classes). See the module docstring."""
     start = time.perf_counter()
-    if windows.dim() != 2 or target.shape != windows.shape:
-        raise ValueError(f"windows (S, T) and target must have the same 2-D shape, got {tuple(windows.shape)} "
-                         f"and {tuple(target.shape)}")
+    _check(windows, target, labels, against)
     if excluded is None:
         excluded = special_token_ids(model)
     keep = keep_mask(windows, excluded)
@@ -124,10 +136,12 @@ def erasure(model: nn.Module, site: str, sae, windows: Tensor, target: Tensor, *
     out_site = transcoder_out_site(sae) if isinstance(sae, nn.Module) else None
     acts, base_acts = _fit_activations(model, site, out_site or site, windows[:fit_windows], batch_size)
     fit_keep, fit_target = keep[:fit_windows], target[:fit_windows]
+    fit_labels = (labels if labels is not None else target.long())[:fit_windows]
     dictionaries = {"sae": sae}
     for kind in against:
         d = acts.shape[-1]
-        dictionaries[kind] = baselines.fit(kind, base_acts[fit_keep].float(), d, d)
+        x = base_acts[fit_keep].float()
+        dictionaries[kind] = fit_leace(x, fit_labels[fit_keep]) if kind == "leace" else baselines.fit(kind, x, d, d)
     eval_windows, eval_keep = windows[fit_windows:], keep[fit_windows:]
     # the loss at position t is that of predicting token t+1: it counts when t is kept and t+1 is a real token
     counted = eval_keep[:, :-1] & keep_mask(eval_windows[:, 1:], excluded)
@@ -136,28 +150,48 @@ def erasure(model: nn.Module, site: str, sae, windows: Tensor, target: Tensor, *
     if not eval_target.any():
         raise ValueError("no target position in the evaluation windows: give more windows or a commoner concept")
     clean = _losses(model, eval_windows, eval_keep, batch_size)
-    base_target, base_other = float(clean[eval_target].mean()), float(clean[eval_other].mean())
+    base = (float(clean[eval_target].mean()), float(clean[eval_other].mean()))
     rows = []
     for name, dic in dictionaries.items():
         dic = as_dictionary(dic)
-        with torch.no_grad():
-            codes = dic.codes((acts if name == "sae" else base_acts).to(device))
-        scores = association(dic, codes, fit_target.to(device), fit_keep.to(device))
-        order = scores.abs().argsort(descending=True)
         where = site if name == "sae" else out_site or site
-        for n in counts:
-            chosen = order[:n].tolist()
-            losses = _losses(model, eval_windows, eval_keep, batch_size, where, Intervention(dic, zero=chosen))
-            loss_target, loss_other = float(losses[eval_target].mean()), float(losses[eval_other].mean())
-            dt, do = loss_target - base_target, loss_other - base_other
-            rows.append({"method": name, "n": n, "latents": chosen, "association": [float(scores[i]) for i in chosen],
-                         "loss_target": loss_target, "loss_other": loss_other, "delta_target": dt, "delta_other": do,
-                         "selectivity": selectivity(dt, do)})
+        if name == "leace":  # one edit: zero all r coefficients, i.e. apply the eraser
+            chosen, scores, ns = list(range(dic.size)), None, [dic.size]
+        else:
+            with torch.no_grad():
+                codes = dic.codes((acts if name == "sae" else base_acts).to(device))
+            scores = association(dic, codes, fit_target.to(device), fit_keep.to(device))
+            chosen, ns = scores.abs().argsort(descending=True).tolist(), counts
+        for n in ns:
+            losses = _losses(model, eval_windows, eval_keep, batch_size, where, Intervention(dic, zero=chosen[:n]))
+            rows.append(_row(name, chosen[:n], scores, losses, eval_target, eval_other, base))
     return {"site": site, **({"out_site": out_site} if out_site else {}), "fit_windows": fit_windows,
             "eval_windows": int(eval_windows.shape[0]),
             "target_positions": int(eval_target.sum()), "other_positions": int(eval_other.sum()),
-            "clean_loss_target": base_target, "clean_loss_other": base_other, "rows": rows,
+            "clean_loss_target": base[0], "clean_loss_other": base[1], "rows": rows,
             "seconds": time.perf_counter() - start}
+
+
+def _check(windows: Tensor, target: Tensor, labels: Tensor | None, against: Sequence[str]) -> None:
+    if windows.dim() != 2 or target.shape != windows.shape:
+        raise ValueError(f"windows (S, T) and target must have the same 2-D shape, got {tuple(windows.shape)} "
+                         f"and {tuple(target.shape)}")
+    if labels is not None and labels.shape != windows.shape:
+        raise ValueError(f"labels must have the windows' shape {tuple(windows.shape)}, got {tuple(labels.shape)}")
+    bad = [k for k in against if k not in AGAINST]
+    if bad:
+        raise ValueError(f"against: each comparator must be one of {AGAINST}, got {bad}")
+
+
+def _row(name: str, chosen: list[int], scores: Tensor | None, losses: Tensor, eval_target: Tensor,
+         eval_other: Tensor, base: tuple[float, float]) -> dict:
+    """One report row: the edit's losses on target and other positions against the clean ones (base)."""
+    loss_target, loss_other = float(losses[eval_target].mean()), float(losses[eval_other].mean())
+    dt, do = loss_target - base[0], loss_other - base[1]
+    return {"method": name, "n": len(chosen), "directions": len(chosen), "latents": chosen,
+            "association": None if scores is None else [float(scores[i]) for i in chosen],
+            "loss_target": loss_target, "loss_other": loss_other, "delta_target": dt, "delta_other": do,
+            "selectivity": selectivity(dt, do)}
 
 
 @torch.no_grad()
@@ -186,11 +220,14 @@ def plot(result: dict, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    for method, color in zip(methods, ("C0", "C1", "C2", "C3"), strict=False):
+    for method, color in zip(methods, ("C0", "C1", "C2", "C3", "C4", "C5"), strict=False):
         rows = [r for r in result["rows"] if r["method"] == method]
         ns = [r["n"] for r in rows]
-        ax.plot(ns, [r["delta_target"] for r in rows], "o-", color=color, label=f"{method}: target tokens")
-        ax.plot(ns, [r["delta_other"] for r in rows], "o--", color=color, label=f"{method}: all other tokens")
+        # LEACE is one edit of rank r: a single marker per line
+        ax.plot(ns, [r["delta_target"] for r in rows], "o-" if len(rows) > 1 else "*", color=color,
+                label=f"{method}: target tokens")
+        ax.plot(ns, [r["delta_other"] for r in rows], "o--" if len(rows) > 1 else "x", color=color,
+                label=f"{method}: all other tokens")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("directions ablated (most associated with the concept)")
     ax.set_ylabel("loss increase (nats)")

@@ -196,3 +196,32 @@ def test_direct_effect_scale_free_summary(tiny):
     z2 = (doubled["top_values"] - doubled["mean"][:, None]) / doubled["std"][:, None]
     torch.testing.assert_close(z, z2)  # the browser's z-scores do not depend on the decoder's norm
     assert (z[:, 0] > 0).all() and effects["mean"].shape == (5,)
+
+
+@pytest.mark.parametrize("which", ["gpt_neox layernorm", "llama rmsnorm"])
+def test_logit_drop_histogram_and_mlp_hidden_effects_through_the_down_projection(tiny, which):
+    from fastsae.analysis.features.logit_effects import down_projection
+
+    model = tiny if which.startswith("gpt") else tiny_llama()
+    norm = final_norm(model)
+    W_U = model.get_output_embeddings().weight.detach()
+    mlp = model.gpt_neox.layers[1].mlp.dense_4h_to_h if which.startswith("gpt") else model.model.layers[1].mlp.down_proj
+    down = down_projection(model, "mlp_hidden.1")
+    assert torch.equal(down, mlp.weight.detach())  # (d_model, d_mlp)
+    hidden = torch.randn(5, down.shape[1])
+    effects = direct_logit_effects(model, hidden, k=3, down=down, bins=7)
+    d = hidden @ down.T  # W_down · d, then the final norm's gain (and centring) and W_U
+    d = d - d.mean(1, keepdim=True) if which.startswith("gpt") else d
+    logits = (d * norm.weight.detach()) @ W_U.T  # (5, V)
+    torch.testing.assert_close(effects["top_values"], logits.topk(3, dim=1).values, rtol=1e-4, atol=1e-5)
+    drop = -logits  # ablating the latent removes its direction: the histogram is of the logit changes
+    assert effects["hist"].shape == (5, 7) and effects["hist"].sum(1).tolist() == [W_U.shape[0]] * 5
+    torch.testing.assert_close(effects["hist_lo"], drop.min(1).values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(effects["hist_hi"], drop.max(1).values, rtol=1e-4, atol=1e-5)
+    for row in range(5):  # torch.histc over the same range counts the same (float edges: allow one move)
+        expected = torch.histc(drop[row].double(), bins=7, min=float(drop[row].min()), max=float(drop[row].max()))
+        assert (effects["hist"][row].double() - expected).abs().sum() <= 2
+    with pytest.raises(ValueError, match="mlp_hidden"):
+        down_projection(model, "resid_post.1")
+    with pytest.raises(ValueError, match="down must be"):
+        direct_logit_effects(model, torch.randn(3, 7), down=down)

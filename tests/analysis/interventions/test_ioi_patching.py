@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastsae.analysis.interventions import ioi, ioi_patching
+from fastsae.analysis.interventions import ioi, ioi_ceiling, ioi_patching
 from fastsae.analysis.interventions.latent_edits import intervene
 from fastsae.analysis.interventions.padded_prompts import PromptBatch, last_logits
 from fastsae.evaluation import baselines
@@ -144,7 +144,7 @@ def test_greedy_search_beats_attribution_at_its_first_step(lm, prompts):
 def test_compare_reports_sae_pca_and_neurons_side_by_side(lm, prompts):
     model, tok = lm
     result = ioi_patching.compare(model, SITE, make_sae(32, 96, "topk", k=8), prompts, max_m=3)
-    assert set(result["curves"]) == {"sae", "pca", "neurons"}
+    assert set(result["curves"]) == {"sae", "pca", "neurons"} and result["baselines_fitted_on"] == "prompts"
     assert all(len(c["fraction"]) == 3 for c in result["curves"].values())
     assert result["all_latents"] > 3 and "all_latents_fraction" in result and "error_only_fraction" in result
 
@@ -156,3 +156,77 @@ def test_every_sae_latent_and_its_error_restore_the_clean_run(lm, prompts):
     patcher = ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(sae), prompts, True)
     ld, size = patcher(range(96), patch_error=True)
     assert ld == pytest.approx(state.clean_ld, abs=1e-5) and size > 0
+
+
+def _exact_sae(d=32):
+    """A ReLU SAE whose reconstruction is the identity: z = (relu(x), relu(-x)), x̂ = z⁺ - z⁻."""
+    from fastsae.config import SAEConfig
+    from fastsae.sae import SAE
+
+    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, activation="relu"))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([eye, -eye]))  # (2d, d)
+        sae.W_enc.copy_(torch.cat([eye, -eye]).T if sae.W_enc.shape == (d, 2 * d) else torch.cat([eye, -eye]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_the_ceiling_is_patching_every_latent_and_one_for_an_exact_sae(lm, prompts):
+    model, tok = lm
+    excluded = [tok.pad_token_id, tok.bos_token_id]
+    state = ioi_patching.SiteRuns(model, SITE, prompts, excluded)
+    sae = make_sae(32, 96, "topk", k=8)
+    patcher = ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(sae), prompts, True)
+    c = ioi_ceiling.ceiling(patcher, state, sae, prompts)
+    gap = state.clean_ld - state.corrupted_ld
+    full_ld, _ = patcher(range(96))  # every latent, active or not: the same edit
+    assert c["all_latents_fraction"] == pytest.approx((full_ld - state.corrupted_ld) / gap, abs=1e-5)
+    assert abs(c["all_latents_fraction"] - 1) > 0.01 and c["fvu_names"] > 0.05  # a random SAE is far from exact
+    assert c["everything_fraction"] == pytest.approx(1.0, abs=1e-4) and c["everything_kl"] == pytest.approx(0, abs=1e-5)
+    exact = _exact_sae()
+    x = state.clean_x[state.keep]
+    torch.testing.assert_close(exact.decode(exact.encode(x)), x, atol=1e-5, rtol=1e-5)
+    c = ioi_ceiling.ceiling(ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(exact), prompts, True),
+                            state, exact, prompts)
+    assert c["all_latents_fraction"] == pytest.approx(1.0, abs=1e-4)
+    assert c["all_latents_kl"] == pytest.approx(0.0, abs=1e-5) and c["fvu_names"] == pytest.approx(0.0, abs=1e-6)
+    names = ioi_ceiling.name_positions(prompts)
+    assert names.sum(1).tolist() == [1] * len(prompts)
+
+
+def test_kl_to_clean_is_zero_when_every_direction_is_patched(lm, prompts):
+    model, tok = lm
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    basis = baselines.fit("pca", state.fit_activations, 32, 32)
+    curve = ioi_patching.patching_curve(model, state, basis, prompts, max_m=32, ms=[1, 8, 32])
+    assert len(curve["kl"]) == 3 and curve["kl"][-1] == pytest.approx(0.0, abs=1e-5)
+    assert curve["kl"][0] > 1e-6 > curve["kl"][-1]  # one direction does not restore the clean distribution
+    with torch.no_grad():  # KL(clean || corrupted), by hand, bounds what nothing patched gives
+        clean = torch.log_softmax(last_logits(model, prompts.clean).double(), -1)
+        corrupted = torch.log_softmax(last_logits(model, prompts.corrupted).double(), -1)
+    unpatched = float((clean.exp() * (clean - corrupted)).sum(-1).mean())
+    patcher = ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(basis), prompts, True)
+    assert patcher.measure([])[2] == pytest.approx(unpatched, rel=1e-3, abs=1e-6)
+
+
+def test_compare_fits_pca_on_the_corpus_and_keeps_the_prompt_fit_labelled(lm, prompts):
+    model, tok = lm
+    excluded = [tok.pad_token_id, tok.bos_token_id]
+    gen = torch.Generator().manual_seed(5)
+    windows = torch.randint(4, len(tok), (6, 16), generator=gen)  # random words: not the IOI prompts
+    corpus = ioi_ceiling.corpus_activations(model, SITE, windows, excluded)
+    assert corpus.shape == (96, 32)
+    saes = {"k=4": make_sae(32, 96, "topk", k=4), "k=12": make_sae(32, 96, "topk", k=12, seed=1)}
+    result = ioi_patching.compare(model, SITE, saes, prompts, max_m=3, corpus=corpus, excluded=excluded)
+    assert list(result["curves"]) == ["k=4", "k=12", "pca", "neurons", "pca_prompts"]
+    assert set(result["ceilings"]) == {"k=4", "k=12"} and result["baselines_fitted_on"].startswith("corpus")
+    assert result["curves"]["pca"]["fraction"] != pytest.approx(result["curves"]["pca_prompts"]["fraction"])
+    assert all(len(c["kl"]) == 3 for c in result["curves"].values())
+    table = ioi_patching.summary({SITE: result}, ms=(1, 3))
+    assert "| pca_prompts |" in table and "| k=12 |" in table
+    alone = ioi_patching.compare(model, SITE, make_sae(32, 96, "topk", k=8), prompts, max_m=2, excluded=excluded)
+    # without a corpus "pca" is the prompt fit, labelled so: the same curve as the extra row above
+    assert alone["baselines_fitted_on"] == "prompts"
+    assert alone["curves"]["pca"]["fraction"] == pytest.approx(result["curves"]["pca_prompts"]["fraction"][:2])
