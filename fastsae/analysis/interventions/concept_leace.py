@@ -6,8 +6,8 @@ comparator of concept erasure (fastsae.analysis.interventions.erasure) beside PC
     x_erased = erase(eraser, x)                # x - L R (x - μ): a rank-r edit, r = rank of Cov(x, z)
     as_dictionary(eraser)                      # a BasisDictionary of r directions: zeroing all r erases
 
-The fit is EleutherAI's concept-erasure `LeaceFitter` (method "leace") in float64, without its two options
-that are not LEACE itself: shrinkage of Σ_xx (off: our fits have N >> d) and the trace constraint (off: it mixes
+The fit is EleutherAI's concept-erasure `LeaceFitter` (method "leace") in float64, with its two options that
+are not LEACE itself turned off: shrinkage of Σ_xx (off: our fits have N >> d) and the trace constraint (off: it mixes
 in the orthogonal projection only when LEACE would raise the total variance). With
 W = Σ_xx^{-1/2} (pseudo-inverse on the eigenvalues above pinv's threshold), U_r the left singular vectors of
 W Σ_xz with singular value > svd_tol: L = W⁺ U_r (d, r), R = U_rᵀ W (r, d). For a one-hot concept of k classes
@@ -55,26 +55,18 @@ def fit_leace(x: Tensor, labels: Tensor, svd_tol: float = SVD_TOL) -> Decomposit
         raise ValueError(f"x and labels need the same number N >= 2 of rows, got {x.shape[0]} and {z.shape[0]}")
     if svd_tol <= 0:
         raise ValueError(f"svd_tol must be > 0, got {svd_tol}")
-    x = x.double()
-    n = x.shape[0]
-    mu = x.mean(0)
-    xc, zc = x - mu, z - z.mean(0)
-    sigma_xx = (xc.T @ xc) / (n - 1)  # (d, d)
-    sigma_xz = (xc.T @ zc) / (n - 1)  # (d, k)
-    sigma_xx = (sigma_xx + sigma_xx.T) / 2
-    eigval, eigvec = torch.linalg.eigh(sigma_xx)
-    # torch.linalg.pinv's threshold: eigenvalues below it are treated as zero (a direction x never moves in)
-    mask = eigval > eigval[-1] * sigma_xx.shape[-1] * torch.finfo(eigval.dtype).eps
-    eigval = eigval.clamp_min(0)
-    w = (eigvec * torch.where(mask, eigval.rsqrt(), 0.0)) @ eigvec.T  # Σ^{-1/2}
-    w_inv = (eigvec * torch.where(mask, eigval.sqrt(), 0.0)) @ eigvec.T  # Σ^{1/2}
-    u, s, _ = torch.linalg.svd(w @ sigma_xz, full_matrices=False)
-    u = u[:, s > svd_tol]  # (d, r)
-    if u.shape[1] == 0:
+    from concept_erasure import LeaceFitter  # EleutherAI's concept-erasure: LEACE itself, not a copy of it
+
+    fitter = LeaceFitter(x.shape[1], z.shape[1], "leace", dtype=torch.float64, device=x.device, shrinkage=False,
+                         constrain_cov_trace=False, svd_tol=svd_tol)
+    fitter.update(x.double(), z)
+    eraser = fitter.eraser  # proj_left (d, k), proj_right (k, d); the directions below svd_tol are zeroed
+    kept = eraser.proj_right.norm(dim=1) > 0
+    if not kept.any():
         raise ValueError(f"the concept is not linearly correlated with x (every singular value of the whitened "
                          f"cross-covariance <= svd_tol={svd_tol}): nothing for LEACE to erase")
-    left, right = w_inv @ u, u.T @ w  # (d, r), (r, d)
-    return Decomposition("leace", left.T.contiguous(), right.contiguous(), mu, u.shape[1])
+    left, right, mu = eraser.proj_left[:, kept], eraser.proj_right[kept], eraser.bias
+    return Decomposition("leace", left.T.contiguous(), right.contiguous(), mu, int(kept.sum()))
 
 
 def erase(eraser: Decomposition, x: Tensor) -> Tensor:
