@@ -1,7 +1,7 @@
 """Autointerp of an SAE against its PCA, ICA and neuron baselines, with the local backend by default (Gemma
 3 270M: a weak explainer, so the scores are a floor), and its throughput in features per minute.
 
-    python -m bench.autointerp --sae runs/gemma/train/sae --features 50
+    python -m bench.autointerp --sae runs/gemma/train/sae --features 100
     python -m bench.autointerp --sae /tmp/h16-run/train/sae --features 10 --backend openai:http://host:8000/v1 \
         --model llama-3.1-8b-instruct
 
@@ -29,8 +29,8 @@ from fastsae.analysis.autointerp.autointerp_run import run_autointerp
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", required=True)
-    p.add_argument("--features", default="50", help="per kind (SAE and each baseline)")
-    p.add_argument("--baselines", nargs="+", default=["pca", "ica", "neurons"])
+    p.add_argument("--features", default="100", help="per kind (SAE and each baseline; issue 28 asks >= 100)")
+    p.add_argument("--baselines", nargs="+", default=["pca", "ica", "neurons", "random"])
     p.add_argument("--backend", default="local:gemma-3-270m")
     p.add_argument("--model")
     p.add_argument("--work", default="runs/bench-autointerp", help="feature caches, request cache, full report")

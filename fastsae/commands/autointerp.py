@@ -12,7 +12,12 @@ def _autointerp(args: argparse.Namespace) -> int:
     from ..analysis.autointerp import BackendError, run_autointerp
 
     try:
-        run_autointerp(backend=args.backend, model=args.model, examples=args.examples, sae=args.sae,
+        backend = args.backend
+        if args.base_url:  # --backend openai --base-url URL is openai:URL
+            if backend.partition(":")[0] != "openai":
+                raise ValueError(f"--base-url is for --backend openai, not {backend!r}")
+            backend = f"openai:{args.base_url}"
+        run_autointerp(backend=backend, model=args.model, examples=args.examples, sae=args.sae,
                    feature_cache_dir=args.feature_cache, features=args.features, fit_tokens=args.fit_tokens,
                    baselines=flags.baselines(args), out=args.out, cache=args.cache, scores=tuple(args.scores),
                    api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
@@ -36,12 +41,14 @@ def register(subparsers) -> None:
     flags.add_fit_tokens(p)
     p.add_argument("--features", default="50", help="how many features per kind (drawn at random), ids like "
                                                     "3,17,42 (one id: 42,), or 'all' (default 50)")
-    flags.add_baselines(p, default=("pca", "ica", "neurons"), choices=("pca", "ica", "neurons", "none"),
-                        help="with --sae: baselines scored the same way")
+    flags.add_baselines(p, default=("pca", "ica", "neurons"), choices=("pca", "ica", "neurons", "random", "none"),
+                        help="with --sae: baselines scored the same way (random: random unit directions, projected)")
     p.add_argument("--backend", default="local:gemma-3-270m",
                    help="local[:MODEL] (a fastsae.model name or a directory; default local:gemma-3-270m, a weak "
                         "explainer) or openai:URL (an OpenAI-compatible server, e.g. openai:http://127.0.0.1:8000/v1;"
                         " default URL $OPENAI_BASE_URL)")
+    p.add_argument("--base-url", help="openai: the server, e.g. http://127.0.0.1:8080/v1 (llama.cpp's server, vLLM); "
+                                      "--backend openai --base-url URL is --backend openai:URL")
     p.add_argument("--model", help="the server's model name (default $OPENAI_MODEL)")
     p.add_argument("--api", choices=("chat", "completions"), default="chat",
                    help="openai: generate through chat/completions (default) or completions (base models)")

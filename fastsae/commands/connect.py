@@ -21,15 +21,26 @@ def register(sub) -> None:
                    choices=("linear", "linear_relu", "mlp", "mlp_relu"), help="connectors to train (default: all)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the MLP connectors (default 1024)")
     p.add_argument("--bias", action="store_true", help="give the connectors biases (the seed found no gain)")
-    p.add_argument("--steps", type=int, default=600, help="Adam steps per connector (default 600)")
+    p.add_argument("--steps", type=int, default=20000,
+                   help="cap on Adam steps per connector (default 20000; the stopping rule usually ends sooner)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="stop a connector after this many validation evaluations without a relative improvement "
+                        "of 1e-4 (default 5; 0: run --steps steps)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations (100)")
     flags.add_batch_size(p, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threshold", type=float, default=0.001,
                    help="nonlinearity below which a feature counts as linear (default 0.001, the seed's)")
     p.add_argument("--l1", type=float, nargs="+", help="L1 coefficients (on standardised weights) of the sparse "
                                                        "sweep (default 0 0.01 0.03 0.1 0.3 1)")
-    p.add_argument("--linear-only", action="store_true", help="sparse sweep on the linear features only")
-    p.add_argument("--sae-hidden-l1", type=float, default=1e-3, help="SAE on SAE: L1 on the hidden activations")
+    p.add_argument("--linear-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="sparse sweep and formulas on the linear features only (default, as the seed)")
+    p.add_argument("--sae-hidden-l1", type=float, default=1e-3,
+                   help="SAE on SAE: the first L1 on the hidden activations, raised 3x until --sae-max-l0")
+    p.add_argument("--sae-max-l0", type=float, default=30,
+                   help="SAE on SAE: hidden L0 the sweep must reach (default 30; the seed's was 25)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="train every connector again, ignoring the checkpoints in --out (default: resume)")
     p.add_argument("--sae-weight-l1", type=float, default=0.01, help="SAE on SAE: L1 on its standardised weights")
     p.add_argument("--no-ce", action="store_true", help="skip the CE-based threshold (needs the model)")
     p.add_argument("--ce-budget", type=float, default=0.01,
@@ -50,11 +61,12 @@ def _connect(args: argparse.Namespace) -> int:
     from ..analysis.compare import L1_COEFFICIENTS, ConnectConfig, run_connect
 
     cfg = ConnectConfig(hidden=args.hidden, bias=args.bias, lr=args.lr, batch_size=args.batch_size, steps=args.steps,
-                        seed=args.seed)
+                        patience=args.patience, eval_every=args.eval_every, seed=args.seed)
     run_connect(args.sae_in, args.sae_out, args.store, args.out, site_in=args.site_in, site_out=args.site_out,
                 cfg=cfg, kinds=tuple(args.kinds), threshold=args.threshold,
                 l1_coefficients=tuple(args.l1) if args.l1 else L1_COEFFICIENTS, linear_only=args.linear_only,
-                sae_hidden_l1=args.sae_hidden_l1, sae_weight_l1=args.sae_weight_l1, ce=not args.no_ce,
+                sae_hidden_l1=args.sae_hidden_l1, sae_weight_l1=args.sae_weight_l1, sae_max_l0=args.sae_max_l0,
+                resume=not args.no_resume, ce=not args.no_ce,
                 ce_budget=args.ce_budget, eval_tokens=args.eval_tokens, max_outputs=args.max_outputs,
                 browser_in=args.browser_in, browser_out=args.browser_out, cache_out=args.cache_out,
                 progress=flags.progress(args))

@@ -37,6 +37,9 @@ def summarize_kinds(results: dict[str, dict]) -> dict[str, dict]:
                 values = [_value(r, task, key) for r in rs if key in (r.get(task) or {})]
                 if values:
                     s[f"{task}_{key}"] = summarize(values)["mean"]
+        tr = [(r.get("simulation") or {}).get("top_and_random", {}).get("score") for r in rs]
+        if any(v is not None for v in tr):  # the seed's protocol, beside the stratified "simulation" above
+            s["simulation_top_and_random"] = summarize([v for v in tr if v is not None])
         methods = sorted({r["simulation"]["method"] for r in rs if "simulation" in r})
         if methods:
             s["simulation_method"] = "+".join(methods)

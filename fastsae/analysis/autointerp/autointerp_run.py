@@ -30,7 +30,11 @@ WEAK_EXPLAINERS = {"gemma-3-270m": "Gemma 3 270M is a 270M-parameter base model,
                                    "explainers of Bills et al. 2023 and Paulo et al. 2024: its explanations are "
                                    "often generic or copied from the prompt and its simulations near-constant, so "
                                    "its scores are a floor on interpretability and a test of the pipeline, not a "
-                                   "measure of the features. Use an OpenAI-compatible server with a large model "
+                                   "measure of the features. It can show that the pipeline runs end to end and "
+                                   "whether SAE latents beat random directions by a margin it can detect; it "
+                                   "cannot show how interpretable the features are, nor rank SAE against PCA, ICA "
+                                   "or neurons when every kind scores near chance. Use an OpenAI-compatible server "
+                                   "with a large model "
                                    "for numbers to compare with the literature."}
 
 
@@ -120,6 +124,14 @@ def _summary_lines(report: dict, table: str, seconds: float, u, price_in: float,
              f"{u.requests} requests to the model, {u.cached} from the cache; "
              f"{u.prompt_tokens + u.completion_tokens:,} tokens spent"
              + (f", about ${u.cost(price_in, price_out):.4f}" if price_in or price_out else "") + "."]
+    lines += ["", "Two simulation protocols: the table's \"simulation\" is stratified (held-out quantile samples "
+              "plus non-activating random contexts); \"top-and-random\" is the seed's (held-out top contexts plus "
+              "unfiltered random ones, Bills et al. 2023). Kind \"random\": random unit directions, read by "
+              "projection (the floor)."]
+    for kind, s in report["summary"].items():
+        if "simulation_top_and_random" in s:
+            t = s["simulation_top_and_random"]
+            lines.append(f"- {kind}: top-and-random simulation {t['mean']:.3f} (n {t['n']})")
     if "explainer_note" in report["meta"]:
         lines += ["", report["meta"]["explainer_note"]]
     return lines

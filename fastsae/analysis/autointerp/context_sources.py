@@ -3,7 +3,8 @@ cache of `fastsae.analysis.features.feature_pass` (top contexts, quantile sample
 latent).
 
 Features are named `<kind>/<latent>`: kind "sae" for the dictionary's latents, "pca", "ica", "neurons" for
-the baselines' directions, so one report compares them on equal terms.
+the baselines' directions and "random" for random unit directions in the site's activation space (their
+activations are projections), so one report compares them on equal terms.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ RANDOM_CONTEXTS = 16  # random non-activating contexts read per feature (simulat
 
 def from_feature_cache(cache, latents: list[int], kind: str = "sae", *, n_random: int = RANDOM_CONTEXTS,
                        seed: int = 0) -> dict[str, FeatureExamples]:
-    """FeatureExamples of the given latents of a FeatureCache: its top contexts, quantile samples, and
-    random contexts where the latent is off (drawn with seed + latent, so each feature gets its own)."""
+    """FeatureExamples of the given latents of a FeatureCache: its top contexts, quantile samples, random
+    contexts where the latent is off (drawn with seed + latent, so each feature gets its own), and unfiltered
+    random contexts for the top-and-random score."""
     return {feature_name(kind, j): FeatureExamples(cache.top(j), cache.samples(j),
                                                    cache.random_examples(j, n_random, seed=seed + j,
-                                                                         nonactivating=True))
+                                                                         nonactivating=True),
+                                                   cache.random_examples(j, n_random, seed=seed + j + 7919))
             for j in latents}
 
 
@@ -220,4 +223,7 @@ class _BaselineFit:
             self._x = self.caches.store.first_rows(self.caches.site, self.fit_tokens).float()
             self._k = matched_k(sae, self._x.to(self.device))
         decomposition = fit_baselines.fit(kind, self._x, n=sae.cfg.d_sae, k=self._k, seed=self.seed)
+        if kind == "random":  # random unit directions read by projection (x - mean)·d, not a pseudo-inverse
+            decomposition = fit_baselines.Decomposition("random", decomposition.directions,
+                                                        decomposition.directions, decomposition.mean, self._k)
         return self.caches.build(SplitSigns(decomposition), directory, {**settings, "k": self._k})

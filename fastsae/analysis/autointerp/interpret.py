@@ -48,6 +48,7 @@ class FeatureExamples:
     top: list[Example]  # top-activating contexts, largest first
     samples: list[Example] = field(default_factory=list)  # activating contexts stratified over quantiles
     random: list[Example] = field(default_factory=list)  # random contexts (mostly not activating)
+    random_any: list[Example] = field(default_factory=list)  # random contexts, unfiltered (top-and-random scoring)
 
 
 def _key(ex: Example) -> tuple:
@@ -65,8 +66,25 @@ def split(feature: FeatureExamples, cfg: AutointerpConfig) -> dict[str, list[Exa
     if not active:  # no quantile samples: fall back to the top contexts the explainer did not see
         active = [x for x in feature.top[cfg.explain_top:] if x.max_activation > 0]
     held_random = [x for x in feature.random if _key(x) not in seen]
+    held_top = [x for x in feature.top[cfg.explain_top:] if x.max_activation > 0 and _key(x) not in seen]
+    random_any = [x for x in feature.random_any if _key(x) not in seen]
     return {"explain_top": cut(shown_top), "explain_random": cut(shown_random), "active": cut(active),
-            "random": cut(held_random)}
+            "random": cut(held_random), "held_top": cut(held_top), "random_any": cut(random_any)}
+
+
+def top_and_random(simulate_values: Callable[[list[list[str]]], list[list[float]]], parts: dict,
+                   cfg: AutointerpConfig) -> dict:
+    """The seed's top-and-random simulation score (Bills et al. 2023): the correlation of simulated with true
+    activations over held-out top-activating contexts (top contexts the explainer did not see) and unfiltered
+    random contexts together. simulate_values(token lists) -> predicted values per token (the simulator)."""
+    held = parts["held_top"][:cfg.simulate_active] + parts["random_any"][:cfg.simulate_random]
+    if not parts["held_top"] or not parts["random_any"]:
+        return {"score": None, "note": "needs held-out top contexts and unfiltered random ones",
+                "contexts": len(held)}
+    true = [[max(0.0, float(v)) for v in x.activations] for x in held]
+    score = simulation_score(true, simulate_values([x.tokens for x in held]))
+    return {"score": score["correlation"], "contexts": len(held), "tokens": score["tokens"],
+            **({"note": score["note"]} if "note" in score else {})}
 
 
 def interpret_feature(backend: Backend, feature: FeatureExamples, cfg: AutointerpConfig | None = None) -> dict:
@@ -88,10 +106,14 @@ def interpret_feature(backend: Backend, feature: FeatureExamples, cfg: Autointer
         both = simulation_score(true, sim.values)
         n_active = min(cfg.simulate_active, len(parts["active"]))
         top_only = simulation_score(true[:n_active], sim.values[:n_active])
-        out["simulation"] = {"score": both["correlation"], "score_active_only": top_only["correlation"],
+        out["simulation"] = {"protocol": "stratified (quantile samples + non-activating random)",
+                             "score": both["correlation"], "score_active_only": top_only["correlation"],
                              "method": sim.method, "contexts": len(held), "tokens": both["tokens"],
                              "unparsed_tokens": sim.unparsed, **({"note": both["note"]} if "note" in both else {})}
         out["prompts"]["simulate"] = sim.prompt_hashes
+        if feature.random_any:
+            out["simulation"]["top_and_random"] = top_and_random(
+                lambda tokens: simulate(backend, exp.text, tokens).values, parts, cfg)
     if "detection" in cfg.scores:
         task = detection(backend, exp.text, parts["active"], parts["random"], cfg.detect)
         out["detection"] = task.scores()
@@ -131,12 +153,13 @@ def interpret_many(backend: Backend, features: dict[str, FeatureExamples], cfg: 
 
 
 def feature_to_dict(feature: FeatureExamples) -> dict:
-    return {k: [asdict(x) for x in getattr(feature, k)] for k in ("top", "samples", "random")}
+    return {k: [asdict(x) for x in getattr(feature, k)] for k in ("top", "samples", "random", "random_any")}
 
 
 def feature_from_dict(d: dict, where: str = "examples") -> FeatureExamples:
     try:
-        return FeatureExamples(**{k: [Example(**x) for x in d.get(k, [])] for k in ("top", "samples", "random")})
+        return FeatureExamples(**{k: [Example(**x) for x in d.get(k, [])]
+                                  for k in ("top", "samples", "random", "random_any")})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: expected {{'top': [Example fields], 'samples': [...], 'random': [...]}}: {err}") \
             from None

@@ -68,7 +68,7 @@ def nonlinearity_plot(path: Path, delta: Tensor, thresholds: dict[str, float | N
     ticks = [-4, -2, 0, 2, 4]
     ax.set_xticks(ticks, [("−" if v < 0 else "") + (f"1e{int(math.log10(floor)) + abs(v)}" if v else "0")
                           for v in ticks])
-    ax.set_xlabel("nonlinearity = (mse_linear − mse_mlp) / energy, per output feature (held out)")
+    ax.set_xlabel("nonlinearity = mse_linear − mse_mlp per output feature (held out; per-layer units, E‖F2‖² = 1)")
     ax.set_ylabel("output features")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -141,8 +141,11 @@ def summary_text(report: dict) -> str:
                                                           for k, v in report["connectors"].items())]
     if "linearity" in report:
         lin = report["linearity"]
-        lines.append(f"linear features (nonlinearity <= {lin['threshold']:g}): {lin['linear']} of {lin['judged']} "
-                     f"judged ({lin['fraction_linear']:.1%})")
+        lines.append(f"linear features (nonlinearity <= {lin['threshold']:g}, per-layer units as the seed): "
+                     f"{lin['linear']} of {lin['judged']} judged ({lin['fraction_linear']:.1%}; "
+                     f"{lin.get('negative', 0)} below 0)")
+    stops = {k: v["fit"].get("stopped") for k, v in report["connectors"].items() if isinstance(v.get("fit"), dict)}
+    lines += [f"  {k}: {why}" for k, why in stops.items()]
     ce = report.get("ce_threshold")
     if ce:
         t = ce["threshold"]
@@ -153,7 +156,9 @@ def summary_text(report: dict) -> str:
     lines.append(f"elbow of the L1 sweep: λ = {p['l1_coefficient']:g}, FVU {p['heldout_fvu']:.4f}, "
                  f"{p['terms_per_output']:.2f} terms per output feature")
     sos = report["sae_on_sae"]
-    lines.append(f"SAE on SAE: hidden L0 {sos['hidden_l0']:.1f} of {sos['hidden']} (dense MLP: "
-                 f"{sos['dense_mlp_hidden_l0']}), FVU {sos['heldout_fvu']:.4f}")
+    reached = "" if sos.get("reached", True) else f" (target <= {sos['target_hidden_l0']:g} not reached)"
+    lines.append(f"SAE on SAE: hidden L0 {sos['hidden_l0']:.1f} of {sos['hidden']} at hidden L1 "
+                 f"{sos.get('hidden_l1', 0):g}{reached} (dense MLP: {sos['dense_mlp_hidden_l0']}), "
+                 f"FVU {sos['heldout_fvu']:.4f}")
     lines += [f"  {s['formula']}   [OF top tokens {s['output']['top_tokens']}]" for s in report["showcase"]]
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """`fastsae connect` as a function: SAEs at an MLP's input and output + a store holding both sites ->
 connectors, how linear each output feature is, sparse linear formulas, SAE on SAE, and a report:
 
-    out/connect.json       losses of the four connectors, per-feature nonlinearity, fraction linear (seed threshold
-                           and the CE-based one), the L1 sweep and its elbow, formulas, SAE-on-SAE, outliers
+    out/connect.json       losses of the four connectors and why each stopped, per-feature nonlinearity (the
+                           seed's: per-layer units), % linear (seed threshold and the CE-based one), the L1 sweep
+                           and its elbow, formulas (linear features only by default), the SAE-on-SAE sweep, outliers
+    out/checkpoints/       each trained connector (connect_checkpoint.py): a rerun into out resumes
     out/pareto.png         held-out FVU against the L1 norm of the weights, one point per L1 coefficient
     out/nonlinearity.png   histogram of per-feature nonlinearity with the thresholds
     out/formulas.md        the formula table (each input linked to its browser page when --browser-in is given)
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ... import io
+from .connect_checkpoint import ConnectorCheckpoints
 from .connect_report import (
     formula_table,
     nonlinearity_plot,
@@ -30,10 +33,20 @@ from .connect_report import (
     summary_text,
     write_annotations,
 )
-from .connections import KINDS, ConnectConfig, ConnectionData, evaluate, nonlinearity, train_connector
+from .connections import (
+    KINDS,
+    ConnectConfig,
+    ConnectionData,
+    evaluate,
+    nonlinearity,
+    relative_nonlinearity,
+    train_connector,
+)
 from .linear_connections import LSTSQ_MAX_INPUTS, elbow, fit_linear, formulas, l1_sweep, normal_equations, refit
 from .linear_substitution import ce_threshold, eval_windows
 
+SAE_ON_SAE_MAX_L0 = 30  # the SAE-on-SAE sweep raises its hidden L1 until the hidden L0 is at most this (seed: 25)
+SAE_ON_SAE_STEPS = 12  # at most this many hidden L1 coefficients, each 3x the last
 # λ on the standardised weights (connections.weight_penalty): at λ the lasso shrinks a standardised weight by about
 # λ/2, and real connections have standardised weights of 0.1-1, so 0.01-1 spans "nothing pruned" to "most".
 L1_COEFFICIENTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -43,13 +56,17 @@ MIN_FIRINGS = 20  # held-out firings a feature needs before its nonlinearity is 
 def run_connect(sae_in: str, sae_out: str, store: str, out: str | Path, *, site_in: str | None = None,
                 site_out: str | None = None, cfg: ConnectConfig | None = None, kinds: tuple[str, ...] = KINDS,
                 threshold: float = 0.001, l1_coefficients: tuple[float, ...] = L1_COEFFICIENTS,
-                linear_only: bool = False, sae_hidden_l1: float = 1e-3, sae_weight_l1: float = 0.01,
+                linear_only: bool = True, sae_hidden_l1: float = 1e-3, sae_weight_l1: float = 0.01,
+                sae_max_l0: float = SAE_ON_SAE_MAX_L0, resume: bool = True,
                 ce: bool = True, ce_budget: float = 0.01,
                 eval_tokens: int = 2048, holdout: float = 0.1, max_outputs: int | None = None,
                 browser_in: str | None = None, browser_out: str | None = None, cache_out: str | None = None,
                 progress: bool = True) -> dict:
     """Train the connectors between SAE features at an MLP's input and output and write the report (module
-    docstring). max_outputs: learn only the most frequent output features (for large dictionaries)."""
+    docstring). max_outputs: learn only the most frequent output features (for large dictionaries).
+    linear_only: the L1 sweep and formulas cover the linear features only (as the seed). sae_hidden_l1: the
+    first hidden L1 of the SAE-on-SAE sweep, raised 3x at a time until hidden L0 <= sae_max_l0. resume: load
+    the connectors already in out/checkpoints (same settings) instead of training them again."""
     cfg = cfg or ConnectConfig()
     out = Path(out)
     log = print if progress else (lambda *a, **k: None)
@@ -61,7 +78,12 @@ def run_connect(sae_in: str, sae_out: str, store: str, out: str | Path, *, site_
                     "features": {"in": data.n_in, "out": data.n_out}, "config": dataclasses.asdict(cfg),
                     "normalisation": {"scale_in": data.scale_in, "scale_out": data.scale_out,
                                       "rule": "codes / sqrt(E_tokens ||F||^2) per layer over training tokens"}}
-    connectors, evals, equations = _fit_connectors(data, cfg, kinds, report, log, progress)
+    checkpoints = ConnectorCheckpoints(out / "checkpoints", {
+        "sae_in": str(sae_in), "sae_out": str(sae_out), "store": str(store), "sites": [inputs.site_in,
+                                                                                       inputs.site_out],
+        "n_train": data.n_train, "n_in": data.n_in, "n_out": data.n_out, "scales": [data.scale_in, data.scale_out],
+        "outputs": data.out_features.tolist()}, enabled=resume)
+    connectors, evals, equations = _fit_connectors(data, cfg, kinds, report, log, progress, checkpoints)
     files = []
     delta = None
     if "linear" in evals and "mlp" in evals:
@@ -70,9 +92,14 @@ def run_connect(sae_in: str, sae_out: str, store: str, out: str | Path, *, site_
     lin_ids = None
     if linear_only and delta is not None:
         lin_ids = ((delta <= threshold) & ~torch.isnan(delta)).nonzero().squeeze(1)
+        if lin_ids.numel() == 0:
+            log("no output feature is linear: the L1 sweep and formulas cover every feature")
+            lin_ids = None
     best, found = _sparse_connections(data, cfg, l1_coefficients, lin_ids, equations, report, files, out, log,
-                                      progress)
-    report["sae_on_sae"] = _sae_on_sae(data, cfg, sae_hidden_l1, sae_weight_l1, evals, log, progress)
+                                      progress, checkpoints)
+    report["sae_on_sae"] = _sae_on_sae(data, cfg, sae_hidden_l1, sae_weight_l1, sae_max_l0, evals, log, progress,
+                                       checkpoints)
+    report["checkpoints"] = {"directory": str(out / "checkpoints"), "resumed": checkpoints.resumed}
     firings = evals["linear"].firings if "linear" in evals else best.eval.firings
     out_firings = firings if lin_ids is None else firings[lin_ids]
     _examples(inputs, f1, f2, data, found, out_firings, delta, lin_ids, threshold, report)
@@ -129,23 +156,29 @@ class _Inputs:
 
 
 def _fit_connectors(data: ConnectionData, cfg: ConnectConfig, kinds: tuple[str, ...], report: dict, log,
-                    progress: bool):
-    """(connectors, their held-out evaluations, the normal equations or None), each kind by kind; the linear one
-    by least squares when its inputs are few enough (LSTSQ_MAX_INPUTS), the others with Adam."""
+                    progress: bool, checkpoints: ConnectorCheckpoints):
+    """(connectors, their held-out evaluations, the normal equations or None), each kind by kind, linear first;
+    the linear one by least squares when its inputs are few enough (LSTSQ_MAX_INPUTS), the others with Adam and
+    the stopping rule, the MLP kinds from the linear one (skip path, so nonlinearity >= 0 from the start)."""
     connectors, evals, method = {}, {}, {}
     exact = data.n_in + cfg.bias <= LSTSQ_MAX_INPUTS
     equations = normal_equations(data, bias=cfg.bias) if exact else None
-    for kind in kinds:
+    for kind in sorted(kinds, key=lambda k: k != "linear"):
+        linear = connectors.get("linear") if kind.startswith("mlp") and cfg.skip else None
         if kind == "linear" and exact:
             log("fitting the linear connector by least squares")
-            connectors[kind], method[kind] = fit_linear(data, cfg, equations=equations), "least squares"
+            connectors[kind] = fit_linear(data, cfg, equations=equations)
+            connectors[kind].fit_info = {"stopped": "least squares (exact)"}
         else:
-            log(f"training the {kind} connector ({cfg.steps} Adam steps)")
-            connectors[kind] = train_connector(data, kind, cfg, progress=progress)
-            method[kind] = f"Adam, {cfg.steps} steps"
+            log(f"training the {kind} connector (Adam, at most {cfg.steps} steps)")
+            settings = {"kind": kind, "cfg": dataclasses.asdict(cfg), "skip_start": linear is not None,
+                        "linear_exact": exact}
+            connectors[kind] = checkpoints.fit(kind, settings, lambda kind=kind, linear=linear: train_connector(
+                data, kind, cfg, progress=progress, init_linear=linear))
+        method[kind] = connectors[kind].fit_info
         evals[kind] = evaluate(connectors[kind], data)
-    report["connectors"] = {k: {"heldout_fvu": e.fvu, "hidden_l0": e.hidden_l0, "fit": method[k]}
-                            for k, e in evals.items()}
+    report["connectors"] = {k: {"heldout_fvu": evals[k].fvu, "hidden_l0": evals[k].hidden_l0, "fit": method[k]}
+                            for k in kinds}
     return connectors, evals, equations
 
 
@@ -167,12 +200,12 @@ def _judge_linearity(inputs: _Inputs, data: ConnectionData, linear, evals: dict,
 
 
 def _sparse_connections(data: ConnectionData, cfg: ConnectConfig, l1_coefficients, lin_ids, equations,
-                        report: dict, files: list, out: Path, log, progress: bool):
+                        report: dict, files: list, out: Path, log, progress: bool, checkpoints):
     """(the sweep's elbow point, its formulas): the L1 sweep (on the linear features only, given lin_ids), its
     elbow refitted by least squares on the inputs L1 kept (the relaxed lasso) when the equations are at hand."""
     log(f"L1 sweep over {len(l1_coefficients)} coefficients"
         + (f", restricted to {lin_ids.shape[0]} linear features" if lin_ids is not None else ""))
-    points = l1_sweep(data, l1_coefficients, cfg, outputs=lin_ids, progress=progress)
+    points = l1_sweep(data, l1_coefficients, cfg, outputs=lin_ids, progress=progress, checkpoints=checkpoints)
     knee = elbow(points)
     report["l1_sweep"] = {"points": [{"l1_coefficient": p.l1_coefficient, "heldout_fvu": p.eval.fvu,
                                       "l1_norm_per_output": p.l1_norm, "terms_per_output": p.connections}
@@ -190,14 +223,27 @@ def _sparse_connections(data: ConnectionData, cfg: ConnectConfig, l1_coefficient
     return best, formulas(sparse, data, sparse_eval, outputs=lin_ids)
 
 
-def _sae_on_sae(data: ConnectionData, cfg: ConnectConfig, hidden_l1: float, weight_l1: float, evals: dict, log,
-                progress: bool) -> dict:
-    """SAE on SAE: the MLP connector with L1 on its hidden activations (and, lightly, on its weights)."""
-    log("training the SAE-on-SAE connector")
-    sae_cfg = dataclasses.replace(cfg, hidden_l1=hidden_l1, weight_l1=weight_l1)
-    sos = evaluate(train_connector(data, "mlp", sae_cfg, progress=progress), data)
-    return {"hidden": cfg.hidden, "hidden_l1": hidden_l1, "weight_l1": sae_cfg.weight_l1,
-            "hidden_l0": sos.hidden_l0, "heldout_fvu": sos.fvu,
+def _sae_on_sae(data: ConnectionData, cfg: ConnectConfig, hidden_l1: float, weight_l1: float, max_l0: float,
+                evals: dict, log, progress: bool, checkpoints: ConnectorCheckpoints) -> dict:
+    """SAE on SAE: the MLP connector (no skip path: all of F2 goes through its hidden layer) with L1 on its hidden
+    activations (and, lightly, on its weights), the hidden L1 raised 3x at a time from hidden_l1 until the
+    held-out hidden L0 is <= max_l0 (or SAE_ON_SAE_STEPS coefficients are spent). The result is the first point
+    that reaches it (else the sparsest), with the whole sweep."""
+    points, lam = [], hidden_l1
+    for _ in range(SAE_ON_SAE_STEPS):
+        sae_cfg = dataclasses.replace(cfg, hidden_l1=lam, weight_l1=weight_l1, skip=False)
+        log(f"training the SAE-on-SAE connector, hidden L1 {lam:g}")
+        conn = checkpoints.fit(f"sae_on_sae_{lam:g}", {"kind": "mlp", "cfg": dataclasses.asdict(sae_cfg)},
+                               lambda sae_cfg=sae_cfg: train_connector(data, "mlp", sae_cfg, progress=progress))
+        ev = evaluate(conn, data)
+        points.append({"hidden_l1": lam, "hidden_l0": ev.hidden_l0, "heldout_fvu": ev.fvu, "fit": conn.fit_info})
+        if ev.hidden_l0 <= max_l0:
+            break
+        lam *= 3
+    chosen = points[-1]
+    return {"hidden": cfg.hidden, "weight_l1": weight_l1, "target_hidden_l0": max_l0,
+            "reached": chosen["hidden_l0"] <= max_l0, "hidden_l1": chosen["hidden_l1"],
+            "hidden_l0": chosen["hidden_l0"], "heldout_fvu": chosen["heldout_fvu"], "sweep": points,
             "dense_mlp_hidden_l0": evals["mlp"].hidden_l0 if "mlp" in evals else None}
 
 
@@ -226,19 +272,28 @@ def _examples(inputs: _Inputs, f1, f2, data: ConnectionData, found, out_firings,
 
 
 def _linearity(data: ConnectionData, evals: dict, threshold: float) -> dict:
+    """The seed's % linear: nonlinearity (mse_linear - mse_mlp in per-layer units) <= threshold, over the output
+    features with >= MIN_FIRINGS held-out firings; the per-feature-energy variant beside it, labelled."""
     lin, mlp = evals["linear"], evals["mlp"]
-    delta = nonlinearity(lin, mlp)
-    judged = (lin.firings >= MIN_FIRINGS) & ~torch.isnan(delta)
-    delta = torch.where(judged, delta, math.nan)
+    judged = (lin.firings >= MIN_FIRINGS) & (lin.energy > 0)
+    delta = torch.where(judged, nonlinearity(lin, mlp), math.nan)
+    relative = torch.where(judged, relative_nonlinearity(lin, mlp), math.nan)
     d = delta[judged].double()
     linear = judged & (delta <= threshold)
+    n = max(1, int(judged.sum()))
     qs = torch.quantile(d, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)) if d.numel() else None
-    return {"linearity": {"threshold": threshold, "judged": int(judged.sum()), "min_heldout_firings": MIN_FIRINGS,
-                          "linear": int(linear.sum()), "fraction_linear": float(linear.sum() / max(1, judged.sum())),
+    return {"linearity": {"rule": "nonlinearity_j = mse_linear_j - mse_mlp_j, codes normalised per layer to "
+                                  "E||F2||^2 = 1 (the seed's); linear: nonlinearity <= threshold",
+                          "threshold": threshold, "judged": int(judged.sum()), "min_heldout_firings": MIN_FIRINGS,
+                          "linear": int(linear.sum()), "fraction_linear": float(linear.sum()) / n,
+                          "percent_linear": 100.0 * float(linear.sum()) / n, "negative": int((d < 0).sum()),
+                          "fraction_linear_per_feature_energy": float((judged & (relative <= threshold)).sum()) / n,
                           "nonlinearity_quantiles": dict(zip(("10%", "25%", "50%", "75%", "90%"),
                                                              qs.tolist(), strict=True)) if qs is not None else {}},
             "per_feature": {"feature": data.out_features.tolist(),
-                            "nonlinearity": [None if math.isnan(v) else round(v, 6) for v in delta.tolist()],
+                            "nonlinearity": [None if math.isnan(v) else round(v, 8) for v in delta.tolist()],
+                            "nonlinearity_per_feature_energy": [None if math.isnan(v) else round(v, 6)
+                                                                for v in relative.tolist()],
                             "heldout_firings": lin.firings.tolist(),
                             "mse_linear": [round(v, 8) for v in lin.mse.tolist()],
                             "mse_mlp": [round(v, 8) for v in mlp.mse.tolist()],

@@ -20,16 +20,23 @@ its comparison with the MLP measures the data, not how far Adam got; the others 
 first layer takes F1 as indices and values (torch's embedding_bag), so a step costs O(B·w1·width), never
 O(B·d_sae_in), and dead inputs and unused outputs are dropped from the weights.
 
-Normalisation, per layer: F1 and F2 are divided by their root mean squared norm per token over the
-training tokens, sqrt(E||F||²), so each layer's codes have E||F||² = 1 and the summed squared error per
-token is a fraction of the output layer's energy (1.0 = predicting zero), comparable across layers.
-Per output feature j, held-out mse_j = E (ŷ_j - y_j)² and energy_j = E y_j² in those units.
+Normalisation, per layer (the seed: "normalize all losses by their respective L2-norm/layer"): F1 and F2 are
+divided by their root mean squared norm per token over the training tokens, sqrt(E||F||²), so each layer's codes
+have E||F||² = 1 and the summed squared error per token is a fraction of the output layer's energy (1.0 =
+predicting zero), comparable across layers. Per output feature j, held-out mse_j = E (ŷ_j - y_j)² and
+energy_j = E y_j² in those units.
 
-How linear a feature is: nonlinearity_j = (mse_lin_j - mse_mlp_j) / energy_j, the share of the feature's
-own energy that the MLP connector explains and the linear one does not (per feature, so that a rare
-feature is not called linear merely for being small). Features with nonlinearity below a threshold
-(default 0.001, the seed's number) are linear; `ce_threshold` in linear_substitution.py offers a threshold set
-by the model's loss instead.
+How linear a feature is, as the seed defines it: nonlinearity_j = mse_lin_j - mse_mlp_j in those per-layer units
+(the raw loss difference divided by the layer's E||F2||², one divisor for every feature of the layer). Features
+with nonlinearity below a threshold (0.001, the seed's number) are linear. relative_nonlinearity divides by each
+feature's own energy instead (a diagnostic: it calls rare features nonlinear far more readily); `ce_threshold` in
+linear_substitution.py offers a threshold set by the model's loss.
+
+So that nonlinearity >= 0 by construction, the MLP connectors get a linear skip path started at the linear
+connector's weights (least squares) with W2 = 0: y = Ws x + W2 relu(W1 x) begins exactly at the linear fit, and
+training keeps the state with the best validation loss (a slice of the training rows, never the held-out ones).
+Training stops when that loss has not improved by a relative min_improvement for `patience` evaluations, or at
+the step cap; Connector.fit_info records which.
 """
 
 from __future__ import annotations
@@ -54,7 +61,12 @@ class ConnectConfig:
     bias: bool = False  # the seed found a bias did not lower the loss
     lr: float = 1e-3
     batch_size: int = 1024
-    steps: int = 600  # Adam steps per connector (about 5 epochs of 130K tokens at batch 1024)
+    steps: int = 20000  # the cap on Adam steps per connector; the stopping rule below usually ends sooner
+    eval_every: int = 100  # steps between validation losses (the stopping rule's clock)
+    patience: int = 5  # stop after this many evaluations without a relative improvement; 0: run `steps` steps
+    min_improvement: float = 1e-4  # relative improvement of the validation loss that resets the patience
+    validation: float = 0.1  # share of the training rows held back for the stopping rule (when patience > 0)
+    skip: bool = True  # MLP connectors get a linear skip path started at the linear fit (given init_linear)
     weight_l1: float = 0.0  # L1 on the standardised weights (sparse linear connections; see weight_penalty)
     hidden_l1: float = 0.0  # L1 on the hidden activations (SAE on SAE)
     seed: int = 0
@@ -155,7 +167,7 @@ class Connector(nn.Module):
     """F1 (as indices and values) -> predicted F2 (B, n_out). kind: one of KINDS."""
 
     def __init__(self, n_in: int, n_out: int, kind: str = "linear", hidden: int = 1024, bias: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, skip: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -170,6 +182,23 @@ class Connector(nn.Module):
         if kind.startswith("mlp"):
             self.W2 = nn.Parameter(torch.randn(hidden, n_out, generator=gen) / math.sqrt(hidden))
             self.b2 = nn.Parameter(torch.zeros(n_out)) if bias else None
+        # Ws (n_in, n_out): the MLP connectors' linear skip path (start_at puts the linear fit there)
+        self.Ws = nn.Parameter(torch.zeros(n_in, n_out)) if skip and kind.startswith("mlp") else None
+        self.fit_info: dict = {}
+
+    @torch.no_grad()
+    def start_at(self, linear: Connector) -> None:
+        """Skip path = the linear connector, W2 = 0 (b2 = its bias): this connector's output starts equal to
+        linear's, so its loss starts at the linear loss."""
+        if self.Ws is None:
+            raise ValueError(f"start_at needs an MLP connector with a skip path, this one is {self.kind!r}")
+        if linear.kind != "linear" or linear.W1.shape != self.Ws.shape:
+            raise ValueError(f"linear must be a linear connector of shape {tuple(self.Ws.shape)}, got "
+                             f"{linear.kind!r} {tuple(linear.W1.shape)}")
+        self.Ws.copy_(linear.W1)
+        self.W2.zero_()
+        if self.b2 is not None:
+            self.b2.copy_(linear.b1 if linear.b1 is not None else torch.zeros_like(self.b2))
 
     def first(self, values: Tensor, indices: Tensor) -> Tensor:
         """(B, w) -> (B, width): Σ_slots value · W1[index] (+ b1)."""
@@ -186,6 +215,8 @@ class Connector(nn.Module):
             h = hidden @ self.W2
             if self.b2 is not None:
                 h = h + self.b2
+            if self.Ws is not None:
+                h = h + F.embedding_bag(indices, self.Ws, per_sample_weights=values, mode="sum")
             if self.kind == "mlp_relu":
                 h = h.relu()
         return (h, hidden) if return_hidden else h
@@ -209,24 +240,38 @@ def weight_penalty(conn: Connector, data: ConnectionData, outputs: Tensor | None
     s_out = data.out_rms if outputs is None else data.out_rms[outputs]
     if conn.kind.startswith("linear"):
         return (conn.W1.abs() * s_in[:, None] * s_out[None, :]).sum()
-    return (conn.W1.abs() * s_in[:, None]).sum() + (conn.W2.abs() * s_out[None, :]).sum()
+    mlp = (conn.W1.abs() * s_in[:, None]).sum() + (conn.W2.abs() * s_out[None, :]).sum()
+    return mlp if conn.Ws is None else mlp + (conn.Ws.abs() * s_in[:, None] * s_out[None, :]).sum()
 
 
 def train_connector(data: ConnectionData, kind: str = "linear", cfg: ConnectConfig | None = None, *,
-                    outputs: Tensor | None = None, progress: bool = False) -> Connector:
-    """Adam on the training rows: loss = E_tokens Σ_j (ŷ_j - y_j)² + weight_l1 · weight_penalty + hidden_l1 E Σ_h h.
-    outputs (m,) compact output ids: learn only those (the rest of the target is ignored)."""
+                    outputs: Tensor | None = None, progress: bool = False,
+                    init_linear: Connector | None = None) -> Connector:
+    """Adam: loss = E_tokens Σ_j (ŷ_j - y_j)² + weight_l1 · weight_penalty + hidden_l1 E Σ_h h.
+    outputs (m,) compact output ids: learn only those (the rest of the target is ignored). init_linear: the
+    linear connector of the same outputs, where MLP kinds start (skip path; cfg.skip). With cfg.patience > 0
+    the last cfg.validation of the training rows are held back and the stopping rule applies (module
+    docstring); the returned connector is the state with the best validation loss, conn.fit_info says why
+    training stopped."""
     from tqdm.auto import tqdm
 
     cfg = cfg or ConnectConfig()
     n_out = data.n_out if outputs is None else outputs.shape[0]
-    conn = Connector(data.n_in, n_out, kind, cfg.hidden, cfg.bias, cfg.seed)
+    skip = cfg.skip and init_linear is not None and kind.startswith("mlp")
+    conn = Connector(data.n_in, n_out, kind, cfg.hidden, cfg.bias, cfg.seed, skip=skip)
+    if skip:
+        conn.start_at(init_linear)
+    from .connect_stopping import Stopper, objective, split_rows
+
+    n_fit, val_rows = split_rows(data, cfg)
+    stop = Stopper(cfg, conn, lambda: objective(conn, data, cfg, outputs, val_rows)) if val_rows is not None \
+        else None
     opt = torch.optim.Adam(conn.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    perm, pos = torch.randperm(data.n_train, generator=gen), 0
-    for _ in tqdm(range(cfg.steps), disable=not progress, desc=f"connector {kind}", leave=False):
-        if pos + cfg.batch_size > data.n_train:  # a fresh permutation each epoch
-            perm, pos = torch.randperm(data.n_train, generator=gen), 0
+    perm, pos, step = torch.randperm(n_fit, generator=gen), 0, 0
+    for step in tqdm(range(1, cfg.steps + 1), disable=not progress, desc=f"connector {kind}", leave=False):
+        if pos + cfg.batch_size > n_fit:  # a fresh permutation each epoch
+            perm, pos = torch.randperm(n_fit, generator=gen), 0
         rows = perm[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
         xv, xi, y = data.batch(rows)
@@ -241,6 +286,10 @@ def train_connector(data: ConnectionData, kind: str = "linear", cfg: ConnectConf
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if stop is not None and step % cfg.eval_every == 0 and stop.converged(step):
+            break
+    conn.fit_info = stop.finish(step) if stop is not None else {"stopped": "fixed steps", "steps": step}
+    conn.fit_info["skip_start"] = skip
     return conn.eval()
 
 
@@ -252,6 +301,7 @@ class ConnectorEval:
     energy: Tensor  # (n_out,) E y_j²
     firings: Tensor  # (n_out,) held-out tokens on which feature j is active
     hidden_l0: float | None = None  # mean active hidden units per token (MLP connectors)
+    hidden_l1: float | None = None  # mean Σ_h h per token (MLP connectors): the SAE-on-SAE penalty's term
 
     @property
     def fvu(self) -> float:
@@ -267,7 +317,7 @@ def evaluate(conn: Connector, data: ConnectionData, *, outputs: Tensor | None = 
     n_out = data.n_out if outputs is None else outputs.shape[0]
     sq, energy, fired = torch.zeros(n_out, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64), \
         torch.zeros(n_out, dtype=torch.int64)
-    l0 = 0.0
+    l0, l1 = 0.0, 0.0
     for start in range(0, rows.shape[0], batch_size):
         r = rows[start:start + batch_size]
         xv, xi, y = data.batch(r)
@@ -279,11 +329,19 @@ def evaluate(conn: Connector, data: ConnectionData, *, outputs: Tensor | None = 
         fired += (y > 0).sum(0)
         if hidden is not None:
             l0 += float((hidden > 0).sum())
+            l1 += float(hidden.double().sum())
     n = max(1, rows.shape[0])
-    return ConnectorEval(sq / n, energy / n, fired, l0 / n if conn.kind.startswith("mlp") else None)
+    mlp = conn.kind.startswith("mlp")
+    return ConnectorEval(sq / n, energy / n, fired, l0 / n if mlp else None, l1 / n if mlp else None)
 
 
 def nonlinearity(linear: ConnectorEval, mlp: ConnectorEval) -> Tensor:
-    """(n_out,) (mse_lin - mse_mlp) / energy per output feature; NaN where the feature is silent held out."""
+    """(n_out,) mse_lin - mse_mlp per output feature in per-layer units (the seed's measure: the layer's codes are
+    normalised to E||F2||² = 1, one divisor for all its features); NaN where the feature is silent held out."""
+    return torch.where(linear.energy > 0, linear.mse - mlp.mse, math.nan)
+
+
+def relative_nonlinearity(linear: ConnectorEval, mlp: ConnectorEval) -> Tensor:
+    """(n_out,) (mse_lin - mse_mlp) / energy_j, each feature by its own energy (a diagnostic, not the seed's)."""
     return torch.where(linear.energy > 0, (linear.mse - mlp.mse) / linear.energy.clamp_min(1e-30), math.nan)
 

@@ -119,13 +119,20 @@ def relative_weights(conn: Connector, data: ConnectionData, outputs: Tensor | No
 
 
 def l1_sweep(data: ConnectionData, coefficients, cfg: ConnectConfig | None = None, *,
-             outputs: Tensor | None = None, progress: bool = False) -> list[SweepPoint]:
-    """Linear connectors with L1 on the weights, one per coefficient (ascending), each from scratch."""
+             outputs: Tensor | None = None, progress: bool = False, checkpoints=None) -> list[SweepPoint]:
+    """Linear connectors with L1 on the weights, one per coefficient (ascending), each from scratch.
+    checkpoints: a connect_checkpoint.ConnectorCheckpoints that keeps (and resumes) each point's connector."""
     cfg = cfg or ConnectConfig()
     points = []
     for lam in sorted(coefficients):
-        conn = train_connector(data, "linear", dataclasses.replace(cfg, weight_l1=lam),
-                               outputs=outputs, progress=progress)
+        point_cfg = dataclasses.replace(cfg, weight_l1=lam)
+
+        def train(point_cfg=point_cfg):
+            return train_connector(data, "linear", point_cfg, outputs=outputs, progress=progress)
+
+        settings = {"kind": "linear", "cfg": dataclasses.asdict(point_cfg),
+                    "outputs": None if outputs is None else outputs.tolist()}
+        conn = checkpoints.fit(f"l1_sweep_{lam:g}", settings, train) if checkpoints is not None else train()
         ev = evaluate(conn, data, outputs=outputs)
         rel = relative_weights(conn, data, outputs)
         s_out = data.out_rms if outputs is None else data.out_rms[outputs]

@@ -268,7 +268,14 @@ def test_connect_command_writes_the_report(tiny, tmp_path, capsys):
     assert len(report["per_feature"]["nonlinearity"]) == report["features"]["out"]
     assert report["ce_threshold"]["ce_mlp_out_ablated"] != report["ce_threshold"]["ce_clean"]
     assert len(report["l1_sweep"]["points"]) == 3 and report["sae_on_sae"]["hidden_l0"] is not None
-    assert report["connectors"]["linear"]["fit"] == "least squares" and report["l1_sweep"]["elbow_refit"]["applied"]
+    assert report["connectors"]["linear"]["fit"]["stopped"] == "least squares (exact)"
+    assert report["l1_sweep"]["elbow_refit"]["applied"]
+    assert report["connectors"]["mlp"]["fit"]["skip_start"] and report["l1_sweep"]["restricted_to_linear"]
+    # linear_only by default: every formula is of a feature judged linear at the seed's threshold
+    judged = dict(zip(report["per_feature"]["feature"], report["per_feature"]["nonlinearity"], strict=True))
+    assert report["formulas"] and all(judged[f["output"]] is not None and judged[f["output"]] <= 0.001
+                                      for f in report["formulas"])
+    assert len(report["formulas"]) == report["linearity"]["linear"] < report["features"]["out"]
     assert all((out / f).stat().st_size > 0 for f in ("pareto.png", "nonlinearity.png", "formulas.md"))
     table = (out / "formulas.md").read_text()
     assert "](../in-browser/feature.html#" in table
@@ -278,3 +285,51 @@ def test_connect_command_writes_the_report(tiny, tmp_path, capsys):
     assert main(["connect", "--sae-in", str(tmp_path / "in"), "--sae-out", str(tmp_path / "out"), "--store",
                  str(d / "store"), "--site-out", "mlp_out.1", "--out", str(out), "--no-progress"]) == 2
     assert "harvest both sites" in capsys.readouterr().err
+
+
+def _saes(d, where):
+    from conftest import make_sae
+
+    for name, site, seed in (("in", "mlp_in.0", 1), ("out", "mlp_out.0", 2)):
+        sae = make_sae(d_in=32, d_sae=24, activation="topk", k=4, seed=seed)
+        sae.metadata.update(site=site, model=str(d / "lm"), store=str(d / "store"))
+        sae.save(where / name)
+
+
+def test_connect_resumes_a_killed_run(tiny, tmp_path):
+    """Killed (SIGKILL, tests/kill_at.py) just before its second commit, i.e. after the first trained connector's
+    checkpoint: the rerun loads that one, trains the rest, and writes the report an uninterrupted run writes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fastsae.cli import main
+    from fastsae.io import is_temporary
+
+    from helpers import KILL_AT, ROOT
+
+    d, _, _ = tiny
+    _saes(d, tmp_path)
+    args = ["connect", "--sae-in", str(tmp_path / "in"), "--sae-out", str(tmp_path / "out"), "--store",
+            str(d / "store"), "--steps", "40", "--eval-every", "10", "--hidden", "16", "--l1", "0", "0.1",
+            "--no-ce", "--no-progress", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, KILL_AT, "2", "-m", "fastsae", *args, str(tmp_path / "resumed")],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    written = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert [n for n in written if not is_temporary(n)] == ["linear_relu.pt"]
+    assert not (tmp_path / "resumed" / "connect.json").exists()
+    assert main([*args, str(tmp_path / "resumed")]) == 0
+    assert main([*args, str(tmp_path / "whole")]) == 0
+    resumed, whole = (json.loads((tmp_path / r / "connect.json").read_text()) for r in ("resumed", "whole"))
+    assert resumed.pop("checkpoints")["resumed"] == ["linear_relu"] and whole.pop("checkpoints")["resumed"] == []
+    assert resumed == whole
+    assert not [p for p in (tmp_path / "resumed").rglob("*") if is_temporary(p.name)]  # the killed run's are gone
+    assert main([*args, str(tmp_path / "whole"), "--steps", "30"]) == 0  # other settings: retrained, not loaded
+    assert json.loads((tmp_path / "whole" / "connect.json").read_text())["checkpoints"]["resumed"] == []
+    assert main([*args, str(tmp_path / "whole"), "--steps", "30"]) == 0  # the same settings: every one loaded
+    again = json.loads((tmp_path / "whole" / "connect.json").read_text())["checkpoints"]["resumed"]
+    assert "mlp" in again and "l1_sweep_0.1" in again
