@@ -30,6 +30,11 @@ from .train_config import OptimizerConfig
 # d_in 768 are 7.5 MB, so the row projection, the Adam update and the renormalisation of a block meet it in
 # cache instead of making three passes over the whole (d_sae, d_in) matrix in memory
 ROW_CHUNK = 512
+# torch's fused CPU Adam runs whole SIMD vectors (up to 16 floats; its threads split at 16-float boundaries)
+# and a scalar tail whose rounding differs (no FMA): an element's result would depend on where it sits, and an
+# ensemble member (rows inside a stacked tensor) would no longer equal its solo run. The tail goes through the
+# vector path too, from a 16-float zero-padded copy.
+SIMD_FLOATS = 16
 
 
 class SAEAdam(torch.optim.Optimizer):
@@ -92,14 +97,30 @@ def _cpu_adam_step(p: Tensor, state: dict, group: dict) -> None:
     kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"], amsgrad=False,
               maximize=False)
     if not group["unit_rows"]:
-        torch._fused_adam_([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], **kw)
+        _fused_adam(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], kw)
         return
     W, G, M, V = (t.view(-1, p.shape[-1]) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
     for start in range(0, W.shape[0], ROW_CHUNK):
         w, g, m, v = (t[start:start + ROW_CHUNK] for t in (W, G, M, V))
         g = torch.addcmul(g, (g * w).sum(1, keepdim=True), w, value=-1.0)  # g − <g, w> w, a new tensor: p.grad stays
-        torch._fused_adam_([w], [g], [m], [v], [], [state["step"]], **kw)
+        _fused_adam(w, g, m, v, state["step"], kw)
         w.div_(torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-30))
+
+
+def _fused_adam(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, kw: dict) -> None:
+    """torch._fused_adam_ on contiguous p, g, m, v with every element in whole SIMD vectors (SIMD_FLOATS)."""
+    flat = [t.view(-1) for t in (p, g, m, v)]
+    n = flat[0].numel()
+    body = n - n % SIMD_FLOATS
+    if body:
+        torch._fused_adam_(*([t[:body]] for t in flat), [], [step], **kw)
+    if body < n:  # zero gradient and moments in the padding: a zero update there, nothing non-finite
+        pad = torch.zeros(4, SIMD_FLOATS, dtype=p.dtype)
+        for buffer, t in zip(pad, flat, strict=True):
+            buffer[:n - body] = t[body:]
+        torch._fused_adam_(*([buffer] for buffer in pad), [], [step], **kw)
+        for i in (0, 2, 3):  # p, m, v (not the gradient)
+            flat[i][body:] = pad[i, :n - body]
 
 
 def build_optimizer(sae: SAE, cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -157,3 +157,22 @@ def test_bf16_state_keeps_the_per_parameter_step(monkeypatch):
     _steps(sae, opt, [torch.randn(20, 13) for _ in range(2)], False)
     assert opt.state[sae.W_dec]["exp_avg"].dtype == torch.bfloat16
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(37))
+
+
+@pytest.mark.parametrize("n", [1, 12, 16, 37])
+def test_the_fused_cpu_step_gives_an_element_the_same_bits_wherever_it_sits(n):
+    """The scalar tail of torch's fused CPU Adam rounds differently from its vector body; SAEAdam pads the tail
+    into the vector path, so n elements alone equal the same n inside a longer tensor (an ensemble's stack)."""
+    gen = torch.Generator().manual_seed(n)
+    p, g, m = (torch.randn(3 * n + 5, generator=gen) for _ in range(3))
+    v = torch.rand(3 * n + 5, generator=gen)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    alone = [t[:n].clone() for t in (p, g, m, v)]
+    want = [t.clone() for t in alone]
+    optim._fused_adam(p, g, m, v, torch.tensor(3.0), kw)
+    optim._fused_adam(*alone, torch.tensor(3.0), kw)
+    for a, b in zip(alone, (p, g, m, v), strict=True):
+        assert torch.equal(a, b[:n])
+    torch_backend.adam_step(want[0], want[1], want[2], want[3], step=3, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8)
+    for a, b in zip(alone, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
