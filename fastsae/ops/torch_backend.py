@@ -1,7 +1,7 @@
 """Sparse-aware plain PyTorch: fast on CPU and any GPU, no Triton needed.
 
 The encoder forward builds the (N, d_sae) pre-activations (the Triton backend
-removes them), for fp32 on CPU with oneDNN's GEMM (ops/cpu_gemm.py), and selects
+removes them), for fp32 on CPU with MKL's or oneDNN's GEMM, the faster as measured (ops/cpu_gemm.py), and selects
 from them with a two-level top-k on CPU; nothing of that size is built in
 decode or in any backward, and
 every sparse reduction is one of two fused CPU kernels, `F.embedding_bag`
@@ -146,8 +146,8 @@ def _dense_select(select: Callable) -> Callable:
     """select(pre) -> a backend select(x, W, b) that goes through the dense pre-activations."""
 
     def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, ...]:
-        # (N, d_sae), the one dense tensor of this backend: fp32 on CPU by oneDNN's GEMM, ~2x MKL's there
-        # (ops/cpu_gemm.py), elsewhere F.linear's; select copies out what it keeps
+        # (N, d_sae), the one dense tensor of this backend: fp32 on CPU by the faster of oneDNN's GEMM and MKL's,
+        # measured on this machine (ops/cpu_gemm.py), elsewhere F.linear's; select copies out what it keeps
         return select(cpu_gemm.linear(x, W_enc, b_enc))
 
     return run

@@ -1,7 +1,9 @@
 """ops/cpu_gemm.py: fp32 linears on CPU by oneDNN, the same function as F.linear (checked against the float64
-reference.linear); and the models fastsae.model loads, whose nn.Linear layers use it."""
+reference.linear); the choice between it and MKL, measured once per key and cached in memory and on disk, and
+its overrides; and the models fastsae.model loads, whose nn.Linear layers use it."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,6 +15,15 @@ from fastsae.model.loading import CPUGemmLinear
 from fastsae.ops import cpu_gemm, reference
 
 pytestmark = pytest.mark.skipif(cpu_gemm._op() is None, reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts(tmp_path, monkeypatch):
+    """Each test measures into its own cache directory, with no verdict in memory; oneDNN forced unless a test
+    says otherwise (the tests of the function itself must take the oneDNN path)."""
+    monkeypatch.setenv("FASTSAE_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
+    monkeypatch.setattr(cpu_gemm, "_verdicts", {})
 
 
 @pytest.mark.parametrize("lead,d_in,d_out", [((1,), 1, 1), ((37,), 19, 53), ((3, 5), 64, 129), ((2, 0), 7, 9),
@@ -83,3 +94,105 @@ def test_loaded_models_use_it_and_compute_the_same_function():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert with_cpu_gemm(plain) is plain and all(type(m) is CPUGemmLinear for m in plain.modules()
                                                  if isinstance(m, nn.Linear))
+
+
+def _fake_timer(monkeypatch, faster: str) -> list[str]:
+    """Make path `faster` time 1 s and the other 2 s; the list records every path timed."""
+    timed = []
+
+    def seconds(path, run):
+        run()  # the real GEMM still runs: the measurement must be able to call it
+        timed.append(path)
+        return 1.0 if path == faster else 2.0
+
+    monkeypatch.setattr(cpu_gemm, "_seconds", seconds)
+    return timed
+
+
+@pytest.mark.parametrize("faster", ["mkl", "onednn"])
+def test_the_faster_path_is_chosen_once_per_key_then_read_from_memory_and_disk(monkeypatch, faster):
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    timed = _fake_timer(monkeypatch, faster)
+    gen = torch.Generator().manual_seed(3)
+    x, W, b = torch.randn(37, 19, generator=gen), torch.randn(53, 19, generator=gen), torch.randn(53, generator=gen)
+    assert cpu_gemm.applies(x, W, b) == (faster == "onednn")
+    assert sorted(timed) == ["mkl", "onednn"]
+    for _ in range(3):  # the same key (37 and 33 rows share a bucket): no new measurement
+        torch.testing.assert_close(cpu_gemm.linear(x[:33], W, b), F.linear(x[:33], W, b))
+    assert len(timed) == 2
+    entry = json.loads(cpu_gemm.cache_file().read_text())["verdicts"][cpu_gemm.key(x, W)]
+    assert entry == {"path": faster, "onednn_s": 1.0 if faster == "onednn" else 2.0,
+                     "mkl_s": 1.0 if faster == "mkl" else 2.0}
+    monkeypatch.setattr(cpu_gemm, "_verdicts", {})  # a new process: the verdict comes from disk
+    assert cpu_gemm.applies(x, W, b) == (faster == "onednn") and len(timed) == 2
+    cpu_gemm.linear(torch.randn(70, 19), W, b)  # another row bucket: measured, and added beside the first
+    assert len(timed) == 4 and len(json.loads(cpu_gemm.cache_file().read_text())["verdicts"]) == 2
+    threads = torch.get_num_threads()
+    try:  # the thread count is part of the key
+        torch.set_num_threads(1 if threads > 1 else 2)
+        cpu_gemm.linear(x, W, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(timed) == 6
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"verdicts": [1, 2]}', '["a list"]', "\x00\x01binary"])
+def test_a_damaged_cache_file_is_measured_again_and_rewritten(monkeypatch, damage):
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    timed = _fake_timer(monkeypatch, "mkl")
+    cpu_gemm.cache_file().write_text(damage)
+    x, W = torch.randn(5, 7), torch.randn(9, 7)
+    assert not cpu_gemm.applies(x, W) and len(timed) == 2
+    assert json.loads(cpu_gemm.cache_file().read_text())["verdicts"][cpu_gemm.key(x, W)]["path"] == "mkl"
+    # an entry that is not a verdict is ignored too
+    cpu_gemm.cache_file().write_text(json.dumps({"version": 1, "verdicts": {cpu_gemm.key(x, W): {"path": "x"}}}))
+    monkeypatch.setattr(cpu_gemm, "_verdicts", {})
+    assert not cpu_gemm.applies(x, W) and len(timed) == 4
+
+
+def test_an_unwritable_cache_keeps_the_verdict_in_memory(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FASTSAE_CACHE", str(tmp_path / "file"))  # a file where the directory should be
+    timed = _fake_timer(monkeypatch, "onednn")
+    x, W = torch.randn(5, 7), torch.randn(9, 7)
+    assert cpu_gemm.applies(x, W) and cpu_gemm.applies(x, W) and len(timed) == 2
+
+
+def test_overrides_force_either_path_without_measuring(monkeypatch):
+    timed = _fake_timer(monkeypatch, "onednn")
+    x, W, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    monkeypatch.setenv(cpu_gemm.ENV, "mkl")
+    assert not cpu_gemm.applies(x, W, b)
+    assert torch.equal(cpu_gemm.linear(x, W, b), F.linear(x, W, b))
+    monkeypatch.setenv(cpu_gemm.ENV, " OneDNN ")
+    assert cpu_gemm.applies(x, W, b)
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # PyTorch's switch: MKL, nothing measured
+    assert not cpu_gemm.applies(x, W, b)
+    assert timed == []
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    monkeypatch.setenv(cpu_gemm.ENV, "blas")
+    with pytest.raises(ValueError, match=r"FASTSAE_CPU_GEMM must be one of auto, mkl, onednn, got 'blas'"):
+        cpu_gemm.linear(torch.randn(6, 5), W, b)
+
+
+def test_nothing_is_measured_while_torch_compile_traces(monkeypatch):
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    timed = _fake_timer(monkeypatch, "onednn")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, W = torch.randn(6, 5), torch.randn(4, 5)
+    assert not cpu_gemm.applies(x, W) and timed == []
+    assert torch.equal(cpu_gemm.linear(x, W), F.linear(x, W))
+
+
+def test_the_real_timer_measures_and_either_verdict_gives_f_linear(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    x, W, b = torch.randn(37, 19, generator=gen), torch.randn(53, 19, generator=gen), torch.randn(53, generator=gen)
+    calls = []
+    assert 0 < cpu_gemm._seconds("mkl", lambda: calls.append(F.linear(x, W, b))) < 1
+    assert len(calls) == 1 + cpu_gemm.REPEATS
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    got = cpu_gemm.linear(x, W, b)
+    assert cpu_gemm._verdicts[cpu_gemm.key(x, W)] in ("mkl", "onednn")
+    torch.testing.assert_close(got, F.linear(x, W, b), atol=1e-5, rtol=1e-5)
