@@ -145,8 +145,8 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
 
 
 class CPUGemmLinear(nn.Linear):
-    """nn.Linear, its fp32 product on CPU by oneDNN (fastsae.ops.cpu_gemm.linear): the same function, ~2x faster
-    than MKL's on AMD CPUs; F.linear wherever oneDNN does not apply (CUDA, bf16, a gradient asked for)."""
+    """nn.Linear, its fp32 product on CPU by the faster of oneDNN's and MKL's GEMM on this machine, measured once
+    (fastsae.ops.cpu_gemm.linear): the same function; F.linear elsewhere (CUDA, bf16, a gradient asked for)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_gemm.linear(x, self.weight, self.bias)
