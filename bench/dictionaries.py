@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from bench.cpu_step import cpu_name
 from bench.saving import RESULTS, run_environment, save_report
-from bench.seeds import BATCH, Job, run_job
+from bench.seeds import Job, run_job
 from bench.seeds import _marker as marker
 
 TOKENS = 1_048_576
+BATCH = 1024  # 1,024 steps in the one epoch: the main job's recipe (1,000 steps of 1,024), here on distinct tokens
 D_SAE = 8192
 EVAL_TOKENS = 32_768
-TOPK = ("--activation", "topk", "--k", "32")
+TOPK = ("--activation", "topk", "--k", "32", "--auxk", "0.03125")  # AuxK at Gao et al.'s 1/32
 KINDS = {  # name: (what it is, the train flags)
     "topk": ("SAE, TopK k=32 (the reference)", ("--site", "resid_post.6", *TOPK)),
     "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE",
@@ -37,7 +38,7 @@ KINDS = {  # name: (what it is, the train flags)
                            ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "quadratic",
                             "--k", "32")),
     "matryoshka": ("Matryoshka BatchTopK k=32, prefixes 512/2048/8192",
-                   ("--site", "resid_post.6", "--activation", "batchtopk", "--k", "32",
+                   ("--site", "resid_post.6", "--activation", "batchtopk", "--k", "32", "--auxk", "0.03125",
                     "--matryoshka-widths", "512", "2048", "8192")),
     "transcoder": ("transcoder mlp_in.6 → mlp_out.6, TopK k=32",
                    ("--kind", "transcoder", "--in-site", "mlp_in.6", "--out-site", "mlp_out.6", *TOPK)),
@@ -53,7 +54,7 @@ def _train(name: str, flags: tuple[str, ...]) -> Job:
         out = w / "dictionaries" / name
         resume = ["--resume"] if (out / "run.json").exists() else []
         return ["train", "--data", str(w / "harvest-layers"), "--tokens", str(TOKENS), "--steps",
-                str(TOKENS // BATCH), "--batch-size", str(BATCH), "--d-sae", str(D_SAE), "--checkpoint-every", "64",
+                str(TOKENS // BATCH), "--batch-size", str(BATCH), "--d-sae", str(D_SAE), "--checkpoint-every", "256",
                 "--out", str(out), *flags, *resume]
     return Job(f"dict-{name}", "train", argv)
 
