@@ -115,6 +115,10 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("--sites: a crosscoder (--kind crosscoder) reads --sites, two or more, instead of --site; "
                          f"got --kind {args.kind}, --sites {args.sites}, --site {site}")
     transcoder = args.kind in ("transcoder", "skip_transcoder")  # b_dec is the output's bias, not the input's centre
+    if transcoder and not args.out_site:
+        if args.data not in (None, "toy"):
+            raise ValueError(f"--out-site: a {args.kind} predicts another site of the store than --in-site; name it")
+        args.out_site = "toy:y"  # the toy's pairs: a second true dictionary over the same codes (fastsae.toy)
     settings = settings_from(  # the config file's settings, the flags given on top
         args.config,
         sae=_given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,

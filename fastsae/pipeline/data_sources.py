@@ -60,15 +60,16 @@ class DataConfig:
         check("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an int >= 1")
         check("seed", is_int(self.seed), "an int")
         check("site", self.site is None or (isinstance(self.site, str) and bool(self.site)), "a site name or None")
-        check("target_site", self.target_site is None or (isinstance(self.target_site, str) and bool(self.site)
-                                                          and self.source not in SOURCES),
-              "None, or a site name given with site= and a store source")
+        check("target_site", self.target_site is None or (isinstance(self.target_site, str) and (
+            self.source == "toy" or (bool(self.site) and self.source not in SOURCES))),
+              "None, or a site name given with site= and a store source (or any label with the toy)")
         if isinstance(self.sites, tuple):
             self.sites = list(self.sites)
         check("sites", self.sites is None or (isinstance(self.sites, list) and len(self.sites) >= 2 and all(
-            isinstance(s, str) and s for s in self.sites) and self.source not in SOURCES and self.target_site is None
-            and self.site in (None, self.sites[0])), "None, or >= 2 site names of a store source (site, if given, "
-              "the first; no target_site)")
+            isinstance(s, str) and s for s in self.sites) and self.source != "stream" and self.target_site is None
+            and self.site in (None, self.sites[0])),
+              "None, or >= 2 site names of a store source or labels for the toy (site, if given, the first; no "
+              "target_site)")
         check("normalize", self.normalize in (None, True, False), "True, False or None")
         check("context_size", is_int(self.context_size) and self.context_size >= 2, "an int >= 2")
         least = self.context_size if self.source == "stream" else 1  # a stream's budget holds whole windows
@@ -123,12 +124,12 @@ def open_data(cfg: DataConfig, dtype: torch.dtype = torch.float32, *, rank: int 
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
     kind = cfg.kind
-    if cfg.target_site is not None and kind != "store":
-        raise ValueError(f"DataConfig.target_site: (x, y) pairs come from an activation store only, got source "
-                         f"{cfg.source!r}")
-    if cfg.sites and kind != "store":
-        raise ValueError(f"DataConfig.sites: a crosscoder's sites come from an activation store only, got source "
-                         f"{cfg.source!r}")
+    if cfg.target_site is not None and kind not in ("store", "toy"):
+        raise ValueError(f"DataConfig.target_site: (x, y) pairs come from an activation store or the toy, got "
+                         f"source {cfg.source!r}")
+    if cfg.sites and kind not in ("store", "toy"):
+        raise ValueError(f"DataConfig.sites: a crosscoder's sites come from an activation store or the toy, got "
+                         f"source {cfg.source!r}")
     if kind == "toy":
         return _toy(cfg)
     if kind == "store":
@@ -152,11 +153,19 @@ def finish_sae(sae: SAE, data: DataSource) -> SAE:
 
 
 def _toy(cfg: DataConfig) -> DataSource:
-    from ..toy import ToyDictionary
+    """The toy's batches; with target_site, (x, y) pairs, with sites, the sites side by side, of ToySites (their
+    names are labels): a transcoder's or a crosscoder's toy."""
+    from ..toy import ToyDictionary, ToySites
 
-    toy = ToyDictionary.random(seed=cfg.seed)
-    return DataSource(cfg, toy.features.shape[1],
-                      lambda steps: toy.batches(cfg.batch_size, steps, seed=cfg.seed + 1))
+    if cfg.target_site is None and not cfg.sites:
+        toy = ToyDictionary.random(seed=cfg.seed)
+        return DataSource(cfg, toy.features.shape[1],
+                          lambda steps: toy.batches(cfg.batch_size, steps, seed=cfg.seed + 1))
+    sites = ToySites.random(len(cfg.sites) if cfg.sites else 2, pairs=not cfg.sites, seed=cfg.seed)
+    d_in = sites.sites[0].features.shape[1]
+    provenance = {"out_site": cfg.target_site} if cfg.target_site else {"sites": list(cfg.sites)}
+    return DataSource(cfg, d_in if sites.pairs else d_in * len(sites.sites),
+                      lambda steps: sites.batches(cfg.batch_size, steps, seed=cfg.seed + 1), provenance=provenance)
 
 
 def _array(cfg: DataConfig, dtype: torch.dtype) -> DataSource:
