@@ -31,12 +31,15 @@ EVAL_TOKENS = 32_768
 TOPK = ("--activation", "topk", "--k", "32", "--auxk", "0.03125")  # AuxK at Gao et al.'s 1/32
 KINDS = {  # name: (what it is, the train flags)
     "topk": ("SAE, TopK k=32 (the reference)", ("--site", "resid_post.6", *TOPK)),
-    "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE",
+    # θ starts where 32 of 8,192 unit-variance pre-activations fire (Φ⁻¹(1 − 32/8192) = 2.66; normalised inputs and
+    # unit encoder rows give the pre-activations unit variance at the start): from the default 1e-3 half of them
+    # fire, and one epoch moves θ by about lr per step, too little to get down to a sparse code
+    "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE (λ 1)",
                       ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "step",
-                       "--l1", "1")),  # λ of the L0 term: the default 5 prices a latent above its mse gain
+                       "--l1", "1", "--jumprelu-threshold", "2.66")),  # λ of L0: the default 5 prices a latent
     "jumprelu-quadratic": ("JumpReLU, θ trained, quadratic L0 penalty towards 32",
                            ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "quadratic",
-                            "--k", "32")),
+                            "--k", "32", "--jumprelu-threshold", "2.66")),
     "matryoshka": ("Matryoshka BatchTopK k=32, prefixes 512/2048/8192",
                    ("--site", "resid_post.6", "--activation", "batchtopk", "--k", "32", "--auxk", "0.03125",
                     "--matryoshka-widths", "512", "2048", "8192")),

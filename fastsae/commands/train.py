@@ -19,7 +19,8 @@ FLAG_NAMES = {
     "--auxk": ("DeadLatentConfig.auxk_coefficient",), "--shard-latents": ("shard_latents",),
     "--config": ("run settings",), "--kind": ("SAEConfig.kind",),  # --in-site is --site: errors name --site
     "--out-site": ("DataConfig.target_site", "target_site"), "--jumprelu-sparsity": ("SAEConfig.jumprelu_sparsity",),
-    "--matryoshka-widths": ("SAEConfig.matryoshka_widths",), "--sites": ("DataConfig.sites", "sites"),
+    "--matryoshka-widths": ("SAEConfig.matryoshka_widths",), "--jumprelu-threshold": ("SAEConfig.jumprelu_threshold",),
+    "--jumprelu-bandwidth": ("SAEConfig.jumprelu_bandwidth",), "--sites": ("DataConfig.sites", "sites"),
 }
 FLAG_NAMES.update({"--kl": ("TrainConfig.kl_coefficient",), "--resample": ("DeadLatentConfig.preset",),
                    "--no-b-dec": ("TrainConfig.b_dec_init",)})
@@ -60,6 +61,10 @@ def register(subparsers) -> None:
     p.add_argument("--out-site", help="a transcoder's output site in the store, harvested with the input site")
     p.add_argument("--jumprelu-sparsity", choices=("step", "tanh", "quadratic", "l1"),
                    help="jumprelu's sparsity term (default step; l1 keeps θ frozen)")
+    p.add_argument("--jumprelu-threshold", type=float, metavar="THETA",
+                   help="jumprelu's initial θ, every latent (default 1e-3), in the units of the normalised inputs")
+    p.add_argument("--jumprelu-bandwidth", type=float, metavar="EPS",
+                   help="width of the rectangle kernel of θ's straight-through gradient (default 1e-3)")
     p.add_argument("--matryoshka-widths", type=int, nargs="+", metavar="M",
                    help="a Matryoshka SAE's nested prefix widths (d_sae appended when missing)")
     p.add_argument("--l1", type=float, help="L1 coefficient (relu/jumprelu)")
@@ -114,6 +119,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.sites and (args.kind not in (None, "crosscoder") or site):
         raise ValueError("--sites: a crosscoder (--kind crosscoder) reads --sites, two or more, instead of --site; "
                          f"got --kind {args.kind}, --sites {args.sites}, --site {site}")
+    if args.activation == "jumprelu" and args.jumprelu_sparsity is None and not args.config:
+        # SAEConfig.from_dict reads a jumprelu config without the field as "l1" (θ frozen: files written before θ
+        # trained); flags are not such a file, and get SAEConfig's own default
+        args.jumprelu_sparsity = "step"
     transcoder = args.kind in ("transcoder", "skip_transcoder")  # b_dec is the output's bias, not the input's centre
     if transcoder and not args.out_site:
         if args.data not in (None, "toy"):
@@ -123,7 +132,8 @@ def _train(args: argparse.Namespace) -> int:
         args.config,
         sae=_given({"d_sae": args.d_sae, "activation": args.activation, "k": args.k, "l1_coefficient": args.l1,
                     "dtype": args.dtype, "kind": args.kind, "jumprelu_sparsity": args.jumprelu_sparsity,
-                    "matryoshka_widths": args.matryoshka_widths,
+                    "matryoshka_widths": args.matryoshka_widths, "jumprelu_threshold": args.jumprelu_threshold,
+                    "jumprelu_bandwidth": args.jumprelu_bandwidth,
                     "n_sites": len(args.sites) if args.sites else None,
                     "apply_b_dec_to_input": False if transcoder or args.no_b_dec else None,
                     "tied": True if args.tied else None}),
