@@ -101,7 +101,7 @@ def test_transcoder_edits_refuse_what_cannot_apply(lm):
     with pytest.raises(ValueError, match="hooked twice"), intervene(lm, {IN: Intervention(tc), OUT: Intervention(
             make_sae_like())}):
         pass
-    with pytest.raises(ValueError, match="sae: the IOI patching curves"):
+    with pytest.raises(ValueError, match="sae 'sae': the IOI patching curves compare dictionaries of one site"):
         compare(lm, IN, tc, prompts=None)
 
 
