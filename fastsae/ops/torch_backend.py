@@ -147,8 +147,11 @@ def _dense_select(select: Callable) -> Callable:
 
     def run(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, ...]:
         # (N, d_sae), the one dense tensor of this backend: fp32 on CPU by the faster of oneDNN's GEMM and MKL's,
-        # measured on this machine (ops/cpu_gemm.py), elsewhere F.linear's; select copies out what it keeps
-        return select(cpu_gemm.linear(x, W_enc, b_enc))
+        # measured on this machine (ops/cpu_gemm.py), elsewhere F.linear's; select copies out what it keeps.
+        # In its inputs' dtype whatever autocast says, as the op's compiled form (a custom op) and the Triton
+        # kernel compute it: which GEMM was picked must not change what autocast does
+        with torch.autocast(x.device.type, enabled=False):
+            return select(cpu_gemm.linear(x, W_enc, b_enc))
 
     return run
 
@@ -196,7 +199,8 @@ class _DecodeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
         ctx.save_for_backward(values, indices, W)
-        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")  # (N, d_in)
+        # values in W's dtype: under autocast a bf16 encoder GEMM hands bf16 values to an fp32 decoder
+        return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")  # (N, d_in)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

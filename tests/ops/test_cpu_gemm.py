@@ -196,3 +196,25 @@ def test_the_real_timer_measures_and_either_verdict_gives_f_linear(monkeypatch):
     got = cpu_gemm.linear(x, W, b)
     assert cpu_gemm._verdicts[cpu_gemm.key(x, W)] in ("mkl", "onednn")
     torch.testing.assert_close(got, F.linear(x, W, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(cpu_gemm._op() is None, reason="this torch has no oneDNN")
+def test_autocast_gets_the_same_encoder_whichever_gemm_was_picked(monkeypatch):
+    """The encoder's GEMM runs in its inputs' dtype under autocast, as its compiled form does: otherwise F.linear
+    (MKL, which autocast casts to bf16) and oneDNN's op (which it does not) would give different latents."""
+    from fastsae import SAE, SAEConfig, set_backend
+
+    sae = SAE(SAEConfig(d_in=24, d_sae=96, activation="topk", k=6), seed=0)
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))
+    outs = []
+    set_backend("torch")
+    try:
+        for choice in ("mkl", "onednn"):
+            monkeypatch.setenv(cpu_gemm.ENV, choice)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(sae.encode(x))
+    finally:
+        set_backend(None)
+    assert outs[0].values.dtype == torch.float32
+    assert torch.equal(outs[0].indices, outs[1].indices)
+    torch.testing.assert_close(outs[0].values, outs[1].values, atol=1e-5, rtol=1e-5)
