@@ -27,8 +27,10 @@ through the product keeps F.linear.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,11 +127,11 @@ def cache_file() -> Path:
 
 def _read_cache() -> dict[str, dict]:
     """The verdicts on disk; {} where there is no file or it is damaged (then measured again and rewritten)."""
-    from .. import io  # fastsae.io imports nothing of ops; imported here to keep this module's import light
-
     try:
-        data = io.read_json(cache_file())
-    except (OSError, ValueError):
+        data = json.loads(cache_file().read_text())
+    except (OSError, ValueError):  # missing, unreadable or not JSON (UnicodeDecodeError is a ValueError)
+        return {}
+    if not isinstance(data, dict):
         return {}
     verdicts = data.get("verdicts")
     if not isinstance(verdicts, dict):
@@ -138,14 +140,21 @@ def _read_cache() -> dict[str, dict]:
 
 
 def _write_cache(k: str, entry: dict) -> None:
-    from .. import io
-
+    """Add a verdict to the file, atomically: a temporary beside it, then os.replace (by hand, not fastsae.io's
+    writers: ops sits above the package's modules in DESIGN.md's layers and imports none of them)."""
     verdicts = _read_cache()  # merged with what other processes wrote since
     verdicts[k] = entry
+    path = cache_file()
     try:
-        io.write_json(cache_file(), {"version": 1, "verdicts": verdicts})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            json.dump({"version": 1, "verdicts": verdicts}, f)
+        os.replace(f.name, path)
     except OSError:  # a read-only or full cache: the verdict stays in this process only
-        pass
+        try:
+            os.unlink(f.name)
+        except (OSError, NameError):
+            pass
 
 
 def _seconds(path: str, run: Callable[[], object]) -> float:

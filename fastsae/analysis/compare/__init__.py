@@ -17,6 +17,6 @@ __all__ = ["L1_COEFFICIENTS", "Comparison", "ConnectConfig", "ConnectionData", "
 __getattr__, __dir__ = lazy_front(__name__, {
     "compare": "direction_match", "Comparison": "direction_match", "splits": "direction_match",
     "load_dictionary": "compare_run", "run_compare": "compare_run", "ConnectionData": "connections",
-    "ConnectConfig": "connections", "train_connector": "connections", "formulas": "linear_connections",
+    "ConnectConfig": "connections", "train_connector": "connector_training", "formulas": "linear_connections",
     "run_connect": "connect_run", "L1_COEFFICIENTS": "connect_run",
 })

@@ -40,8 +40,8 @@ from .connections import (
     evaluate,
     nonlinearity,
     relative_nonlinearity,
-    train_connector,
 )
+from .connector_training import train_connector
 from .linear_connections import LSTSQ_MAX_INPUTS, elbow, fit_linear, formulas, l1_sweep, normal_equations, refit
 from .linear_substitution import ce_threshold, eval_windows
 

@@ -244,55 +244,6 @@ def weight_penalty(conn: Connector, data: ConnectionData, outputs: Tensor | None
     return mlp if conn.Ws is None else mlp + (conn.Ws.abs() * s_in[:, None] * s_out[None, :]).sum()
 
 
-def train_connector(data: ConnectionData, kind: str = "linear", cfg: ConnectConfig | None = None, *,
-                    outputs: Tensor | None = None, progress: bool = False,
-                    init_linear: Connector | None = None) -> Connector:
-    """Adam: loss = E_tokens Σ_j (ŷ_j - y_j)² + weight_l1 · weight_penalty + hidden_l1 E Σ_h h.
-    outputs (m,) compact output ids: learn only those (the rest of the target is ignored). init_linear: the
-    linear connector of the same outputs, where MLP kinds start (skip path; cfg.skip). With cfg.patience > 0
-    the last cfg.validation of the training rows are held back and the stopping rule applies (module
-    docstring); the returned connector is the state with the best validation loss, conn.fit_info says why
-    training stopped."""
-    from tqdm.auto import tqdm
-
-    cfg = cfg or ConnectConfig()
-    n_out = data.n_out if outputs is None else outputs.shape[0]
-    skip = cfg.skip and init_linear is not None and kind.startswith("mlp")
-    conn = Connector(data.n_in, n_out, kind, cfg.hidden, cfg.bias, cfg.seed, skip=skip)
-    if skip:
-        conn.start_at(init_linear)
-    from .connect_stopping import Stopper, objective, split_rows
-
-    n_fit, val_rows = split_rows(data, cfg)
-    stop = Stopper(cfg, conn, lambda: objective(conn, data, cfg, outputs, val_rows)) if val_rows is not None \
-        else None
-    opt = torch.optim.Adam(conn.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    perm, pos, step = torch.randperm(n_fit, generator=gen), 0, 0
-    for step in tqdm(range(1, cfg.steps + 1), disable=not progress, desc=f"connector {kind}", leave=False):
-        if pos + cfg.batch_size > n_fit:  # a fresh permutation each epoch
-            perm, pos = torch.randperm(n_fit, generator=gen), 0
-        rows = perm[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        xv, xi, y = data.batch(rows)
-        if outputs is not None:
-            y = y[:, outputs]
-        pred, hidden = conn(xv, xi, return_hidden=True)
-        loss = (pred - y).pow(2).sum(1).mean()
-        if cfg.weight_l1:
-            loss = loss + cfg.weight_l1 * weight_penalty(conn, data, outputs)
-        if cfg.hidden_l1 and hidden is not None:
-            loss = loss + cfg.hidden_l1 * hidden.sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if stop is not None and step % cfg.eval_every == 0 and stop.converged(step):
-            break
-    conn.fit_info = stop.finish(step) if stop is not None else {"stopped": "fixed steps", "steps": step}
-    conn.fit_info["skip_start"] = skip
-    return conn.eval()
-
-
 @dataclass
 class ConnectorEval:
     """Held-out error of a connector, per output feature and in total (normalised units)."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .connections import ConnectConfig, ConnectionData, Connector, ConnectorEval, evaluate, train_connector
+from .connections import ConnectConfig, ConnectionData, Connector, ConnectorEval, evaluate
+from .connector_training import train_connector
 
 # Formulas keep inputs whose relative weight (below) is >= 5% of the output's typical activation: smaller
 # terms change the prediction by less than the spread of the output's own values on its top contexts.

@@ -12,8 +12,8 @@ from fastsae.analysis.compare.connections import (
     Connector,
     evaluate,
     nonlinearity,
-    train_connector,
 )
+from fastsae.analysis.compare.connector_training import train_connector
 from fastsae.analysis.compare.linear_connections import elbow, fit_linear, formulas, l1_sweep, refit, relative_weights
 from fastsae.latents import SparseLatents
 

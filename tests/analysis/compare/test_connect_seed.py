@@ -15,8 +15,8 @@ from fastsae.analysis.compare.connections import (
     evaluate,
     nonlinearity,
     relative_nonlinearity,
-    train_connector,
 )
+from fastsae.analysis.compare.connector_training import train_connector
 from fastsae.analysis.compare.linear_connections import fit_linear
 
 CFG = ConnectConfig(hidden=64, lr=1e-2, batch_size=256, steps=600, eval_every=25, patience=4)
