@@ -4,7 +4,9 @@
 
 Writes bench/results/analysis/interventions-<device>-<date>/ (or --out):
     patch.json, patch.png       IOI patching curves, SAE vs PCA vs neurons, 100 prompts: m = 1..64 at --site
-                                (time and forwards per curve), m = 1, 2, 4 .. 64 at the other SAEs' sites
+                                (time and forwards per curve), m = 1, 2, 4 .. 64 at the other SAEs' sites;
+                                the baselines fitted on --patch-corpus (--fit-tokens of research:train by
+                                default), the prompt-fitted PCA kept as the row pca_prompts
     erasure.json, erasure.png   gendered-pronoun erasure at --site: loss increase on the pronoun-predicting
                                 tokens vs all others, SAE latents vs PCA directions chosen the same way
     circuit.json/.png/.svg      the circuit of the top SAE's latent most associated with the concept
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--erasure-windows", type=int, default=96,
                         help="64-token windows with the concept: half fit, half evaluate")
     parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
+    parser.add_argument("--patch-corpus", default="research:train",
+                        help="IOI patching: the general corpus the PCA/neuron baselines are fitted on (default "
+                             "research:train; 'prompts' fits them on the IOI prompts, as before issue 28)")
+    parser.add_argument("--fit-tokens", type=int, default=32_768,
+                        help="IOI patching: corpus tokens the baselines are fitted on (64-token windows)")
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     parser.add_argument("--out", help="default bench/results/analysis/interventions-cpu-<date>")
     args = parser.parse_args(argv)
@@ -80,9 +87,15 @@ def main(argv: list[str] | None = None) -> int:
 def patch_section(model, tokenizer, saes, out: Path, args) -> list[str]:
     """IOI patching at every m at --site (the performance case: M = 64, 100 prompts); the layer sweep at a grid
     of m."""
+    corpus = None if args.patch_corpus == "prompts" else token_windows(
+        tokenizer, read_documents(args.patch_corpus), 64, args.fit_tokens, seed=1)
     report = ioi_patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
-                                       max_m=args.max_m, ms=SWEEP_MS, full_site=args.site)
-    lines = ["## IOI patching (fraction of the clean logit difference restored)", "", report["summary"], ""]
+                                       max_m=args.max_m, ms=SWEEP_MS, full_site=args.site, corpus=corpus)
+    fitted = next(iter(report["results"].values()))["baselines_fitted_on"]
+    lines = ["## IOI patching (fraction of the clean logit difference restored)", "",
+             f"Baselines fitted on the {fitted}" + (f" of {args.patch_corpus}" if corpus is not None else "")
+             + (" (pca_prompts: PCA fitted on the prompts)" if corpus is not None else "") + ".", "",
+             report["summary"], ""]
     for where, result in report["results"].items():
         times = ", ".join(f"{name} {c['seconds']:.0f} s / {c['forwards']} forwards"
                           for name, c in result["curves"].items())

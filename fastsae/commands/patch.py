@@ -26,17 +26,33 @@ def register(subparsers) -> None:
     p.add_argument("--ms", type=int, nargs="+", help="measure the curves at these m only (default every m in "
                                                     "1..max-m), e.g. 1 2 4 8 16 32 64 for a cheap sweep")
     p.add_argument("--full-site", help="with --ms: the one site measured at every m")
+    flags.add_corpus(p, help="fit the baselines on this general corpus's activations at each site (e.g. "
+                             "research:train), the prompt-fitted PCA kept as the extra row pca_prompts "
+                             "(default: fitted on the prompts)")
+    flags.add_fit_tokens(p)
+    flags.add_context_size(p, default=64, help="with --corpus: window length (default 64)")
     flags.add_device(p, default="cpu")
     flags.add_out(p, "runs/patch")
     p.set_defaults(func=_patch)
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from ..analysis.interventions import run_patch
+    from ..analysis.interventions import ioi_patching
+    from ..analysis.sae_dirs import load_saes
+    from ..harvest import read_documents, token_windows
+    from ..model import load
 
-    report = run_patch(args.model, args.sae, args.out, sites=args.site, n=args.prompts, seed=args.seed,
-                       max_m=args.max_m, select=args.select, pool=args.pool, against=args.against, ms=args.ms,
-                       full_site=args.full_site, device=args.device)
+    if args.corpus is not None and args.fit_tokens < args.context_size:
+        raise ValueError(f"--fit-tokens must be at least --context-size ({args.context_size}) to fill one corpus "
+                         f"window, got {args.fit_tokens}")
+    model, tokenizer = load(args.model, device=args.device)
+    # the corpus is cut into windows here: write_report captures their activations at each SAE's site
+    corpus = None if args.corpus is None else token_windows(tokenizer, read_documents(args.corpus), args.context_size,
+                                                            args.fit_tokens, seed=args.seed)
+    report = ioi_patching.write_report(model, tokenizer, load_saes(args.sae, args.site, device=args.device), args.out,
+                                       model_name=args.model, n=args.prompts, seed=args.seed, max_m=args.max_m,
+                                       select=args.select, pool=args.pool, against=args.against, ms=args.ms,
+                                       full_site=args.full_site, corpus=corpus)
     print(report["summary"])
     print(f"{report['meta']['seconds']:.0f} s; written {args.out}/patch.json and {args.out}/patch.png")
     return 0

@@ -42,6 +42,18 @@ def test_fastsae_patch_writes_the_curves_and_their_plot(tmp_path, capsys):
     assert main(["patch", "--model", str(tmp_path / "lm"), "--sae", str(tmp_path / "sae1"), str(tmp_path / "sae0"),
                  "--prompts", "6", "--max-m", "3", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "patch.json").read_text() == first  # resumed: every site was there already
+    # --corpus: the baselines fitted on general-corpus activations, the prompt-fitted PCA kept as a labelled row
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(ioi.vocabulary()[(i * 7) % len(ioi.vocabulary())] for i in range(400)))
+    assert main(["patch", "--model", str(tmp_path / "lm"), "--sae", str(tmp_path / "sae0"), "--prompts", "6",
+                 "--max-m", "3", "--corpus", str(corpus), "--fit-tokens", "128", "--context-size", "16",
+                 "--out", str(tmp_path / "corpus")]) == 0
+    result = json.loads((tmp_path / "corpus" / "patch.json").read_text())["results"]["resid_post.0"]
+    assert result["baselines_fitted_on"] == "corpus (120 activations)"  # 8 windows of 16, BOS left out
+    assert set(result["curves"]) == {"sae", "pca", "neurons", "pca_prompts"}
+    prompts_pca = json.loads(first)["results"]["resid_post.0"]["curves"]["pca"]["fraction"]
+    assert result["curves"]["pca_prompts"]["fraction"] == pytest.approx(prompts_pca)
+    assert result["curves"]["pca"]["fraction"] != pytest.approx(prompts_pca)
 
 
 def test_fastsae_circuit_and_steer(tmp_path, capsys):

@@ -5,7 +5,8 @@ no network, nothing from a CDN).
                                  density, max or mean activation, one-token score
     <out>/feature.html#<latent>  one latent (the contract other tools link to): histogram split by token,
                                  top contexts highlighted by activation (hover for values), ablation effects
-                                 and context attribution per token, promoted/suppressed tokens, neighbours
+                                 and context attribution per token, promoted/suppressed tokens, the
+                                 histogram of logit changes over the vocabulary when it is ablated, neighbours
                                  by decoder cosine, and every annotation of <cache>/annotations/*.json
                                  (shared files, so untrusted: only their http:, https: and relative links
                                  are live, any other — javascript:, data:, file: … — is shown as text)
@@ -148,6 +149,9 @@ def _shard(cache: FeatureCache, effects: dict | None, annotations: list[dict], l
                 f[key] = [[int(i), float(f"{v:.4g}"), round((v - mean) / std, 2) if summary else None]
                           for i, v in zip(effects[f"logits.{name}_ids"][j].tolist(),
                                           effects[f"logits.{name}_values"][j].tolist(), strict=True)]
+        if effects is not None and "logits.hist" in effects:  # the logit-drop histogram, over the vocabulary
+            lo, hi = (float(effects[f"logits.hist_{end}"][j]) for end in ("lo", "hi"))
+            f["lh"] = {"c": effects["logits.hist"][j].tolist(), "lo": float(f"{lo:.4g}"), "hi": float(f"{hi:.4g}")}
         f["nb"] = [[i, round(c, 4)] for i, c in cache.neighbours(j)]
         f["ann"] = [{"title": a["title"], **a["features"][str(j)]} for a in annotations if str(j) in a["features"]]
         features[str(j)] = f

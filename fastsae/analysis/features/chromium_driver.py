@@ -6,6 +6,9 @@ request, and take screenshots.
     with Chromium() as chrome:
         page = chrome.open("file:///…/feature.html#12", ready="document.querySelector('.context')")
         page.evaluate("document.title"), page.errors, page.requests, page.screenshot("out.png")
+        page.screenshot_element("#logit-hist-box", "hist.png")
+
+    screenshot_feature(browser_dir, 12, "hist.png", selector="#logit-hist-box")  # one call, its own Chromium
 
 Chromium comes from the system's package manager (`make browser`); `find_chromium()` is None without it.
 """
@@ -66,6 +69,19 @@ class Page:
     def screenshot(self, path: str | Path, full_page: bool = True) -> Path:
         params = {"format": "png", "captureBeyondViewport": full_page}
         data = self.send("Page.captureScreenshot", **params)["data"]
+        Path(path).write_bytes(base64.b64decode(data))
+        return Path(path)
+
+    def screenshot_element(self, selector: str, path: str | Path, margin: int = 4) -> Path:
+        """A PNG of the first element selector matches: its bounding box in the document, plus margin pixels."""
+        box = self.evaluate(f"(e => e && (r => [r.left + scrollX, r.top + scrollY, r.width, r.height])"
+                            f"(e.getBoundingClientRect()))(document.querySelector({json.dumps(selector)}))")
+        if not box or box[2] <= 0 or box[3] <= 0:
+            raise ValueError(f"selector {selector!r} matches no visible element of the page")
+        x, y, w, h = box
+        clip = {"x": max(x - margin, 0), "y": max(y - margin, 0), "width": w + 2 * margin, "height": h + 2 * margin,
+                "scale": 1}
+        data = self.send("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)["data"]
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)
 
@@ -189,3 +205,20 @@ class Chromium:
         if ready:
             page.wait_for(ready, timeout)
         return page
+
+
+def screenshot_feature(browser: str | Path, latent: int, path: str | Path, *, selector: str | None = None,
+                       chrome: Chromium | None = None) -> Path:
+    """A PNG of latent's page of the feature browser in directory browser (whole page), or of one element of it
+    (selector, e.g. "#logit-hist-box" for the logit-drop histogram), once the page has rendered. Starts its own
+    Chromium unless given one."""
+    page_file = Path(browser) / "feature.html"
+    if not page_file.is_file():
+        raise FileNotFoundError(f"{page_file}: not a feature browser (`fastsae browse` writes one)")
+    if chrome is None:
+        with Chromium() as own:
+            return screenshot_feature(browser, latent, path, selector=selector, chrome=own)
+    page = chrome.open(page_file.resolve().as_uri() + f"#{latent}", ready="document.body.dataset.readyMs")
+    if page.errors:
+        raise RuntimeError(f"latent {latent}'s page reported errors: {page.errors}")
+    return page.screenshot(path) if selector is None else page.screenshot_element(selector, path)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastsae.analysis.features.browser_site import read_annotations, write_browser
-from fastsae.analysis.features.cache_effects import measure_effects
-from fastsae.analysis.features.chromium_driver import Chromium, find_chromium
+from fastsae.analysis.features.cache_effects import load_effects, measure_effects
+from fastsae.analysis.features.chromium_driver import Chromium, find_chromium, screenshot_feature
 from fastsae.analysis.features.feature_pass import (
     FeatureCache,
     FeatureConfig,
@@ -185,6 +185,43 @@ def test_feature_page_renders_contexts_histogram_and_annotations_in_chromium(bui
     only_local_files(page, index.parent)
     shards = {url.rsplit("/", 1)[1] for url in page.requests if "shard-" in url}
     assert shards == {f"shard-{j // SHARD:05d}.js", f"shard-{far // SHARD:05d}.js"}  # lazily, one shard each
+
+
+def test_feature_page_draws_the_logit_drop_histogram_in_chromium(built, chrome, tmp_path):
+    """Each latent's page draws the histogram of its logit changes over the vocabulary when ablated
+    (effects.safetensors logits.hist, lo, hi): one bar per bin, heights proportional to the counts."""
+    cache, index = built
+    effects = load_effects(cache.path)
+    j = 5
+    counts = effects["logits.hist"][j].tolist()
+    assert len(counts) == 32 and len(set(counts)) > 2  # a shape to follow, not a flat line
+    page = chrome.open(index.parent.joinpath("feature.html").as_uri() + f"#{j}",
+                       ready="document.querySelector('#logit-hist-svg .lbar')")
+    bars = "Array.from(document.querySelectorAll('#logit-hist-svg .lbar'), b => [Number(b.dataset.count), " \
+           "Number(b.getAttribute('height')), Number(b.getAttribute('y')) + Number(b.getAttribute('height'))])"
+    got = page.evaluate(bars)
+    assert [c for c, _, _ in got] == counts
+    assert len({round(base, 6) for _, _, base in got}) == 1  # every bar stands on the axis
+    heights = torch.tensor([h for _, h, _ in got], dtype=torch.float64)
+    expected = torch.tensor(counts, dtype=torch.float64)
+    torch.testing.assert_close(heights, expected / expected.max() * heights.max(), rtol=0, atol=1e-6)
+    texts = page.evaluate("Array.from(document.querySelectorAll('#logit-hist-svg text'), t => t.textContent)")
+    assert "logit change when ablated" in texts and "vocabulary tokens" in texts
+    assert f"{max(counts):,}" in texts
+    lo, hi = float(effects["logits.hist_lo"][j]), float(effects["logits.hist_hi"][j])
+    shown = page.evaluate("Array.from(document.querySelectorAll('#logit-hist-svg text.tick'), t => t.textContent)")
+    assert float(shown[0]) == pytest.approx(lo, rel=1e-2) and float(shown[1]) == pytest.approx(hi, rel=1e-2)
+    page.evaluate("document.getElementById('logit-logscale').click()")
+    log_heights = torch.tensor([h for _, h, _ in page.evaluate(bars)], dtype=torch.float64)
+    log_counts = torch.log10(1 + expected)
+    torch.testing.assert_close(log_heights, log_counts / log_counts.max() * log_heights.max(), rtol=0, atol=1e-6)
+    only_local_files(page, index.parent)
+    shot = page.screenshot_element("#logit-hist-box", tmp_path / "logit-hist.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 2000
+    whole = screenshot_feature(index.parent, j, tmp_path / "feature.png", selector="#logit-hist-box", chrome=chrome)
+    assert whole.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="#nothing"):
+        page.screenshot_element("#nothing", tmp_path / "x.png")
 
 
 def test_a_latent_that_never_fired_renders_and_says_so_in_chromium(built, chrome):

@@ -31,6 +31,7 @@
     annotations(f);
     histogram(f);
     logits(f);
+    logitHistogram(f);
     neighbours(f);
     contexts(f.top, $("contexts"), f, true);
     contexts(f.smp, $("samples"), f, false);
@@ -129,6 +130,47 @@
     }
   }
 
+  // The histogram of the latent's logit changes over the vocabulary when it is ablated (f.lh: counts in equal
+  // bins from lo to hi): drops left of 0 in red, rises in blue, the bin holding 0 grey.
+  function logitHistogram(f) {
+    const box = $("logit-hist");
+    box.replaceChildren();
+    if (!f.lh || !f.lh.c.length) { box.appendChild(F.el("p", { class: "muted" }, "not computed")); return; }
+    const { c, lo, hi } = f.lh, n = c.length, step = (hi - lo) / n;
+    const W = 360, H = 190, padL = 46, padR = 8, padT = 8, padB = 34, plotH = H - padT - padB, bw = (W - padL - padR) / n;
+    const log = $("logit-logscale").checked, scale = v => (log ? Math.log10(1 + v) : v);
+    const top = Math.max(...c.map(scale)) || 1;
+    const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
+    const add = (parent, tag, attrs, text) => {
+      const e = document.createElementNS(ns, tag);
+      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+      if (text !== undefined) e.textContent = text;
+      parent.appendChild(e);
+      return e;
+    };
+    svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("id", "logit-hist-svg");
+    c.forEach((count, b) => {
+      const h = plotH * scale(count) / top, left = lo + b * step, right = left + step;
+      const fill = right <= 0 ? "#d6616b" : left >= 0 ? "#3182bd" : "#999";
+      const bar = add(svg, "rect", { class: "lbar", "data-count": count, x: padL + b * bw, width: Math.max(bw - 1, 1),
+                                     y: padT + plotH - h, height: h, fill });
+      add(bar, "title", {}, `${F.fmt(left)} – ${F.fmt(right)}: ${count.toLocaleString()} tokens`);
+    });
+    add(svg, "line", { x1: padL, x2: W - padR, y1: padT + plotH, y2: padT + plotH, stroke: "#999" });
+    add(svg, "line", { x1: padL, x2: padL, y1: padT, y2: padT + plotH, stroke: "#999" });
+    const xAt = v => padL + (v - lo) / (hi - lo || 1) * (W - padL - padR);
+    const ticks = [[lo, "start"], [hi, "end"]];
+    if (lo < 0 && hi > 0) ticks.push([0, "middle"]);
+    for (const [v, anchor] of ticks) add(svg, "text", { class: "tick", x: xAt(v), y: padT + plotH + 12, "text-anchor": anchor }, F.fmt(v));
+    add(svg, "text", { class: "axis-label", x: padL + (W - padL - padR) / 2, y: H - 4, "text-anchor": "middle" },
+        "logit change when ablated");
+    add(svg, "text", { class: "tick", x: padL - 4, y: padT + 8, "text-anchor": "end" }, (log ? "log " : "") + Math.max(...c).toLocaleString());
+    add(svg, "text", { class: "tick", x: padL - 4, y: padT + plotH, "text-anchor": "end" }, "0");
+    add(svg, "text", { class: "axis-label", x: 12, y: padT + plotH / 2, "text-anchor": "middle",
+                       transform: `rotate(-90 12 ${padT + plotH / 2})` }, "vocabulary tokens");
+    box.appendChild(svg);
+  }
+
   function neighbours(f) {
     const ol = $("neighbours");
     ol.replaceChildren();
@@ -178,6 +220,7 @@
 
   $("mode").addEventListener("change", () => current && contexts(current.f.top, $("contexts"), current.f, true));
   $("logscale").addEventListener("change", () => current && histogram(current.f));
+  $("logit-logscale").addEventListener("change", () => current && logitHistogram(current.f));
   $("goto").addEventListener("change", e => { location.hash = "#" + e.target.value; });
   window.addEventListener("hashchange", route);
   route();
