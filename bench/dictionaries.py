@@ -6,7 +6,7 @@ evaluated with its spliced CE loss recovered, plus the fused-vs-naive timing of 
 
 The activations are bench.seeds' `layers` harvest (resid_post.3/.6/.9, mlp_in.6, mlp_out.6 of the same tokens,
 research:train): each dictionary trains on its first whole shards holding 1,048,576 vectors (--tokens, one epoch:
-no vector twice) and is evaluated on 32,768 held-out tokens of research:test. The report goes to
+no vector twice) and is evaluated on 4,096 held-out tokens of research:test. The report goes to
 bench/results/dictionaries-<device>-<date>/.
 """
 
@@ -27,7 +27,7 @@ from bench.seeds import _marker as marker
 TOKENS = 1_048_576
 BATCH = 1024  # 1,024 steps in the one epoch: the main job's recipe (1,000 steps of 1,024), here on distinct tokens
 D_SAE = 8192
-EVAL_TOKENS = 32_768
+EVAL_TOKENS = 4096  # the main job's: an evaluation runs ~50 tokens/s on 2 cores (a forward per variant)
 TOPK = ("--activation", "topk", "--k", "32", "--auxk", "0.03125")  # AuxK at Gao et al.'s 1/32
 KINDS = {  # name: (what it is, the train flags)
     "topk": ("SAE, TopK k=32 (the reference)", ("--site", "resid_post.6", *TOPK)),
