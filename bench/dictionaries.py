@@ -37,9 +37,6 @@ KINDS = {  # name: (what it is, the train flags)
     "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE (λ 1)",
                       ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "step",
                        "--l1", "1", "--jumprelu-threshold", "2.66")),  # λ of L0: the default 5 prices a latent
-    "jumprelu-step-0.1": ("JumpReLU, θ trained, L0 through the step's STE (λ 0.1)",
-                          ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "step",
-                           "--l1", "0.1", "--jumprelu-threshold", "2.66")),
     "jumprelu-quadratic": ("JumpReLU, θ trained, quadratic L0 penalty towards 32",
                            ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "quadratic",
                             "--k", "32", "--jumprelu-threshold", "2.66")),
