@@ -74,9 +74,12 @@ def _train(name: str, tokens: int | None, *flags: str, store: str = "seeds") -> 
         extra = [f(w) if callable(f) else f for f in flags]
         resume = ["--resume"] if (out / "run.json").exists() else []
         budget = ["--tokens", str(tokens)] if tokens else []  # the store's first shards (ActivationStore.prefix)
+        steps = min(tokens or rows, rows) // BATCH
+        # the main job's recipe: b_dec at the data's mean, latents dead after a quarter of the run (AuxK, resampling)
+        recipe = ["--b-dec-init", "mean", "--dead-window", str(steps * BATCH // 4)]
         return ["train", "--data", str(w / f"harvest-{store}"), "--site", SITE, "--batch-size", str(BATCH),
-                "--steps", str(min(tokens or rows, rows) // BATCH), *budget, "--checkpoint-every", "100",
-                "--out", str(out), *extra, *resume]
+                "--steps", str(steps), *budget, "--checkpoint-every", "100", *recipe, "--out", str(out), *extra,
+                *resume]
     return Job(name, "train", argv)
 
 

@@ -17,6 +17,7 @@ FLAG_NAMES = {
     "--dtype": ("SAEConfig.dtype",), "--lr": ("OptimizerConfig.lr",), "--steps": ("ScheduleConfig.total_steps",),
     "--checkpoint-every": ("CheckpointConfig.every",), "--resample-every": ("DeadLatentConfig.resample_every",),
     "--auxk": ("DeadLatentConfig.auxk_coefficient",), "--shard-latents": ("shard_latents",),
+    "--dead-window": ("DeadLatentConfig.window_tokens",),
     "--config": ("run settings",), "--kind": ("SAEConfig.kind",),  # --in-site is --site: errors name --site
     "--out-site": ("DataConfig.target_site", "target_site"), "--jumprelu-sparsity": ("SAEConfig.jumprelu_sparsity",),
     "--matryoshka-widths": ("SAEConfig.matryoshka_widths",), "--jumprelu-threshold": ("SAEConfig.jumprelu_threshold",),
@@ -76,6 +77,9 @@ def register(subparsers) -> None:
     p.add_argument("--resample-every", type=int)
     _add_preset_flags(p)
     p.add_argument("--auxk", type=float, help="AuxK coefficient (topk/batchtopk; Gao et al. use 1/32)")
+    p.add_argument("--dead-window", type=int, metavar="TOKENS",
+                   help="a latent is dead (for AuxK and resampling) when silent on the last TOKENS rows (default "
+                        "1,000,000: give a run shorter than that a quarter of its tokens, or AuxK never starts)")
     flags.add_seed(p, default=None)
     p.add_argument("--b-dec-init", choices=("zeros", "mean"),
                    help="'mean': start b_dec at the first batch's mean (residual streams have a large offset)")
@@ -138,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
                     "apply_b_dec_to_input": False if transcoder or args.no_b_dec else None,
                     "tied": True if args.tied else None}),
         train=_given({"lr": args.lr, "total_steps": args.steps, "checkpoint_every": args.checkpoint_every,
-                      "resample_every": args.resample_every, "auxk_coefficient": args.auxk, "seed": args.seed,
+                      "resample_every": args.resample_every, "auxk_coefficient": args.auxk,
+                      "dead_window_tokens": args.dead_window, "seed": args.seed,
                       "b_dec_init": args.b_dec_init, "kl_coefficient": args.kl}),
         data=_given({"source": args.data, "batch_size": args.batch_size, "seed": args.seed, "site": site,
                      "normalize": args.normalize, "model": args.model, "corpus": args.corpus, "tokens": args.tokens,

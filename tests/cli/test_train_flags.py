@@ -26,3 +26,10 @@ def test_jumprelu_from_flags_trains_theta_and_takes_its_start_and_bandwidth(tmp_
 def test_a_bad_bandwidth_names_its_flag(tmp_path, capsys):
     assert main(["train", "--activation", "jumprelu", "--jumprelu-bandwidth", "-1", "--out", str(tmp_path)]) != 0
     assert capsys.readouterr().err.startswith("fastsae train: --jumprelu-bandwidth: SAEConfig.jumprelu_bandwidth")
+
+
+def test_the_dead_window_reaches_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--activation", "topk", "--k", "4", "--auxk", "0.03", "--dead-window", "4096",
+                 "--steps", "2", "--d-sae", "32", "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "run.json").read_text())["train"]["dead_latents"]["window_tokens"] == 4096
