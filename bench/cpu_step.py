@@ -48,6 +48,7 @@ from bench.other_libraries import sparsify_coder, sparsify_train_step
 from bench.saving import RESULTS, save_report
 from fastsae import SAE, SAEConfig
 from fastsae.ops import cpu_gemm
+from fastsae.ops.cpu_gemm import cpu_model
 from fastsae.train import TrainConfig, Trainer
 
 LR = 1e-4
@@ -196,13 +197,8 @@ def environment() -> dict:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    """The CPU's model name (the one fastsae.ops.cpu_gemm keys its GEMM verdicts by)."""
+    return cpu_model()
 
 
 def run(n: int, d_in: int, d_sae: int, k: int, repeats: int, warmup: int, one_process: bool = False) -> dict:
