@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from bench.cpu_step import cpu_name
@@ -33,17 +34,18 @@ EVAL_TOKENS = 4096  # the main job's: an evaluation runs ~50 tokens/s on 2 cores
 # were silent on held-out tokens in the first run, trained without these)
 RECIPE = ("--b-dec-init", "mean", "--dead-window", str(TOKENS // 4))
 TOPK = ("--activation", "topk", "--k", "32", "--auxk", "0.03125")  # AuxK at Gao et al.'s 1/32
+JUMPRELU = ("--activation", "jumprelu", "--jumprelu-threshold", "1.0", "--jumprelu-bandwidth", "0.05")
 KINDS = {  # name: (what it is, the train flags)
     "topk": ("SAE, TopK k=32 (the reference)", ("--site", "resid_post.6", *TOPK)),
-    # θ starts where 32 of 8,192 unit-variance pre-activations fire (Φ⁻¹(1 − 32/8192) = 2.66; normalised inputs and
-    # unit encoder rows give the pre-activations unit variance at the start): from the default 1e-3 half of them
-    # fire, and one epoch moves θ by about lr per step, too little to get down to a sparse code
-    "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE (λ 1)",
-                      ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "step",
-                       "--l1", "1", "--jumprelu-threshold", "2.66")),  # λ of L0: the default 5 prices a latent
+    # θ starts where 32 of 8,192 latents fire at initialisation: with b_dec at the mean, the centred normalised
+    # inputs have E‖x − b_dec‖² = 81 (not 640), so the unit encoder rows give pre-activations of std 0.36, whose
+    # 1 − 32/8192 quantile is 0.98 (measured on a 4,096-row batch; the first run's 2.66, for unit variance, left
+    # L0 at 0 by step 50). ε = 0.05 is 14% of that std (the default 1e-3 saw almost no pre-activation in its
+    # window). Adam moves θ by at most lr per step, 0.4 over the epoch: the report gives how far it moved.
+    "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE (λ 0.1)",
+                      ("--site", "resid_post.6", *JUMPRELU, "--jumprelu-sparsity", "step", "--l1", "0.1")),
     "jumprelu-quadratic": ("JumpReLU, θ trained, quadratic L0 penalty towards 32",
-                           ("--site", "resid_post.6", "--activation", "jumprelu", "--jumprelu-sparsity", "quadratic",
-                            "--k", "32", "--jumprelu-threshold", "2.66")),
+                           ("--site", "resid_post.6", *JUMPRELU, "--jumprelu-sparsity", "quadratic", "--k", "32")),
     "matryoshka": ("Matryoshka BatchTopK k=32, prefixes 512/2048/8192",
                    ("--site", "resid_post.6", "--activation", "batchtopk", "--k", "32", "--auxk", "0.03125",
                     "--matryoshka-widths", "512", "2048", "8192")),
@@ -86,7 +88,19 @@ def kind_row(w: Path, name: str) -> dict:
            "dead_fraction": m["dead_fraction"], "ce_loss_recovered": m["ce_loss_recovered"]}
     if "per_site" in m:  # a crosscoder: each site's own FVU
         row["fvu_per_site"] = {site: s["fvu"] for site, s in m["per_site"].items()}
+    if name.startswith("jumprelu"):
+        row["theta"] = theta_moved(w / "dictionaries" / name)
     return row
+
+
+def theta_moved(run: Path) -> dict:
+    """How far training moved JumpReLU's θ from its start: mean and largest |θ − θ₀| over the latents (folding
+    the input scale leaves θ as it is: the pre-activations do not change)."""
+    start = json.loads((run / "run.json").read_text())["sae"]["jumprelu_threshold"]
+    theta = load_file(str(run / "sae" / "sae.safetensors"))["threshold"].double()
+    moved = (theta - start).abs()
+    return {"start": start, "mean": theta.mean().item(), "mean_abs_change": moved.mean().item(),
+            "max_abs_change": moved.max().item()}
 
 
 def write_report(w: Path, out: Path | None = None, matryoshka: dict | None = None) -> Path:
@@ -107,6 +121,9 @@ def write_report(w: Path, out: Path | None = None, matryoshka: dict | None = Non
                   "held-out research:test tokens; dead = silent on those tokens; a transcoder's FVU is its output "
                   "site's, its CE loss recovered with the MLP output replaced; a crosscoder's CE with every site "
                   f"replaced. CPU: {env['cpu']}."]
+    lines += [f"JumpReLU {r['kind']}: θ from {r['theta']['start']} moved by {r['theta']['mean_abs_change']:.4f} on "
+              f"average (at most {r['theta']['max_abs_change']:.3f}); mean θ {r['theta']['mean']:.3f}."
+              for r in rows if "theta" in r]
     return save_report(out, "dictionaries", {"environment": env, "rows": rows}, "\n".join(lines))
 
 
