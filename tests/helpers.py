@@ -109,3 +109,25 @@ def cli_error(capsys, argv: list[str]) -> str:
     assert status == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err.strip()
+
+
+def tiny_pythia(hidden_size=32, num_layers=2, intermediate_size=48):
+    """A random GPT-NeoX (vocab 64; pad 0, BOS 1, EOS 2) seeded at 0, for the tests that harvest or evaluate."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                          intermediate_size=intermediate_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return T.GPTNeoXForCausalLM(cfg).eval()
+
+
+def tiny_harvest(out, sites, **model_kw):
+    """An ActivationStore of tiny_pythia(**model_kw)'s activations at sites: 12 windows of 8 tokens (BOS first),
+    shards of 20 rows."""
+    from fastsae.harvest import ActivationStore, harvest
+
+    model = tiny_pythia(**model_kw)
+    ids = torch.randint(3, 64, (12, 8), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    harvest(model, sites, ids, out, batch_size=3, dtype=torch.float32, shard_rows=20, progress=False)
+    return ActivationStore(out)

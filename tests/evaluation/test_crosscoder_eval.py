@@ -11,17 +11,10 @@ from fastsae import SAE, SAEConfig
 from fastsae.evaluation import evaluate
 from fastsae.model import splice_crosscoder
 
-from helpers import tiny_causal_lm
+from helpers import tiny_causal_lm, tiny_pythia
 
 T = pytest.importorskip("transformers")
 SITES = ["resid_post.0", "resid_post.1"]
-
-
-def tiny_pythia():
-    torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return T.GPTNeoXForCausalLM(cfg).eval()
 
 
 def windows(n=6, t=10):

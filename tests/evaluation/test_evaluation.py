@@ -9,14 +9,9 @@ from fastsae import SAE, SAEConfig, splice
 from fastsae.evaluation import ReconstructionMetrics, baselines, evaluate, evaluate_with_baselines, pareto_frontier
 from fastsae.evaluation.metrics import density_histogram
 
+from helpers import tiny_pythia
+
 T = pytest.importorskip("transformers")
-
-
-def tiny_pythia():
-    torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return T.GPTNeoXForCausalLM(cfg).eval()
 
 
 def tiny_bert():

@@ -9,15 +9,10 @@ from fastsae.harvest import ActivationStore, CorruptShardError, ShuffledLoader, 
 from fastsae.harvest import harvester as harvest_module
 from fastsae.model import capture
 
+from helpers import tiny_pythia
+
 T = pytest.importorskip("transformers")
 SITES = ["resid_post.0", "mlp_hidden.1"]
-
-
-def tiny_pythia():
-    torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return T.GPTNeoXForCausalLM(cfg).eval()
 
 
 def sequences(n=12, t=8):

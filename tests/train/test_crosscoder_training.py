@@ -7,21 +7,16 @@ import torch
 
 from fastsae import SAE
 from fastsae.crosscoder import fold_site_scales_
-from fastsae.harvest import ActivationStore, ShuffledLoader, harvest
+from fastsae.harvest import ShuffledLoader
+
+from helpers import tiny_harvest
 
 T = pytest.importorskip("transformers")
 SITES = ["resid_post.0", "resid_post.1", "resid_post.2"]
 
 
 def tiny_store(out):
-    torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
-                          intermediate_size=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    ids = torch.randint(3, 64, (12, 8), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = 1
-    harvest(T.GPTNeoXForCausalLM(cfg).eval(), SITES, ids, out, batch_size=3, dtype=torch.float32, shard_rows=20,
-            progress=False)
-    return ActivationStore(out)
+    return tiny_harvest(out, SITES, hidden_size=16, num_layers=3, intermediate_size=24)
 
 
 def test_the_loader_serves_the_sites_side_by_side_each_scaled_by_its_own(tmp_path):

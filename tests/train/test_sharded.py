@@ -7,11 +7,11 @@ fp32 rounding only; TopK indices are compared exactly.
 
 import pytest
 import torch
+from sharded_steps import one_step
 from spawn import run_ranks
 
 from fastsae import SAE, SAEConfig, use_backend
 from fastsae.ops.distributed import ProcessGrid, latent_bounds
-from fastsae.train import SAEAdam
 from fastsae.train.sharded import (
     ShardedSAE,
     consolidate,
@@ -48,17 +48,6 @@ def _inputs(name):
     return sae, x, dead
 
 
-def _step(model, x, dead):
-    """Forward (with AuxK for TopK/BatchTopK), backward, one SAEAdam step: what the trainer does."""
-    auxk = model.cfg.activation in ("topk", "batchtopk")
-    out = model(x, dead_mask=dead if auxk else None, k_aux=K_AUX)
-    loss = out.loss + (out.auxk if out.auxk is not None else 0)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    SAEAdam(model, lr=1e-2).step()
-    return out, grads
-
-
 def _sharded_worker(rank, world, out_dir):
     grid = ProcessGrid.create(latent_size=world)
     results = {}
@@ -67,7 +56,7 @@ def _sharded_worker(rank, world, out_dir):
         model = ShardedSAE.from_sae(sae, grid)
         s = model.shard
         with use_backend("triton" if name.endswith("triton") else "torch"):
-            out, grads = _step(model, x, dead[s.start:s.stop])
+            out, grads = one_step(model, x, dead[s.start:s.stop], K_AUX, adam=False)  # SAEAdam: the trainer's
         for n, g in grads.items():
             results[f"{name}.grad.{n}"] = gather_rows(g, s) if n in model.row_tensors else g
         for n, t in gather_sae(model).state_dict().items():
@@ -95,7 +84,7 @@ def sharded_results(tmp_path_factory):
 def test_sharded_step_equals_unsharded(sharded_results, name):
     _, got = sharded_results
     sae, x, dead = _inputs(name)
-    out, grads = _step(sae, x, dead)
+    out, grads = one_step(sae, x, dead, K_AUX, adam=False)
     tol = torch.bfloat16 if name.endswith("bf16") else torch.float32
     assert_close(got[f"{name}.x_hat"], out.x_hat.detach(), tol)
     assert_close(got[f"{name}.loss"], out.loss.detach(), tol)

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from sharded_steps import assert_step_matches, one_step, record_sharded_step
 from spawn import run_ranks
 
 from fastsae import SAE, SAEConfig, use_backend
@@ -23,7 +24,7 @@ from fastsae.ops.distributed import ProcessGrid
 from fastsae.toy import ToyDictionary
 from fastsae.train import TrainConfig, Trainer
 from fastsae.train.distributed_training import DistributedTrainer, slice_batches
-from fastsae.train.sharded import ShardedSAE, consolidate, gather_rows, gather_sae, save_sharded
+from fastsae.train.sharded import ShardedSAE, consolidate, gather_sae, save_sharded
 
 from conftest import make_sae
 from helpers import assert_close
@@ -63,21 +64,6 @@ def _inputs(name, float64=True):
     return (sae.double(), x.double(), dead) if float64 else (sae, x, dead)
 
 
-def _step(model, x, dead):
-    """Forward (AuxK for TopK/BatchTopK), backward, one Adam step (float64)."""
-    auxk = model.cfg.activation in ("topk", "batchtopk")
-    out = model(x, dead_mask=dead if auxk else None, k_aux=K_AUX)
-    (out.loss + (out.auxk if out.auxk is not None else 0)).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.optim.Adam(model.parameters(), lr=1e-2).step()
-    return out, grads
-
-
-def _terms(out):
-    return {t: getattr(out, t) for t in ("loss", "mse", "l1", "l0", "auxk", "prefix_mse")
-            if getattr(out, t) is not None}
-
-
 def _train_setup(name):
     _, sae_kw, train_kw = TRAIN_CASES[name]
     cfg = SAEConfig(L * D, D_SAE, **sae_kw)
@@ -95,15 +81,8 @@ def _worker(rank, world, out_dir):
         model = ShardedSAE.from_sae(sae, grid)
         s = model.shard
         with use_backend(backend):
-            out, grads = _step(model, x, dead[s.start:s.stop])
-        for n, g in grads.items():
-            results[f"{name}.grad.{n}"] = gather_rows(g, s) if n in model.row_tensors else g
-        for n, t in model.state_dict().items():
-            results[f"{name}.after.{n}"] = gather_rows(t.detach(), s) if n in model.row_tensors else t.detach()
-        for t, v in _terms(out).items():
-            results[f"{name}.{t}"] = v.detach()
-        results[f"{name}.x_hat"] = out.x_hat.detach()
-        results[f"{name}.dense"] = out.latents.detach().to_dense()
+            out, grads = one_step(model, x, dead[s.start:s.stop], K_AUX, adam=True)
+        record_sharded_step(results, name, model, out, grads)
         # the per-site scales folded into this rank's rows, then the sharded files
         folded = fold_site_scales_(ShardedSAE.from_sae(_inputs(name, float64=False)[0], grid), SCALES)
         save_sharded(folded, out_dir / f"{name}-sharded")
@@ -130,20 +109,8 @@ def test_sharded_crosscoder_step_equals_one_process(two_ranks, name):
     _, got = two_ranks
     sae, x, dead = _inputs(name)
     with use_backend(CASES[name][1]):
-        out, grads = _step(sae, x, dead)
-    tol = torch.float64 if CASES[name][1] == "reference" else torch.float32
-    terms = _terms(out)
-    assert set(terms) == {t for t in ("loss", "mse", "l1", "l0", "auxk", "prefix_mse") if f"{name}.{t}" in got}
-    for t, v in terms.items():
-        assert_close(got[f"{name}.{t}"], v.detach(), tol, msg=t)
-    assert_close(got[f"{name}.x_hat"], out.x_hat.detach(), tol)
-    assert_close(got[f"{name}.dense"], out.latents.detach().to_dense(), tol)
-    assert set(grads) == {n.split(".grad.")[1] for n in got if n.startswith(f"{name}.grad.")}
-    for n, g in grads.items():
-        assert g.abs().max() > 0, f"{n}: the test needs a non-zero gradient"
-        assert_close(got[f"{name}.grad.{n}"], g, tol, msg=f"grad of {n}")
-    for n, t in sae.state_dict().items():
-        assert_close(got[f"{name}.after.{n}"], t, tol, msg=f"{n} after the optimizer step")
+        out, grads = one_step(sae, x, dead, K_AUX, adam=True)
+    assert_step_matches(got, name, sae, out, grads, torch.float64 if CASES[name][1] == "reference" else torch.float32)
 
 
 def test_the_sharded_l1_is_weighted_by_the_summed_site_norms(two_ranks):

@@ -13,15 +13,14 @@ included.
 
 import pytest
 import torch
+from sharded_steps import assert_step_matches, one_step, record_sharded_step
 from spawn import run_ranks
 
 from fastsae import SAE, use_backend
 from fastsae.ops.distributed import ProcessGrid
-from fastsae.train import SAEAdam
-from fastsae.train.sharded import ShardedSAE, consolidate, gather_rows, save_sharded
+from fastsae.train.sharded import ShardedSAE, consolidate, save_sharded
 
 from conftest import make_sae
-from helpers import assert_close
 
 D_IN, D_SAE, N, K_AUX = 13, 38, 19, 5
 TC = dict(apply_b_dec_to_input=False)
@@ -65,22 +64,6 @@ def _inputs(name, float64=None):
     return sae, x, y, dead
 
 
-def _step(model, x, y, dead):
-    """Forward (AuxK for TopK/BatchTopK), backward, one optimizer step: SAEAdam in fp32, Adam in float64."""
-    auxk = model.cfg.activation in ("topk", "batchtopk")
-    out = model(x, **({} if y is None else {"target": y}), dead_mask=dead if auxk else None, k_aux=K_AUX)
-    (out.loss + (out.auxk if out.auxk is not None else 0)).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2) if x.dtype == torch.float64 else SAEAdam(model, lr=1e-2)
-    opt.step()
-    return out, grads
-
-
-def _terms(out):
-    return {t: getattr(out, t) for t in ("loss", "mse", "l1", "l0", "auxk", "prefix_mse")
-            if getattr(out, t) is not None}
-
-
 def _worker(rank, world, out_dir):
     grid = ProcessGrid.create(latent_size=world)
     results = {}
@@ -89,15 +72,8 @@ def _worker(rank, world, out_dir):
         model = ShardedSAE.from_sae(sae, grid)
         s = model.shard
         with use_backend(backend):
-            out, grads = _step(model, x, y, dead[s.start:s.stop])
-        for n, g in grads.items():
-            results[f"{name}.grad.{n}"] = gather_rows(g, s) if n in model.row_tensors else g
-        for n, t in model.state_dict().items():  # gather_sae builds an SAE of cfg.dtype: not for float64 copies
-            results[f"{name}.after.{n}"] = gather_rows(t.detach(), s) if n in model.row_tensors else t.detach()
-        for t, v in _terms(out).items():
-            results[f"{name}.{t}"] = v.detach()
-        results[f"{name}.x_hat"] = out.x_hat.detach()
-        results[f"{name}.dense"] = out.latents.detach().to_dense()
+            out, grads = one_step(model, x, dead[s.start:s.stop], K_AUX, y=y)
+        record_sharded_step(results, name, model, out, grads)
         save_sharded(ShardedSAE.from_sae(_inputs(name, float64=False)[0], grid), out_dir / f"{name}-sharded")
     if rank == 0:
         torch.save(results, out_dir / "results.pt")
@@ -115,20 +91,8 @@ def test_sharded_step_equals_unsharded(sharded_results, name):
     _, got = sharded_results
     sae, x, y, dead = _inputs(name)
     with use_backend(CASES[name][1]):
-        out, grads = _step(sae, x, y, dead)
-    tol = torch.float64 if CASES[name][1] == "reference" else torch.float32
-    terms = _terms(out)
-    assert set(terms) == {t for t in ("loss", "mse", "l1", "l0", "auxk", "prefix_mse") if f"{name}.{t}" in got}
-    for t, v in terms.items():
-        assert_close(got[f"{name}.{t}"], v.detach(), tol, msg=t)
-    assert_close(got[f"{name}.x_hat"], out.x_hat.detach(), tol)
-    assert_close(got[f"{name}.dense"], out.latents.detach().to_dense(), tol)
-    assert set(grads) == {n.split(".grad.")[1] for n in got if n.startswith(f"{name}.grad.")}
-    for n, g in grads.items():
-        assert g.abs().max() > 0, f"{n}: the test needs a non-zero gradient"
-        assert_close(got[f"{name}.grad.{n}"], g, tol, msg=f"grad of {n}")
-    for n, t in sae.state_dict().items():
-        assert_close(got[f"{name}.after.{n}"], t, tol, msg=f"{n} after the optimizer step")
+        out, grads = one_step(sae, x, dead, K_AUX, y=y)
+    assert_step_matches(got, name, sae, out, grads, torch.float64 if CASES[name][1] == "reference" else torch.float32)
     if sae.cfg.activation == "jumprelu":  # θ trained: every mode reaches it
         assert "threshold" in grads
 

@@ -5,22 +5,17 @@ import pytest
 import torch
 
 from fastsae import SAE, SAEConfig
-from fastsae.harvest import ActivationStore, ShuffledLoader, harvest
+from fastsae.harvest import ShuffledLoader
 from fastsae.train import TrainConfig, train
+
+from helpers import tiny_harvest
 
 T = pytest.importorskip("transformers")
 SITES = ["mlp_in.1", "mlp_out.1"]
 
 
 def tiny_store(out):
-    torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    ids = torch.randint(3, 64, (12, 8), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = 1
-    harvest(T.GPTNeoXForCausalLM(cfg).eval(), SITES, ids, out, batch_size=3, dtype=torch.float32, shard_rows=20,
-            progress=False)
-    return ActivationStore(out)
+    return tiny_harvest(out, SITES, num_layers=2)
 
 
 def test_the_loader_serves_aligned_pairs_with_the_single_site_shuffle(tmp_path):
