@@ -53,6 +53,11 @@ def assert_step_matches(got: dict, name: str, sae, out, grads, tol) -> None:
         assert_close(got[f"{name}.{t}"], v.detach(), tol, msg=t)
     assert_close(got[f"{name}.x_hat"], out.x_hat.detach(), tol)
     assert_close(got[f"{name}.dense"], out.latents.detach().to_dense(), tol)
+    assert_grads_and_step_match(got, name, sae, grads, tol)
+
+
+def assert_grads_and_step_match(got: dict, name: str, sae, grads, tol) -> None:
+    """Every gradient (each non-zero, so that the check can fail) and every parameter after the optimizer step."""
     assert set(grads) == {n.split(".grad.")[1] for n in got if n.startswith(f"{name}.grad.")}
     for n, g in grads.items():
         assert g.abs().max() > 0, f"{n}: the test needs a non-zero gradient"

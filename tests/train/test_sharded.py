@@ -7,7 +7,7 @@ fp32 rounding only; TopK indices are compared exactly.
 
 import pytest
 import torch
-from sharded_steps import one_step
+from sharded_steps import assert_grads_and_step_match, one_step
 from spawn import run_ranks
 
 from fastsae import SAE, SAEConfig, use_backend
@@ -94,12 +94,7 @@ def test_sharded_step_equals_unsharded(sharded_results, name):
         assert_close(got[f"{name}.auxk"], out.auxk.detach(), tol)
     if name.startswith("topk") and tol == torch.float32:  # bf16 values tie too often to compare slots
         assert torch.equal(got[f"{name}.indices"], out.latents.indices)
-    assert set(grads) == {n.split(".grad.")[1] for n in got if n.startswith(f"{name}.grad.")}
-    for n, g in grads.items():
-        assert g.abs().max() > 0, f"{n}: the test needs a non-zero gradient"
-        assert_close(got[f"{name}.grad.{n}"], g, tol, msg=f"grad of {n}")
-    for n, t in sae.state_dict().items():
-        assert_close(got[f"{name}.after.{n}"], t, tol, msg=f"{n} after the optimizer step")
+    assert_grads_and_step_match(got, name, sae, grads, tol)
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
