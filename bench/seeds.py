@@ -11,13 +11,16 @@ interrupted one is rerun with --resume, which the harvest and train commands hon
 
     harvest    `seeds`: 10.49M tokens of research:train at resid_post.6 of Gemma 3 270M (≥ 10M distinct vectors once
                BOS is dropped); `layers`: the first 5.24M of the same windows at resid_post.3/.6/.9 and
-               mlp_in.6/mlp_out.6 (crosscoders, transcoders, circuits and connections)
+               mlp_in.6/mlp_out.6 (crosscoders, transcoders, circuits and connections); `heldout`: 16,384 tokens
+               of research:test at resid_post.6 (the seeds' activation correlation)
     train      the dictionaries below, each on distinct tokens: steps × batch never exceeds the store's rows, so
                no token is seen twice by one dictionary
     evaluate   `fastsae eval` of each dictionary on 8,192 tokens of held-out technical prose (research:test:technical)
                and of held-out narrative (research:test:narrative): FVU, L0, dead fraction, CE loss recovered,
                perplexity
-    compare    `fastsae compare` of the two seeds (universality) and of 4k → 16k → 64k (feature splitting)
+    compare    `fastsae compare` of the two seeds (universality: decoder cosines, and the Pearson correlation of
+               their latents' activations on the held-out tokens, --correlation-store) and of 4k → 16k → 64k
+               (feature splitting)
     report     bench/results/seeds-<device>-<date>/report.md (+ .json): one row per finding, the seed's claim and
                number, ours, the verdict and the reason; a row whose jobs have not run yet says which
 
@@ -49,6 +52,9 @@ LAYER_SITES = ("resid_post.3", "mlp_in.6", "mlp_out.6", "resid_post.6", "resid_p
 BATCH = 4096
 EVAL_CORPORA = {"technical": "research:test:technical", "narrative": "research:test:narrative"}
 EVAL_TOKENS = 8192  # per held-out corpus: an evaluation runs ~50 tokens/s on 2 cores
+# universality's activation correlation: Pearson r of the two seeds' latents over held-out tokens (16,384 tokens x
+# 16,384 latents: 1 GiB of centred fp32 codes per seed)
+HELDOUT_CORPUS, HELDOUT_TOKENS = "research:test", 16_384
 STAGES = ("harvest", "train", "evaluate", "compare", "report")
 
 
@@ -59,9 +65,9 @@ class Job:
     argv: Callable[[Path], list[str]]  # the `fastsae` arguments, given the work directory
 
 
-def _harvest(name: str, sites: tuple[str, ...], tokens: int) -> Job:
+def _harvest(name: str, sites: tuple[str, ...], tokens: int, corpus: str = CORPUS) -> Job:
     return Job(f"harvest-{name}", "harvest", lambda w: [
-        "harvest", "--model", MODEL, "--corpus", CORPUS, "--sites", *sites, "--tokens", str(tokens),
+        "harvest", "--model", MODEL, "--corpus", corpus, "--sites", *sites, "--tokens", str(tokens),
         "--dtype", "bfloat16", "--out", str(w / f"harvest-{name}"), "--resume"])
 
 
@@ -124,15 +130,18 @@ def _evaluate(name: str, tag: str) -> Job:
         str(EVAL_TOKENS), "--baselines", "none", "--out", str(w / "eval" / f"{name}-{tag}")])
 
 
-def _compare(name: str, a: str, b: str) -> Job:
+def _compare(name: str, a: str, b: str, *flags: str) -> Job:
+    """`fastsae compare` of two trained dictionaries; flags naming `{work}` get the work directory."""
     return Job(f"compare-{name}", "compare", lambda w: [
         "compare", str(w / "train" / a / "sae"), str(w / "train" / b / "sae"), "--tau", "0.7",
-        "--out", str(w / "compare" / name)])
+        "--out", str(w / "compare" / name), *(f.format(work=w) for f in flags)])
 
 
-JOBS = [_harvest("seeds", (SITE,), SEEDS_TOKENS), _harvest("layers", LAYER_SITES, LAYERS_TOKENS), *TRAIN_JOBS,
+JOBS = [_harvest("seeds", (SITE,), SEEDS_TOKENS), _harvest("layers", LAYER_SITES, LAYERS_TOKENS),
+        _harvest("heldout", (SITE,), HELDOUT_TOKENS, HELDOUT_CORPUS), *TRAIN_JOBS,
         *(_evaluate(name, tag) for name in DICTIONARIES for tag in EVAL_CORPORA),
-        _compare("seeds", "scale-10M", "seed1-10M"), _compare("split-4k-16k", "split-4k", "scale-10M"),
+        _compare("seeds", "scale-10M", "seed1-10M", "--correlation-store", "{work}/harvest-heldout",
+                 "--correlation-tokens", str(HELDOUT_TOKENS)), _compare("split-4k-16k", "split-4k", "scale-10M"),
         _compare("split-16k-64k", "scale-10M", "split-64k")]
 
 
@@ -200,12 +209,23 @@ def _resample_row(w: Path) -> dict:
 
 
 def _universality_row(w: Path) -> dict:
-    s = json.loads((w / "compare" / "seeds" / "comparison.json").read_text())["summary"]
+    report = json.loads((w / "compare" / "seeds" / "comparison.json").read_text())
+    s = report["summary"]
+    ours = (f"decoder cosine: mean max {s['mmcs_ab']:.3f}/{s['mmcs_ba']:.3f}, {s['frac_a_matched']:.1%} of latents "
+            f"have a match ≥ 0.7")
+    reason = "16,384-latent TopK k=32, seeds 0 and 1, the same 10.4M tokens in different orders"
+    if "activation_correlation" in report:  # absent from a comparison run before the held-out harvest
+        c = report["activation_correlation"]["summary"]
+        ours += (f"; activation correlation: mean max {c['mean_max_corr_ab']:.3f}/{c['mean_max_corr_ba']:.3f}, "
+                 f"{c['frac_a_matched']:.1%}/{c['frac_b_matched']:.1%} of live latents have r ≥ 0.7")
+        reason += (f"; r is Pearson's over {c['tokens']:,} held-out tokens ({HELDOUT_CORPUS}), over the "
+                   f"{c['live_a']:,}/{c['live_b']:,} latents that fire there")
     return {"finding": "Universality: two seeds learn the same features",
-            "seed": "001: runs with different random initialisations learn similar features",
-            "ours": f"mean max cosine {s['mmcs_ab']:.3f}; {s['frac_a_matched']:.1%} of latents have a match ≥ 0.7",
+            "seed": "001: runs with different random initialisations learn similar features (activation "
+                    "correlation across runs)",
+            "ours": ours + " (seed 0 → seed 1 / seed 1 → seed 0)",
             "verdict": "reproduced" if s["frac_a_matched"] >= 0.5 else "not reproduced",
-            "reason": "16,384-latent TopK k=32, seeds 0 and 1, the same 10.4M tokens in different orders"}
+            "reason": reason}
 
 
 def _splitting_row(w: Path) -> dict:

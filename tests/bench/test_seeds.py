@@ -88,3 +88,24 @@ def test_list_and_unknown_jobs(tmp_path, capsys):
     assert "harvest-seeds" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         seeds.main(["--only", "nope", "--work", str(tmp_path)])
+
+
+def test_universality_correlates_the_seeds_on_held_out_tokens(tmp_path):
+    jobs = {j.name: j for j in seeds.JOBS}
+    harvest = jobs["harvest-heldout"].argv(tmp_path)
+    assert harvest[harvest.index("--corpus") + 1] == "research:test" and harvest[harvest.index("--tokens") + 1] == \
+        "16384" and harvest[harvest.index("--sites") + 1] == seeds.SITE
+    argv = jobs["compare-seeds"].argv(tmp_path)
+    assert argv[argv.index("--correlation-store") + 1] == str(tmp_path / "harvest-heldout")
+    assert "--correlation-store" not in jobs["compare-split-4k-16k"].argv(tmp_path)
+    path = tmp_path / "compare" / "seeds" / "comparison.json"
+    path.parent.mkdir(parents=True)
+    summary = {"mmcs_ab": 0.81, "mmcs_ba": 0.8, "frac_a_matched": 0.6, "frac_b_matched": 0.59}
+    corr = {"tokens": 16_000, "live_a": 15_000, "live_b": 14_900, "mean_max_corr_ab": 0.72, "mean_max_corr_ba": 0.7,
+            "frac_a_matched": 0.55, "frac_b_matched": 0.5}
+    path.write_text(json.dumps({"summary": summary, "activation_correlation": {"summary": corr}}))
+    row = seeds._universality_row(tmp_path)
+    assert "activation correlation: mean max 0.720/0.700, 55.0%/50.0% of live latents have r ≥ 0.7" in row["ours"]
+    assert "16,000 held-out tokens" in row["reason"] and row["verdict"] == "reproduced"
+    path.write_text(json.dumps({"summary": summary}))  # a comparison from before the held-out harvest
+    assert "activation correlation" not in seeds._universality_row(tmp_path)["ours"]

@@ -8,12 +8,16 @@ A dictionary is named by a spec:
                           only one, or the other dictionary's)
     dirs.npy / .safetensors   any (n, d_in) array of directions (a .safetensors file holding one tensor)
 
+With a store of held-out tokens (--correlation-store), two SAEs are also matched by activation correlation
+(fastsae.analysis.compare.activation_correlation): each latent's best Pearson r with the other's latents.
+
 Top tokens (for whether a feature's family partitions its top tokens) come from feature caches when
 given (fastsae.analysis.features.feature_pass), else from an activation store both SAEs were trained at.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -193,10 +197,13 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
                 one_to_one: bool = False, split_tau: float = 0.5, site: str | None = None,
                 caches: tuple[str | None, str | None] = (None, None),
                 browsers: tuple[str | None, str | None] = (None, None), store: str | None = None,
-                device: str | None = None) -> dict:
+                device: str | None = None, correlation_store: str | None = None,
+                correlation_tokens: int = 16_384) -> dict:
     """Compare dictionaries a and b (specs); write out/comparison.json and out/max_cos.png, and when feature
     caches are given, annotations linking each feature to its best match in the other browser (whose
-    feature pages live at <browser>/feature.html, by default <other cache>/browser)."""
+    feature pages live at <browser>/feature.html, by default <other cache>/browser). With correlation_store
+    (two SAEs only), also each latent's best activation correlation over that store's first correlation_tokens
+    rows (fastsae.analysis.compare.activation_correlation)."""
     from ...sae import SAE
 
     out = Path(out)
@@ -205,6 +212,9 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
     db = load_dictionary(b, site=site or (da.metadata.get("out_site") or da.metadata.get("site")
                                           if isinstance(da, SAE) else None))
     names = (describe(a, da), describe(b, db))
+    if correlation_store and not (isinstance(da, SAE) and isinstance(db, SAE)):
+        raise ValueError(f"--correlation-store needs two SAEs (it encodes tokens with each), got {names[0]} and "
+                         f"{names[1]}")
     cmp = compare(da, db, tau=tau, absolute=absolute, one_to_one_matching=one_to_one, device=device)
     report = {"a": names[0], "b": names[1], "summary": cmp.summary(),
               "a_to_b": _side(cmp.max_ab, cmp.best_ab, cmp.sign_ab, cmp.absolute),
@@ -217,6 +227,9 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
     n_a, n_b = cmp.max_ab.shape[0], cmp.max_ba.shape[0]
     if n_a != n_b and isinstance(da, SAE) and isinstance(db, SAE):
         report["splits"] = _splits(cmp, da, db, split_tau, caches, store)
+    if correlation_store:
+        report["activation_correlation"] = _correlation(da, db, correlation_store, site, correlation_tokens, tau,
+                                                        device)
     files = [out / "comparison.json"]
     hist = write_histogram(out / "max_cos.png", cmp, names)
     if hist:
@@ -234,12 +247,39 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
     print(f"A: {names[0]}\nB: {names[1]}\nMMCS A→B {summary['mmcs_ab']:.4f}, B→A {summary['mmcs_ba']:.4f}; "
           f"{summary['frac_a_matched']:.1%} of A and {summary['frac_b_matched']:.1%} of B have a match ≥ {tau} "
           f"({summary['cosine']}); {summary['mutual_pairs']} mutual best pairs")
+    if "activation_correlation" in report:
+        c = report["activation_correlation"]["summary"]
+        print(f"activation correlation on {c['tokens']:,} tokens of {c['site']}: mean max r A→B "
+              f"{c['mean_max_corr_ab']:.4f}, B→A {c['mean_max_corr_ba']:.4f}; {c['frac_a_matched']:.1%} of A's "
+              f"{c['live_a']} and {c['frac_b_matched']:.1%} of B's {c['live_b']} live latents have r ≥ {tau} "
+              f"(dead: {c['dead_a']} in A, {c['dead_b']} in B)")
     if "splits" in report:
         s = report["splits"]["summary"]
         print(f"feature splitting (cos ≥ {split_tau}): {s['split']} of {s['small_features']} small features split "
               f"into ≥ 2 large ones, mean family size {s['mean_family_size']:.2f}")
     print("written: " + ", ".join(str(f) for f in files))
     return report
+
+
+def _correlation(da, db, store_path: str, site: str | None, tokens: int, tau: float, device) -> dict:
+    """The activation-correlation part of comparison.json. The site: --site, else the SAEs' own (which must
+    agree), else the store's only one."""
+    from ...harvest import ActivationStore
+    from .activation_correlation import correlation_on_store
+
+    st = ActivationStore(store_path)
+    if site is None:
+        own = {s for s in (da.metadata.get("site"), db.metadata.get("site")) if s}
+        if len(own) > 1:
+            raise ValueError(f"the SAEs were trained at different sites {sorted(own)}: name one with --site")
+        if not own and len(st.sites) != 1:
+            raise ValueError(f"{store_path} holds sites {sorted(st.sites)}: name one with --site")
+        site = own.pop() if own else next(iter(st.sites))
+    corr = correlation_on_store(da, db, st, site, tokens, tau=tau, device=device)
+    nulls = lambda t: [None if math.isnan(v) else round(v, 4) for v in t.tolist()]  # dead latents: no r
+    return {"summary": {**corr.summary(), "site": site, "store": str(store_path)},
+            "a_to_b": {"max_corr": nulls(corr.max_ab), "best": corr.best_ab.tolist()},
+            "b_to_a": {"max_corr": nulls(corr.max_ba), "best": corr.best_ba.tolist()}}
 
 
 def _splits(cmp: Comparison, da, db, tau: float, caches, store: str | None) -> dict:
