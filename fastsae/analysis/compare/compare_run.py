@@ -1,5 +1,6 @@
 """`fastsae compare` as a function: two dictionaries -> comparison.json, a histogram of max cosines,
-the feature-splitting families when the sizes differ, and browser annotations linking matched features.
+the feature-splitting families when the sizes differ, and browser annotations linking matched features (and,
+across sizes, each latent to its parent and children: fastsae.analysis.compare.family_links).
 
 A dictionary is named by a spec:
     runs/x/sae            an SAE directory (cfg.json + sae.safetensors)
@@ -18,7 +19,6 @@ given (fastsae.analysis.features.feature_pass), else from an activation store bo
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +29,8 @@ from ... import io
 from ..features.browser_links import default_browser, feature_href
 from ..features.feature_contexts import Example
 from .direction_match import Comparison, compare, splits
+from .family_links import name_slug as _slug  # long names end in a hash: two dictionaries never share a file
+from .family_links import write_family_annotations
 
 ANNOTATION_TOOL = "compare"
 # A family "partitions" its parent's top tokens when its children cover >= 80% of the parent's top-token
@@ -146,10 +148,6 @@ def _side(max_cos, best, sign, absolute: bool) -> dict:
     return side
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "other"
-
-
 def write_annotations(cache_dir: str | Path, other_name: str, max_cos, best, sign, tau: float,
                       other_browser: str | Path | None, absolute: bool, browser: str | Path | None = None) -> Path:
     """<cache_dir>/annotations/compare-<other>.json: each feature's best match in the other dictionary, linked
@@ -242,6 +240,8 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
                               (cmp.max_ba, cmp.best_ba, cmp.sign_ba))
             files.append(write_annotations(cache, other_name, mx, best, sign, tau, other_browser, cmp.absolute,
                                            browsers[side]))
+    if "splits" in report:  # parent and children links across sizes
+        files += write_family_annotations(report["splits"], names, caches, browsers)
     io.write_json(out / "comparison.json", report)
     summary = report["summary"]
     print(f"A: {names[0]}\nB: {names[1]}\nMMCS A→B {summary['mmcs_ab']:.4f}, B→A {summary['mmcs_ba']:.4f}; "
