@@ -214,16 +214,8 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
         raise ValueError(f"--correlation-store needs two SAEs (it encodes tokens with each), got {names[0]} and "
                          f"{names[1]}")
     cmp = compare(da, db, tau=tau, absolute=absolute, one_to_one_matching=one_to_one, device=device)
-    report = {"a": names[0], "b": names[1], "summary": cmp.summary(),
-              "a_to_b": _side(cmp.max_ab, cmp.best_ab, cmp.sign_ab, cmp.absolute),
-              "b_to_a": _side(cmp.max_ba, cmp.best_ba, cmp.sign_ba, cmp.absolute)}
-    rows, cols, cos = cmp.mutual_pairs()
-    report["mutual_pairs"] = {"a": rows.tolist(), "b": cols.tolist(), "cos": _rounded(cos)}
-    if cmp.assignment is not None:
-        rows, cols, cos = cmp.assignment
-        report["one_to_one"] = {"a": rows.tolist(), "b": cols.tolist(), "cos": _rounded(cos)}
-    n_a, n_b = cmp.max_ab.shape[0], cmp.max_ba.shape[0]
-    if n_a != n_b and isinstance(da, SAE) and isinstance(db, SAE):
+    report = _matches(cmp, names)
+    if cmp.max_ab.shape[0] != cmp.max_ba.shape[0] and isinstance(da, SAE) and isinstance(db, SAE):
         report["splits"] = _splits(cmp, da, db, split_tau, caches, store)
     if correlation_store:
         report["activation_correlation"] = _correlation(da, db, correlation_store, site, correlation_tokens, tau,
@@ -232,6 +224,28 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
     hist = write_histogram(out / "max_cos.png", cmp, names)
     if hist:
         files.append(hist)
+    files += _annotate(cmp, report, names, tau, caches, browsers)
+    io.write_json(out / "comparison.json", report)
+    _print_summary(report, names, tau, split_tau, files)
+    return report
+
+
+def _matches(cmp: Comparison, names: tuple[str, str]) -> dict:
+    """The report's cosine part: the summary, each side's best matches, the mutual (and one-to-one) pairs."""
+    report = {"a": names[0], "b": names[1], "summary": cmp.summary(),
+              "a_to_b": _side(cmp.max_ab, cmp.best_ab, cmp.sign_ab, cmp.absolute),
+              "b_to_a": _side(cmp.max_ba, cmp.best_ba, cmp.sign_ba, cmp.absolute)}
+    rows, cols, cos = cmp.mutual_pairs()
+    report["mutual_pairs"] = {"a": rows.tolist(), "b": cols.tolist(), "cos": _rounded(cos)}
+    if cmp.assignment is not None:
+        rows, cols, cos = cmp.assignment
+        report["one_to_one"] = {"a": rows.tolist(), "b": cols.tolist(), "cos": _rounded(cos)}
+    return report
+
+
+def _annotate(cmp: Comparison, report: dict, names: tuple[str, str], tau: float, caches, browsers) -> list[Path]:
+    """Each cache's browser annotations: the best match in the other dictionary, and across sizes the family."""
+    files = []
     browsers = tuple(b or default_browser(c) for b, c in zip(browsers, caches, strict=True))
     for side, (cache, other_browser, other_name) in enumerate(((caches[0], browsers[1], names[1]),
                                                               (caches[1], browsers[0], names[0]))):
@@ -240,9 +254,12 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
                               (cmp.max_ba, cmp.best_ba, cmp.sign_ba))
             files.append(write_annotations(cache, other_name, mx, best, sign, tau, other_browser, cmp.absolute,
                                            browsers[side]))
-    if "splits" in report:  # parent and children links across sizes
+    if "splits" in report:
         files += write_family_annotations(report["splits"], names, caches, browsers)
-    io.write_json(out / "comparison.json", report)
+    return files
+
+
+def _print_summary(report: dict, names: tuple[str, str], tau: float, split_tau: float, files: list[Path]) -> None:
     summary = report["summary"]
     print(f"A: {names[0]}\nB: {names[1]}\nMMCS A→B {summary['mmcs_ab']:.4f}, B→A {summary['mmcs_ba']:.4f}; "
           f"{summary['frac_a_matched']:.1%} of A and {summary['frac_b_matched']:.1%} of B have a match ≥ {tau} "
@@ -258,7 +275,6 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
         print(f"feature splitting (cos ≥ {split_tau}): {s['split']} of {s['small_features']} small features split "
               f"into ≥ 2 large ones, mean family size {s['mean_family_size']:.2f}")
     print("written: " + ", ".join(str(f) for f in files))
-    return report
 
 
 def _correlation(da, db, store_path: str, site: str | None, tokens: int, tau: float, device) -> dict:
