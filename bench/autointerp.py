@@ -26,7 +26,7 @@ from fastsae import io
 from fastsae.analysis.autointerp.autointerp_run import run_autointerp
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", required=True)
     p.add_argument("--features", default="100", help="per kind (SAE and each baseline; issue 28 asks >= 100)")
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--work", default="runs/bench-autointerp", help="feature caches, request cache, full report")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     work = Path(args.work)
     start = time.perf_counter()
     report = run_autointerp(backend=args.backend, model=args.model, sae=args.sae, features=args.features,

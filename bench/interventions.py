@@ -4,11 +4,13 @@
 
 Writes bench/results/analysis/interventions-<device>-<date>/ (or --out):
     patch.json, patch.png       IOI patching curves, SAE vs PCA vs neurons, 100 prompts: m = 1..64 at --site
-                                (time and forwards per curve), m = 1, 2, 4 .. 64 at the other SAEs' sites;
+                                (time and forwards per curve; --site-saes: more sparsities there, a curve
+                                each), m = 1, 2, 4 .. 64 at the other SAEs' sites;
                                 the baselines fitted on --patch-corpus (--fit-tokens of research:train by
                                 default), the prompt-fitted PCA kept as the row pca_prompts
     erasure.json, erasure.png   gendered-pronoun erasure at --site: loss increase on the pronoun-predicting
-                                tokens vs all others, SAE latents vs PCA directions chosen the same way
+                                tokens vs all others, SAE latents vs PCA directions chosen the same way, and
+                                LEACE (--concept names: the next token a first name)
     circuit.json/.png/.svg      the circuit of the top SAE's latent most associated with the concept
     steer.json, steer.png       steering with that latent
     summary.md                  the numbers, with the environment: the parts' sections (summary-<part>.md)
@@ -42,12 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--sae", nargs="+", required=True, help="SAEs at adjacent sites (they record their sites)")
     parser.add_argument("--site", default="resid_post.6", help="site of the erasure (default resid_post.6)")
+    parser.add_argument("--site-saes", nargs="+", default=[], metavar="SAE",
+                        help="IOI patching: more SAEs at --site (other sparsities), one curve and ceiling each beside "
+                             "--sae's, labelled by their run directory")
+    parser.add_argument("--concept", default="gendered_pronouns", choices=sorted(erasure.CONCEPTS),
+                        help="erasure's concept and the circuit root's (the top site's latent most associated with "
+                             "predicting it; default gendered_pronouns)")
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--max-m", type=int, default=64)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64], help="erasure: directions ablated")
     parser.add_argument("--erasure-windows", type=int, default=96,
                         help="64-token windows with the concept: half fit, half evaluate")
     parser.add_argument("--circuit-tokens", type=int, default=16_384, help="corpus tokens searched for contexts")
+    parser.add_argument("--windows-corpus", default="english-classics:test",
+                        help="the erasure windows and the circuit contexts (64 tokens; default english-classics:test)")
     parser.add_argument("--patch-corpus", default="research:train",
                         help="IOI patching: the general corpus the PCA/neuron baselines are fitted on (default "
                              "research:train; 'prompts' fits them on the IOI prompts, as before issue 28)")
@@ -65,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     header = f"# Features as actions on {args.model} ({env['device']}, {env['threads']} threads, {env['date']})"
     sections = {}
 
-    windows = token_windows(tokenizer, read_documents("english-classics:test"), 64, seed=1)
-    concept = erasure.token_ids(tokenizer, erasure.PRONOUNS)
+    windows = token_windows(tokenizer, read_documents(args.windows_corpus), 64, seed=1)
+    concept = erasure.token_ids(tokenizer, erasure.CONCEPTS[args.concept])
     top_site = list(saes)[-1]
     if "patch" not in args.skip:
         sections["patch"] = patch_section(model, tokenizer, saes, out, args)
@@ -89,6 +99,11 @@ def patch_section(model, tokenizer, saes, out: Path, args) -> list[str]:
     of m."""
     corpus = None if args.patch_corpus == "prompts" else token_windows(
         tokenizer, read_documents(args.patch_corpus), 64, args.fit_tokens, seed=1)
+    if args.site_saes:  # several sparsities at --site: one mapping {label: sae}, one set of runs (ioi_patching)
+        more = {_label(p): sae for p in args.site_saes for site, sae in load_saes([p]).items() if site == args.site}
+        if args.site not in saes or len(more) != len(args.site_saes):
+            raise SystemExit(f"--site-saes: every SAE must be at --site {args.site} (and have its own run directory)")
+        saes = {**saes, args.site: {_label(saes[args.site].path): saes[args.site], **more}}
     report = ioi_patching.write_report(model, tokenizer, saes, out, model_name=args.model, n=args.prompts,
                                        max_m=args.max_m, ms=SWEEP_MS, full_site=args.site, corpus=corpus)
     fitted = next(iter(report["results"].values()))["baselines_fitted_on"]
@@ -114,7 +129,8 @@ def erasure_part(model, saes, windows, concept, out: Path, args, env: dict) -> d
     target = erasure.next_token_mask(chosen, concept)
     result = erasure.erasure(model, args.site, saes[args.site], chosen, target, counts=args.counts,
                              fit_windows=args.erasure_windows // 2)
-    result["concept"] = {"words": list(erasure.PRONOUNS), "token_ids": concept, "env": env}
+    result["concept"] = {"name": args.concept, "words": list(erasure.CONCEPTS[args.concept]), "token_ids": concept,
+                         "env": env}
     io.write_json(out / "erasure.json", result)
     erasure.plot(result, out / "erasure.png")
     return result
@@ -125,7 +141,7 @@ def circuit_section(model, tokenizer, saes, root: tuple[str, int], windows, out:
     site, latent = root
     contexts = circuit_ablation.top_contexts(model, site, saes[site], latent, windows[-args.circuit_tokens // 64:])
     graph = circuit_ablation.circuit(model, saes, root, contexts, depth=len(saes) - 1, tokenizer=tokenizer)
-    graph.update(model=args.model, seconds=time.perf_counter() - start, env=env)
+    graph.update(model=args.model, seconds=time.perf_counter() - start, env=env, concept=args.concept)
     circuit_ablation.save(graph, out / "circuit.json")
     circuit_ablation.draw(graph, out / "circuit.png")
     return ["## Circuit", "", "```", circuit_ablation.describe(graph), "```", f"({graph['seconds']:.0f} s)", ""]
@@ -141,7 +157,8 @@ def steer_section(model, tokenizer, site: str, sae, latent: int, out: Path, env:
 
 
 def erasure_section(result: dict) -> list[str]:
-    lines = [f"## Concept erasure at {result['site']}: next token a gendered pronoun ({result['target_positions']} "
+    concept = result.get("concept", {}).get("name", "gendered_pronouns").replace("_", " ")
+    lines = [f"## Concept erasure at {result['site']}: next token in {concept} ({result['target_positions']} "
              f"target and {result['other_positions']} other positions; clean loss {result['clean_loss_target']:.3f} / "
              f"{result['clean_loss_other']:.3f})", "",
              "| method | n | Δloss target | Δloss other | selectivity (Δtarget / Δother) |",
@@ -161,6 +178,12 @@ def write_summary(out: Path, header: str, sections: dict[str, list[str]]) -> str
                                      if (out / f"summary-{p}.md").is_file()]) + "\n"
     io.atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
     return text
+
+
+def _label(path) -> str:
+    """An SAE's label in the IOI curves: its run directory (train/<name>/sae -> <name>)."""
+    path = Path(path)
+    return path.parent.name if path.name == "sae" else path.name
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
     python -m bench.seeds --list                 # every job, its stage, and whether it is done
     python -m bench.seeds --stage harvest        # one stage; a killed run resumes where it stopped
     python -m bench.seeds --stage train --only scale-1M
-    python -m bench.seeds                        # every stage in order: harvest, train, evaluate, compare, report
+    python -m bench.seeds                        # every stage in order: harvest, train, evaluate, compare, causal,
+                                                 # report
 
 Stages (each job is a `fastsae` command run in a subprocess with its own progress bar; a job is done when its
 marker `<work>/done/<job>.json` exists, written after the command succeeded, so a rerun skips it and an
@@ -21,6 +22,8 @@ interrupted one is rerun with --resume, which the harvest and train commands hon
     compare    `fastsae compare` of the two seeds (universality: decoder cosines, and the Pearson correlation of
                their latents' activations on the held-out tokens, --correlation-store) and of 4k → 16k → 64k
                (feature splitting)
+    causal     SAEs on the `layers` harvest, then IOI patching, erasure, circuits, connections and autointerp
+               (bench/seeds_causal.py: its jobs run `python -m bench.<module>` or `fastsae`, and its rows)
     report     bench/results/seeds-<device>-<date>/report.md (+ .json): one row per finding, the seed's claim and
                number, ours, the verdict and the reason; a row whose jobs have not run yet says which
 
@@ -55,7 +58,7 @@ EVAL_TOKENS = 8192  # per held-out corpus: an evaluation runs ~50 tokens/s on 2 
 # universality's activation correlation: Pearson r of the two seeds' latents over held-out tokens (16,384 tokens x
 # 16,384 latents: 1 GiB of centred fp32 codes per seed)
 HELDOUT_CORPUS, HELDOUT_TOKENS = "research:test", 16_384
-STAGES = ("harvest", "train", "evaluate", "compare", "report")
+STAGES = ("harvest", "train", "evaluate", "compare", "causal", "report")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Job:
     name: str
     stage: str
     argv: Callable[[Path], list[str]]  # the `fastsae` arguments, given the work directory
+    module: str = "fastsae"  # run as `python -m <module> <argv>` (bench.seeds_causal's jobs run bench modules)
 
 
 def _harvest(name: str, sites: tuple[str, ...], tokens: int, corpus: str = CORPUS) -> Job:
@@ -71,7 +75,7 @@ def _harvest(name: str, sites: tuple[str, ...], tokens: int, corpus: str = CORPU
         "--dtype", "bfloat16", "--out", str(w / f"harvest-{name}"), "--resume"])
 
 
-def _train(name: str, tokens: int | None, *flags: str, store: str = "seeds") -> Job:
+def _train(name: str, tokens: int | None, *flags: str, store: str = "seeds", site: str = SITE) -> Job:
     """A dictionary trained on the store's first `tokens` vectors (None: all of them), steps = tokens // BATCH, so
     that no vector is seen twice and the smaller budgets are prefixes of the larger ones."""
     def argv(w: Path) -> list[str]:
@@ -83,7 +87,7 @@ def _train(name: str, tokens: int | None, *flags: str, store: str = "seeds") -> 
         steps = min(tokens or rows, rows) // BATCH
         # the main job's recipe: b_dec at the data's mean, latents dead after a quarter of the run (AuxK, resampling)
         recipe = ["--b-dec-init", "mean", "--dead-window", str(steps * BATCH // 4)]
-        return ["train", "--data", str(w / f"harvest-{store}"), "--site", SITE, "--batch-size", str(BATCH),
+        return ["train", "--data", str(w / f"harvest-{store}"), "--site", site, "--batch-size", str(BATCH),
                 "--steps", str(steps), *budget, "--checkpoint-every", "100", *recipe, "--out", str(out), *extra,
                 *resume]
     return Job(name, "train", argv)
@@ -156,9 +160,10 @@ def run_job(job: Job, w: Path) -> None:
     if _marker(w, job).exists():
         return
     argv = job.argv(w)
-    print(f"[{job.stage}] {job.name}: fastsae {' '.join(argv)}", file=sys.stderr, flush=True)
+    command = "fastsae" if job.module == "fastsae" else f"python -m {job.module}"
+    print(f"[{job.stage}] {job.name}: {command} {' '.join(argv)}", file=sys.stderr, flush=True)
     started = dt.datetime.now()
-    code = subprocess.call([sys.executable, "-m", "fastsae", *argv])
+    code = subprocess.call([sys.executable, "-m", job.module, *argv])
     if code:
         raise SystemExit(f"bench.seeds: {job.name} failed (exit {code}); rerun the same command to resume it")
     io.write_json(_marker(w, job), {"argv": argv, "started": started.isoformat(timespec="seconds"),
@@ -255,6 +260,11 @@ def _kl_row(w: Path) -> dict:
 
 
 ROWS: list[Callable[[Path], dict]] = [_scale_row, _resample_row, _kl_row, _universality_row, _splitting_row]
+
+from bench import seeds_causal  # noqa: E402 — its jobs are built from Job and _train above
+
+JOBS += seeds_causal.jobs(Job, _train)
+ROWS += seeds_causal.ROWS
 
 
 def report_rows(w: Path) -> list[dict]:
