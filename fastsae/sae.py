@@ -327,7 +327,11 @@ class SAE(SAEWeights):
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> SAE:
         """An SAE saved by save(); or one saved by SAELens or EleutherAI's sparsify, detected by its files
-        and read by fastsae.interop. verify=False skips the weights' checksum (a full read of the file)."""
+        and read by fastsae.interop. verify=False skips the weights' checksum (a full read of the file).
+
+        In eval mode, as transformers' from_pretrained gives a model: a BatchTopK SAE then encodes each row by
+        its learnt threshold, not by the batch's top N·k, which in a batch with BOS rows of huge norm left the
+        other tokens a quarter of their latents (the trainer switches to train mode for its steps)."""
         path = Path(path)
         cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_path.is_file() and path.is_dir():
@@ -337,7 +341,7 @@ class SAE(SAEWeights):
                                         f"load one of them, e.g. SAE.load({str(path / held[0])!r})")
         meta = io.read_json(cfg_path)
         if "format_version" not in meta:
-            return cls.from_tensors(*interop.read_other_library(path, meta, str(device)))
+            return cls.from_tensors(*interop.read_other_library(path, meta, str(device))).eval()
         version = meta.pop("format_version")
         if version not in READABLE_VERSIONS:
             raise ValueError(f"{cfg_path}: format_version must be one of {READABLE_VERSIONS}, got {version!r} "
@@ -362,7 +366,7 @@ class SAE(SAEWeights):
         if problem:
             raise io.CorruptFileError(weights_path, f"{problem} (for the config in {cfg_path})")
         sae.load_state_dict(tensors, assign=True)
-        return sae
+        return sae.eval()
 
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], metadata: dict | None = None,

@@ -87,12 +87,27 @@ class Splice:
 
 
 @contextmanager
+def inference_mode_of(sae) -> Iterator[None]:
+    """The dictionary in eval mode within the block, its mode restored after: a spliced dictionary encodes each
+    row on its own (a BatchTopK SAE by its learnt threshold, not by the batch's top N·k, which the BOS rows of
+    huge norm that evaluation keeps clean would otherwise take most of)."""
+    was_training = isinstance(sae, nn.Module) and sae.training
+    if was_training:
+        sae.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            sae.train()
+
+
+@contextmanager
 def splice(model: nn.Module, site: str, sae: SAE | None = None, *, replace: str | Tensor | Callable | None = None,
            error_term: bool = False, record: bool = False) -> Iterator[Splice]:
     """Within the block, every forward of model sees the replacement at site (a named site or module path).
     sae: an SAE, or anything with encode(x) / decode(codes) (a baseline decomposition)."""
     state = Splice(sae, replace, error_term, record)
-    with hook_site(model, site, state):
+    with inference_mode_of(sae), hook_site(model, site, state):
         yield state
 
 
@@ -129,7 +144,7 @@ def splice_transcoder(model: nn.Module, in_site: str, out_site: str, sae: SAE, *
     """Within the block, every forward of model sees the transcoder's prediction from in_site's activation in
     place of out_site's (e.g. mlp_in.6 -> mlp_out.6: the MLP replaced by the transcoder)."""
     state = TranscoderSplice(sae, error_term, record)
-    with hook_sites(model, {in_site: state.read, out_site: state}):
+    with inference_mode_of(sae), hook_sites(model, {in_site: state.read, out_site: state}):
         yield state
 
 
@@ -175,6 +190,7 @@ def splice_crosscoder(model: nn.Module, sites: list[str], sae: SAE, *, error_ter
     """Run model(**inputs) clean once, then within the block every forward sees each of sites replaced by the
     crosscoder's reconstruction of it from that clean forward (module docstring); inputs: e.g. input_ids=ids."""
     state = CrosscoderSplice(sae, sites, error_term, record)
-    state.prepare(model, **inputs)
-    with hook_sites(model, {site: state.site_hook(site) for site in state.sites}):
-        yield state
+    with inference_mode_of(sae):
+        state.prepare(model, **inputs)
+        with hook_sites(model, {site: state.site_hook(site) for site in state.sites}):
+            yield state
