@@ -182,10 +182,40 @@ def encode_jumprelu(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor,
 
 
 def _select_batchtopk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    n, d = pre.shape
+    budget = min(k * n, pre.numel())
+    if pre.device.type == "cpu" and pre.is_contiguous() and d % TOPK_GROUP == 0 and n * d // TOPK_GROUP >= 4 * budget:
+        found = two_level_batch_select(pre, budget, TOPK_GROUP)
+        if found is not None:
+            return found
     pre = pre.relu_()
-    tau = torch.topk(pre.reshape(-1), min(k * pre.shape[0], pre.numel())).values[-1]
+    tau = torch.topk(pre.reshape(-1), budget).values[-1]
     # active iff >= tau and > 0: the same rule as the reference, robust to ties
     return (*_select_active(pre, (pre >= tau) & (pre > 0)), tau.float())
+
+
+def two_level_batch_select(pre: Tensor, budget: int, group: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """BatchTopK's selection (the entries >= tau, the budget-th largest of (N, d) contiguous pre, and > 0) looking
+    only in the budget groups of largest maximum, as two_level_topk does per row: a pass of group maxima and a
+    top-k over them instead of a top-k over all N·d entries and two more passes (at N 2,048, d 16,384, k 32 the
+    flat top-k alone took 0.68 s on 2 cores). Every entry >= tau lies in a chosen group when tau > floor, the
+    least chosen maximum (an unchosen group's maximum is <= floor); None (the caller's full pass) when tau equals
+    floor (a tie may sit in an unchosen group), when floor <= 0 (ReLU's zeros) or when a NaN is among them."""
+    n, d = pre.shape
+    groups = pre.view(-1, group)
+    best, chosen = torch.topk(groups.amax(1), budget, sorted=False)
+    floor = best.min()
+    if not floor > 0:  # also NaN
+        return None
+    chosen = chosen.sort().values  # row-major: each row's groups, and so its entries, in column order
+    candidates = groups.index_select(0, chosen)  # (budget, group)
+    tau = torch.topk(candidates.reshape(-1), budget).values[-1]
+    if not tau > floor:
+        return None
+    at, slots = (candidates >= tau).nonzero(as_tuple=True)
+    flat = chosen[at] * group + slots  # positions in the (N, d) matrix, ascending
+    values, indices = _pack_rows(n, flat // d, candidates[at, slots], flat % d, 0.0)
+    return values, indices, tau.float()
 
 
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

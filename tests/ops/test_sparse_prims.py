@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from fastsae.ops import reference, torch_backend
-from fastsae.ops.torch_backend import TOPK_GROUP, latent_segments, rows_dot, segment_rows_sum, topk_rows, two_level_topk
+from fastsae.ops.torch_backend import (
+    TOPK_GROUP,
+    latent_segments,
+    rows_dot,
+    segment_rows_sum,
+    topk_rows,
+    two_level_batch_select,
+    two_level_topk,
+)
 from fastsae.train import TrainConfig, Trainer
 
 from conftest import make_sae
@@ -157,3 +165,55 @@ def test_cpu_trainer_uses_torch_fused_adam_and_matches_the_per_tensor_loop():
         slow.step(x)
     for (name, a), b in zip(sae.named_parameters(), other.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _full_batch_select(pre, budget):
+    """BatchTopK's rule over every entry: >= the budget-th largest of relu(pre), and > 0."""
+    p = pre.relu()
+    tau = torch.topk(p.reshape(-1), budget).values[-1]
+    return (p >= tau) & (p > 0), tau
+
+
+@pytest.mark.parametrize("n,d,k", [(19, 256, 2), (7, 1024, 5), (33, 512, 1)])
+def test_two_level_batch_select_is_the_full_selection(n, d, k):
+    pre = torch.randn(n, d, generator=torch.Generator().manual_seed(n))
+    found = two_level_batch_select(pre.clone(), n * k, TOPK_GROUP)
+    assert found is not None
+    values, indices, tau = found
+    active, want_tau = _full_batch_select(pre, n * k)
+    assert tau == want_tau
+    dense = torch.zeros(n, d).scatter_add_(1, indices, values)
+    torch.testing.assert_close(dense, torch.where(active, pre, 0), rtol=0, atol=0)
+    live = values > 0  # each row's latents in column order, padding (value 0) after them
+    assert all(torch.equal(row[m], row[m].sort().values) for row, m in zip(indices, live, strict=True))
+    assert int(live.sum()) == int(active.sum()) == n * k
+
+
+@pytest.mark.parametrize("case", ["few positive", "tie at the floor", "nan"])
+def test_two_level_batch_select_hands_back_what_it_cannot_decide(case):
+    n, d, k = 8, 512, 2
+    pre = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+    if case == "few positive":  # fewer positive entries than the budget: tau is 0
+        pre = -pre.abs()
+        pre[0, :3] = 1.0
+    if case == "tie at the floor":  # every group's maximum equal: tau is the floor
+        pre = torch.zeros(n, d)
+        pre.view(-1, TOPK_GROUP)[:, 0] = 1.0
+    if case == "nan":
+        pre[3, 5] = float("nan")
+    assert two_level_batch_select(pre.clone(), n * k, TOPK_GROUP) is None
+
+
+def test_batchtopk_encoder_goes_two_level_and_matches_the_reference(monkeypatch):
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(0))
+    W = torch.randn(16 * TOPK_GROUP, 24, generator=torch.Generator().manual_seed(1)) / 5
+    b = torch.zeros(16 * TOPK_GROUP)
+    calls = []
+    spy = lambda *a: calls.append(1) or two_level_batch_select(*a)  # noqa: E731
+    monkeypatch.setattr(torch_backend, "two_level_batch_select", spy)
+    values, indices, tau = torch_backend.encode_batchtopk(x, W, b, 3)
+    assert calls
+    active, want_tau = _full_batch_select(x @ W.T + b, 64 * 3)
+    dense = torch.zeros(64, W.shape[0]).scatter_add_(1, indices, values.detach())
+    torch.testing.assert_close(dense, torch.where(active, x @ W.T + b, 0))
+    torch.testing.assert_close(tau, want_tau)
