@@ -41,7 +41,7 @@ KINDS = {  # name: (what it is, the train flags)
     # inputs have E‖x − b_dec‖² = 81 (not 640), so the unit encoder rows give pre-activations of std 0.36, whose
     # 1 − 32/8192 quantile is 0.98 (measured on a 4,096-row batch; the first run's 2.66, for unit variance, left
     # L0 at 0 by step 50). ε = 0.05 is 14% of that std (the default 1e-3 saw almost no pre-activation in its
-    # window). Adam moves θ by at most lr per step, 0.4 over the epoch: the report gives how far it moved.
+    # window). Adam moves θ by about lr per step, ~0.4 over the epoch: the report gives how far it moved.
     "jumprelu-step": ("JumpReLU, θ trained, L0 through the step's STE (λ 0.1)",
                       ("--site", "resid_post.6", *JUMPRELU, "--jumprelu-sparsity", "step", "--l1", "0.1")),
     "jumprelu-quadratic": ("JumpReLU, θ trained, quadratic L0 penalty towards 32",
