@@ -29,3 +29,14 @@ def make_sae(d_in=13, d_sae=37, activation="relu", k=None, seed=0, dtype="float3
         if not sae.cfg.tied:
             sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=gen).to(sae.W_enc))
     return sae
+
+
+@pytest.fixture(scope="module")
+def chrome():
+    """One real headless Chromium per test module (the browser pages' tests); they skip where none is installed."""
+    from fastsae.analysis.features.chromium_driver import Chromium, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium/Chrome on PATH: `make browser` installs it (apt-get install chromium)")
+    with Chromium() as browser:
+        yield browser

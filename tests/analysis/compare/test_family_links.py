@@ -138,16 +138,6 @@ def browsers(tmp_path_factory):
     return [write_browser(cache, progress=False).parent for cache in caches]
 
 
-@pytest.fixture(scope="module")
-def chrome():
-    from fastsae.analysis.features.chromium_driver import Chromium, find_chromium
-
-    if find_chromium() is None:
-        pytest.skip("no Chromium/Chrome on PATH: `make browser` installs it (apt-get install chromium)")
-    with Chromium() as browser:
-        yield browser
-
-
 def test_a_feature_page_links_its_parent_and_children_to_their_pages_in_chromium(browsers, chrome):
     b4, b9, b16 = browsers
     page = chrome.open(b9.joinpath("feature.html").as_uri() + "#3", ready="document.querySelector('.annotation')")

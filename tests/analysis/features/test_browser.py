@@ -10,7 +10,7 @@ import torch
 
 from fastsae.analysis.features.browser_site import read_annotations, write_browser
 from fastsae.analysis.features.cache_effects import load_effects, measure_effects
-from fastsae.analysis.features.chromium_driver import Chromium, find_chromium, screenshot_feature
+from fastsae.analysis.features.chromium_driver import screenshot_feature
 from fastsae.analysis.features.feature_pass import (
     FeatureCache,
     FeatureConfig,
@@ -103,14 +103,6 @@ def test_bad_annotations_are_refused_with_the_file_named(tmp_path):
     bad.write_text(json.dumps({"features": {}}))
     with pytest.raises(ValueError, match="title"):
         read_annotations(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def chrome():
-    if find_chromium() is None:
-        pytest.skip("no Chromium/Chrome on PATH: `make browser` installs it (apt-get install chromium)")
-    with Chromium() as browser:
-        yield browser
 
 
 def only_local_files(page, root):
