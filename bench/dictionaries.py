@@ -17,13 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from bench.cpu_step import cpu_name
 from bench.saving import RESULTS, run_environment, save_report
 from bench.seeds import Job, run_job
 from bench.seeds import _marker as marker
+from fastsae import SAE
 
 TOKENS = 1_048_576
 BATCH = 1024  # 1,024 steps in the one epoch: the main job's recipe (1,000 steps of 1,024), here on distinct tokens
@@ -96,14 +96,14 @@ def kind_row(w: Path, name: str) -> dict:
 def theta_moved(run: Path) -> dict:
     """How far training moved JumpReLU's θ from its start: mean and largest |θ − θ₀| over the latents (folding
     the input scale leaves θ as it is: the pre-activations do not change)."""
-    start = json.loads((run / "run.json").read_text())["sae"]["jumprelu_threshold"]
-    theta = load_file(str(run / "sae" / "sae.safetensors"))["threshold"].double()
+    sae = SAE.load(run / "sae")
+    start, theta = sae.cfg.jumprelu_threshold, sae.threshold.detach().double()
     moved = (theta - start).abs()
     return {"start": start, "mean": theta.mean().item(), "mean_abs_change": moved.mean().item(),
             "max_abs_change": moved.max().item()}
 
 
-def write_report(w: Path, out: Path | None = None, matryoshka: dict | None = None) -> Path:
+def write_report(w: Path, out: Path | None = None) -> Path:
     env = run_environment("cpu", cpu=cpu_name(), store=str(w / "harvest-layers"), train_tokens=TOKENS, d_sae=D_SAE,
                           eval_tokens=EVAL_TOKENS)
     out = out or RESULTS / f"dictionaries-{env['device']}-{env['date']}"

@@ -27,3 +27,18 @@ def test_the_report_reads_each_kinds_evaluation(tmp_path):
     assert rows["crosscoder"]["fvu_per_site"] == {"resid_post.3": 0.1, "resid_post.9": 0.3}
     assert rows["topk"]["status"] == "pending: dict-eval-topk"
     assert "| crosscoder | acausal crosscoder" in report.with_suffix(".md").read_text()
+
+
+def test_theta_moved_measures_each_latents_change_from_the_configured_start(tmp_path):
+    import torch
+
+    from fastsae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(8, 4, activation="jumprelu", jumprelu_threshold=0.5, jumprelu_sparsity="step"), seed=0)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.tensor([0.5, 0.7, 0.2, 0.5]))
+    sae.save(tmp_path / "run" / "sae")
+    moved = dictionaries.theta_moved(tmp_path / "run")
+    assert moved["start"] == 0.5
+    assert abs(moved["mean_abs_change"] - 0.125) < 1e-6 and abs(moved["max_abs_change"] - 0.3) < 1e-6
+    assert abs(moved["mean"] - 0.475) < 1e-6

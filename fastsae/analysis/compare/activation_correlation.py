@@ -144,7 +144,11 @@ def correlation_on_store(sae_a, sae_b, store, site: str, tokens: int, *, tau: fl
     holds fewer): held-out tokens when the store was harvested from a test split."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise ValueError(f"tokens must be an int >= 2, got {tokens!r}")
-    if site not in store.sites:
-        raise ValueError(f"site {site!r} is not in the correlation store {store.path}; it has {sorted(store.sites)}")
+    check_site(store, site)
     x = store.first_rows(site, tokens)
     return activation_correlation(sae_a, sae_b, x, tau=tau, device=device)
+
+
+def check_site(store, site: str) -> None:
+    if site not in store.sites:
+        raise ValueError(f"site {site!r} is not in the correlation store {store.path}; it has {sorted(store.sites)}")

@@ -213,13 +213,15 @@ def run_compare(a: str, b: str, out: str | Path, *, tau: float = 0.9, absolute: 
     if correlation_store and not (isinstance(da, SAE) and isinstance(db, SAE)):
         raise ValueError(f"--correlation-store needs two SAEs (it encodes tokens with each), got {names[0]} and "
                          f"{names[1]}")
+    if correlation_store:  # checked before the comparison runs, not after
+        store_of_codes, correlation_site = _correlation_site(da, db, correlation_store, site)
     cmp = compare(da, db, tau=tau, absolute=absolute, one_to_one_matching=one_to_one, device=device)
     report = _matches(cmp, names)
     if cmp.max_ab.shape[0] != cmp.max_ba.shape[0] and isinstance(da, SAE) and isinstance(db, SAE):
         report["splits"] = _splits(cmp, da, db, split_tau, caches, store)
     if correlation_store:
-        report["activation_correlation"] = _correlation(da, db, correlation_store, site, correlation_tokens, tau,
-                                                        device)
+        report["activation_correlation"] = _correlation(da, db, store_of_codes, correlation_site, correlation_tokens,
+                                                        tau, device)
     files = [out / "comparison.json"]
     hist = write_histogram(out / "max_cos.png", cmp, names)
     if hist:
@@ -277,11 +279,11 @@ def _print_summary(report: dict, names: tuple[str, str], tau: float, split_tau: 
     print("written: " + ", ".join(str(f) for f in files))
 
 
-def _correlation(da, db, store_path: str, site: str | None, tokens: int, tau: float, device) -> dict:
-    """The activation-correlation part of comparison.json. The site: --site, else the SAEs' own (which must
-    agree), else the store's only one."""
+def _correlation_site(da, db, store_path: str, site: str | None):
+    """(the store, the site) of the activation correlation: --site, else the SAEs' own (which must agree), else
+    the store's only one."""
     from ...harvest import ActivationStore
-    from .activation_correlation import correlation_on_store
+    from .activation_correlation import check_site
 
     st = ActivationStore(store_path)
     if site is None:
@@ -291,9 +293,17 @@ def _correlation(da, db, store_path: str, site: str | None, tokens: int, tau: fl
         if not own and len(st.sites) != 1:
             raise ValueError(f"{store_path} holds sites {sorted(st.sites)}: name one with --site")
         site = own.pop() if own else next(iter(st.sites))
+    check_site(st, site)
+    return st, site
+
+
+def _correlation(da, db, st, site: str, tokens: int, tau: float, device) -> dict:
+    """The activation-correlation part of comparison.json, over st's first rows of site."""
+    from .activation_correlation import correlation_on_store
+
     corr = correlation_on_store(da, db, st, site, tokens, tau=tau, device=device)
     nulls = lambda t: [None if math.isnan(v) else round(v, 4) for v in t.tolist()]  # dead latents: no r
-    return {"summary": {**corr.summary(), "site": site, "store": str(store_path)},
+    return {"summary": {**corr.summary(), "site": site, "store": str(st.path)},
             "a_to_b": {"max_corr": nulls(corr.max_ab), "best": corr.best_ab.tolist()},
             "b_to_a": {"max_corr": nulls(corr.max_ba), "best": corr.best_ba.tolist()}}
 
