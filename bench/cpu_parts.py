@@ -9,6 +9,8 @@ Rows, each a median over interleaved repetitions (bench.cpu_step.interleaved):
 - a fresh (d_sae, d_in) fp32 tensor, filled (a weight gradient's first touch), with transparent huge pages
   as fastsae sets them on import and, in a child process, with THP_MEM_ALLOC_ENABLE=0; and a kept one, filled;
 - top-k of the (N, d_sae) pre-activations: torch.topk against fastsae's two-level top-k;
+- BatchTopK's selection (the batch's top N·k): a top-k over all N·d_sae entries and the masks, as it was, against
+  the two-level selection over group maxima (`two_level_batch_select`);
 - the decode backward's per-entry dots <grad[n], W[idx[n, j]]>: in batch order (as before) against latent
   order (`rows_dot`);
 - the decoder constraint's row dots and update: linalg.vecdot in one go, a batch of bmm products, and
@@ -32,7 +34,7 @@ import torch
 from bench.cpu_step import interleaved, step_arguments
 from bench.saving import run_environment, save_report
 from fastsae import SAE, SAEConfig
-from fastsae.ops.torch_backend import TOPK_GROUP, rows_dot, two_level_topk
+from fastsae.ops.torch_backend import TOPK_GROUP, rows_dot, two_level_batch_select, two_level_topk
 
 
 def fresh_filled(shape: tuple[int, int]) -> torch.Tensor:
@@ -57,6 +59,14 @@ def rows_dot_batch_order(grad: torch.Tensor, indices: torch.Tensor, W: torch.Ten
         grad.contiguous(), W, indices.reshape(-1), offsets, bag_of_entry, 0, -1).view(n, w)
 
 
+def batch_select_flat(pre: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What BatchTopK's selection did before: a top-k over every entry for tau, then the masks (out of place
+    here, so that every repetition sees the same pre-activations)."""
+    p = pre.relu()
+    tau = torch.topk(p.reshape(-1), budget).values[-1]
+    return ((p >= tau) & (p > 0)).nonzero(as_tuple=True)
+
+
 def parts(n: int, d_in: int, d_sae: int, k: int) -> dict:
     """name -> function, grouped by the part they compare."""
     gen = torch.Generator().manual_seed(0)
@@ -73,6 +83,8 @@ def parts(n: int, d_in: int, d_sae: int, k: int) -> dict:
                             "kept": lambda: kept.fill_(1.0)},
         "top-k": {"torch.topk": lambda: torch.topk(pre, k, dim=1),
                   "two-level": lambda: two_level_topk(pre, k, TOPK_GROUP)},
+        "batch top-k": {"flat top-k and masks": lambda: batch_select_flat(pre, n * k),
+                        "two-level": lambda: two_level_batch_select(pre, n * k, TOPK_GROUP)},
         "decode backward dots": {"batch order": lambda: rows_dot_batch_order(grad, indices, W),
                                  "latent order": lambda: rows_dot(grad, indices, W)},
         "decoder constraint": {

@@ -48,7 +48,8 @@ def test_cpu_parts_times_each_replacement_beside_what_it_replaced(tmp_path):
     [path] = tmp_path.glob("cpu-parts-*.json")
     rows = {(r["part"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
     assert {("weight gradient", "fresh, 4 kB pages"), ("top-k", "two-level"), ("decode backward dots", "latent order"),
-            ("decoder constraint", "blocks of rows"), ("tanh (640, 4096) float64", "numpy")} <= set(rows)
+            ("decoder constraint", "blocks of rows"), ("tanh (640, 4096) float64", "numpy"),
+            ("batch top-k", "two-level")} <= set(rows)
     assert all(len(r["times_ms"]) == 2 and r["ms"] >= 0 for r in rows.values())
 
 
