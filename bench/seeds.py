@@ -129,9 +129,12 @@ DICTIONARIES = [job.name for job in TRAIN_JOBS]
 
 
 def _evaluate(name: str, tag: str) -> Job:
-    return Job(f"eval-{name}-{tag}", "evaluate", lambda w: [
-        "eval", "--sae", str(w / "train" / name / "sae"), "--corpus", EVAL_CORPORA[tag], "--tokens",
-        str(EVAL_TOKENS), "--baselines", "none", "--out", str(w / "eval" / f"{name}-{tag}")])
+    def argv(w: Path) -> list[str]:
+        if not _marker(w, Job(name, "train", list)).exists():
+            raise KeyError(name)  # its dictionary is trained first
+        return ["eval", "--sae", str(w / "train" / name / "sae"), "--corpus", EVAL_CORPORA[tag], "--tokens",
+                str(EVAL_TOKENS), "--baselines", "none", "--out", str(w / "eval" / f"{name}-{tag}")]
+    return Job(f"eval-{name}-{tag}", "evaluate", argv)
 
 
 def _compare(name: str, a: str, b: str, *flags: str) -> Job:
@@ -159,7 +162,7 @@ def run_job(job: Job, w: Path) -> None:
     """Run one job's command unless its marker says it is done; a failure raises with the command's exit code."""
     if _marker(w, job).exists():
         return
-    argv = job.argv(w)
+    argv = _argv_after_dependencies(job, w)
     command = "fastsae" if job.module == "fastsae" else f"python -m {job.module}"
     print(f"[{job.stage}] {job.name}: {command} {' '.join(argv)}", file=sys.stderr, flush=True)
     started = dt.datetime.now()
@@ -168,6 +171,20 @@ def run_job(job: Job, w: Path) -> None:
         raise SystemExit(f"bench.seeds: {job.name} failed (exit {code}); rerun the same command to resume it")
     io.write_json(_marker(w, job), {"argv": argv, "started": started.isoformat(timespec="seconds"),
                                     "seconds": round((dt.datetime.now() - started).total_seconds(), 1)})
+
+
+def _argv_after_dependencies(job: Job, w: Path) -> list[str]:
+    """The job's arguments; a job they wait for (their KeyError names it, e.g. topk-matched's wait for the ReLU's
+    evaluation) runs first, whatever its stage, so that one pass of the stages runs everything."""
+    names = {j.name: j for j in JOBS}
+    while True:
+        try:
+            return job.argv(w)
+        except KeyError as err:
+            needed = names.get(err.args[0])
+            if needed is None or _marker(w, needed).exists():
+                raise
+            run_job(needed, w)
 
 
 def eval_metrics(w: Path, name: str, tag: str) -> dict:

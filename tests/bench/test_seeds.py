@@ -109,3 +109,21 @@ def test_universality_correlates_the_seeds_on_held_out_tokens(tmp_path):
     assert "16,000 held-out tokens" in row["reason"] and row["verdict"] == "reproduced"
     path.write_text(json.dumps({"summary": summary}))  # a comparison from before the held-out harvest
     assert "activation correlation" not in seeds._universality_row(tmp_path)["ours"]
+
+
+def test_a_job_first_runs_the_job_its_arguments_wait_for(tmp_path, monkeypatch):
+    """topk-matched takes its k from the ReLU's evaluation: the train stage runs that evaluation first."""
+    ran = []
+
+    def call(cmd):
+        ran.extend(cmd[3:4])
+        if cmd[3:4] == ["eval"]:
+            _eval(tmp_path, "relu-resample", "technical", l0=20.2)
+        return 0
+    monkeypatch.setattr(seeds.subprocess, "call", call)
+    _harvested(tmp_path)
+    seeds.run_job(next(j for j in seeds.JOBS if j.name == "topk-matched"), tmp_path)
+    assert ran == ["train", "eval", "train"]  # the ReLU, its evaluation, then the matched TopK
+    assert (tmp_path / "done" / "relu-resample.json").exists()
+    assert (tmp_path / "done" / "eval-relu-resample-technical.json").exists()
+    assert (tmp_path / "done" / "topk-matched.json").exists()
