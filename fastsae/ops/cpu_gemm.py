@@ -41,6 +41,7 @@ from torch import Tensor
 
 ENV = "FASTSAE_CPU_GEMM"
 CHOICES = ("auto", "mkl", "onednn")
+SCREEN_ENV = "FASTSAE_CPU_SCREEN"
 CACHE_NAME = "cpu_gemm.json"
 REPEATS = 3  # timed calls per path after one warm-up; one where a call takes over SLOW_S
 SLOW_S = 0.25
@@ -64,6 +65,14 @@ def forced() -> str:
     value = os.environ.get(ENV, "").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"${ENV} must be one of {', '.join(CHOICES)}, got {os.environ[ENV]!r}")
+    return value
+
+
+def forced_screen() -> str:
+    """$FASTSAE_CPU_SCREEN: "auto" (unset or empty: measured), "on" or "off" (ops/screened_topk.py)."""
+    value = os.environ.get(SCREEN_ENV, "").strip().lower() or "auto"
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"${SCREEN_ENV} must be one of auto, on, off, got {os.environ[SCREEN_ENV]!r}")
     return value
 
 
@@ -136,7 +145,7 @@ def _read_cache() -> dict[str, dict]:
     verdicts = data.get("verdicts")
     if not isinstance(verdicts, dict):
         return {}
-    return {k: v for k, v in verdicts.items() if isinstance(v, dict) and v.get("path") in ("mkl", "onednn")}
+    return {k: v for k, v in verdicts.items() if isinstance(v, dict) and isinstance(v.get("path"), str)}
 
 
 def _write_cache(k: str, entry: dict) -> None:
@@ -172,14 +181,19 @@ def _seconds(path: str, run: Callable[[], object]) -> float:
 
 def _verdict(x: Tensor, W: Tensor, b: Tensor | None) -> str:
     """"mkl" or "onednn" for this call's key: from memory, else from disk, else measured on x, W, b."""
-    k = key(x, W)
+    return measured("", x, W, {"onednn": lambda: _op()(x, W, b, "none", [], ""), "mkl": lambda: F.linear(x, W, b)})
+
+
+def measured(kind: str, x: Tensor, W: Tensor, runs: dict[str, Callable[[], object]]) -> str:
+    """The name of the fastest of runs for this kind of choice ("" for the GEMM's) and key(x, W): from memory,
+    else from disk, else timed here on the call's own tensors (a verdict naming none of runs is measured again)."""
+    k = f"{kind} | {key(x, W)}" if kind else key(x, W)
     if k not in _verdicts:
         entry = _read_cache().get(k)
-        if entry is None:
+        if entry is None or entry["path"] not in runs:
             with torch.no_grad():
-                onednn = _seconds("onednn", lambda: _op()(x, W, b, "none", [], ""))
-                mkl = _seconds("mkl", lambda: F.linear(x, W, b))
-            entry = {"path": "onednn" if onednn < mkl else "mkl", "onednn_s": onednn, "mkl_s": mkl}
+                seconds = {name: _seconds(name, run) for name, run in runs.items()}
+            entry = {"path": min(seconds, key=seconds.get), **{f"{name}_s": s for name, s in seconds.items()}}
             _write_cache(k, entry)
         _verdicts[k] = entry["path"]
     return _verdicts[k]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_gemm, jumprelu
+from . import cpu_gemm, jumprelu, screened_topk
 from ._autograd import SparseEncode, SparsePrims
 from .latent_groups import latent_segments
 from .matryoshka import matryoshka_decode  # noqa: F401 (the backend's op, written in ops/matryoshka.py)
@@ -157,7 +157,15 @@ def _dense_select(select: Callable) -> Callable:
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    if screened_topk.pays(x, W_enc, b_enc, k):  # a bf16 screen and an fp32 rescore, where that is faster
+        return SparseEncode.apply(x, W_enc, b_enc, lambda x, W, b: _screened(x, W, b, k), PRIMS)
     return SparseEncode.apply(x, W_enc, b_enc, _dense_select(lambda pre: _select_topk(pre, k)), PRIMS)
+
+
+def _screened(x: Tensor, W: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    with torch.autocast(x.device.type, enabled=False):  # fp32, as _dense_select's GEMM
+        values, indices = screened_topk.screened_topk(x, W, b, k)
+    return values.clamp_min_(0), indices
 
 
 def encode_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None) -> tuple[Tensor, Tensor]:
