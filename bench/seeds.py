@@ -21,7 +21,8 @@ interrupted one is rerun with --resume, which the harvest and train commands hon
                perplexity
     compare    `fastsae compare` of the two seeds (universality: decoder cosines, and the Pearson correlation of
                their latents' activations on the held-out tokens, --correlation-store) and of 4k → 16k → 64k
-               (feature splitting)
+               (feature splitting), after `fastsae features` of those three on the held-out tokens, so that
+               their browsers (`fastsae browse`, <work>/features/<name>/browser) link parents and children
     causal     SAEs on the `layers` harvest, then IOI patching, erasure, circuits, connections and autointerp
                (bench/seeds_causal.py: its jobs run `python -m bench.<module>` or `fastsae`, and its rows)
     report     bench/results/seeds-<device>-<date>/report.md (+ .json): one row per finding, the seed's claim and
@@ -137,19 +138,52 @@ def _evaluate(name: str, tag: str) -> Job:
     return Job(f"eval-{name}-{tag}", "evaluate", argv)
 
 
-def _compare(name: str, a: str, b: str, *flags: str) -> Job:
-    """`fastsae compare` of two trained dictionaries; flags naming `{work}` get the work directory."""
-    return Job(f"compare-{name}", "compare", lambda w: [
-        "compare", str(w / "train" / a / "sae"), str(w / "train" / b / "sae"), "--tau", "0.7",
-        "--out", str(w / "compare" / name), *(f.format(work=w) for f in flags)])
+def _needs(w: Path, *jobs: str) -> None:
+    """KeyError naming the first of jobs not done yet (run_job runs it first)."""
+    for job in jobs:
+        if not _marker(w, Job(job, "", list)).exists():
+            raise KeyError(job)
+
+
+def _compare(name: str, a: str, b: str, *flags: str, caches: bool = False) -> Job:
+    """`fastsae compare` of two trained dictionaries; flags naming `{work}` get the work directory. With caches,
+    the two dictionaries' feature caches (built first) get the family annotations their browsers link by."""
+    def argv(w: Path) -> list[str]:
+        _needs(w, a, b, *((f"features-{a}", f"features-{b}") if caches else ()))
+        linked = ["--cache-a", str(w / "features" / a), "--cache-b", str(w / "features" / b)] if caches else []
+        return ["compare", str(w / "train" / a / "sae"), str(w / "train" / b / "sae"), "--tau", "0.7",
+                "--out", str(w / "compare" / name), *linked, *(f.format(work=w) for f in flags)]
+    return Job(f"compare-{name}", "compare", argv)
+
+
+def _features(name: str) -> Job:
+    """A dictionary's feature cache on the held-out tokens (top contexts; no ablation effects), for its browser."""
+    def argv(w: Path) -> list[str]:
+        _needs(w, name, "harvest-heldout")
+        return ["features", "--sae", str(w / "train" / name / "sae"), "--store", str(w / "harvest-heldout"),
+                "--effects", "0", "--out", str(w / "features" / name)]
+    return Job(f"features-{name}", "compare", argv)
+
+
+def _browse(name: str) -> Job:
+    """The feature browser of a split dictionary, after the comparisons wrote its parent/child links."""
+    def argv(w: Path) -> list[str]:
+        _needs(w, *(f"compare-{c}" for c in SPLIT_COMPARISONS if name in SPLIT_COMPARISONS[c]))
+        return ["browse", "--cache", str(w / "features" / name)]
+    return Job(f"browse-{name}", "compare", argv)
+
+
+SPLIT_COMPARISONS = {"split-4k-16k": ("split-4k", "scale-10M"), "split-16k-64k": ("scale-10M", "split-64k")}
+SPLIT_SIZES = ("split-4k", "scale-10M", "split-64k")
 
 
 JOBS = [_harvest("seeds", (SITE,), SEEDS_TOKENS), _harvest("layers", LAYER_SITES, LAYERS_TOKENS),
         _harvest("heldout", (SITE,), HELDOUT_TOKENS, HELDOUT_CORPUS), *TRAIN_JOBS,
         *(_evaluate(name, tag) for name in DICTIONARIES for tag in EVAL_CORPORA),
         _compare("seeds", "scale-10M", "seed1-10M", "--correlation-store", "{work}/harvest-heldout",
-                 "--correlation-tokens", str(HELDOUT_TOKENS)), _compare("split-4k-16k", "split-4k", "scale-10M"),
-        _compare("split-16k-64k", "scale-10M", "split-64k")]
+                 "--correlation-tokens", str(HELDOUT_TOKENS)), *(_features(name) for name in SPLIT_SIZES),
+        *(_compare(name, a, b, caches=True) for name, (a, b) in SPLIT_COMPARISONS.items()),
+        *(_browse(name) for name in SPLIT_SIZES)]
 
 
 # ---- running -------------------------------------------------------------------------------------------------

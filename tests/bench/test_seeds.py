@@ -93,6 +93,8 @@ def test_list_and_unknown_jobs(tmp_path, capsys):
 def test_universality_correlates_the_seeds_on_held_out_tokens(tmp_path):
     jobs = {j.name: j for j in seeds.JOBS}
     harvest = jobs["harvest-heldout"].argv(tmp_path)
+    for name in ("scale-10M", "seed1-10M", "split-4k", "features-split-4k", "features-scale-10M"):
+        seeds.io.write_json(tmp_path / "done" / f"{name}.json", {})
     assert harvest[harvest.index("--corpus") + 1] == "research:test" and harvest[harvest.index("--tokens") + 1] == \
         "16384" and harvest[harvest.index("--sites") + 1] == seeds.SITE
     argv = jobs["compare-seeds"].argv(tmp_path)
@@ -127,3 +129,27 @@ def test_a_job_first_runs_the_job_its_arguments_wait_for(tmp_path, monkeypatch):
     assert (tmp_path / "done" / "relu-resample.json").exists()
     assert (tmp_path / "done" / "eval-relu-resample-technical.json").exists()
     assert (tmp_path / "done" / "topk-matched.json").exists()
+
+
+def test_the_split_browsers_get_feature_caches_then_the_comparisons_links(tmp_path, monkeypatch):
+    """features (the three sizes, on the held-out tokens) -> compare with --cache-a/--cache-b -> browse, each
+    waiting for what it reads, every command parsed by its own parser."""
+    from tests.bench.test_seeds_causal import _fastsae_parse
+
+    ran = []
+    monkeypatch.setattr(seeds.subprocess, "call", lambda cmd: ran.extend(cmd[3:4]) or 0)
+    compare = {j.name: j for j in seeds.JOBS if j.stage == "compare"}
+    with pytest.raises(KeyError, match="split-4k"):
+        compare["compare-split-4k-16k"].argv(tmp_path)
+    for name in ("split-4k", "scale-10M", "split-64k", "harvest-heldout"):
+        seeds.run_job(seeds.Job(name, "train", lambda w: []), tmp_path)
+    with pytest.raises(KeyError, match="features-split-4k"):
+        compare["compare-split-4k-16k"].argv(tmp_path)
+    ran.clear()
+    seeds.run_job(compare["browse-scale-10M"], tmp_path)  # its caches and both comparisons run first
+    assert ran == ["features", "features", "compare", "features", "compare", "browse"]
+    args = _fastsae_parse(compare["compare-split-16k-64k"].argv(tmp_path))
+    assert args.cache_a == str(tmp_path / "features" / "scale-10M") and args.cache_b.endswith("features/split-64k")
+    args = _fastsae_parse(compare["features-split-64k"].argv(tmp_path))
+    assert args.store == str(tmp_path / "harvest-heldout") and args.effects == "0"
+    assert _fastsae_parse(compare["browse-split-4k"].argv(tmp_path)).cache.endswith("features/split-4k")
