@@ -10,6 +10,7 @@ Rows, each a median over interleaved repetitions (bench.cpu_step.interleaved):
   as fastsae sets them on import and, in a child process, with THP_MEM_ALLOC_ENABLE=0; and a kept one, filled;
 - the encoder GEMM in fp32 against bf16 (AMX, where the CPU has it), and TopK's whole selection: the fp32 GEMM
   and the two-level top-k against the bf16 screen, fp32 rescore and certificate (ops/screened_topk.py);
+- the group maxima of the two-level top-k on bf16 (the screen's): groups of adjacent columns against strided ones;
 - top-k of the (N, d_sae) pre-activations: torch.topk against fastsae's two-level top-k;
 - BatchTopK's selection (the batch's top N·k): a top-k over all N·d_sae entries and the masks, as it was, against
   the two-level selection over group maxima (`two_level_batch_select`);
@@ -86,12 +87,16 @@ def parts(n: int, d_in: int, d_sae: int, k: int) -> dict:
     x = torch.randn(n, d_in, generator=gen)
     W_enc, b_enc = torch.randn(d_sae, d_in, generator=gen) / d_in**0.5, torch.randn(d_sae, generator=gen) / 10
     xb, Wb = x.bfloat16(), W_enc.bfloat16()
+    pre_bf16 = pre.bfloat16()
     return {
         "weight gradient": {"fresh, huge pages": lambda: fresh_filled((d_sae, d_in)),
                             "kept": lambda: kept.fill_(1.0)},
         "encoder GEMM": {"fp32": lambda: F.linear(x, W_enc, b_enc), "bf16": lambda: F.linear(xb, Wb)},
         "TopK selection": {"fp32 GEMM, two-level top-k": lambda: topk_rows(cpu_gemm.linear(x, W_enc, b_enc), k),
                            "bf16 screen, fp32 rescore": lambda: screened_topk(x, W_enc, b_enc, k)},
+        "bf16 group maxima (the screen's top-k)": {
+            "runs of 32 columns": lambda: pre_bf16.view(n, d_sae // TOPK_GROUP, TOPK_GROUP).amax(2),
+            "strided columns": lambda: pre_bf16.view(n, TOPK_GROUP, d_sae // TOPK_GROUP).amax(1)},
         "top-k": {"torch.topk": lambda: torch.topk(pre, k, dim=1),
                   "two-level": lambda: two_level_topk(pre, k, TOPK_GROUP)},
         "batch top-k": {"flat top-k and masks": lambda: batch_select_flat(pre, n * k),

@@ -88,22 +88,40 @@ def two_level_topk(pre: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
     top k of those k·group candidates, after dropping those below floor (~k are left on real data), are the
     row's top k. One pass of group maxima, a top-k over d/group of them and a gather cost half of torch.topk's
     pass over every entry at N 2048, d 16384, k 32 (14.9 against 27.8 ms on 2 cores, bench/cpu_parts.py).
+    Any partition into groups will do. In fp32 a group is a run of `group` columns. In bf16 (the screen of
+    ops/screened_topk.py) it is the strided columns j, j + d/group, ..., whose maxima are an elementwise max of
+    `group` slices: 12.6 against 41.6 ms for runs at that shape, where torch reduces bf16 runs slowly.
     A row with NaN (torch.topk ranks it above everything) goes through torch.topk."""
     n, d = pre.shape
     n_groups = d // group
-    groups = pre.view(n, n_groups, group)
-    best, chosen = torch.topk(groups.amax(2), k, dim=1, sorted=False)  # (N, k) the k groups of largest max
+    strided = pre.dtype == torch.bfloat16
+    maxima = pre.view(n, group, n_groups).amax(1) if strided else pre.view(n, n_groups, group).amax(2)
+    best, chosen = torch.topk(maxima, k, dim=1, sorted=False)  # (N, k) the k groups of largest max
     floor = best.amin(1, keepdim=True)  # (N, 1) <= the k-th largest entry
     if torch.isnan(floor).any():
         return torch.topk(pre, k, dim=1)
-    first = chosen + torch.arange(0, n * n_groups, n_groups, device=pre.device).unsqueeze(1)  # rows of groups
-    candidates = groups.reshape(n * n_groups, group).index_select(0, first.view(-1)).view(n, k * group)
+    candidates, column = (_strided_members if strided else _run_members)(pre, chosen, group)  # (N, k·group)
     rows, slots = (candidates >= floor).nonzero(as_tuple=True)  # row-major; >= k per row
     # the survivors side by side, padded with -inf so that they are never chosen over a survivor
-    kept, columns = _pack_rows(n, rows, candidates[rows, slots], chosen[rows, slots // group] * group + slots % group,
-                               float("-inf"))
+    kept, columns = _pack_rows(n, rows, candidates[rows, slots], column(rows, slots), float("-inf"))
     values, at = torch.topk(kept, k, dim=1)
     return values, columns.gather(1, at)
+
+
+def _run_members(pre: Tensor, chosen: Tensor, group: int) -> tuple[Tensor, Callable]:
+    """The entries of each row's chosen groups of `group` adjacent columns, and slot -> column."""
+    n, d = pre.shape
+    first = chosen + torch.arange(0, n * d, d, device=pre.device).unsqueeze(1) // group  # rows of (N·d/group, group)
+    candidates = pre.view(-1, group).index_select(0, first.view(-1)).view(n, -1)
+    return candidates, lambda rows, slots: chosen[rows, slots // group] * group + slots % group
+
+
+def _strided_members(pre: Tensor, chosen: Tensor, group: int) -> tuple[Tensor, Callable]:
+    """The entries of each row's chosen strided groups (group j: columns j + t·d/group), and slot -> column."""
+    n, d = pre.shape
+    k = chosen.shape[1]
+    candidates = pre.view(n, group, d // group).gather(2, chosen.unsqueeze(1).expand(n, group, k)).view(n, -1)
+    return candidates, lambda rows, slots: (slots // k) * (d // group) + chosen[rows, slots % k]
 
 
 def _pack_rows(n: int, rows: Tensor, values: Tensor, columns: Tensor, pad: float) -> tuple[Tensor, Tensor]:

@@ -111,7 +111,8 @@ def test_two_level_topk_is_torch_topk(n, d, k, group, dtype):
 
 
 @pytest.mark.parametrize("case", ["ties", "one hot group", "minus inf", "nan"])
-def test_two_level_topk_edge_cases(case):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # groups of adjacent / strided columns
+def test_two_level_topk_edge_cases(case, dtype):
     gen = torch.Generator().manual_seed(3)
     n, d, k, group = 6, 512, 8, 16
     if case == "ties":  # few distinct values: many groups share the k-th maximum
@@ -125,6 +126,7 @@ def test_two_level_topk_edge_cases(case):
         pre[1, 3:] = float("-inf")
     if case == "nan":
         pre[2, 7] = float("nan")
+    pre = pre.to(dtype)
     values, indices = two_level_topk(pre, k, group)
     if case == "minus inf":  # which -inf columns fill the row is free
         torch.testing.assert_close(values, torch.topk(pre, k, dim=1).values, rtol=0, atol=0)
