@@ -12,6 +12,7 @@ least 2x); its state grows with d_sae · n, never with the token count. Rows:
     python -m bench.features                                 # Gemma 3 270M (models extra), else a tiny model
     python -m bench.features --model tiny --tokens 16384 --d-sae 4096 16384
     python -m bench.features --screenshot runs/gemma/features/browser 1234   # a feature page as PNG
+    python -m bench.features --screenshot runs/gemma/features/browser best --element '#logit-hist-box'
 
 Saves JSON + markdown under bench/results/features/features-<device>-<date>.*
 """
@@ -113,16 +114,16 @@ def browser_timing(cache_dir: Path, d_sae: int) -> dict:
     return row
 
 
-def screenshot(browser_dir: Path, latent: int, path: Path) -> Path:
-    """A PNG of feature.html#latent, as rendered by headless Chromium."""
-    from fastsae.analysis.features.chromium_driver import Chromium
+def best_latent(browser_dir: Path) -> int:
+    """The latent the browser's index lists first (the best-looking by the one-token score) of the feature
+    cache the browser sits in (its default place, <cache>/browser)."""
+    from fastsae.analysis.features import FeatureCache
+    from fastsae.analysis.features.ranking import ranked_latents
 
-    with Chromium(height=1500) as chrome:
-        page = chrome.open(browser_dir.joinpath("feature.html").as_uri() + f"#{latent}",
-                           ready="document.querySelector('#contexts .context')")
-        if page.errors:
-            raise RuntimeError(f"the page logged errors: {page.errors}")
-        return page.screenshot(path)
+    ranked = ranked_latents(FeatureCache.load(browser_dir.parent))
+    if not ranked:
+        raise SystemExit(f"{browser_dir.parent}: no latent of this feature cache is ranked (none fired?)")
+    return ranked[0]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--effects-features", type=int, default=4)
     parser.add_argument("--screenshot", nargs=2, metavar=("BROWSER_DIR", "LATENT"),
-                        help="only save a screenshot of BROWSER_DIR/feature.html#LATENT into --out")
+                        help="only save a screenshot of BROWSER_DIR/feature.html#LATENT into --out (LATENT "
+                             "'best': the one the index lists first)")
+    parser.add_argument("--element", metavar="SELECTOR",
+                        help="with --screenshot: only this element of the page, e.g. '#logit-hist-box'")
     parser.add_argument("--out", default=str(RESULTS / "features"),
                         help="results directory (default: bench/results/features)")
     return parser
@@ -198,9 +202,14 @@ def _table(args, meta: dict, rows: list[dict], browser: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.screenshot:
-        browser_dir, latent = Path(args.screenshot[0]), int(args.screenshot[1])
-        name = f"feature-page-{latent}-{dt.date.today().isoformat()}.png"
-        path = screenshot(browser_dir, latent, Path(args.out) / name)
+        from fastsae.analysis.features.chromium_driver import screenshot_feature
+
+        browser_dir, latent = Path(args.screenshot[0]), args.screenshot[1]
+        latent = best_latent(browser_dir) if latent == "best" else int(latent)
+        what = "feature-page" if args.element is None else "element"
+        name = f"{what}-{latent}-{dt.date.today().isoformat()}.png"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = screenshot_feature(browser_dir, latent, Path(args.out) / name, selector=args.element)
         print(f"saved {path}")
         return 0
     from bench.harvest import bench_model

@@ -23,10 +23,12 @@ interrupted one is rerun with --resume, which the harvest and train commands hon
                their latents' activations on the held-out tokens, --correlation-store) and of 4k → 16k → 64k
                (feature splitting), after `fastsae features` of those three on the held-out tokens, so that
                their browsers (`fastsae browse`, <work>/features/<name>/browser) link parents and children
-    causal     SAEs on the `layers` harvest, then IOI patching, erasure, circuits, connections and autointerp
+    causal     SAEs on the `layers` harvest, then IOI patching, erasure, circuits, connections and autointerp, and
+               the feature browser of the k=32 SAE at resid_post.6 with a screenshot of its logit-drop histogram
                (bench/seeds_causal.py: its jobs run `python -m bench.<module>` or `fastsae`, and its rows)
     report     bench/results/seeds-<device>-<date>/report.md (+ .json): one row per finding, the seed's claim and
-               number, ours, the verdict and the reason; a row whose jobs have not run yet says which
+               number, ours, the verdict and the reason; a row whose jobs have not run yet says which; the causal
+               stage's figures (PNG) copied into its figures/
 
 The runs live in --work (default runs/seeds; 47 GB of activations). On 2 CPU cores the whole benchmark takes
 many hours: run it a stage, or a job, at a time.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -339,8 +342,21 @@ def write_report(w: Path, out: Path | None = None) -> Path:
     lines = ["| finding | seed's claim | ours | verdict | reason |", "|---|---|---|---|---|"]
     lines += [f"| {r['finding']} | {r['seed']} | {r['ours']} | {r['verdict']} | {r['reason']} |" for r in rows]
     done = sorted(p.stem for p in (w / "done").glob("*.json"))
-    payload = {"environment": env, "rows": rows, "jobs_done": done}
+    payload = {"environment": env, "rows": rows, "jobs_done": done, "figures": copy_figures(w, out)}
     return save_report(out, "report", payload, "\n".join(lines))
+
+
+def copy_figures(w: Path, out: Path) -> list[str]:
+    """The causal stage's PNGs (IOI curves, erasure, circuits, connections, the logit-drop histogram) into
+    out/figures, each named after the directory it came from; returns their names."""
+    names = []
+    for folder in seeds_causal.FIGURE_DIRS:
+        for png in sorted((w / folder).glob("*.png")):
+            name = f"{folder.name}-{png.name}"
+            (out / "figures").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, out / "figures" / name)
+            names.append(name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,10 @@ WINDOWS, NAMES_WINDOWS = "research:test:narrative", 36
 # where each job writes, relative to the work directory
 IOI_OUT, NAMES_OUT = Path("causal/interventions"), Path("causal/erasure-names")
 CONNECT_OUT, AUTOINTERP_OUT = Path("causal/connect"), Path("causal/autointerp")
+FEATURES_OUT, FIGURES_OUT = Path("causal/features"), Path("causal/figures")
+FEATURE_TOKENS, FEATURE_EFFECTS = 16_384, 32
+# the PNGs the report stage copies into the results directory (bench.seeds.write_report)
+FIGURE_DIRS = (IOI_OUT, NAMES_OUT, CONNECT_OUT, FIGURES_OUT)
 
 
 def _sae(w: Path, name: str) -> str:
@@ -118,7 +122,26 @@ def jobs(job: type, train: Callable) -> list:
             bench("causal-erasure-names", "bench.interventions", lambda w: _interventions(w, "erasure", "names")),
             bench("causal-circuit", "bench.interventions", lambda w: _interventions(w, "circuit")),
             bench("causal-connect", "fastsae", _connect),
-            bench("causal-autointerp", "bench.autointerp", _autointerp)]
+            bench("causal-autointerp", "bench.autointerp", _autointerp),
+            bench("causal-features", "fastsae", _features), bench("causal-browse", "fastsae", _browse),
+            bench("causal-logit-hist", "bench.features", _logit_hist)]
+
+
+def _features(w: Path) -> list[str]:
+    """The feature cache of the k=32 SAE at resid_post.6 on held-out narrative, its effects (the logit-drop
+    histograms among them) for the FEATURE_EFFECTS best-looking latents."""
+    return ["features", "--sae", _sae(w, "causal-L6-k32"), "--corpus", WINDOWS, "--tokens", str(FEATURE_TOKENS),
+            "--effects", str(FEATURE_EFFECTS), "--out", str(w / FEATURES_OUT)]
+
+
+def _browse(w: Path) -> list[str]:
+    return ["browse", "--cache", str(w / FEATURES_OUT)]
+
+
+def _logit_hist(w: Path) -> list[str]:
+    """The browser's logit-drop histogram of the latent its index lists first, as a PNG among the figures."""
+    return ["--screenshot", str(w / FEATURES_OUT / "browser"), "best", "--element", "#logit-hist-box",
+            "--out", str(w / FIGURES_OUT)]
 
 
 # ---- the report rows -----------------------------------------------------------------------------------------

@@ -62,18 +62,27 @@ def _bench_parse(module, argv, monkeypatch):
 def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch):
     _harvested(tmp_path)
     names = [job.name for job in CAUSAL]
-    assert names[-6:] == ["causal-ioi", "causal-erasure", "causal-erasure-names", "causal-circuit", "causal-connect",
-                          "causal-autointerp"]  # the SAEs first: the analyses read them
+    assert names[-9:] == ["causal-ioi", "causal-erasure", "causal-erasure-names", "causal-circuit", "causal-connect",
+                          "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
         argv = job.argv(tmp_path)
         if job.module == "fastsae":
             args = _fastsae_parse(argv)
+            if args.command in ("features", "browse"):
+                cache = args.out if args.command == "features" else args.cache
+                assert cache == str(tmp_path / seeds_causal.FEATURES_OUT)
+                continue
             if args.command == "train":
                 assert args.site in seeds.LAYER_SITES and str(tmp_path / "harvest-layers") == args.data
                 assert args.steps * seeds.BATCH <= 5_200_000 and args.steps == 5_200_000 // seeds.BATCH
             else:
                 assert args.linear_only and args.sae_max_l0 == 30 and args.threshold == 0.001 and not args.no_resume
                 assert args.max_outputs == seeds_causal.CONNECT_OUTPUTS
+        elif job.module == "bench.features":
+            from bench.features import _parser
+            args = _parser().parse_args(argv)
+            assert args.screenshot == [str(tmp_path / seeds_causal.FEATURES_OUT / "browser"), "best"]
+            assert args.element == "#logit-hist-box" and args.out == str(tmp_path / seeds_causal.FIGURES_OUT)
         else:
             _bench_parse(job.module, argv, monkeypatch)
     got = _bench_parse("bench.autointerp", next(j for j in CAUSAL if j.name == "causal-autointerp").argv(tmp_path),
@@ -304,3 +313,13 @@ def test_interventions_groups_the_site_saes_into_one_curve_each(tmp_path, monkey
     args.site_saes = ["train/causal-L9-k32/sae"]
     with pytest.raises(SystemExit, match="every SAE must be at --site"):
         interventions.patch_section(None, None, saes, tmp_path, args)
+
+
+def test_the_report_copies_the_causal_figures(tmp_path):
+    w, out = tmp_path / "work", tmp_path / "out"
+    for folder, name in ((seeds_causal.IOI_OUT, "patch.png"), (seeds_causal.FIGURES_OUT, "element-7-2026.png")):
+        (w / folder).mkdir(parents=True)
+        (w / folder / name).write_bytes(b"\x89PNG " + name.encode())
+    (w / seeds_causal.IOI_OUT / "patch.json").write_text("{}")
+    assert seeds.copy_figures(w, out) == ["interventions-patch.png", "figures-element-7-2026.png"]
+    assert (out / "figures" / "interventions-patch.png").read_bytes() == b"\x89PNG patch.png"

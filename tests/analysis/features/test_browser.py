@@ -300,3 +300,18 @@ def test_annotation_links_other_than_http_https_or_relative_are_text_in_chromium
     page.wait_for("document.getElementById('feature').dataset.latent === '3'")
     assert page.evaluate("window.__pwned || null") is None
     only_local_files(page, index.parent)  # reading the hrefs fetched nothing (the <img> one included)
+
+
+def test_bench_features_screenshots_the_best_latents_logit_histogram(built, tmp_path):
+    """`python -m bench.features --screenshot BROWSER best --element '#logit-hist-box'` (bench.seeds' causal
+    figure): the index's first latent, only the histogram's box."""
+    from bench import features as bench_features
+    from fastsae.analysis.features.ranking import ranked_latents
+
+    cache, index = built
+    best = ranked_latents(cache)[0]
+    assert bench_features.best_latent(index.parent) == best
+    bench_features.main(["--screenshot", str(index.parent), "best", "--element", "#logit-hist-box",
+                         "--out", str(tmp_path)])
+    (shot,) = tmp_path.glob(f"element-{best}-*.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 2000
