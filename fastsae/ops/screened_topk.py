@@ -1,8 +1,8 @@
 """TopK's selection on CPUs whose bf16 GEMM outruns their fp32 one: screen in bf16, rescore in fp32, certify.
 
 The fp32 encoder GEMM is most of a CPU training step. Where the CPU multiplies bf16 in hardware (AMX), a bf16
-GEMM of the same shape is several times faster: 35 against 185 ms at 2048 x 768 x 16384 on the Intel Xeon (2
-cores), and the whole selection 125 against 213 ms (the "encoder GEMM" and "TopK selection" rows of
+GEMM of the same shape is several times faster: 42 against 203 ms at 2048 x 768 x 16384 on the Intel Xeon (2
+cores), and the whole selection 138 against 249 ms (the "encoder GEMM" and "TopK selection" rows of
 bench/results/training/cpu-parts-screen-2026-12-06/cpu-parts-2026-12-06.md). It stays that of the fp32 values:
 
     approx[n, j] = bf16 GEMM of [x_n, 1] and [w_j, b_j] (fp32 accumulation, bf16 output)

@@ -90,7 +90,8 @@ def two_level_topk(pre: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
     pass over every entry at N 2048, d 16384, k 32 (14.9 against 27.8 ms on 2 cores, bench/cpu_parts.py).
     Any partition into groups will do. In fp32 a group is a run of `group` columns. In bf16 (the screen of
     ops/screened_topk.py) it is the strided columns j, j + d/group, ..., whose maxima are an elementwise max of
-    `group` slices: 12.6 against 41.6 ms for runs at that shape, where torch reduces bf16 runs slowly.
+    `group` slices: 11.8 against 38.8 ms for runs at that shape, where torch reduces bf16 runs slowly
+    (bench/results/training/cpu-parts-screen-2026-12-06).
     A row with NaN (torch.topk ranks it above everything) goes through torch.topk."""
     n, d = pre.shape
     n_groups = d // group
