@@ -38,7 +38,8 @@ def screened_topk(x: Tensor, W: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tens
     exact = torch_backend.rows_dot(x, candidates, W).add_(b[candidates])  # (N, m) fp32
     values, at = torch.topk(exact, k, dim=1)
     indices = candidates.gather(1, at)
-    certified = screen[:, -1].float() + _slack(x, xb, W, b, screen[:, -1].float()) < values[:, -1]  # NaN: False
+    A, T = screen[:, -1].float(), values[:, -1]
+    certified = A + _slack(x, xb, W, b, A) < T - 2.0 ** -22 * T.abs()  # T's own rounding (the bias added); NaN: False
     if m < W.shape[0] and not bool(certified.all()):
         rows = (~certified).nonzero().squeeze(1)
         values[rows], indices[rows] = torch.topk(F.linear(x[rows], W, b), k, dim=1)
@@ -50,15 +51,17 @@ def _slack(x: Tensor, xb: Tensor, W: Tensor, b: Tensor, A: Tensor) -> Tensor:
 
     x.w - bf16(x).bf16(w) = (x - bf16(x)).w + bf16(x).(w - bf16(w)): at most |x - bf16(x)| max|w| (measured
     for x, which is small) + |bf16(x)| U max|w|; the bias's rounding, measured; fp32 accumulation over d_in + 1
-    terms, gamma |bf16(x)| max|bf16(w)|; the output's rounding to bf16, 2U |A| (what approx <= A can hide); and
-    the rescore's own rounding, gamma |x| max|w| again. Cauchy-Schwarz keeps each a bound, not an estimate."""
+    terms, gamma (|bf16(x)| max|bf16(w)| + max|b|); the output's rounding to bf16, 2U |A| (what approx <= A can
+    hide); and the rescore's dot products, gamma |x| max|w| again (its bias addition: the caller's margin on T).
+    Cauchy-Schwarz keeps each a bound, not an estimate; products of bf16 are exact in fp32, and 1e-30 covers
+    denormals flushed to zero."""
     x_low = xb[:, :-1].float()
     w_max = torch.linalg.vector_norm(W, dim=1).max()
     x_norm = torch.linalg.vector_norm(x_low, dim=1)
     gamma = 2 * (x.shape[1] + 1) * 2.0 ** -24 * (1 + U)
     b_err = (b - b.to(torch.bfloat16).float()).abs().max()
     return (torch.linalg.vector_norm(x - x_low, dim=1) * w_max + x_norm * w_max * (U + gamma) * (1 + U) + b_err
-            + 2 * U * A.abs() + gamma * torch.linalg.vector_norm(x, dim=1) * w_max + 1e-30)
+            + gamma * b.abs().max() + 2 * U * A.abs() + gamma * torch.linalg.vector_norm(x, dim=1) * w_max + 1e-30)
 
 
 def _with_ones(x: Tensor) -> Tensor:
@@ -76,8 +79,9 @@ def _with_bias(W: Tensor, b: Tensor) -> Tensor:
 
 
 def pays(x: Tensor, W: Tensor, b: Tensor, k: int) -> bool:
-    """Whether screened_topk is faster than the fp32 GEMM and top-k on this machine at this shape: fp32 CPU
-    tensors whose rows outnumber the candidates several times, measured once per key (cpu_gemm's cache)."""
+    """Whether screened_topk is faster than the fp32 GEMM and top-k on this machine at this shape: for fp32 CPU
+    tensors with at least 8 latents per candidate, measured once per key (cpu_gemm's cache) on the call's own
+    tensors."""
     if not (x.device.type == W.device.type == "cpu" and x.dtype == W.dtype == b.dtype == torch.float32
             and x.dim() == 2 and W.shape[0] >= 8 * (k + MARGIN)) or torch.compiler.is_compiling():
         return False
