@@ -39,8 +39,9 @@ from bench.cpu_step import interleaved, step_arguments
 from bench.saving import run_environment, save_report
 from fastsae import SAE, SAEConfig
 from fastsae.ops import cpu_gemm
+from fastsae.ops.row_select import TOPK_GROUP, rows_dot, topk_rows, two_level_topk
 from fastsae.ops.screened_topk import screened_topk
-from fastsae.ops.torch_backend import TOPK_GROUP, rows_dot, topk_rows, two_level_batch_select, two_level_topk
+from fastsae.ops.torch_backend import two_level_batch_select
 
 
 def fresh_filled(shape: tuple[int, int]) -> torch.Tensor:

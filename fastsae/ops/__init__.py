@@ -54,7 +54,7 @@ autograd, torch path, code and reference names are under `fastsae.ops`; tests ar
 | encode_jumprelu   | torch_backend.encode_jumprelu  | reference.encode_jumprelu   | test_jumprelu_ste               |
 | decode            | torch_backend.decode           | reference.decode            | test_kernels, test_backends     |
 | matryoshka_decode | matryoshka.matryoshka_decode   | reference.matryoshka_decode | test_matryoshka                 |
-| decode_value_grad | torch_backend.rows_dot         | reference.decode_value_grad | test_kernels, test_sparse_prims |
+| decode_value_grad | row_select.rows_dot            | reference.decode_value_grad | test_kernels, test_sparse_prims |
 | gather_rows       | torch_backend.PRIMS            | reference.gather_rows       | test_kernels, test_sparse_prims |
 | segment_sum       | torch_backend.segment_rows_sum | reference.segment_sum       | test_kernels, test_sparse_prims |
 | linear            | cpu_gemm.linear                | reference.linear            | test_cpu_gemm                   |

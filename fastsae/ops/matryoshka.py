@@ -94,7 +94,7 @@ def forward(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, x: Te
 
 def _entry_dots(R: Tensor, rows: Tensor, latents: Tensor, W: Tensor) -> Tensor:
     """<R[rows[e]], W[latents[e]]> (E,): embedding_bag's per-sample-weight gradient, one dot per entry with no
-    (E, d_in) gather (as torch_backend.rows_dot; W's rows act as the bags' gradients, R as the table)."""
+    (E, d_in) gather (as row_select.rows_dot; W's rows act as the bags' gradients, R as the table)."""
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         W, R.contiguous(), rows, torch.zeros(W.shape[0], dtype=torch.int64, device=W.device), latents, 0, -1)
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_gemm, torch_backend  # torch_backend imports this module: its names are read at call time
+from . import cpu_gemm
+from .row_select import rows_dot, topk_rows
 
 U = 2.0 ** -8  # bf16's unit roundoff (8 significant bits): |bf16(v) - v| <= U |v|
 MARGIN = 64  # candidates beyond k per row: every row of random Gaussian data certifies at d_sae 16384, k 32
@@ -34,8 +35,8 @@ def screened_topk(x: Tensor, W: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tens
     m = min(W.shape[0], k + MARGIN)
     xb = _with_ones(x)
     approx = F.linear(xb, _with_bias(W, b))  # (N, d_sae) bf16, bias included
-    screen, candidates = torch_backend.topk_rows(approx, m)  # descending: screen[:, -1] is A
-    exact = torch_backend.rows_dot(x, candidates, W).add_(b[candidates])  # (N, m) fp32
+    screen, candidates = topk_rows(approx, m)  # descending: screen[:, -1] is A
+    exact = rows_dot(x, candidates, W).add_(b[candidates])  # (N, m) fp32
     values, at = torch.topk(exact, k, dim=1)
     indices = candidates.gather(1, at)
     A, T = screen[:, -1].float(), values[:, -1]
@@ -90,4 +91,4 @@ def pays(x: Tensor, W: Tensor, b: Tensor, k: int) -> bool:
         return choice == "on"
     return cpu_gemm.measured("screen", x, W, {
         "on": lambda: screened_topk(x, W, b, k),
-        "off": lambda: torch_backend.topk_rows(cpu_gemm.linear(x, W, b), k)}) == "on"
+        "off": lambda: topk_rows(cpu_gemm.linear(x, W, b), k)}) == "on"

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from fastsae.ops import reference, torch_backend
-from fastsae.ops.torch_backend import (
-    TOPK_GROUP,
-    latent_segments,
-    rows_dot,
-    segment_rows_sum,
-    topk_rows,
-    two_level_batch_select,
-    two_level_topk,
-)
+from fastsae.ops.latent_groups import latent_segments
+from fastsae.ops.row_select import TOPK_GROUP, rows_dot, topk_rows, two_level_topk
+from fastsae.ops.torch_backend import segment_rows_sum, two_level_batch_select
 from fastsae.train import TrainConfig, Trainer
 
 from conftest import make_sae
@@ -137,7 +131,7 @@ def test_two_level_topk_edge_cases(case, dtype):
 
 def test_topk_rows_goes_two_level_only_where_it_pays(monkeypatch):
     calls = []
-    monkeypatch.setattr("fastsae.ops.torch_backend.two_level_topk",
+    monkeypatch.setattr("fastsae.ops.row_select.two_level_topk",
                         lambda pre, k, group: calls.append(pre.shape) or torch.topk(pre, k, dim=1))
     for shape, k in [((4, 16 * TOPK_GROUP), 4), ((4, 16 * TOPK_GROUP), 5), ((4, 16 * TOPK_GROUP + 1), 2)]:
         _check_topk(pre := torch.randn(shape), k, *topk_rows(pre, k))
