@@ -16,7 +16,9 @@ def rows_dot(grad: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     embedding_bag's per-sample-weight gradient is exactly this, one dot per entry with no (N, w, d) gather
     (5x faster than gathering the rows for a bmm at N 2048, k 32, d 768). The entries go latent by latent,
     so each row of W is read once for all the batch rows that use it while grad (N, d) stays in cache: 2.2x
-    faster than batch order, sort included (13.6 -> 6.2 ms on 2 cores at that shape, bench/cpu_parts.py).
+    faster than batch order, sort included, on the AMD EPYC (13.6 -> 6.2 ms on 2 cores at that shape,
+    bench/cpu_parts.py); on the Intel Xeon batch order is the faster, 9.0 against 11.8 ms
+    (bench/results/training/cpu-parts-2026-12-06.md), a difference left unchosen for now.
     Every dot is the same sum in the same order whatever the entry order, so the result is too."""
     n, w = indices.shape
     flat = indices.reshape(-1)
