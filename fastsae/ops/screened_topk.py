@@ -66,16 +66,18 @@ def _slack(x: Tensor, xb: Tensor, W: Tensor, b: Tensor, A: Tensor) -> Tensor:
 
 
 def _with_ones(x: Tensor) -> Tensor:
-    out = torch.empty(x.shape[0], x.shape[1] + 1, dtype=torch.bfloat16)
-    out[:, :-1] = x
-    out[:, -1] = 1.0
-    return out
+    return _with_column(x, 1.0)
 
 
 def _with_bias(W: Tensor, b: Tensor) -> Tensor:
-    out = torch.empty(W.shape[0], W.shape[1] + 1, dtype=torch.bfloat16)
-    out[:, :-1] = W
-    out[:, -1] = b
+    return _with_column(W, b)
+
+
+def _with_column(t: Tensor, last: Tensor | float) -> Tensor:
+    """[t, last] in bf16, (r, c) -> (r, c + 1): the GEMM's extra inner index carries the bias."""
+    out = torch.empty(t.shape[0], t.shape[1] + 1, dtype=torch.bfloat16)
+    out[:, :-1] = t
+    out[:, -1] = last
     return out
 
 
