@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import fastsae.sae as sae_module
 from fastsae import SAE, SAEConfig, SparseLatents, get_backend, set_backend, use_backend
 
 from conftest import make_sae
@@ -173,3 +174,32 @@ def test_a_jumprelu_config_written_before_theta_trained_keeps_its_l1_training():
     del old["jumprelu_sparsity"]
     assert SAEConfig.from_dict(old).jumprelu_sparsity == "l1"
     assert SAEConfig(d_in=4, d_sae=8, activation="jumprelu").jumprelu_sparsity == "step"
+
+
+@pytest.mark.parametrize("n_dead, k_aux", [(40, 7), (5, 7), (97, 97)])
+def test_auxk_dense_on_cpu_matches_the_sparse_path(monkeypatch, n_dead, k_aux):
+    """On CPU, AuxK over few dead latents takes fastsae.sae.dense_topk_decode; its loss and every gradient
+    equal the sparse encode_topk + decode path's (DENSE_AUXK_WIDTH 0 forces that), in float64."""
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(d_in=13, d_sae=97, activation="topk", k=4)).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    x = torch.randn(11, 13, dtype=torch.float64)
+    dead = torch.zeros(97, dtype=torch.bool)
+    dead[torch.randperm(97)[:n_dead]] = True
+
+    def auxk_and_grads():
+        sae.zero_grad(set_to_none=True)
+        out = sae(x, dead_mask=dead, k_aux=k_aux)
+        out.auxk.backward()
+        return out.auxk.detach(), [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+
+    dense = auxk_and_grads()
+    monkeypatch.setattr(sae_module, "DENSE_AUXK_WIDTH", 0)
+    with use_backend("reference"):
+        sparse = auxk_and_grads()
+    assert dense[0] > 0
+    torch.testing.assert_close(dense[0], sparse[0])
+    for got, want in zip(dense[1], sparse[1], strict=True):
+        torch.testing.assert_close(got, want)
