@@ -166,8 +166,11 @@ def _ceilings(results: dict) -> str:
     parts = []
     for site, result in results.items():
         for label, c in result.get("ceilings", {}).items():
+            by = c.get("by_positions", {})
+            where = "".join(f", at {name.replace('_', ' ')} {_f(p['all_latents_fraction'])} of the whole "
+                            f"activation's {_f(p['everything_fraction'])}" for name, p in by.items())
             parts.append(f"{site} {label} {_f(c['all_latents_fraction'])} (FVU names {_f(c['fvu_names'])}, "
-                         f"KL {_f(c.get('all_latents_kl'))})")
+                         f"KL {_f(c.get('all_latents_kl'))}{where})")
     return "; ".join(parts)
 
 

@@ -128,7 +128,9 @@ def _curve(fractions, ms=(1, 4, 16, 64)):
 def _ceiling(fraction):
     return {"all_latents_fraction": fraction, "all_latents": 900, "all_latents_kl": 0.2, "error_only_fraction": 0.1,
             "error_only_kl": 1.0, "error_only_relative_edit": 0.3, "everything_fraction": 1.0, "everything_kl": 0.0,
-            "fvu_names": 0.2, "fvu_patched": 0.1}
+            "fvu_names": 0.2, "fvu_patched": 0.1,
+            "by_positions": {"names": {"all_latents_fraction": fraction / 2, "all_latents_kl": 0.3,
+                                       "everything_fraction": 0.75, "everything_kl": 0.1, "positions": 100}}}
 
 
 def _ioi(w, sae16):
@@ -154,6 +156,7 @@ def test_the_ioi_row_compares_each_sparsity_with_pca_and_neurons_and_reports_eve
     row = seeds_causal._ioi_row(tmp_path)
     assert row["verdict"] == "reproduced" and "causal-L6-k32" in row["reason"].split("neurons at every m")[1]
     assert "resid_post.3 sae 0.600 (FVU names 0.200" in row["ours"] and "0.850 ≥ 0.8" in row["reason"]
+    assert "at names 0.300 of the whole activation's 0.750" in row["ours"]
     assert "causal-L6-k32 0.300/0.500/0.700" in row["ours"] and "not stated" in row["seed"]
     patch = json.loads((tmp_path / seeds_causal.IOI_OUT / "patch.json").read_text())
     patch["results"]["resid_post.6"]["curves"]["causal-L6-k32"] = _curve([0.1, 0.3, 0.5, 0.55])  # below PCA at 64

@@ -12,6 +12,10 @@ restores bounds the SAE's whole curve. Reported beside it:
   - fvu_names: the SAE's fraction of variance unexplained on the name tokens (the S2 / C column where clean
     and corrupted differ, both runs), Σ ||x - x̂||² / Σ ||x - x̄||²; fvu_patched the same over every patched
     position. A large FVU on the names is what keeps the ceiling low.
+  - by_positions: where the clean behaviour passes through the site. For the name column alone ("names") and
+    the positions after it ("after_names"): the fraction restored by every latent there (the ceiling at those
+    positions) and by the whole activation there (latents and error: what any basis could restore, patching
+    those positions only).
 """
 
 from __future__ import annotations
@@ -59,12 +63,25 @@ def ceiling(patcher, state, dictionary, prompts) -> dict:
     exact, _, exact_kl = patcher.measure(range(dictionary.size), patch_error=True)
     names = name_positions(prompts).to(state.keep.device) & state.keep
     gap = state.clean_ld - state.corrupted_ld
+    after = (names.long().cumsum(1) > 0) & ~names & state.keep
+    by_positions = {label: _at_positions(patcher, state, sorted(active), dictionary.size, where)
+                    for label, where in (("names", names), ("after_names", after))}
     return {"all_latents_fraction": (everything - state.corrupted_ld) / gap, "all_latents": len(active),
             "all_latents_kl": kl, "error_only_fraction": (error_only - state.corrupted_ld) / gap,
-            "error_only_kl": error_kl, "error_only_relative_edit": error_size,
+            "by_positions": by_positions, "error_only_kl": error_kl, "error_only_relative_edit": error_size,
             "everything_fraction": (exact - state.corrupted_ld) / gap, "everything_kl": exact_kl,
             "fvu_names": fvu(dictionary, torch.cat([state.clean_x[names], state.corrupted_x[names]])),
             "fvu_patched": fvu(dictionary, torch.cat([state.clean_x[state.keep], state.corrupted_x[state.keep]]))}
+
+
+def _at_positions(patcher, state, active: list[int], size: int, where: Tensor) -> dict:
+    """Every active latent, then the whole activation (latents and error), patched at the positions where only."""
+    gap = state.clean_ld - state.corrupted_ld
+    latents_ld, _, latents_kl = patcher.measure(active, positions=where)
+    whole_ld, _, whole_kl = patcher.measure(range(size), patch_error=True, positions=where)
+    return {"all_latents_fraction": (latents_ld - state.corrupted_ld) / gap, "all_latents_kl": latents_kl,
+            "everything_fraction": (whole_ld - state.corrupted_ld) / gap, "everything_kl": whole_kl,
+            "positions": int(where.sum())}
 
 
 @torch.no_grad()

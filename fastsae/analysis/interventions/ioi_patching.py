@@ -124,11 +124,14 @@ class Patcher:
         return self.measure(latents, patch_error)[:2]
 
     @torch.no_grad()
-    def measure(self, latents: Sequence[int], patch_error: bool = False) -> tuple[float, float, float]:
-        """Mean LD, the edit's relative size, and the mean KL(clean || patched) at the last token."""
+    def measure(self, latents: Sequence[int], patch_error: bool = False,
+                positions: Tensor | None = None) -> tuple[float, float, float]:
+        """Mean LD, the edit's relative size, and the mean KL(clean || patched) at the last token. positions:
+        (B, T) bool, the patched positions (default every real one, state.keep); the size is over state.keep."""
         s, state, batch = self.start, self.state, self.batch
+        where = state.keep if positions is None else positions.to(state.keep.device) & state.keep
         iv = Intervention(self.dictionary, patch=list(latents), source=state.clean_x[:, s:], patch_error=patch_error,
-                          positions=state.keep[:, s:], record=True)
+                          positions=where[:, s:], record=True)
         iv.source_codes = _columns(self.clean_codes, s)
         with hook_sites(self.model, {state.site: iv}):
             kwargs = {"input_ids": batch.input_ids[:, s:], "attention_mask": batch.attention_mask,

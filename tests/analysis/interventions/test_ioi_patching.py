@@ -7,7 +7,7 @@ from fastsae.analysis.interventions import ioi, ioi_ceiling, ioi_patching
 from fastsae.analysis.interventions.latent_edits import intervene
 from fastsae.analysis.interventions.padded_prompts import PromptBatch, last_logits
 from fastsae.evaluation import baselines
-from fastsae.model import random_causal_lm
+from fastsae.model import hook_site, random_causal_lm
 
 from conftest import make_sae
 from helpers import word_level_lm
@@ -194,6 +194,29 @@ def test_the_ceiling_is_patching_every_latent_and_one_for_an_exact_sae(lm, promp
     assert c["all_latents_kl"] == pytest.approx(0.0, abs=1e-5) and c["fvu_names"] == pytest.approx(0.0, abs=1e-6)
     names = ioi_ceiling.name_positions(prompts)
     assert names.sum(1).tolist() == [1] * len(prompts)
+    by = c["by_positions"]  # an exact SAE restores at each position set what the whole activation does there
+    assert by["names"]["positions"] == len(prompts) and by["after_names"]["positions"] > len(prompts)
+    for part in by.values():
+        assert part["all_latents_fraction"] == pytest.approx(part["everything_fraction"], abs=1e-4)
+
+
+def test_the_ceiling_by_positions_patches_only_those_positions(lm, prompts):
+    """At the name column alone, the whole activation restores what a hand-made patch of that column does."""
+    model, tok = lm
+    state = ioi_patching.SiteRuns(model, SITE, prompts, [tok.pad_token_id, tok.bos_token_id])
+    sae = make_sae(32, 96, "topk", k=8)
+    c = ioi_ceiling.ceiling(ioi_patching.Patcher(model, state, ioi_patching.as_dictionary(sae), prompts, True),
+                            state, sae, prompts)
+    names = ioi_ceiling.name_positions(prompts)
+
+    def swap(x):  # the clean activation at the name column, the corrupted one elsewhere
+        return torch.where(names[..., None].to(x.device), state.clean_x.to(x.dtype), x)
+
+    with torch.no_grad(), hook_site(model, SITE, swap):
+        ld = float(ioi.logit_diff(last_logits(model, prompts.corrupted), prompts).mean())
+    want = (ld - state.corrupted_ld) / (state.clean_ld - state.corrupted_ld)
+    assert c["by_positions"]["names"]["everything_fraction"] == pytest.approx(want, abs=1e-4)
+    assert abs(c["by_positions"]["names"]["everything_fraction"] - c["everything_fraction"]) > 1e-3
 
 
 def test_kl_to_clean_is_zero_when_every_direction_is_patched(lm, prompts):
