@@ -174,6 +174,21 @@ def _ceilings(results: dict) -> str:
     return "; ".join(parts)
 
 
+def _ceiling_diagnosis(results: dict) -> str:
+    """Why the ceilings stay low, from the best one's record: where the clean behaviour passes through the site
+    (the whole activation patched at the name column alone) and how well the SAE reconstructs those tokens."""
+    records = [(site, label, c) for site, r in results.items() for label, c in r.get("ceilings", {}).items()]
+    site, label, c = max(records, key=lambda t: t[2]["all_latents_fraction"])
+    names = c.get("by_positions", {}).get("names")
+    if names is None:
+        return ""
+    return (f". Diagnosis ({site} {label}): the whole activation patched at the name column alone restores "
+            f"{names['everything_fraction']:.3f}, so the behaviour passes through that one token, where every latent "
+            f"restores {names['all_latents_fraction']:.3f}: the SAE's FVU on the name tokens is {c['fvu_names']:.3f} "
+            f"against {c['fvu_patched']:.3f} over every patched position, and the error term patched alone "
+            f"restores {c['error_only_fraction']:.3f}")
+
+
 def _above(curves: dict, label: str, m: int) -> bool:
     """The SAE's fraction restored at m above both PCA's and the neurons' (False where one was not measured)."""
     sae, pca, neurons = (_at(curves[name], m) for name in (label, "pca", "neurons"))
@@ -191,8 +206,8 @@ def _ioi_row(w: Path) -> dict:
         return (f"{name} {'/'.join(_f(_at(curves[name], m)) for m in IOI_MS)} "
                 f"(KL {'/'.join(_f(kl.get(m)) for m in IOI_MS)})")
 
-    ceiling = max(c["all_latents_fraction"] for c in result.get("ceilings", {}).values()) \
-        if result.get("ceilings") else result["all_latents_fraction"]
+    every = [c["all_latents_fraction"] for r in patch["results"].values() for c in r.get("ceilings", {}).values()]
+    ceiling = max(every, default=result["all_latents_fraction"])  # the best of every SAE at every site
     ours = (f"ceilings: {_ceilings(patch['results'])}. At {IOI_SITE}, fraction restored at m = {ms}: "
             + "; ".join(cells(n) for n in curves))
     if not {"pca", "neurons"} <= set(curves):
@@ -202,7 +217,7 @@ def _ioi_row(w: Path) -> dict:
         verdict = "reproduced" if above else "not reproduced"
         why = (f"SAE curve above PCA and neurons at every m = {ms}: {', '.join(above) or 'none'}; best ceiling "
                f"{ceiling:.3f} {'≥' if ceiling >= IOI_CEILING else '<'} {IOI_CEILING} (no m restores more than "
-               f"the ceiling)")
+               f"the ceiling)" + ("" if ceiling >= IOI_CEILING else _ceiling_diagnosis(patch["results"])))
     return {"finding": "IOI patching: a few SAE latents restore the clean behaviour, better than PCA and neurons",
             "seed": "000/002: fewer-than-rank-one edits of SAE features restore IOI behaviour more precisely than "
                     "PCA, finer with sparser dictionaries; SAEs keep a positive minimum KL, PCA does not "

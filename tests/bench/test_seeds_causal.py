@@ -162,6 +162,19 @@ def test_the_ioi_row_compares_each_sparsity_with_pca_and_neurons_and_reports_eve
     patch["results"]["resid_post.6"]["curves"]["causal-L6-k32"] = _curve([0.1, 0.3, 0.5, 0.55])  # below PCA at 64
     _write(tmp_path / seeds_causal.IOI_OUT / "patch.json", patch)
     assert seeds_causal._ioi_row(tmp_path)["verdict"] == "not reproduced"
+    assert "Diagnosis" not in seeds_causal._ioi_row(tmp_path)["reason"]  # every ceiling reached 0.8
+
+
+def test_a_low_ioi_ceiling_is_diagnosed_from_the_best_ones_record(tmp_path):
+    _ioi(tmp_path, [0.1, 0.1, 0.1, 0.1])
+    patch = json.loads((tmp_path / seeds_causal.IOI_OUT / "patch.json").read_text())
+    for result in patch["results"].values():
+        result["ceilings"] = {label: _ceiling(0.2) for label in result["ceilings"]}
+    patch["results"]["resid_post.3"]["ceilings"]["sae"] = _ceiling(0.3)
+    _write(tmp_path / seeds_causal.IOI_OUT / "patch.json", patch)
+    reason = seeds_causal._ioi_row(tmp_path)["reason"]
+    assert "0.300 < 0.8" in reason and "Diagnosis (resid_post.3 sae)" in reason
+    assert "name column alone restores 0.750" in reason and "every latent restores 0.150" in reason
 
 
 def _erasure_result(sae_target, sae_other, pca_sel=(0.2, 0.1)):
