@@ -8,6 +8,8 @@ research:train at resid_post.3/.6/.9, mlp_in.6 and mlp_out.6: the same rows at e
     causal-mlp_in6-k32, causal-mlp_out6-k32   8,192-latent TopK SAEs at mlp_in.6 and mlp_out.6, for connect
     causal-ioi          python -m bench.interventions: IOI patching at resid_post.6 (three sparsities, PCA fitted
                         on the general corpus, neurons) and at .3/.9; each SAE's ceiling and KL to clean per m
+    causal-ioi-names    python -m bench.ioi_names: the ceiling on IOI prompts of the 12 names most and least frequent
+                        in the layers store, and each SAE's error on the store's rows of each name
     causal-erasure, causal-erasure-names   gendered-pronoun and first-name erasure at resid_post.6 on held-out
                         narrative: SAE vs PCA vs LEACE
     causal-circuit      the circuit of the resid_post.9 latent most associated with predicting a first name,
@@ -50,7 +52,7 @@ AUTOINTERP_SE = 2.0  # the SAE's mean must exceed a baseline's by this many comb
 WINDOWS, NAMES_WINDOWS = "research:test:narrative", 36
 
 # where each job writes, relative to the work directory
-IOI_OUT, NAMES_OUT = Path("causal/interventions"), Path("causal/erasure-names")
+IOI_OUT, NAMES_OUT, NAMES_IOI_OUT = Path("causal/interventions"), Path("causal/erasure-names"), Path("causal/ioi-names")
 CONNECT_OUT, AUTOINTERP_OUT = Path("causal/connect"), Path("causal/autointerp")
 FEATURES_OUT, FIGURES_OUT = Path("causal/features"), Path("causal/figures")
 FEATURE_TOKENS, FEATURE_EFFECTS = 16_384, 32
@@ -92,6 +94,12 @@ def _interventions(w: Path, part: str, concept: str = "gendered_pronouns") -> li
             "--erasure-windows", n, *skip, "--out", str(w / out)]
 
 
+def _ioi_names(w: Path) -> list[str]:
+    """The IOI ceiling on prompts of the most and the least frequent names of the layers store (bench.ioi_names)."""
+    saes = [_sae(w, f"causal-L6-k{k}") for k in SPARSITIES] + [_sae(w, "causal-L3-k32"), _sae(w, "causal-L9-k32")]
+    return ["--store", str(w / f"harvest-{LAYERS}"), "--sae", *saes, "--out", str(w / NAMES_IOI_OUT)]
+
+
 def _connect(w: Path) -> list[str]:
     """fastsae connect with the issue's settings (the skip start and per-layer normalisation are built in); it
     resumes from out/checkpoints per connector by default, a rerun re-encoding the store first (minutes).
@@ -118,6 +126,7 @@ def jobs(job: type, train: Callable) -> list:
 
     return [*_sae_jobs(train),
             bench("causal-ioi", "bench.interventions", lambda w: _interventions(w, "patch")),
+            bench("causal-ioi-names", "bench.ioi_names", _ioi_names),
             bench("causal-erasure", "bench.interventions", lambda w: _interventions(w, "erasure")),
             bench("causal-erasure-names", "bench.interventions", lambda w: _interventions(w, "erasure", "names")),
             bench("causal-circuit", "bench.interventions", lambda w: _interventions(w, "circuit")),
@@ -189,6 +198,22 @@ def _ceiling_diagnosis(results: dict) -> str:
             f"restores {c['error_only_fraction']:.3f}")
 
 
+def _names_diagnosis(w: Path) -> str:
+    """The training data's share in a low ceiling (bench.ioi_names): how often the store held the IOI names, and the
+    ceiling on prompts of its most and least frequent ones."""
+    try:
+        names = _read(w, "causal-ioi-names", NAMES_IOI_OUT / "ioi-names.json")
+    except KeyError:
+        return "; names by frequency: pending (causal-ioi-names)"
+    parts = [f"{Path(path).parent.name} {_f(r['frequent']['all_latents_fraction'])} (FVU names "
+             f"{_f(r['frequent']['fvu_names'])}) against {_f(r['rare']['all_latents_fraction'])} (FVU names "
+             f"{_f(r['rare']['fvu_names'])}), per-name error vs log count r {_f(r['error_vs_log_count_r'], 2)}"
+             for path, r in names["saes"].items()]
+    return (f". The IOI names occur a median {names['count_median']} times in the {names['store_tokens']:,} training "
+            f"tokens, {names['never_seen']} never; the ceiling on prompts of the {names['group']} most frequent names "
+            f"against the {names['group']} least: " + "; ".join(parts))
+
+
 def _above(curves: dict, label: str, m: int) -> bool:
     """The SAE's fraction restored at m above both PCA's and the neurons' (False where one was not measured)."""
     sae, pca, neurons = (_at(curves[name], m) for name in (label, "pca", "neurons"))
@@ -217,7 +242,8 @@ def _ioi_row(w: Path) -> dict:
         verdict = "reproduced" if above else "not reproduced"
         why = (f"SAE curve above PCA and neurons at every m = {ms}: {', '.join(above) or 'none'}; best ceiling "
                f"{ceiling:.3f} {'≥' if ceiling >= IOI_CEILING else '<'} {IOI_CEILING} (no m restores more than "
-               f"the ceiling)" + ("" if ceiling >= IOI_CEILING else _ceiling_diagnosis(patch["results"])))
+               f"the ceiling)" + ("" if ceiling >= IOI_CEILING else _ceiling_diagnosis(patch["results"])
+                                  + _names_diagnosis(w)))
     return {"finding": "IOI patching: a few SAE latents restore the clean behaviour, better than PCA and neurons",
             "seed": "000/002: fewer-than-rank-one edits of SAE features restore IOI behaviour more precisely than "
                     "PCA, finer with sparser dictionaries; SAEs keep a positive minimum KL, PCA does not "

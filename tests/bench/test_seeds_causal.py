@@ -3,6 +3,7 @@ commands write (built here by the writers' own code where it is cheap, checked b
 missing file gives a pending row naming its job, and `--stage causal --only` runs one job."""
 
 import argparse
+import importlib
 import json
 import sys
 from types import SimpleNamespace
@@ -46,11 +47,11 @@ def _bench_parse(module, argv, monkeypatch):
         got.update(kwargs, args=args)
         raise _Parsed
 
-    if module == "bench.interventions":
-        from bench import interventions
-        monkeypatch.setattr(interventions, "load", stop)
+    if module in ("bench.interventions", "bench.ioi_names"):
+        bench_module = importlib.import_module(module)
+        monkeypatch.setattr(bench_module, "load", stop)
         with pytest.raises(_Parsed):
-            interventions.main(argv)
+            bench_module.main(argv)
     else:
         from bench import autointerp
         monkeypatch.setattr(autointerp, "run_autointerp", stop)
@@ -62,7 +63,8 @@ def _bench_parse(module, argv, monkeypatch):
 def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch):
     _harvested(tmp_path)
     names = [job.name for job in CAUSAL]
-    assert names[-9:] == ["causal-ioi", "causal-erasure", "causal-erasure-names", "causal-circuit", "causal-connect",
+    assert names[-10:] == ["causal-ioi", "causal-ioi-names", "causal-erasure", "causal-erasure-names",
+                           "causal-circuit", "causal-connect",
                           "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
         argv = job.argv(tmp_path)
@@ -175,6 +177,15 @@ def test_a_low_ioi_ceiling_is_diagnosed_from_the_best_ones_record(tmp_path):
     reason = seeds_causal._ioi_row(tmp_path)["reason"]
     assert "0.300 < 0.8" in reason and "Diagnosis (resid_post.3 sae)" in reason
     assert "name column alone restores 0.750" in reason and "every latent restores 0.150" in reason
+    assert "pending (causal-ioi-names)" in reason
+    group = {"all_latents_fraction": 0.5, "fvu_names": 0.18}
+    _write(tmp_path / seeds_causal.NAMES_IOI_OUT / "ioi-names.json", {
+        "store_tokens": 5_200_039, "group": 12, "count_median": 3, "never_seen": 12, "saes": {
+            "w/train/causal-L6-k32/sae": {"frequent": group, "rare": {"all_latents_fraction": 0.15, "fvu_names": 0.45},
+                                          "error_vs_log_count_r": -0.82}}})
+    reason = seeds_causal._ioi_row(tmp_path)["reason"]
+    assert "median 3 times in the 5,200,039 training tokens, 12 never" in reason
+    assert "causal-L6-k32 0.500 (FVU names 0.180) against 0.150 (FVU names 0.450)" in reason and "r -0.82" in reason
 
 
 def _erasure_result(sae_target, sae_other, pca_sel=(0.2, 0.1)):
