@@ -32,8 +32,9 @@ ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # AuxK on CPU reconstructs the residual densely, through the (N, n_dead) pre-activations, while n_dead is at most
 # this many times k_aux: its k_aux (d_in / 2 by default) is ten times the SAE's k, and the sparse path's gathers
-# and sorts over N·k_aux entries cost more than dense GEMMs over that few columns (forward + backward at N 4,096,
-# d_in 640, k_aux 320 on 2 Xeon cores: 2.5x faster at 750 dead, 1.6x at 3,000, a tie near 8,000)
+# and sorts over N·k_aux entries cost more than dense GEMMs over that few columns. On 2 Xeon cores (N 4,096, d_in 640,
+# k_aux 320; a session's scratch timing, not a committed benchmark) the two paths tied near 25·k_aux dead latents;
+# 16 stays below that
 DENSE_AUXK_WIDTH = 16
 
 
