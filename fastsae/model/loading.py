@@ -43,15 +43,24 @@ def _gemma(dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         _forget_gguf(model)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-", dir=cached.parent))
-        try:  # written aside, then renamed: a killed first load leaves no half cache
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, cached)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_cache(cached, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached)
+
+
+def _write_cache(cached: Path, write) -> None:
+    """write(folder) into a new folder beside `cached`, then renamed to it: a killed first load leaves no half
+    cache. Two processes that both found no cache (two commands started together on a fresh machine) both
+    convert; the second rename finds the first's folder in place and keeps it (the two copies are identical)."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        if not (cached / "config.json").is_file():
+            raise  # not that race: a real failure to write the cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _forget_gguf(model: nn.Module) -> None:
