@@ -4,7 +4,8 @@
 
 Counts each IOI name (ioi.NAMES, one token after a space) among the token ids of the SAEs' training store, then
 measures each SAE's ceiling (ioi_ceiling.ceiling: every latent patched, the error term left corrupted) on IOI
-prompts drawn only from the GROUP most frequent names, and on prompts drawn only from the GROUP least frequent.
+prompts drawn only from the GROUP most frequent names, on prompts drawn only from the GROUP least frequent, and on
+prompts drawn from every name (the usual IOI prompts).
 A ceiling that rises with the names' frequency points at the training data, not at the dictionary's method.
 Per name, the SAE's relative error on the store's own rows of that token (Σ ||x - x̂||² / Σ ||x - x̄||², x̄ the
 store's mean at the site), and its Pearson correlation with log(1 + count) over the names seen at least 5 times.
@@ -90,6 +91,7 @@ def measure(model, tokenizer, store: ActivationStore, saes: dict) -> dict:
         out["saes"][path] = {
             "site": site, "relative_error": errors,
             "error_vs_log_count_r": _pearson([math.log1p(out["counts"][n]) for n in errors], list(errors.values())),
+            "all": ceiling_by_group(model, tokenizer, site, sae, names),
             "frequent": ceiling_by_group(model, tokenizer, site, sae, ranked[:GROUP]),
             "rare": ceiling_by_group(model, tokenizer, site, sae, ranked[-GROUP:])}
     counts_sorted = sorted(out["counts"].values())

@@ -10,6 +10,11 @@ research:train at resid_post.3/.6/.9, mlp_in.6 and mlp_out.6: the same rows at e
                         on the general corpus, neurons) and at .3/.9; each SAE's ceiling and KL to clean per m
     causal-ioi-names    python -m bench.ioi_names: the ceiling on IOI prompts of the 12 names most and least frequent
                         in the layers store, and each SAE's error on the store's rows of each name
+    causal-ioi-corpus, harvest-ioi-control, harvest-ioi-balanced, harvest-ioi-heldout, causal-L3-control,
+    causal-L3-balanced, causal-ioi-balanced
+                        python -m bench.ioi_balanced: two 16,384-latent TopK SAEs at resid_post.3 on 1.97M tokens
+                        each, of research:train and of a name-balanced mix of it (no layers harvest needed), and
+                        their ceilings on IOI prompts
     causal-erasure, causal-erasure-names   gendered-pronoun and first-name erasure at resid_post.6 on held-out
                         narrative: SAE vs PCA vs LEACE
     causal-circuit      the circuit of the resid_post.9 latent most associated with predicting a first name,
@@ -54,6 +59,10 @@ WINDOWS, NAMES_WINDOWS = "research:test:narrative", 36
 # where each job writes, relative to the work directory
 IOI_OUT, NAMES_OUT, NAMES_IOI_OUT = Path("causal/interventions"), Path("causal/erasure-names"), Path("causal/ioi-names")
 CONNECT_OUT, AUTOINTERP_OUT = Path("causal/connect"), Path("causal/autointerp")
+BALANCED_OUT, BALANCED_SITE = Path("causal/ioi-balanced"), "resid_post.3"  # bench.ioi_balanced's corpora, results
+# harvested per store (ioi_balanced.TOKENS, which its corpora are built for) and trained on per SAE: the same
+# steps for both, within the vectors either store holds (a window's BOS and a document's EOS are not stored)
+BALANCED_HARVEST, BALANCED_TOKENS, BALANCED_HELDOUT = 2_097_152, 480 * 4096, 16_384
 FEATURES_OUT, FIGURES_OUT = Path("causal/features"), Path("causal/figures")
 FEATURE_TOKENS, FEATURE_EFFECTS = 16_384, 32
 # the PNGs the report stage copies into the results directory (bench.seeds.write_report)
@@ -76,6 +85,39 @@ def _sae_jobs(train: Callable) -> list:
     jobs += [train(f"causal-{site.replace('.', '')}-k32", None, "--d-sae", "8192", *topk, "--k", "32", store=LAYERS,
                    site=site) for site in ("mlp_in.6", "mlp_out.6")]
     return [dataclasses.replace(job, stage="causal") for job in jobs]
+
+
+def _done(w: Path, *jobs: str) -> None:
+    """KeyError naming the first of jobs that has not finished (bench.seeds then runs it first)."""
+    for name in jobs:
+        if not (w / "done" / f"{name}.json").exists():
+            raise KeyError(name)
+
+
+def _balanced_jobs(job: type, train: Callable) -> list:
+    """bench.ioi_balanced's experiment: its corpora, three harvests at resid_post.3, two SAEs, the measurement."""
+    def harvest(name: str, corpus: Callable[[Path], str], tokens: int):
+        def argv(w: Path) -> list[str]:
+            _done(w, "causal-ioi-corpus")
+            return ["harvest", "--model", "gemma-3-270m", "--corpus", corpus(w), "--sites", BALANCED_SITE,
+                    "--tokens", str(tokens), "--dtype", "bfloat16", "--out", str(w / f"harvest-{name}"), "--resume"]
+        return job(f"harvest-{name}", "causal", argv)
+
+    def measure(w: Path) -> list[str]:
+        _done(w, "causal-L3-control", "causal-L3-balanced", "harvest-ioi-heldout")
+        return ["measure", *(a for s in ("control", "balanced", "heldout")
+                             for a in (f"--{s}-store", str(w / f"harvest-ioi-{s}"))),
+                "--sae", _sae(w, "causal-L3-control"), _sae(w, "causal-L3-balanced"), "--out", str(w / BALANCED_OUT)]
+
+    topk = ("--d-sae", "16384", "--activation", "topk", "--k", "32", "--auxk", "0.03125")
+    return [job("causal-ioi-corpus", "causal", lambda w: ["corpus", "--out", str(w / BALANCED_OUT)],
+                module="bench.ioi_balanced"),
+            *(harvest(f"ioi-{name}", lambda w, name=name: str(w / BALANCED_OUT / f"{name}.jsonl"), BALANCED_HARVEST)
+              for name in ("control", "balanced")),
+            harvest("ioi-heldout", lambda w: "research:test", BALANCED_HELDOUT),
+            *(dataclasses.replace(train(f"causal-L3-{name}", BALANCED_TOKENS, *topk, store=f"ioi-{name}",
+                                        site=BALANCED_SITE), stage="causal") for name in ("control", "balanced")),
+            job("causal-ioi-balanced", "causal", measure, module="bench.ioi_balanced")]
 
 
 def _interventions(w: Path, part: str, concept: str = "gendered_pronouns") -> list[str]:
@@ -126,7 +168,7 @@ def jobs(job: type, train: Callable) -> list:
 
     return [*_sae_jobs(train),
             bench("causal-ioi", "bench.interventions", lambda w: _interventions(w, "patch")),
-            bench("causal-ioi-names", "bench.ioi_names", _ioi_names),
+            bench("causal-ioi-names", "bench.ioi_names", _ioi_names), *_balanced_jobs(job, train),
             bench("causal-erasure", "bench.interventions", lambda w: _interventions(w, "erasure")),
             bench("causal-erasure-names", "bench.interventions", lambda w: _interventions(w, "erasure", "names")),
             bench("causal-circuit", "bench.interventions", lambda w: _interventions(w, "circuit")),
@@ -214,6 +256,31 @@ def _names_diagnosis(w: Path) -> str:
             f"against the {names['group']} least: " + "; ".join(parts))
 
 
+def _balanced(w: Path) -> dict | None:
+    """bench.ioi_balanced's result, None while causal-ioi-balanced has not run."""
+    try:
+        return _read(w, "causal-ioi-balanced", BALANCED_OUT / "ioi-balanced.json")
+    except KeyError:
+        return None
+
+
+def _balanced_text(result: dict | None) -> str:
+    """The training data's effect on the ceiling: the control and the name-balanced SAE side by side."""
+    if result is None:
+        return "; name-balanced training data: pending (causal-ioi-balanced)"
+    cells = []
+    for label, path in result["labels"].items():
+        r = result["saes"][path]
+        cells.append(f"{label} {_f(r['all']['all_latents_fraction'])} (FVU names {_f(r['all']['fvu_names'])}; "
+                     f"frequent/rare names {_f(r['frequent']['all_latents_fraction'])}/"
+                     f"{_f(r['rare']['all_latents_fraction'])}; held-out FVU {_f(r['heldout_fvu'])})")
+    balanced, control = sorted(result["balanced_counts"].values()), sorted(result["counts"].values())
+    return (f". Name-balanced training data (bench.ioi_balanced: {BALANCED_SITE}, {BALANCED_TOKENS:,} tokens per SAE; "
+            f"half the balanced SAE's are research:train sentences with the names the corpus uses replaced by IOI "
+            f"names, each name {balanced[0]}–{balanced[-1]} times in its store against a median "
+            f"{control[len(control) // 2]} in the control's): ceiling on every name " + "; ".join(cells))
+
+
 def _above(curves: dict, label: str, m: int) -> bool:
     """The SAE's fraction restored at m above both PCA's and the neurons' (False where one was not measured)."""
     sae, pca, neurons = (_at(curves[name], m) for name in (label, "pca", "neurons"))
@@ -232,7 +299,9 @@ def _ioi_row(w: Path) -> dict:
                 f"(KL {'/'.join(_f(kl.get(m)) for m in IOI_MS)})")
 
     every = [c["all_latents_fraction"] for r in patch["results"].values() for c in r.get("ceilings", {}).values()]
-    ceiling = max(every, default=result["all_latents_fraction"])  # the best of every SAE at every site
+    balanced = _balanced(w)  # the best of every SAE at every site, the name-balanced experiment's included
+    every += [r["all"]["all_latents_fraction"] for r in (balanced or {"saes": {}})["saes"].values()]
+    ceiling = max(every, default=result["all_latents_fraction"])
     ours = (f"ceilings: {_ceilings(patch['results'])}. At {IOI_SITE}, fraction restored at m = {ms}: "
             + "; ".join(cells(n) for n in curves))
     if not {"pca", "neurons"} <= set(curves):
@@ -243,7 +312,7 @@ def _ioi_row(w: Path) -> dict:
         why = (f"SAE curve above PCA and neurons at every m = {ms}: {', '.join(above) or 'none'}; best ceiling "
                f"{ceiling:.3f} {'≥' if ceiling >= IOI_CEILING else '<'} {IOI_CEILING} (no m restores more than "
                f"the ceiling)" + ("" if ceiling >= IOI_CEILING else _ceiling_diagnosis(patch["results"])
-                                  + _names_diagnosis(w)))
+                                  + _names_diagnosis(w)) + _balanced_text(balanced))
     return {"finding": "IOI patching: a few SAE latents restore the clean behaviour, better than PCA and neurons",
             "seed": "000/002: fewer-than-rank-one edits of SAE features restore IOI behaviour more precisely than "
                     "PCA, finer with sparser dictionaries; SAEs keep a positive minimum KL, PCA does not "

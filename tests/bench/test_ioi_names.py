@@ -49,5 +49,5 @@ def test_names_are_counted_and_grouped_by_frequency(tmp_path, monkeypatch):
     mean = acts.double().mean(0)  # every row of this small store is in the sample
     want = float((x - recon).pow(2).sum() / (x - mean).pow(2).sum())
     assert math.isclose(report["relative_error"][names[0]], want, rel_tol=1e-4)
-    for group in ("frequent", "rare"):
+    for group in ("all", "frequent", "rare"):
         assert {"all_latents_fraction", "fvu_names", "by_positions"} <= set(report[group])

@@ -30,6 +30,19 @@ def _harvested(w, rows=5_200_000):
     (w / "done" / "harvest-layers.json").write_text("{}")
 
 
+BALANCED = ["causal-ioi-corpus", "harvest-ioi-control", "harvest-ioi-balanced", "harvest-ioi-heldout",
+            "causal-L3-control", "causal-L3-balanced", "causal-ioi-balanced"]
+
+
+def _balanced_done(w, rows=2_080_000):
+    """bench.ioi_balanced's jobs done, its stores holding rows vectors each."""
+    for name in BALANCED:
+        (w / "done" / f"{name}.json").write_text("{}")
+    for store in ("control", "balanced"):
+        (w / f"harvest-ioi-{store}").mkdir()
+        (w / f"harvest-ioi-{store}" / "manifest.json").write_text(json.dumps({"tokens": rows}))
+
+
 def _fastsae_parse(argv):
     """argv parsed by the fastsae command's own register() (a renamed or removed flag exits)."""
     import importlib
@@ -47,7 +60,7 @@ def _bench_parse(module, argv, monkeypatch):
         got.update(kwargs, args=args)
         raise _Parsed
 
-    if module in ("bench.interventions", "bench.ioi_names"):
+    if module in ("bench.interventions", "bench.ioi_names", "bench.ioi_balanced"):
         bench_module = importlib.import_module(module)
         monkeypatch.setattr(bench_module, "load", stop)
         with pytest.raises(_Parsed):
@@ -62,12 +75,25 @@ def _bench_parse(module, argv, monkeypatch):
 
 def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch):
     _harvested(tmp_path)
+    harvest = next(job for job in CAUSAL if job.name == "harvest-ioi-balanced")
+    with pytest.raises(KeyError, match="causal-ioi-corpus"):  # bench.seeds runs the corpus job first
+        harvest.argv(tmp_path)
+    _balanced_done(tmp_path)
     names = [job.name for job in CAUSAL]
-    assert names[-10:] == ["causal-ioi", "causal-ioi-names", "causal-erasure", "causal-erasure-names",
+    assert names[-17:] == ["causal-ioi", "causal-ioi-names", *BALANCED, "causal-erasure", "causal-erasure-names",
                            "causal-circuit", "causal-connect",
-                          "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
+                           "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
         argv = job.argv(tmp_path)
+        if job.module == "fastsae" and argv[0] == "harvest":
+            args = _fastsae_parse(argv)
+            assert args.sites == ["resid_post.3"] and args.resume
+            continue
+        if job.name in ("causal-L3-control", "causal-L3-balanced"):  # the same steps on either store
+            args = _fastsae_parse(argv)
+            assert args.data == str(tmp_path / f"harvest-ioi-{job.name.split('-')[-1]}")
+            assert args.steps == 480 and int(args.tokens) == 480 * seeds.BATCH and args.site == "resid_post.3"
+            continue
         if job.module == "fastsae":
             args = _fastsae_parse(argv)
             if args.command in ("features", "browse"):
@@ -90,7 +116,8 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
     got = _bench_parse("bench.autointerp", next(j for j in CAUSAL if j.name == "causal-autointerp").argv(tmp_path),
                        monkeypatch)
     assert got["features"] == "100" and "random" in got["baselines"] and got["sae"].endswith("causal-L6-k32/sae")
-    sites = {job.name: _fastsae_parse(job.argv(tmp_path)).site for job in CAUSAL if job.argv(tmp_path)[0] == "train"}
+    sites = {job.name: _fastsae_parse(job.argv(tmp_path)).site for job in CAUSAL
+             if job.argv(tmp_path)[0] == "train" and job.name not in BALANCED}
     assert sites == {"causal-L3-k32": "resid_post.3", "causal-L9-k32": "resid_post.9", "causal-L6-k16": "resid_post.6",
                      "causal-L6-k32": "resid_post.6", "causal-L6-k64": "resid_post.6",
                      "causal-mlp_in6-k32": "mlp_in.6", "causal-mlp_out6-k32": "mlp_out.6"}
@@ -186,6 +213,33 @@ def test_a_low_ioi_ceiling_is_diagnosed_from_the_best_ones_record(tmp_path):
     reason = seeds_causal._ioi_row(tmp_path)["reason"]
     assert "median 3 times in the 5,200,039 training tokens, 12 never" in reason
     assert "causal-L6-k32 0.500 (FVU names 0.180) against 0.150 (FVU names 0.450)" in reason and "r -0.82" in reason
+
+
+def _balanced_result(control: float, balanced: float) -> dict:
+    """ioi-balanced.json as bench.ioi_balanced.measure writes it (the keys the row reads)."""
+    def sae(fraction, fvu):
+        return {"all": {"all_latents_fraction": fraction, "fvu_names": fvu},
+                "frequent": {"all_latents_fraction": 0.79}, "rare": {"all_latents_fraction": 0.1}, "heldout_fvu": fvu}
+    return {"labels": {"control": "w/c/sae", "balanced": "w/b/sae"},
+            "saes": {"w/c/sae": sae(control, 0.3), "w/b/sae": sae(balanced, 0.05)},
+            "counts": {f"n{i}": i for i in range(100)}, "balanced_counts": {f"n{i}": 280 + i for i in range(100)}}
+
+
+def test_the_ioi_row_takes_the_name_balanced_ceiling_and_says_which_data_gave_it(tmp_path):
+    _ioi(tmp_path, [0.1, 0.1, 0.1, 0.1])
+    patch = json.loads((tmp_path / seeds_causal.IOI_OUT / "patch.json").read_text())
+    for result in patch["results"].values():
+        result["ceilings"] = {label: _ceiling(0.2) for label in result["ceilings"]}
+    _write(tmp_path / seeds_causal.IOI_OUT / "patch.json", patch)
+    reason = seeds_causal._ioi_row(tmp_path)["reason"]
+    assert "0.200 < 0.8" in reason and "name-balanced training data: pending (causal-ioi-balanced)" in reason
+    _write(tmp_path / seeds_causal.BALANCED_OUT / "ioi-balanced.json", _balanced_result(0.3, 0.86))
+    reason = seeds_causal._ioi_row(tmp_path)["reason"]
+    assert "best ceiling 0.860 ≥ 0.8" in reason and "Diagnosis" not in reason
+    assert "each name 280–379 times in its store against a median 50 in the control's" in reason
+    assert "control 0.300 (FVU names 0.300" in reason and "balanced 0.860 (FVU names 0.050" in reason
+    _write(tmp_path / seeds_causal.BALANCED_OUT / "ioi-balanced.json", _balanced_result(0.3, 0.5))
+    assert "best ceiling 0.500 < 0.8" in seeds_causal._ioi_row(tmp_path)["reason"]
 
 
 def _erasure_result(sae_target, sae_other, pca_sel=(0.2, 0.1)):
