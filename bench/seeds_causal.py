@@ -15,6 +15,9 @@ research:train at resid_post.3/.6/.9, mlp_in.6 and mlp_out.6: the same rows at e
                         python -m bench.ioi_balanced: two 16,384-latent TopK SAEs at resid_post.3 on 1.97M tokens
                         each, of research:train and of a name-balanced mix of it (no layers harvest needed), and
                         their ceilings on IOI prompts
+    causal-L3-balanced-k16, causal-L3-balanced-k64, causal-ioi-balanced-curves
+                        two more sparsities on the balanced store, then IOI patching at resid_post.3 with the
+                        three (PCA fitted on the general corpus, neurons), as causal-ioi at resid_post.6
     causal-erasure, causal-erasure-names   gendered-pronoun and first-name erasure at resid_post.6 on held-out
                         narrative: SAE vs PCA vs LEACE
     causal-circuit      the circuit of the resid_post.9 latent most associated with predicting a first name,
@@ -60,6 +63,7 @@ WINDOWS, NAMES_WINDOWS = "research:test:narrative", 36
 IOI_OUT, NAMES_OUT, NAMES_IOI_OUT = Path("causal/interventions"), Path("causal/erasure-names"), Path("causal/ioi-names")
 CONNECT_OUT, AUTOINTERP_OUT = Path("causal/connect"), Path("causal/autointerp")
 BALANCED_OUT, BALANCED_SITE = Path("causal/ioi-balanced"), "resid_post.3"  # bench.ioi_balanced's corpora, results
+BALANCED_CURVES_OUT = BALANCED_OUT / "interventions"  # IOI patching with the name-balanced SAEs
 # harvested per store (ioi_balanced.TOKENS, which its corpora are built for) and trained on per SAE: the same
 # steps for both, within the vectors either store holds (a window's BOS and a document's EOS are not stored)
 BALANCED_HARVEST, BALANCED_TOKENS, BALANCED_HELDOUT = 2_097_152, 480 * 4096, 16_384
@@ -103,21 +107,30 @@ def _balanced_jobs(job: type, train: Callable) -> list:
                     "--tokens", str(tokens), "--dtype", "bfloat16", "--out", str(w / f"harvest-{name}"), "--resume"]
         return job(f"harvest-{name}", "causal", argv)
 
+    def curves(w: Path) -> list[str]:  # IOI patching at the balanced site: three sparsities, PCA, neurons
+        _done(w, *(f"causal-L3-balanced{suffix}" for suffix in ("", "-k16", "-k64")))
+        return ["--sae", _sae(w, "causal-L3-balanced"), "--site", BALANCED_SITE, "--site-saes",
+                _sae(w, "causal-L3-balanced-k16"), _sae(w, "causal-L3-balanced-k64"),
+                "--skip", "erasure", "circuit", "steer", "--out", str(w / BALANCED_CURVES_OUT)]
+
     def measure(w: Path) -> list[str]:
         _done(w, "causal-L3-control", "causal-L3-balanced", "harvest-ioi-heldout")
         return ["measure", *(a for s in ("control", "balanced", "heldout")
                              for a in (f"--{s}-store", str(w / f"harvest-ioi-{s}"))),
                 "--sae", _sae(w, "causal-L3-control"), _sae(w, "causal-L3-balanced"), "--out", str(w / BALANCED_OUT)]
 
-    topk = ("--d-sae", "16384", "--activation", "topk", "--k", "32", "--auxk", "0.03125")
+    topk = ("--d-sae", "16384", "--activation", "topk", "--auxk", "0.03125")
     return [job("causal-ioi-corpus", "causal", lambda w: ["corpus", "--out", str(w / BALANCED_OUT)],
                 module="bench.ioi_balanced"),
             *(harvest(f"ioi-{name}", lambda w, name=name: str(w / BALANCED_OUT / f"{name}.jsonl"), BALANCED_HARVEST)
               for name in ("control", "balanced")),
             harvest("ioi-heldout", lambda w: "research:test", BALANCED_HELDOUT),
-            *(dataclasses.replace(train(f"causal-L3-{name}", BALANCED_TOKENS, *topk, store=f"ioi-{name}",
+            *(dataclasses.replace(train(f"causal-L3-{name}", BALANCED_TOKENS, *topk, "--k", "32", store=f"ioi-{name}",
                                         site=BALANCED_SITE), stage="causal") for name in ("control", "balanced")),
-            job("causal-ioi-balanced", "causal", measure, module="bench.ioi_balanced")]
+            job("causal-ioi-balanced", "causal", measure, module="bench.ioi_balanced"),
+            *(dataclasses.replace(train(f"causal-L3-balanced-k{k}", BALANCED_TOKENS, *topk, "--k", str(k),
+                                        store="ioi-balanced", site=BALANCED_SITE), stage="causal") for k in (16, 64)),
+            job("causal-ioi-balanced-curves", "causal", curves, module="bench.interventions")]
 
 
 def _interventions(w: Path, part: str, concept: str = "gendered_pronouns") -> list[str]:
@@ -287,27 +300,40 @@ def _above(curves: dict, label: str, m: int) -> bool:
     return None not in (sae, pca, neurons) and sae > max(pca, neurons)
 
 
+def _cells(curves: dict, name: str) -> str:
+    """One curve's fraction restored and KL to clean at IOI_MS."""
+    kl = dict(zip(curves[name]["m"], curves[name].get("kl", [None] * len(curves[name]["m"])), strict=True))
+    return (f"{name} {'/'.join(_f(_at(curves[name], m)) for m in IOI_MS)} "
+            f"(KL {'/'.join(_f(kl.get(m)) for m in IOI_MS)})")
+
+
+def _site_curves(w: Path) -> dict:
+    """{site: causal-ioi's result there, or the name-balanced SAEs' where their curves have run}."""
+    sites = {IOI_SITE: _read(w, "causal-ioi", IOI_OUT / "patch.json")["results"][IOI_SITE]}
+    if (w / BALANCED_CURVES_OUT / "patch.json").is_file():
+        balanced = _read(w, "causal-ioi-balanced-curves", BALANCED_CURVES_OUT / "patch.json")
+        sites[f"{BALANCED_SITE} (name-balanced)"] = balanced["results"][BALANCED_SITE]
+    return sites
+
+
 def _ioi_row(w: Path) -> dict:
     patch = _read(w, "causal-ioi", IOI_OUT / "patch.json")
     result = patch["results"][IOI_SITE]
-    curves, labels = result["curves"], result.get("saes", ["sae"])
+    sites = _site_curves(w)
     ms = "/".join(map(str, IOI_MS))
-
-    def cells(name: str) -> str:
-        kl = dict(zip(curves[name]["m"], curves[name].get("kl", [None] * len(curves[name]["m"])), strict=True))
-        return (f"{name} {'/'.join(_f(_at(curves[name], m)) for m in IOI_MS)} "
-                f"(KL {'/'.join(_f(kl.get(m)) for m in IOI_MS)})")
 
     every = [c["all_latents_fraction"] for r in patch["results"].values() for c in r.get("ceilings", {}).values()]
     balanced = _balanced(w)  # the best of every SAE at every site, the name-balanced experiment's included
     every += [r["all"]["all_latents_fraction"] for r in (balanced or {"saes": {}})["saes"].values()]
     ceiling = max(every, default=result["all_latents_fraction"])
-    ours = (f"ceilings: {_ceilings(patch['results'])}. At {IOI_SITE}, fraction restored at m = {ms}: "
-            + "; ".join(cells(n) for n in curves))
-    if not {"pca", "neurons"} <= set(curves):
+    ours = (f"ceilings: {_ceilings(patch['results'])}. Fraction restored at m = {ms}: "
+            + ". ".join(f"at {site}: " + "; ".join(_cells(r["curves"], n) for n in r["curves"])
+                        for site, r in sites.items()))
+    if not all({"pca", "neurons"} <= set(r["curves"]) for r in sites.values()):
         verdict, why = "not comparable", "the PCA or neuron curve is missing"
     else:
-        above = [label for label in labels if all(_above(curves, label, m) for m in IOI_MS)]
+        above = [f"{label} ({site})" for site, r in sites.items() for label in r.get("saes", ["sae"])
+                 if all(_above(r["curves"], label, m) for m in IOI_MS)]
         verdict = "reproduced" if above else "not reproduced"
         why = (f"SAE curve above PCA and neurons at every m = {ms}: {', '.join(above) or 'none'}; best ceiling "
                f"{ceiling:.3f} {'≥' if ceiling >= IOI_CEILING else '<'} {IOI_CEILING} (no m restores more than "

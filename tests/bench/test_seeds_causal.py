@@ -31,7 +31,8 @@ def _harvested(w, rows=5_200_000):
 
 
 BALANCED = ["causal-ioi-corpus", "harvest-ioi-control", "harvest-ioi-balanced", "harvest-ioi-heldout",
-            "causal-L3-control", "causal-L3-balanced", "causal-ioi-balanced"]
+            "causal-L3-control", "causal-L3-balanced", "causal-ioi-balanced", "causal-L3-balanced-k16",
+            "causal-L3-balanced-k64", "causal-ioi-balanced-curves"]
 
 
 def _balanced_done(w, rows=2_080_000):
@@ -80,7 +81,7 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
         harvest.argv(tmp_path)
     _balanced_done(tmp_path)
     names = [job.name for job in CAUSAL]
-    assert names[-17:] == ["causal-ioi", "causal-ioi-names", *BALANCED, "causal-erasure", "causal-erasure-names",
+    assert names[-20:] == ["causal-ioi", "causal-ioi-names", *BALANCED, "causal-erasure", "causal-erasure-names",
                            "causal-circuit", "causal-connect",
                            "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
@@ -89,10 +90,11 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
             args = _fastsae_parse(argv)
             assert args.sites == ["resid_post.3"] and args.resume
             continue
-        if job.name in ("causal-L3-control", "causal-L3-balanced"):  # the same steps on either store
+        if job.name.startswith(("causal-L3-control", "causal-L3-balanced")):  # the same steps on either store
             args = _fastsae_parse(argv)
-            assert args.data == str(tmp_path / f"harvest-ioi-{job.name.split('-')[-1]}")
+            assert args.data == str(tmp_path / f"harvest-ioi-{job.name.split('-')[2]}")
             assert args.steps == 480 and int(args.tokens) == 480 * seeds.BATCH and args.site == "resid_post.3"
+            assert int(args.k) == (int(job.name[-2:]) if job.name[-3:-2] == "k" else 32)
             continue
         if job.module == "fastsae":
             args = _fastsae_parse(argv)
@@ -240,6 +242,24 @@ def test_the_ioi_row_takes_the_name_balanced_ceiling_and_says_which_data_gave_it
     assert "control 0.300 (FVU names 0.300" in reason and "balanced 0.860 (FVU names 0.050" in reason
     _write(tmp_path / seeds_causal.BALANCED_OUT / "ioi-balanced.json", _balanced_result(0.3, 0.5))
     assert "best ceiling 0.500 < 0.8" in seeds_causal._ioi_row(tmp_path)["reason"]
+
+
+def test_the_ioi_row_judges_the_name_balanced_curves_beside_resid_post_6(tmp_path):
+    _ioi(tmp_path, [0.1, 0.1, 0.1, 0.1])
+    patch = json.loads((tmp_path / seeds_causal.IOI_OUT / "patch.json").read_text())
+    patch["results"]["resid_post.6"]["curves"]["causal-L6-k32"] = _curve([0.0] * 4)  # no SAE beats PCA at .6
+    _write(tmp_path / seeds_causal.IOI_OUT / "patch.json", patch)
+    assert seeds_causal._ioi_row(tmp_path)["verdict"] == "not reproduced"
+    labels = ["causal-L3-balanced", "causal-L3-balanced-k16", "causal-L3-balanced-k64"]
+    three = {**patch["results"]["resid_post.3"], "saes": labels, "curves": {
+        "causal-L3-balanced": _curve([0.2, 0.5, 0.7, 0.8]), "causal-L3-balanced-k16": _curve([0.1] * 4),
+        "causal-L3-balanced-k64": _curve([0.1] * 4), "pca": _curve([0.1, 0.3, 0.5, 0.6]),
+        "neurons": _curve([0.0, 0.1, 0.2, 0.3])}}
+    _write(tmp_path / seeds_causal.BALANCED_CURVES_OUT / "patch.json", {"results": {"resid_post.3": three}})
+    row = seeds_causal._ioi_row(tmp_path)
+    assert row["verdict"] == "reproduced"
+    assert "every m = 4/16/64: causal-L3-balanced (resid_post.3 (name-balanced))" in row["reason"]
+    assert "at resid_post.3 (name-balanced): causal-L3-balanced 0.500/0.700/0.800" in row["ours"]
 
 
 def _erasure_result(sae_target, sae_other, pca_sel=(0.2, 0.1)):
