@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench import ioi_names
 from fastsae import io
 from fastsae.analysis.interventions.ioi import NAMES, single_token_names
 from fastsae.analysis.sae_dirs import load_saes
@@ -136,8 +137,6 @@ def heldout_fvu(sae, store: ActivationStore, site: str, rows: int = HELDOUT_ROWS
 def measure(model, tokenizer, control: ActivationStore, balanced: ActivationStore, heldout: ActivationStore,
             saes: dict) -> dict:
     """saes: {label: (path, site, sae)} -> ioi-balanced.json's content."""
-    from bench import ioi_names  # its GROUP and PROMPTS, which tests shrink
-
     out = ioi_names.measure(model, tokenizer, control, {path: (site, sae) for path, site, sae in saes.values()})
     names = single_token_names(tokenizer, NAMES)
     ids = {tokenizer.encode(" " + n, add_special_tokens=False)[0]: n for n in names}
