@@ -128,7 +128,13 @@ def build(tokenizer, documents: list[str], out: Path, tokens: int, seed: int = 0
 @torch.no_grad()
 def heldout_fvu(sae, store: ActivationStore, site: str, rows: int = HELDOUT_ROWS) -> float:
     """1 − explained variance of the SAE on the store's first rows at the site, in float64."""
-    x = torch.cat([store.load_shard(i, keys=(site,))[site] for i in range(len(store.shards))])[:rows].float()
+    parts, held = [], 0
+    for i in range(len(store.shards)):  # only the shards that hold the first rows
+        if held >= rows:
+            break
+        parts.append(store.load_shard(i, keys=(site,))[site])
+        held += len(parts[-1])
+    x = torch.cat(parts)[:rows].float()
     recon = sae.decode(sae.encode(x.to(sae.dtype))).double()
     x = x.double()
     return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
