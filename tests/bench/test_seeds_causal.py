@@ -33,15 +33,17 @@ def _harvested(w, rows=5_200_000):
 BALANCED = ["causal-ioi-corpus", "harvest-ioi-control", "harvest-ioi-balanced", "harvest-ioi-heldout",
             "causal-L3-control", "causal-L3-balanced", "causal-ioi-balanced", "causal-L3-balanced-k16",
             "causal-L3-balanced-k64", "causal-ioi-balanced-curves"]
+LARGE = ["causal-ioi-corpus-large", "harvest-ioi-balanced-large", "causal-L3-balanced-large",
+         "causal-L3-balanced-large-k64", "causal-ioi-balanced-large"]
 
 
 def _balanced_done(w, rows=2_080_000):
     """bench.ioi_balanced's jobs done, its stores holding rows vectors each."""
-    for name in BALANCED:
+    for name in BALANCED + LARGE:
         (w / "done" / f"{name}.json").write_text("{}")
-    for store in ("control", "balanced"):
+    for store, held in (("control", rows), ("balanced", rows), ("balanced-large", rows * 5 // 2)):
         (w / f"harvest-ioi-{store}").mkdir()
-        (w / f"harvest-ioi-{store}" / "manifest.json").write_text(json.dumps({"tokens": rows}))
+        (w / f"harvest-ioi-{store}" / "manifest.json").write_text(json.dumps({"tokens": held}))
 
 
 def _fastsae_parse(argv):
@@ -79,9 +81,15 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
     harvest = next(job for job in CAUSAL if job.name == "harvest-ioi-balanced")
     with pytest.raises(KeyError, match="causal-ioi-corpus"):  # bench.seeds runs the corpus job first
         harvest.argv(tmp_path)
+    large = next(job for job in CAUSAL if job.name == "harvest-ioi-balanced-large")
+    with pytest.raises(KeyError, match="causal-ioi-corpus-large"):
+        large.argv(tmp_path)
     _balanced_done(tmp_path)
+    measure = next(job for job in CAUSAL if job.name == "causal-ioi-balanced-large").argv(tmp_path)
+    assert measure[measure.index("--store") + 1] == str(tmp_path / "harvest-ioi-control")  # the 2M names' ranking
+    assert measure[-1] == str(tmp_path / seeds_causal.LARGE_OUT) and len(measure) == 7
     names = [job.name for job in CAUSAL]
-    assert names[-20:] == ["causal-ioi", "causal-ioi-names", *BALANCED, "causal-erasure", "causal-erasure-names",
+    assert names[-25:] == ["causal-ioi", "causal-ioi-names", *BALANCED, *LARGE, "causal-erasure", "causal-erasure-names",
                            "causal-circuit", "causal-connect",
                            "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
@@ -91,9 +99,11 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
             assert args.sites == ["resid_post.3"] and args.resume
             continue
         if job.name.startswith(("causal-L3-control", "causal-L3-balanced")):  # the same steps on either store
-            args = _fastsae_parse(argv)
-            assert args.data == str(tmp_path / f"harvest-ioi-{job.name.split('-')[2]}")
-            assert args.steps == 480 and int(args.tokens) == 480 * seeds.BATCH and args.site == "resid_post.3"
+            args, large = _fastsae_parse(argv), "-large" in job.name
+            store = job.name.split("-")[2] + ("-large" if large else "")
+            assert args.data == str(tmp_path / f"harvest-ioi-{store}") and args.site == "resid_post.3"
+            steps = 1200 if large else 480  # 2.5x the budget, within the large store's vectors
+            assert args.steps == steps and int(args.tokens) == steps * seeds.BATCH
             assert int(args.k) == (int(job.name[-2:]) if job.name[-3:-2] == "k" else 32)
             continue
         if job.module == "fastsae":
@@ -119,7 +129,7 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
                        monkeypatch)
     assert got["features"] == "100" and "random" in got["baselines"] and got["sae"].endswith("causal-L6-k32/sae")
     sites = {job.name: _fastsae_parse(job.argv(tmp_path)).site for job in CAUSAL
-             if job.argv(tmp_path)[0] == "train" and job.name not in BALANCED}
+             if job.argv(tmp_path)[0] == "train" and job.name not in BALANCED + LARGE}
     assert sites == {"causal-L3-k32": "resid_post.3", "causal-L9-k32": "resid_post.9", "causal-L6-k16": "resid_post.6",
                      "causal-L6-k32": "resid_post.6", "causal-L6-k64": "resid_post.6",
                      "causal-mlp_in6-k32": "mlp_in.6", "causal-mlp_out6-k32": "mlp_out.6"}
@@ -242,6 +252,18 @@ def test_the_ioi_row_takes_the_name_balanced_ceiling_and_says_which_data_gave_it
     assert "control 0.300 (FVU names 0.300" in reason and "balanced 0.860 (FVU names 0.050" in reason
     _write(tmp_path / seeds_causal.BALANCED_OUT / "ioi-balanced.json", _balanced_result(0.3, 0.5))
     assert "best ceiling 0.500 < 0.8" in seeds_causal._ioi_row(tmp_path)["reason"]
+
+
+def test_the_ioi_row_takes_the_ceiling_at_the_larger_budget_too(tmp_path):
+    _ioi(tmp_path, [0.1, 0.1, 0.1, 0.1])
+    _write(tmp_path / seeds_causal.BALANCED_OUT / "ioi-balanced.json", _balanced_result(0.3, 0.6))
+    assert "at 2.5x the budget: pending (causal-ioi-balanced-large)" in seeds_causal._ioi_row(tmp_path)["reason"]
+    names = {"saes": {f"w/train/causal-L3-balanced-large{s}/sae": _balanced_result(0, fraction)["saes"]["w/b/sae"]
+                      for s, fraction in (("", 0.84), ("-k64", 0.9))}}
+    _write(tmp_path / seeds_causal.LARGE_OUT / "ioi-names.json", names)
+    reason = seeds_causal._ioi_row(tmp_path)["reason"]
+    assert "best ceiling 0.900 ≥ 0.8" in reason and "on 4,915,200 tokens of name-balanced data: " in reason
+    assert "causal-L3-balanced-large 0.840 (FVU names 0.050; frequent/rare names 0.790/0.100)" in reason
 
 
 def test_the_ioi_row_judges_the_name_balanced_curves_beside_resid_post_6(tmp_path):
