@@ -59,11 +59,19 @@ def summary_line(lines: list[tuple[float, str]]) -> str:
     return found[-1].strip("= ") if found else "(no pytest summary)"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's name with its family, model and widest vector ISA, as fastsae.ops.cpu_gemm.cpu_model() gives it
+    (this script cannot import torch): under a hypervisor an AVX-512 Zen 4 and an AVX2 Zen 3 are both "AMD EPYC"."""
+    fields = {}
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    isa = next((label for flag, label in (("avx512f", "AVX512"), ("avx2", "AVX2")) if flag in flags), None)
+    detail = ([f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []) + [isa]
+    name = fields.get("model name") or platform.processor() or "unknown"
+    return f"{name} ({', '.join(d for d in detail if d)})" if any(detail) else name
 
 
 def write_report(out: Path, results: dict, head: str, venv_versions: dict) -> None:
