@@ -35,8 +35,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from bench import ioi_names
 from fastsae import io
 from fastsae.analysis.interventions.ioi import NAMES, single_token_names
@@ -50,7 +48,6 @@ TOKENS = 2_097_152  # per SAE: 512 steps of bench.seeds' batch of 4,096
 SOURCE_MIN = 20  # occurrences in research:train for an IOI name to count as one the corpus uses as a name
 SLACK = 1.05  # tokens written per token harvested: windows lose a BOS each, documents end in an EOS
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
-HELDOUT_ROWS = 16_384
 
 
 def _name_pattern(names: list[str]) -> re.Pattern:
@@ -125,25 +122,11 @@ def build(tokenizer, documents: list[str], out: Path, tokens: int, seed: int = 0
     return meta
 
 
-@torch.no_grad()
-def heldout_fvu(sae, store: ActivationStore, site: str, rows: int = HELDOUT_ROWS) -> float:
-    """1 − explained variance of the SAE on the store's first rows at the site, in float64."""
-    parts, held = [], 0
-    for i in range(len(store.shards)):  # only the shards that hold the first rows
-        if held >= rows:
-            break
-        parts.append(store.load_shard(i, keys=(site,))[site])
-        held += len(parts[-1])
-    x = torch.cat(parts)[:rows].float()
-    recon = sae.decode(sae.encode(x.to(sae.dtype))).double()
-    x = x.double()
-    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-
-
 def measure(model, tokenizer, control: ActivationStore, balanced: ActivationStore, heldout: ActivationStore,
             saes: dict) -> dict:
     """saes: {label: (path, site, sae)} -> ioi-balanced.json's content."""
-    out = ioi_names.measure(model, tokenizer, control, {path: (site, sae) for path, site, sae in saes.values()})
+    out = ioi_names.measure(model, tokenizer, control, {path: (site, sae) for path, site, sae in saes.values()},
+                            heldout)
     names = single_token_names(tokenizer, NAMES)
     ids = {tokenizer.encode(" " + n, add_special_tokens=False)[0]: n for n in names}
     sites = {site for _, site, _ in saes.values()}
@@ -151,8 +134,6 @@ def measure(model, tokenizer, control: ActivationStore, balanced: ActivationStor
     out["balanced_store"], out["balanced_store_tokens"] = str(balanced.path), balanced.tokens
     out["balanced_counts"] = {ids[t]: c for t, c in balanced_counts.items()}
     out["labels"] = {label: path for label, (path, _, _) in saes.items()}
-    for path, site, sae in saes.values():
-        out["saes"][path]["heldout_fvu"] = heldout_fvu(sae, heldout, site)
     return out
 
 

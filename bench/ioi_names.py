@@ -31,6 +31,7 @@ from fastsae.model import load, special_token_ids
 GROUP = 12  # names per group: the 12 least frequent IOI names never occur in the seeds' 5.2M-token store
 PROMPTS = 100
 ROWS_PER_SHARD = 4_096  # random rows per shard for the store's mean
+HELDOUT_ROWS = 16_384
 
 
 def name_rows(store: ActivationStore, sites: set[str], token_ids: list[int]) -> tuple[dict[int, int], dict, dict]:
@@ -62,6 +63,21 @@ def relative_error(sae, x: torch.Tensor, mean: torch.Tensor) -> float:
     return float((x.double() - recon).pow(2).sum() / (x.double() - mean.double()).pow(2).sum())
 
 
+@torch.no_grad()
+def heldout_fvu(sae, store: ActivationStore, site: str, rows: int = HELDOUT_ROWS) -> float:
+    """1 − explained variance of the SAE on the store's first rows at the site, in float64."""
+    parts, held = [], 0
+    for i in range(len(store.shards)):  # only the shards that hold the first rows
+        if held >= rows:
+            break
+        parts.append(store.load_shard(i, keys=(site,))[site])
+        held += len(parts[-1])
+    x = torch.cat(parts)[:rows].float()
+    recon = sae.decode(sae.encode(x.to(sae.dtype))).double()
+    x = x.double()
+    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
 def _pearson(a: list[float], b: list[float]) -> float | None:
     if len(a) < 3:
         return None
@@ -77,8 +93,9 @@ def ceiling_by_group(model, tokenizer, site: str, sae, names: list[str]) -> dict
     return {"names": names, "clean_logit_diff": state.clean_ld, "corrupted_logit_diff": state.corrupted_ld, **c}
 
 
-def measure(model, tokenizer, store: ActivationStore, saes: dict) -> dict:
-    """saes: {path: (site, sae)} -> the report written as ioi-names.json."""
+def measure(model, tokenizer, store: ActivationStore, saes: dict, heldout: ActivationStore | None = None) -> dict:
+    """saes: {path: (site, sae)} -> the report written as ioi-names.json (with each SAE's FVU on held-out rows
+    where a heldout store is given)."""
     names = single_token_names(tokenizer, NAMES)
     ids = {tokenizer.encode(" " + n, add_special_tokens=False)[0]: n for n in names}
     counts, rows, means = name_rows(store, {site for site, _ in saes.values()}, list(ids))
@@ -94,6 +111,8 @@ def measure(model, tokenizer, store: ActivationStore, saes: dict) -> dict:
             "all": ceiling_by_group(model, tokenizer, site, sae, names),
             "frequent": ceiling_by_group(model, tokenizer, site, sae, ranked[:GROUP]),
             "rare": ceiling_by_group(model, tokenizer, site, sae, ranked[-GROUP:])}
+        if heldout is not None:
+            out["saes"][path]["heldout_fvu"] = heldout_fvu(sae, heldout, site)
     counts_sorted = sorted(out["counts"].values())
     out["count_median"], out["never_seen"] = counts_sorted[len(counts_sorted) // 2], counts_sorted.count(0)
     return out
@@ -104,11 +123,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--store", required=True, help="the activation store the SAEs were trained on")
     parser.add_argument("--sae", nargs="+", required=True)
+    parser.add_argument("--heldout-store", help="a store of held-out text at the SAEs' sites: each SAE's FVU there")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     model, tokenizer = load(args.model)
     saes = {p: next(iter(load_saes([p]).items())) for p in args.sae}
-    result = measure(model, tokenizer, ActivationStore(args.store), saes)
+    heldout = ActivationStore(args.heldout_store) if args.heldout_store else None
+    result = measure(model, tokenizer, ActivationStore(args.store), saes, heldout)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     io.write_json(Path(args.out) / "ioi-names.json", result)
     for path, r in result["saes"].items():

@@ -151,9 +151,9 @@ def _large_jobs(job: type, train: Callable) -> list:
     """The name-balanced experiment at LARGE_TOKENS: a larger corpus, its balanced half harvested, two SAEs,
     bench.ioi_names' measurement of them (ranked by the control store's counts, as the 2M experiment's)."""
     def measure(w: Path) -> list[str]:
-        _done(w, "harvest-ioi-control", *map(_large_sae, LARGE_SPARSITIES))
+        _done(w, "harvest-ioi-control", "harvest-ioi-heldout", *map(_large_sae, LARGE_SPARSITIES))
         return ["--store", str(w / "harvest-ioi-control"), "--sae", *(_sae(w, _large_sae(k)) for k in LARGE_SPARSITIES),
-                "--out", str(w / LARGE_OUT)]
+                "--heldout-store", str(w / "harvest-ioi-heldout"), "--out", str(w / LARGE_OUT)]
 
     topk = ("--d-sae", "16384", "--activation", "topk", "--auxk", "0.03125")
     return [job("causal-ioi-corpus-large", "causal", lambda w: ["corpus", "--out", str(w / LARGE_OUT), "--tokens",
@@ -338,7 +338,8 @@ def _large_text(result: dict | None) -> str:
     if result is None:
         return "; at 2.5x the budget: pending (causal-ioi-balanced-large)"
     cells = [f"{Path(path).parent.name} {_f(r['all']['all_latents_fraction'])} (FVU names {_f(r['all']['fvu_names'])}; "
-             f"frequent/rare names {_f(r['frequent']['all_latents_fraction'])}/{_f(r['rare']['all_latents_fraction'])})"
+             f"frequent/rare names {_f(r['frequent']['all_latents_fraction'])}/"
+             f"{_f(r['rare']['all_latents_fraction'])}; held-out FVU {_f(r['heldout_fvu'])})"
              for path, r in result["saes"].items()]
     return f"; on {LARGE_TOKENS:,} tokens of name-balanced data: " + "; ".join(cells)
 

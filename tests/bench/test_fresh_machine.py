@@ -4,7 +4,8 @@ is installed)."""
 import importlib.util
 from pathlib import Path
 
-_SPEC = importlib.util.spec_from_file_location("fresh_machine", Path(__file__).parents[2] / "bench" / "fresh_machine.py")
+_FILE = Path(__file__).parents[2] / "bench" / "fresh_machine.py"
+_SPEC = importlib.util.spec_from_file_location("fresh_machine", _FILE)
 fresh_machine = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(fresh_machine)
 

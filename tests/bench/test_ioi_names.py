@@ -51,3 +51,4 @@ def test_names_are_counted_and_grouped_by_frequency(tmp_path, monkeypatch):
     assert math.isclose(report["relative_error"][names[0]], want, rel_tol=1e-4)
     for group in ("all", "frequent", "rare"):
         assert {"all_latents_fraction", "fvu_names", "by_positions"} <= set(report[group])
+    assert "heldout_fvu" not in report  # only with a held-out store (bench.ioi_balanced's test measures it)

@@ -87,10 +87,11 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
     _balanced_done(tmp_path)
     measure = next(job for job in CAUSAL if job.name == "causal-ioi-balanced-large").argv(tmp_path)
     assert measure[measure.index("--store") + 1] == str(tmp_path / "harvest-ioi-control")  # the 2M names' ranking
-    assert measure[-1] == str(tmp_path / seeds_causal.LARGE_OUT) and len(measure) == 7
+    assert measure[-1] == str(tmp_path / seeds_causal.LARGE_OUT) and len(measure) == 9
+    assert measure[measure.index("--heldout-store") + 1] == str(tmp_path / "harvest-ioi-heldout")
     names = [job.name for job in CAUSAL]
-    assert names[-25:] == ["causal-ioi", "causal-ioi-names", *BALANCED, *LARGE, "causal-erasure", "causal-erasure-names",
-                           "causal-circuit", "causal-connect",
+    assert names[-25:] == ["causal-ioi", "causal-ioi-names", *BALANCED, *LARGE, "causal-erasure",
+                           "causal-erasure-names", "causal-circuit", "causal-connect",
                            "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
         argv = job.argv(tmp_path)
@@ -263,7 +264,8 @@ def test_the_ioi_row_takes_the_ceiling_at_the_larger_budget_too(tmp_path):
     _write(tmp_path / seeds_causal.LARGE_OUT / "ioi-names.json", names)
     reason = seeds_causal._ioi_row(tmp_path)["reason"]
     assert "best ceiling 0.900 ≥ 0.8" in reason and "on 4,915,200 tokens of name-balanced data: " in reason
-    assert "causal-L3-balanced-large 0.840 (FVU names 0.050; frequent/rare names 0.790/0.100)" in reason
+    assert "causal-L3-balanced-large 0.840 (FVU names 0.050; frequent/rare names 0.790/0.100; held-out FVU 0.050)" \
+        in reason
 
 
 def test_the_ioi_row_judges_the_name_balanced_curves_beside_resid_post_6(tmp_path):
