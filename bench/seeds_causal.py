@@ -301,24 +301,26 @@ def _names_diagnosis(w: Path) -> str:
             f"against the {names['group']} least: " + "; ".join(parts))
 
 
-def _balanced(w: Path) -> dict | None:
-    """bench.ioi_balanced's result, None while causal-ioi-balanced has not run."""
+def _optional(w: Path, job: str, path: Path) -> dict | None:
+    """A job's output file, None while the job has not run."""
     try:
-        return _read(w, "causal-ioi-balanced", BALANCED_OUT / "ioi-balanced.json")
+        return _read(w, job, path)
     except KeyError:
         return None
+
+
+def _ceiling_cell(label: str, r: dict) -> str:
+    """One SAE of the name-balanced experiments: its ceiling on every name, on the frequent and rare ones."""
+    return (f"{label} {_f(r['all']['all_latents_fraction'])} (FVU names {_f(r['all']['fvu_names'])}; "
+            f"frequent/rare names {_f(r['frequent']['all_latents_fraction'])}/{_f(r['rare']['all_latents_fraction'])}; "
+            f"held-out FVU {_f(r['heldout_fvu'])})")
 
 
 def _balanced_text(result: dict | None) -> str:
     """The training data's effect on the ceiling: the control and the name-balanced SAE side by side."""
     if result is None:
         return "; name-balanced training data: pending (causal-ioi-balanced)"
-    cells = []
-    for label, path in result["labels"].items():
-        r = result["saes"][path]
-        cells.append(f"{label} {_f(r['all']['all_latents_fraction'])} (FVU names {_f(r['all']['fvu_names'])}; "
-                     f"frequent/rare names {_f(r['frequent']['all_latents_fraction'])}/"
-                     f"{_f(r['rare']['all_latents_fraction'])}; held-out FVU {_f(r['heldout_fvu'])})")
+    cells = [_ceiling_cell(label, result["saes"][path]) for label, path in result["labels"].items()]
     balanced, control = sorted(result["balanced_counts"].values()), sorted(result["counts"].values())
     return (f". Name-balanced training data (bench.ioi_balanced: {BALANCED_SITE}, {BALANCED_TOKENS:,} tokens per SAE; "
             f"half the balanced SAE's are research:train sentences with the names the corpus uses replaced by IOI "
@@ -326,21 +328,11 @@ def _balanced_text(result: dict | None) -> str:
             f"{control[len(control) // 2]} in the control's): ceiling on every name " + "; ".join(cells))
 
 
-def _large(w: Path) -> dict | None:
-    """bench.ioi_names' measurement of the SAEs on LARGE_TOKENS of name-balanced data, None while it has not run."""
-    try:
-        return _read(w, "causal-ioi-balanced-large", LARGE_OUT / "ioi-names.json")
-    except KeyError:
-        return None
-
-
 def _large_text(result: dict | None) -> str:
+    """The same at LARGE_TOKENS, balanced data only (bench.ioi_names' ioi-names.json)."""
     if result is None:
         return "; at 2.5x the budget: pending (causal-ioi-balanced-large)"
-    cells = [f"{Path(path).parent.name} {_f(r['all']['all_latents_fraction'])} (FVU names {_f(r['all']['fvu_names'])}; "
-             f"frequent/rare names {_f(r['frequent']['all_latents_fraction'])}/"
-             f"{_f(r['rare']['all_latents_fraction'])}; held-out FVU {_f(r['heldout_fvu'])})"
-             for path, r in result["saes"].items()]
+    cells = [_ceiling_cell(Path(path).parent.name, r) for path, r in result["saes"].items()]
     return f"; on {LARGE_TOKENS:,} tokens of name-balanced data: " + "; ".join(cells)
 
 
@@ -373,8 +365,9 @@ def _ioi_row(w: Path) -> dict:
     ms = "/".join(map(str, IOI_MS))
 
     every = [c["all_latents_fraction"] for r in patch["results"].values() for c in r.get("ceilings", {}).values()]
-    balanced = _balanced(w)  # the best of every SAE at every site, the name-balanced experiment's included
-    large = _large(w)
+    # the best of every SAE at every site, the name-balanced experiments' included
+    balanced = _optional(w, "causal-ioi-balanced", BALANCED_OUT / "ioi-balanced.json")
+    large = _optional(w, "causal-ioi-balanced-large", LARGE_OUT / "ioi-names.json")
     every += [r["all"]["all_latents_fraction"] for found in (balanced, large) if found for r in found["saes"].values()]
     ceiling = max(every, default=result["all_latents_fraction"])
     ours = (f"ceilings: {_ceilings(patch['results'])}. Fraction restored at m = {ms}: "
