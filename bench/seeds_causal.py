@@ -71,6 +71,7 @@ BALANCED_HARVEST, BALANCED_TOKENS, BALANCED_HELDOUT = 2_097_152, 480 * 4096, 16_
 # name groups are ranked by the 2M control store's counts, so they are the same names as the experiment's above
 LARGE_OUT, LARGE_HARVEST, LARGE_TOKENS = Path("causal/ioi-balanced-large"), 5_242_880, 1_200 * 4096
 LARGE_SPARSITIES = (32, 64)
+LARGE_CURVES_OUT = LARGE_OUT / "interventions"  # IOI patching with them, PCA and neurons
 FEATURES_OUT, FIGURES_OUT = Path("causal/features"), Path("causal/figures")
 FEATURE_TOKENS, FEATURE_EFFECTS = 16_384, 32
 # the PNGs the report stage copies into the results directory (bench.seeds.write_report)
@@ -155,6 +156,12 @@ def _large_jobs(job: type, train: Callable) -> list:
         return ["--store", str(w / "harvest-ioi-control"), "--sae", *(_sae(w, _large_sae(k)) for k in LARGE_SPARSITIES),
                 "--heldout-store", str(w / "harvest-ioi-heldout"), "--out", str(w / LARGE_OUT)]
 
+    def curves(w: Path) -> list[str]:
+        _done(w, *map(_large_sae, LARGE_SPARSITIES))
+        first, *more = (_sae(w, _large_sae(k)) for k in LARGE_SPARSITIES)
+        return ["--sae", first, "--site", BALANCED_SITE, "--site-saes", *more, "--skip", "erasure", "circuit", "steer",
+                "--out", str(w / LARGE_CURVES_OUT)]
+
     topk = ("--d-sae", "16384", "--activation", "topk", "--auxk", "0.03125")
     return [job("causal-ioi-corpus-large", "causal", lambda w: ["corpus", "--out", str(w / LARGE_OUT), "--tokens",
                                                                  str(LARGE_HARVEST)], module="bench.ioi_balanced"),
@@ -162,7 +169,8 @@ def _large_jobs(job: type, train: Callable) -> list:
                          "causal-ioi-corpus-large"),
             *(dataclasses.replace(train(_large_sae(k), LARGE_TOKENS, *topk, "--k", str(k), store="ioi-balanced-large",
                                         site=BALANCED_SITE), stage="causal") for k in LARGE_SPARSITIES),
-            job("causal-ioi-balanced-large", "causal", measure, module="bench.ioi_names")]
+            job("causal-ioi-balanced-large", "causal", measure, module="bench.ioi_names"),
+            job("causal-ioi-balanced-large-curves", "causal", curves, module="bench.interventions")]
 
 
 def _interventions(w: Path, part: str, concept: str = "gendered_pronouns") -> list[str]:
@@ -350,11 +358,13 @@ def _cells(curves: dict, name: str) -> str:
 
 
 def _site_curves(w: Path) -> dict:
-    """{site: causal-ioi's result there, or the name-balanced SAEs' where their curves have run}."""
+    """{site: causal-ioi's result there, and the name-balanced SAEs' where their curves have run}."""
     sites = {IOI_SITE: _read(w, "causal-ioi", IOI_OUT / "patch.json")["results"][IOI_SITE]}
-    if (w / BALANCED_CURVES_OUT / "patch.json").is_file():
-        balanced = _read(w, "causal-ioi-balanced-curves", BALANCED_CURVES_OUT / "patch.json")
-        sites[f"{BALANCED_SITE} (name-balanced)"] = balanced["results"][BALANCED_SITE]
+    for name, out, label in (("causal-ioi-balanced-curves", BALANCED_CURVES_OUT, "name-balanced"),
+                             ("causal-ioi-balanced-large-curves", LARGE_CURVES_OUT,
+                              f"name-balanced, {LARGE_TOKENS:,} tokens")):
+        if (found := _optional(w, name, out / "patch.json")) is not None:
+            sites[f"{BALANCED_SITE} ({label})"] = found["results"][BALANCED_SITE]
     return sites
 
 

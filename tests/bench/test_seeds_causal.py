@@ -34,7 +34,7 @@ BALANCED = ["causal-ioi-corpus", "harvest-ioi-control", "harvest-ioi-balanced", 
             "causal-L3-control", "causal-L3-balanced", "causal-ioi-balanced", "causal-L3-balanced-k16",
             "causal-L3-balanced-k64", "causal-ioi-balanced-curves"]
 LARGE = ["causal-ioi-corpus-large", "harvest-ioi-balanced-large", "causal-L3-balanced-large",
-         "causal-L3-balanced-large-k64", "causal-ioi-balanced-large"]
+         "causal-L3-balanced-large-k64", "causal-ioi-balanced-large", "causal-ioi-balanced-large-curves"]
 
 
 def _balanced_done(w, rows=2_080_000):
@@ -90,7 +90,7 @@ def test_every_causal_job_parses_with_its_commands_parser(tmp_path, monkeypatch)
     assert measure[-1] == str(tmp_path / seeds_causal.LARGE_OUT) and len(measure) == 9
     assert measure[measure.index("--heldout-store") + 1] == str(tmp_path / "harvest-ioi-heldout")
     names = [job.name for job in CAUSAL]
-    assert names[-25:] == ["causal-ioi", "causal-ioi-names", *BALANCED, *LARGE, "causal-erasure",
+    assert names[-26:] == ["causal-ioi", "causal-ioi-names", *BALANCED, *LARGE, "causal-erasure",
                            "causal-erasure-names", "causal-circuit", "causal-connect",
                            "causal-autointerp", "causal-features", "causal-browse", "causal-logit-hist"]  # SAEs first
     for job in CAUSAL:
@@ -284,6 +284,15 @@ def test_the_ioi_row_judges_the_name_balanced_curves_beside_resid_post_6(tmp_pat
     assert row["verdict"] == "reproduced"
     assert "every m = 4/16/64: causal-L3-balanced (resid_post.3 (name-balanced))" in row["reason"]
     assert "at resid_post.3 (name-balanced): causal-L3-balanced 0.500/0.700/0.800" in row["ours"]
+    large = {**three, "saes": ["causal-L3-balanced-large"], "curves": {
+        "causal-L3-balanced-large": _curve([0.3, 0.6, 0.8, 0.9]), "pca": three["curves"]["pca"],
+        "neurons": three["curves"]["neurons"]}}
+    _write(tmp_path / seeds_causal.LARGE_CURVES_OUT / "patch.json", {"results": {"resid_post.3": large}})
+    row = seeds_causal._ioi_row(tmp_path)
+    assert ("causal-L3-balanced (resid_post.3 (name-balanced)), causal-L3-balanced-large (resid_post.3 "
+            "(name-balanced, 4,915,200 tokens))") in row["reason"]
+    assert ("at resid_post.3 (name-balanced, 4,915,200 tokens): causal-L3-balanced-large 0.600/0.800/0.900"
+            in row["ours"])
 
 
 def _erasure_result(sae_target, sae_other, pca_sel=(0.2, 0.1)):
